@@ -1,0 +1,78 @@
+"""Orbax checkpoints: the train state, the input iterator's position, and what wrote them.
+
+One `Checkpointer` per run directory. Saves are asynchronous and atomic (orbax writes into a
+temporary directory and renames it when complete, so a killed run never leaves a half-written step
+behind); the last `max_to_keep` steps are kept. Restores go onto whatever mesh the caller gives,
+so a run saved on 8 devices resumes on 1 or 2. A checkpoint written for another model or phase
+is refused with one line naming the field that differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from wsss_jax.errors import UserError
+
+ITEMS = ("state", "data", "meta")
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
+                                          item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state, shardings, expected_meta: dict):
+    """Restores (state, data_state) of `step` onto `shardings`; checks `expected_meta` first."""
+    where = os.path.join(self.directory, str(step))
+    check_meta(self.read_meta(step), expected_meta, where)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_state, shardings)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f"checkpoint {where} does not fit this model: {_first_line(e)}") from None
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_meta(saved: dict, expected: dict, where: str) -> None:
+  """Refuses a checkpoint whose phase or model description differs from the current config."""
+  for key in sorted(set(saved) | set(expected)):
+    if saved.get(key) != expected.get(key):
+      raise UserError(
+          f"checkpoint {where} was written with {key}={json.dumps(saved.get(key))} but this run "
+          f"has {key}={json.dumps(expected.get(key))}; use another --workdir or the same config")

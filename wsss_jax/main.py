@@ -1,0 +1,91 @@
+"""Entry point: `python -m wsss_jax.main --config=configs/mae.py --workdir=runs/mae`.
+
+`--config` is an ml_collections config file, optionally with a big_vision-style argument
+(`configs/mae.py:variant=B/16`); every field can be overridden as `--config.x.y=value`. The
+config's `phase` field picks the runner. User mistakes end in one `error: ...` line and exit 2.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from wsss_jax.errors import UserError
+
+PHASES = {
+    "pretrain": "wsss_jax.phases.pretrain",
+    "benchmark": "wsss_jax.phases.benchmark",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and figures.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def prepare_workdir(workdir: str | None) -> str:
+  """Creates the workdir if needed and checks it is a writable directory."""
+  if not workdir:
+    raise UserError("--workdir is required")
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--workdir={workdir} exists and is not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir={workdir} is not writable")
+  return path
+
+
+def run_phase(config, workdir: str) -> dict:
+  """Dispatches to the runner named by `config.phase`."""
+  phase = config.get("phase")
+  if phase not in PHASES:
+    raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
+  workdir = prepare_workdir(workdir)
+  import jax  # after flags: XLA_FLAGS and distributed init must come first
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return importlib.import_module(PHASES[phase]).run(config, workdir)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    from wsss_jax import parallel
+    parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+    if _CONFIG.value is None:
+      raise UserError("--config is required, e.g. --config=configs/mae.py")
+    summary = run_phase(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps(summary, default=str))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flags_parser(argv):
+  """absl flag parsing with config errors reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except UserError as e:  # raised by a config file's get_config(arg)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_flags_parser)

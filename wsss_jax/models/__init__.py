@@ -1,0 +1,1 @@
+"""Pure linen models, one file per architecture."""

@@ -1,0 +1,203 @@
+"""Vision Transformer encoder (Dosovitskiy et al. 2021) as used by MAE (He et al. 2022).
+
+Pre-norm blocks, a class token with a zero position embedding, and a fixed 2-D sin-cos position
+embedding. Parameter names follow timm's ViT (patch_embed, blocks_i/attn/qkv, ...) so PyTorch
+checkpoints map over one to one.
+
+For relevance maps, every block sows its attention weights (`intermediates/.../attention`) and its
+output tokens (`intermediates/.../tokens`); nothing is stored unless the caller makes the
+`intermediates` collection mutable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from wsss_jax.errors import UserError
+
+# name -> (width, depth, mlp_dim, heads); Ti/S/B/L/H from the ViT and DeiT papers, "mu" is a
+# test-sized model for CPU tests and the embedded quick run.
+VARIANTS = {
+    "mu": (64, 2, 256, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSpec:
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+
+
+def parse_variant(variant: str) -> ViTSpec:
+  """'B/16' -> ViTSpec(768, 12, 3072, 12, 16)."""
+  name, sep, patch = str(variant).partition("/")
+  if name not in VARIANTS or not sep or not patch.isdigit() or int(patch) <= 0:
+    raise UserError(
+        f"model.variant={variant!r} is not a ViT variant: use NAME/PATCH with NAME in "
+        f"{sorted(VARIANTS)} and PATCH a positive integer, e.g. 'B/16'")
+  return ViTSpec(*VARIANTS[name], patch_size=int(patch))
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """[sin(p w_i), cos(p w_i)] with w_i = 1 / 10000^(i / (dim/2)), i < dim/2."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.outer(positions.reshape(-1), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d_posemb(dim: int, grid_size: int, class_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos embedding of shape (grid**2 [+1], dim); half the channels per axis.
+
+  The first half encodes the column (x) index and the second half the row (y) index, as in the
+  MAE reference; the class token, if any, gets a zero row.
+  """
+  if dim % 4:
+    raise UserError(f"model width {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  if class_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+_dense_init = nn.initializers.xavier_uniform()
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; sows the softmax weights (batch, heads, tokens, tokens)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, head_dim), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # softmax in fp32
+    self.sow("intermediates", "attention", weights)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, n, d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU
+    return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    self.sow("intermediates", "tokens", x)
+    return x
+
+
+def _patch_embed_init(key, shape, dtype=jnp.float32):
+  """Xavier-uniform on the flattened (p*p*c, width) view, as the MAE reference does."""
+  kh, kw, cin, cout = shape
+  return _dense_init(key, (kh * kw * cin, cout), dtype).reshape(shape)
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder. `__call__` returns the normed tokens (batch, 1 + L, width), class token first.
+
+  `patch_tokens` and `encode` split the forward pass so MAE can drop tokens in between.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  image_size: int
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_variant(cls, variant: str, image_size: int, **kwargs) -> "VisionTransformer":
+    spec = parse_variant(variant)
+    if image_size % spec.patch_size:
+      raise UserError(
+          f"data.image_size={image_size} is not divisible by the patch size {spec.patch_size} "
+          f"of model.variant={variant!r}")
+    return cls(width=spec.width, depth=spec.depth, mlp_dim=spec.mlp_dim,
+               num_heads=spec.num_heads, patch_size=spec.patch_size, image_size=image_size,
+               **kwargs)
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  def setup(self):
+    p = self.patch_size
+    self.patch_embed = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                               dtype=self.dtype, kernel_init=_patch_embed_init)
+    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    self.pos_embed = jnp.asarray(sincos_2d_posemb(self.width, self.grid_size))[None]
+    rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing stochastic depth
+    self.blocks = [Block(self.num_heads, self.mlp_dim, float(r), dtype=self.dtype)
+                   for r in rates]
+    self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+
+  def patch_tokens(self, images):
+    """(batch, H, W, C) -> patch tokens plus position embedding, (batch, L, width)."""
+    x = self.patch_embed(images.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, self.width)
+    return x + self.pos_embed[:, 1:].astype(x.dtype)
+
+  def encode(self, tokens, deterministic: bool = True):
+    """Prepends the class token and runs the blocks and the final LayerNorm."""
+    cls = (self.cls_token + self.pos_embed[:, :1]).astype(tokens.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], 1)
+    for block in self.blocks:
+      x = block(x, deterministic)
+    return self.norm(x)
+
+  def __call__(self, images, deterministic: bool = True):
+    return self.encode(self.patch_tokens(images), deterministic)

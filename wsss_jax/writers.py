@@ -1,0 +1,74 @@
+"""Run outputs: metrics.jsonl, TensorBoard event files, summary.json and a progress line.
+
+Only the main process writes; the others get a writer that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _plain(value):
+  """numpy / jax scalars -> Python numbers for JSON."""
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout):
+    self.enabled = enabled
+    self.workdir = workdir
+    self.stream = stream
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, int(step))
+
+  def image(self, tag: str, step: int, image: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+  def progress(self, step: int, total: int, metrics: dict, eta_s: float) -> None:
+    if not self.enabled:
+      return
+    parts = [f"step {step}/{total}"]
+    for k, fmt in (("loss", ".4f"), ("lr", ".2e"), ("images_per_sec", ".1f"),
+                   ("step_time", ".3f")):
+      if k in metrics:
+        parts.append(f"{k} {format(float(metrics[k]), fmt)}")
+    parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta_s, 0)))}")
+    print(" | ".join(parts), file=self.stream, flush=True)
+
+  def summary(self, summary: dict) -> None:
+    if self.enabled:
+      path = os.path.join(self.workdir, "summary.json")
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({k: _plain(v) for k, v in summary.items()}, f, indent=2)
+      os.replace(tmp, path)  # atomic: never a half-written summary
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()

@@ -10,7 +10,7 @@ from wsss_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="S/16", image_size=112, batch=64, steps=300,
+  arg = config_lib.parse_arg(arg, variant="S/16", image_size=112, batch=32, steps=200,
                              mask_ratio=0.75, paper=False)
   config = config_lib.common("pretrain")
   config.batch_size = arg.batch

@@ -12,6 +12,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from wsss_jax.errors import UserError
@@ -60,6 +61,8 @@ def run_phase(config, workdir: str) -> dict:
 
 
 def main(argv) -> None:
+  if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -71,20 +74,39 @@ def main(argv) -> None:
     summary = run_phase(_CONFIG.value, _WORKDIR.value)
     print(json.dumps(summary, default=str))
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
+
+
+def _config_override(argv, key: str) -> str:
+  """The `--config.a.b=v` argument that names `key`, for error messages."""
+  for arg in argv:
+    name = arg.split("=", 1)[0]
+    if name.startswith("--config.") and key in name[len("--config."):].split("."):
+      return arg
+  return f"--config ... {key}"
 
 
 def _flags_parser(argv):
   """absl flag parsing with config errors reported as one line instead of a traceback."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":", 1)[0]
+      if not os.path.isfile(path):
+        _fail(f"--config={path}: no such config file")
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except UserError as e:  # raised by a config file's get_config(arg)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (flags.Error, UserError) as e:  # UserError: raised by a config file's get_config(arg)
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    key = str(e).strip("'\"")
+    _fail(f"{_config_override(argv, key)}: {key!r} is not a field of this config")
+  except OSError as e:
+    _fail(f"cannot load the config: {str(e).splitlines()[0]}")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

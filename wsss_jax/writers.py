@@ -22,16 +22,33 @@ def _plain(value):
   return value
 
 
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the rows with step <= last_step (atomic rewrite)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    rows = [line for line in f if line.strip()]
+  kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+  if len(kept) != len(rows):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricWriter:
 
-  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout):
+  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout,
+               resume_step: int = 0):
+    """`resume_step`: rows logged after it by an interrupted run are dropped, not duplicated."""
     self.enabled = enabled
     self.workdir = workdir
     self.stream = stream
     self._jsonl = None
     self._tb = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -44,24 +44,24 @@ def _smooth_field(rng: np.random.Generator, size: int, coarse: int) -> np.ndarra
   i0 = t.astype(int)
   f = t - i0
   rows = grid[i0] * (1 - f)[:, None] + grid[i0 + 1] * f[:, None]
-  return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+  return (rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]).astype(np.float32)
 
 
 def _nuclei(rng: np.random.Generator, size: int, cell: int, radius, p: float, elong: float,
             angle: float) -> np.ndarray:
   """Soft nucleus occupancy in [0, 1]: at most one elliptical nucleus per grid cell."""
   n = -(-size // cell)
-  present = rng.random((n, n)) < p
-  cy, cx = (rng.random((2, n, n)) * 0.4 + 0.3) * cell
-  r = rng.uniform(*radius, (n, n))
-  yy, xx = np.mgrid[0:size, 0:size]
-  iy, ix = yy // cell, xx // cell
-  dy = (yy % cell) - cy[iy, ix]
-  dx = (xx % cell) - cx[iy, ix]
-  ca, sa = np.cos(angle), np.sin(angle)
-  u, v = ca * dx + sa * dy, -sa * dx + ca * dy  # rotate, then stretch along u
-  d = np.sqrt((u / elong) ** 2 + v**2) / r[iy, ix]
-  return np.clip(4.0 * (1.1 - d), 0.0, 1.0) * present[iy, ix]  # soft edge at ~r
+  present = rng.random((n, n), np.float32) < p
+  cy, cx = (rng.random((2, n, n), np.float32) * 0.4 + 0.3) * cell
+  inv_r = 1.0 / rng.uniform(*radius, (n, n)).astype(np.float32)
+  pix = np.arange(size)
+  idx, offset = pix // cell, (pix % cell).astype(np.float32)
+  dy = offset[:, None] - cy[idx][:, idx]
+  dx = offset[None, :] - cx[idx][:, idx]
+  ca, sa = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+  u, v = ca * dx + sa * dy, ca * dy - sa * dx  # rotate, then stretch along u
+  d = np.sqrt((u / elong) ** 2 + v**2) * inv_r[idx][:, idx]
+  return np.clip(4.0 * (1.1 - d), 0.0, 1.0) * present[idx][:, idx]  # soft edge at ~r
 
 
 def _texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
@@ -71,12 +71,12 @@ def _texture(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
   base = np.array(spec["base"], np.float32) * rng.uniform(0.93, 1.07, 3)
   img = np.broadcast_to(base, (size, size, 3)).astype(np.float32).copy()
   if cls == 3:  # stroma: oriented wavy collagen fibres
-    yy, xx = np.mgrid[0:size, 0:size]
-    phase = (np.cos(angle) * xx + np.sin(angle) * yy) / 3.0
+    pix = np.arange(size, dtype=np.float32)
+    phase = (np.cos(angle) * pix[None, :] + np.sin(angle) * pix[:, None]) / 3.0
     fibres = 0.5 + 0.5 * np.sin(phase + 2.5 * _smooth_field(rng, size, 6))
     img *= (0.86 + 0.14 * fibres)[..., None]
   elif cls == 1:  # necrosis: granular debris
-    img *= (0.9 + 0.2 * rng.random((size, size)))[..., None]
+    img *= (0.9 + 0.2 * rng.random((size, size), np.float32))[..., None]
   occ = _nuclei(rng, size, spec["cell"], spec["radius"], spec["p"], spec["elong"], angle)
   nucleus = np.array(spec["nucleus"], np.float32) * rng.uniform(0.9, 1.1, 3)
   return img * (1 - occ[..., None]) + nucleus * occ[..., None]
@@ -93,14 +93,11 @@ def generate_tile(seed: int, split: str, index: int, size: int = 224,
   mask = present[np.argmax(scores, axis=0)].astype(np.uint8)
   if rng.random() < 0.4:  # glass: background where another smooth field is low
     mask[_smooth_field(rng, size, coarse) < rng.uniform(0.15, 0.35)] = BACKGROUND
-  image = np.empty((size, size, 3), np.float32)
-  image[mask == BACKGROUND] = 245.0
+  image = np.full((size, size, 3), 245.0, np.float32)
   for cls in present:
-    region = mask == cls
-    if region.any():
-      image[region] = _texture(rng, int(cls), size)[region]
-  image *= rng.uniform(0.92, 1.06, 3)  # stain variation per tile
-  image += rng.normal(0.0, 4.0, image.shape)
+    image = np.where((mask == cls)[..., None], _texture(rng, int(cls), size), image)
+  image *= rng.uniform(0.92, 1.06, 3).astype(np.float32)  # stain variation per tile
+  image += 4.0 * rng.standard_normal(image.shape, np.float32)
   image = np.clip(image, 0, 255).astype(np.uint8)
   area = np.bincount(mask.ravel(), minlength=BACKGROUND + 1)[:num_classes] / mask.size
   labels = (area >= min_area).astype(np.float32)

@@ -31,6 +31,17 @@ def gather_tokens(x, ids, how: str = "take"):
   raise UserError(f"model.gather={how!r} is not one of {GATHERS}")
 
 
+def restore_order(visible, fill_token, ids_restore, how: str = "take"):
+  """Decoder input in image order: visible tokens (B, K, D) and mask tokens at hidden positions.
+
+  Concatenating [visible, fill] reproduces the shuffled order; `ids_restore` undoes the shuffle.
+  """
+  b, length = ids_restore.shape
+  fill = jnp.broadcast_to(fill_token.astype(visible.dtype),
+                          (b, length - visible.shape[1], visible.shape[2]))
+  return gather_tokens(jnp.concatenate([visible, fill], axis=1), ids_restore, how)
+
+
 class Masking(NamedTuple):
   ids_keep: jax.Array     # (B, K) indices of the visible tokens, in shuffled order
   ids_restore: jax.Array  # (B, L) inverse permutation of the shuffle
@@ -116,11 +127,7 @@ class MaskedAutoencoder(nn.Module):
   def decode(self, latent, masking: Masking):
     """Mask tokens fill the hidden positions; returns per-patch pixels (B, L, p*p*3)."""
     x = self.decoder_embed(latent)
-    b, length = masking.ids_restore.shape
-    fill = jnp.broadcast_to(self.mask_token.astype(x.dtype),
-                            (b, length + 1 - x.shape[1], self.decoder_width))
-    shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)  # visible first, as the shuffle left them
-    tokens = gather_tokens(shuffled, masking.ids_restore, self.gather)  # back to image order
+    tokens = restore_order(x[:, 1:], self.mask_token, masking.ids_restore, self.gather)
     x = jnp.concatenate([x[:, :1], tokens], axis=1) + self.decoder_pos_embed.astype(x.dtype)
     for block in self.decoder_blocks:
       x = block(x)

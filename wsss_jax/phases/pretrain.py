@@ -43,19 +43,25 @@ def make_init_fn(model: MaskedAutoencoder, tx, image_size: int, seed: int):
   return init_state
 
 
+def make_loss_fn(model: MaskedAutoencoder, mean, std, dtype) -> Callable:
+  """(params, batch, rng) -> masked-patch pixel loss averaged over the global batch."""
+
+  def loss_fn(params, batch, rng):
+    images = pipeline.normalize(batch["image"], mean, std, dtype)
+    return model.apply({"params": params}, images, rngs={"mask": rng}).loss
+
+  return loss_fn
+
+
 def make_train_step(model: MaskedAutoencoder, tx, schedule, mean, std, dtype) -> Callable:
   """(state, batch) -> (state, metrics): one AdamW step on the masked-patch pixel loss."""
+  loss_fn = make_loss_fn(model, mean, std, dtype)
 
   def train_step(state: TrainState, batch):
-    images = pipeline.normalize(batch["image"], mean, std, dtype)
-
-    def loss_fn(params):
-      return model.apply({"params": params}, images, rngs={"mask": state.step_rng()}).loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng())
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -112,7 +118,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   else:
     state, data_state = jax.jit(init_state, out_shardings=state_sharding)(), None
   start_step = int(state.step)
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
   if latest is not None and writer.enabled:
     print(f"resumed from {ckpt.directory}/{latest}", flush=True)
 
@@ -176,7 +182,8 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
 
   summary = {
       "phase": "pretrain", "steps": config.total_steps, "resumed_from": start_step,
-      "final_loss": metrics.get("loss"), "wall_seconds": time.perf_counter() - t_start,
+      "final_loss": float(metrics["loss"]) if metrics else None,
+      "wall_seconds": time.perf_counter() - t_start,
       "images_per_sec": config.batch_size * timed_steps / timed_seconds if timed_seconds else None,
       "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,

@@ -1,0 +1,41 @@
+"""Every test process sees 8 host CPU devices, so sharded and 1-device runs can be compared."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from wsss_jax import config_lib  # noqa: E402
+
+
+@pytest.fixture
+def tiny_pretrain_config():
+  """A pretrain config small enough for a CPU test: 32 px images, a 2-block 64-wide ViT."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "mae_config", os.path.join(os.path.dirname(__file__), "..", "configs", "mae.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("variant=mu/8,image_size=32,batch=8,steps=6")
+  config.log_every = 2
+  config.checkpoint_every = 3
+  config.num_figure_images = 2
+  config.async_checkpointing = False
+  config.data.num_train = 64
+  config.data.num_val = 4
+  config.data.tile_size = 48
+  config.data.num_threads = 1
+  config.model.decoder_width = 32
+  config.model.decoder_depth = 1
+  config.model.decoder_heads = 2
+  config.optim.warmup_steps = 2
+  config.optim.base_lr = 1e-2
+  return config
+
+
+def pytest_report_header(config):
+  return f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})"

@@ -1,0 +1,146 @@
+"""Training-loop behaviour: sharding, resume, restore on other meshes, checkpoint checks."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from wsss_jax import parallel
+from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.errors import UserError
+from wsss_jax.phases import pretrain
+
+
+def _params(workdir, step, config):
+  """Restores the params of `step` from a finished run onto one device."""
+  config = config.copy_and_resolve_references()
+  config.num_devices = 1
+  from wsss_jax import optim
+  from wsss_jax.models.mae import build_mae
+  model = build_mae(config.model, config.data.image_size)
+  tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
+  abstract = jax.eval_shape(pretrain.make_init_fn(model, tx, config.data.image_size, config.seed))
+  mesh = parallel.make_mesh(1)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, _ = ckpt.restore(step, abstract, parallel.state_shardings(abstract, mesh),
+                          pretrain.checkpoint_meta(config))
+  ckpt.close()
+  return jax.device_get(state.params)
+
+
+def _assert_trees_close(a, b, **kw):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+
+
+def test_sharded_gradients_equal_single_device_gradients(tiny_pretrain_config):
+  """The loss and gradient of one global batch do not depend on how the batch is split."""
+  from wsss_jax import optim
+  from wsss_jax.data import pipeline
+  from wsss_jax.models.mae import build_mae
+  config = tiny_pretrain_config
+  model = build_mae(config.model, 32)
+  tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
+  state = pretrain.make_init_fn(model, tx, 32, 0)()
+  batch = next(iter(pipeline.train_dataset(config.data, seed=0, local_batch=8)))
+  grad_fn = jax.value_and_grad(pretrain.make_loss_fn(model, config.data.mean, config.data.std,
+                                                     np.float32))
+  results = []
+  for n in (1, 8):
+    mesh = parallel.make_mesh(n)
+    fn = jax.jit(grad_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
+                                        parallel.replicated(mesh)))
+    results.append(jax.device_get(fn(state.params, parallel.global_batch(batch, mesh),
+                                     state.rng)))
+  assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+  _assert_trees_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_sharded_training_equals_single_device_training(tiny_pretrain_config, tmp_path):
+  assert jax.device_count() == 8
+  results, losses = {}, {}
+  for n in (1, 8):
+    config = tiny_pretrain_config.copy_and_resolve_references()
+    config.num_devices = n
+    config.total_steps = 3
+    config.checkpoint_every = 3
+    summary = pretrain.run(config, str(tmp_path / f"d{n}"))
+    assert summary["num_devices"] == n
+    results[n] = _params(str(tmp_path / f"d{n}"), 3, config)
+    losses[n] = [json.loads(l)["loss"] for l in open(tmp_path / f"d{n}" / "metrics.jsonl")]
+  np.testing.assert_allclose(losses[1], losses[8], rtol=1e-5)
+  # Adam divides by sqrt(v): on parameters whose gradient is ~0, float reduction-order noise
+  # becomes an O(lr) step, so parameters agree to a small fraction of the peak lr.
+  peak_lr = config.optim.base_lr * config.batch_size / 256
+  _assert_trees_close(results[1], results[8], rtol=1e-4, atol=0.05 * peak_lr)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny_pretrain_config, tmp_path):
+  config = tiny_pretrain_config
+  pretrain.run(config, str(tmp_path / "straight"))
+
+  def die_after_step_4(step, state):
+    if step == 4:  # checkpoint 3 is on disk, step 4 is lost
+      raise _Killed()
+
+  with pytest.raises(_Killed):
+    pretrain.run(config, str(tmp_path / "resumed"), step_callback=die_after_step_4)
+  assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).all_steps() == [3]
+  summary = pretrain.run(config, str(tmp_path / "resumed"))
+  assert summary["resumed_from"] == 3
+  _assert_trees_close(_params(str(tmp_path / "straight"), 6, config),
+                      _params(str(tmp_path / "resumed"), 6, config), rtol=1e-5, atol=1e-7)
+  rows = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("restore_devices", [1, 2])
+def test_restore_on_a_different_device_count(tiny_pretrain_config, tmp_path, restore_devices):
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.num_devices = 8
+  config.total_steps = 3
+  pretrain.run(config, str(tmp_path))
+  saved = _params(str(tmp_path), 3, config)
+  # continue the same run on fewer devices
+  config.num_devices = restore_devices
+  config.total_steps = 6
+  summary = pretrain.run(config, str(tmp_path))
+  assert summary["resumed_from"] == 3 and summary["num_devices"] == restore_devices
+  resumed = _params(str(tmp_path), 6, config)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), saved, resumed))
+  assert any(changed)
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_pretrain_config, tmp_path):
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.total_steps = 3
+  pretrain.run(config, str(tmp_path))
+  config.model.decoder_depth = 2
+  with pytest.raises(UserError, match=r"written with model=.*decoder_depth.*--workdir"):
+    pretrain.run(config, str(tmp_path))
+
+
+def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
+  summary = pretrain.run(tiny_pretrain_config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {"step", "loss", "lr", "images_per_sec", "step_time"} <= set(rows[-1])
+  assert json.load(open(tmp_path / "summary.json"))["steps"] == 6 == summary["steps"]
+  assert os.listdir(tmp_path / "tensorboard")
+  from PIL import Image
+  grid = Image.open(tmp_path / "figures" / "recon_0000006.png")
+  assert grid.size == (3 * 32, 2 * 32)  # original / masked / reconstruction, 2 images
+  # keep_checkpoints=3 bounds what stays on disk; every kept step is complete
+  steps = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+  assert steps == [3, 6]
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
+
+
+def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.batch_size = 12
+  with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of .* 8"):
+    pretrain.run(config, str(tmp_path))

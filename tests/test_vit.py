@@ -1,0 +1,110 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wsss_jax.errors import UserError
+from wsss_jax.models import vit
+
+
+def test_sincos_posemb_matches_closed_form():
+  dim, grid = 16, 5
+  emb = vit.sincos_2d_posemb(dim, grid)
+  assert emb.shape == (grid * grid + 1, dim)
+  np.testing.assert_array_equal(emb[0], 0.0)  # class token row
+  quarter = dim // 4
+  for row in range(grid):
+    for col in range(grid):
+      got = emb[1 + row * grid + col]
+      for i in range(quarter):
+        omega = 1.0 / 10000 ** (i / quarter)
+        # channels: [sin(col w), cos(col w), sin(row w), cos(row w)], a quarter each
+        assert got[i] == pytest.approx(math.sin(col * omega), abs=1e-6)
+        assert got[quarter + i] == pytest.approx(math.cos(col * omega), abs=1e-6)
+        assert got[2 * quarter + i] == pytest.approx(math.sin(row * omega), abs=1e-6)
+        assert got[3 * quarter + i] == pytest.approx(math.cos(row * omega), abs=1e-6)
+
+
+def test_posemb_rejects_width_not_divisible_by_four():
+  with pytest.raises(UserError, match="divisible by 4"):
+    vit.sincos_2d_posemb(18, 4)
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("B/16", (768, 12, 3072, 12, 16)), ("S/8", (384, 12, 1536, 6, 8)),
+    ("L/16", (1024, 24, 4096, 16, 16)), ("H/14", (1280, 32, 5120, 16, 14)),
+    ("Ti/16", (192, 12, 768, 3, 16))])
+def test_parse_variant(variant, expected):
+  s = vit.parse_variant(variant)
+  assert (s.width, s.depth, s.mlp_dim, s.num_heads, s.patch_size) == expected
+
+
+@pytest.mark.parametrize("bad", ["X/16", "B", "B/", "B/x", "B/0"])
+def test_parse_variant_rejects(bad):
+  with pytest.raises(UserError, match="model.variant"):
+    vit.parse_variant(bad)
+
+
+def test_image_size_must_divide_patch():
+  with pytest.raises(UserError, match="image_size=30"):
+    vit.VisionTransformer.from_variant("mu/8", 30)
+
+
+def test_vit_base_parameter_count():
+  """ViT-B/16 at 224 has 85.8M parameters without a head (timm: 85,798,656 incl. pos_embed)."""
+  model = vit.VisionTransformer.from_variant("B/16", 224)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+  assert n == 85_798_656 - 197 * 768  # our position embedding is a fixed constant, not a param
+
+
+def test_vit_intermediates_attention_and_tokens():
+  model = vit.VisionTransformer.from_variant("mu/8", 32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  out, state = model.apply(variables, x, mutable=["intermediates"])
+  assert out.shape == (2, 17, 64)
+  inter = state["intermediates"]
+  for i in range(2):
+    attn = inter[f"blocks_{i}"]["attn"]["attention"][0]
+    assert attn.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
+    assert inter[f"blocks_{i}"]["tokens"][0].shape == (2, 17, 64)
+  # The last block's tokens, layer-normed, are the output.
+  last = inter["blocks_1"]["tokens"][0]
+  mu, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
+  scale = variables["params"]["norm"]["scale"]
+  bias = variables["params"]["norm"]["bias"]
+  np.testing.assert_allclose(out, (last - mu) / np.sqrt(var + 1e-6) * scale + bias, atol=1e-4)
+
+
+def test_attention_matches_numpy():
+  model = vit.Attention(num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  got = model.apply({"params": params}, x)
+  xn = np.asarray(x[0], np.float64)
+  qkv = xn @ np.asarray(params["qkv"]["kernel"]) + np.asarray(params["qkv"]["bias"])
+  q, k, v = np.split(qkv, 3, axis=-1)
+  heads = []
+  for h in range(2):
+    sl = slice(4 * h, 4 * h + 4)
+    logits = q[:, sl] @ k[:, sl].T / 2.0
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    heads.append(w @ v[:, sl])
+  want = np.concatenate(heads, -1) @ np.asarray(params["proj"]["kernel"]) + np.asarray(
+      params["proj"]["bias"])
+  np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+
+def test_drop_path_identity_when_deterministic_and_scaled_when_training():
+  layer = vit.DropPath(0.5)
+  x = jnp.ones((1000, 3))
+  np.testing.assert_array_equal(layer.apply({}, x, True), x)
+  y = layer.apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+  kept = np.asarray(y[:, 0] != 0)
+  assert 0.4 < kept.mean() < 0.6
+  np.testing.assert_allclose(np.asarray(y)[kept], 2.0)  # survivors scaled by 1 / keep

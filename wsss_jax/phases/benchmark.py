@@ -1,0 +1,117 @@
+"""Benchmark phase: steady-state train-step throughput and model FLOPs utilisation (MFU).
+
+Compiles the step once, warms up, then times `steps` steps one by one with device
+synchronisation. FLOPs per step come from XLA's cost analysis of the compiled step; the peak is a
+large matmul timed in the same run on the same devices, so MFU = achieved FLOP/s / matmul FLOP/s.
+Input is a fixed device-resident batch: this measures the step, not the input pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax import optim, parallel
+from wsss_jax.errors import UserError
+from wsss_jax.models.mae import build_mae
+from wsss_jax.phases import pretrain
+
+MODELS = ("mae",)
+
+
+def _timed(fn, *args, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def matmul_peak(dtype, n: int, repeats: int = 10) -> float:
+  """FLOP/s of an n x n x n matmul on one device (best of `repeats` after a warm-up)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, b))
+  return 2 * n**3 / min(_timed(mm, a, b, repeats=repeats))
+
+
+def compiled_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returns one dict per module
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def benchmark_mae(config) -> dict:
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  n_dev = mesh.devices.size
+  dtype = pretrain.compute_dtype(config)
+  model = build_mae(config.model, config.data.image_size, dtype)
+  tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
+  init_state = pretrain.make_init_fn(model, tx, config.data.image_size, config.seed)
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
+  state = jax.jit(init_state, out_shardings=state_sharding)()
+  size = config.data.image_size
+  images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
+  batch = jax.device_put({"image": images}, parallel.batch_sharded(mesh))
+  step = jax.jit(pretrain.make_train_step(model, tx, schedule, config.data.mean, config.data.std,
+                                          dtype),
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  flops_per_device = compiled_flops(compiled)  # the SPMD module is per device
+
+  for _ in range(config.warmup_steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(config.total_steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+  peak = matmul_peak(dtype, config.matmul_size)
+  achieved = flops_per_device / step_s
+  return {
+      "model": "mae", "variant": config.model.variant, "image_size": size,
+      "batch_size": config.batch_size, "mixed_precision": bool(config.mixed_precision),
+      "gather": config.model.gather, "decoder": [config.model.decoder_depth,
+                                                 config.model.decoder_width],
+      "num_devices": int(n_dev), "device_kind": jax.devices()[0].device_kind,
+      "compile_seconds": compile_s,
+      "step_time_median": step_s, "step_time_p10": float(np.percentile(times, 10)),
+      "step_time_p90": float(np.percentile(times, 90)),
+      "images_per_sec": config.batch_size / step_s,
+      "images_per_sec_per_device": config.batch_size / step_s / n_dev,
+      "gflops_per_image": flops_per_device * n_dev / config.batch_size / 1e9,
+      "matmul_peak_gflops_per_device": peak / 1e9,
+      "achieved_gflops_per_device": achieved / 1e9,
+      "mfu": achieved / peak,
+      "final_loss": float(metrics["loss"]),
+  }
+
+
+def run(config, workdir: str) -> dict:
+  if config.model.name not in MODELS:
+    raise UserError(f"model.name={config.model.name!r} is not one of {MODELS}")
+  for field in ("total_steps", "warmup_steps", "matmul_size"):
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be a positive integer")
+  result = benchmark_mae(config)
+  result["date"] = time.strftime("%Y-%m-%d")
+  if jax.process_index() == 0:
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in result.items()), flush=True)
+    with open(os.path.join(workdir, "benchmark.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,87 @@
+"""The command line as a user types it: README's main command, resume, and user errors."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.variant=mu/8", "--config.data.image_size=32", "--config.batch_size=8",
+        "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
+        "--config.data.num_train=32", "--config.data.tile_size=48", "--config.num_figure_images=2",
+        "--config.model.decoder_depth=1", "--config.model.decoder_width=32",
+        "--config.model.decoder_heads=2", "--config.optim.warmup_steps=1"]
+
+
+def _readme_main_command():
+  """The `python -m wsss_jax.main ...` part of README's set-up command."""
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  match = re.search(r"python -m wsss_jax\.main [^\n`&;]*", text)
+  assert match, "README.md must show the main command"
+  return shlex.split(match.group(0))
+
+
+def _run(args, **kw):
+  env = dict(os.environ)
+  return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=600, **kw)
+
+
+def test_readme_main_command_end_to_end_and_resume(tmp_path):
+  cmd = _readme_main_command()[1:]  # drop "python"
+  cmd = [a for a in cmd if not a.startswith("--workdir")] + [f"--workdir={tmp_path}"] + TINY
+  proc = _run(cmd)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "step 4/4" in proc.stdout
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["steps"] == 4 and summary["resumed_from"] == 0
+  assert (tmp_path / "figures" / "recon_0000004.png").exists()
+  assert json.load(open(tmp_path / "config.json"))["model"]["variant"] == "mu/8"
+  # a second call with more steps continues from the last checkpoint
+  proc = _run([a if not a.startswith("--config.total_steps") else "--config.total_steps=6"
+               for a in cmd])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+  assert json.load(open(tmp_path / "summary.json"))["resumed_from"] == 4
+  # the same workdir with another model is refused with one line
+  proc = _run(cmd + ["--config.model.decoder_depth=2"])
+  assert proc.returncode == 2
+  assert "decoder_depth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _error_line(proc):
+  assert proc.returncode == 2, (proc.stdout[-500:], proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--config=configs/mae.py", "--config.foo=1"], "--config.foo=1"),
+    (["--config=configs/mae.py", "--config.model.colour=red"], "'colour' is not a field"),
+    (["--config=configs/mae.py", "--config.batch_size=big"], "--config.batch_size=big"),
+    (["--config=configs/mae.py:varient=B/16"], "'varient' is unknown"),
+    (["--config=configs/nope.py"], "configs/nope.py: no such config file"),
+    (["--config=configs/mae.py", "--config.batch_size=12"], "batch_size=12"),
+    (["--config=configs/mae.py", "--config.model.variant=Q/16"], "model.variant='Q/16'"),
+    (["--config=configs/mae.py", "--config.model.mask_ratio=1.5"], "mask_ratio=1.5"),
+    (["--config=configs/mae.py", "--config.data.name=imagenet"], "data.name='imagenet'"),
+])
+def test_user_errors_are_one_line(tmp_path, extra, expected):
+  proc = _run(["-m", "wsss_jax.main", f"--workdir={tmp_path}"] + extra)
+  assert expected in _error_line(proc)
+  assert not os.path.exists(tmp_path / "checkpoints" / "0")
+
+
+def test_bad_workdirs(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  for workdir, expected in [(blocker, "is not a directory"), (blocker / "sub", "cannot be created")]:
+    proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py", f"--workdir={workdir}"])
+    assert expected in _error_line(proc)
+  proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py"])
+  assert "--workdir is required" in _error_line(proc)

@@ -85,3 +85,47 @@ def test_bad_workdirs(tmp_path):
     assert expected in _error_line(proc)
   proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py"])
   assert "--workdir is required" in _error_line(proc)
+
+
+def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
+  """launch/local_multiprocess.sh: 2 JAX processes (CPU collectives) train one model together."""
+  args = [a for a in TINY if not a.startswith("--config.total_steps")]
+  proc = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
+       f"--workdir={tmp_path}", "--config.total_steps=4"] + args,
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
+               if l.startswith("[p") and '"phase"' in l]
+  assert len(summaries) == 2
+  assert all(s["num_processes"] == 2 and s["num_devices"] == 2 for s in summaries)
+  assert summaries[0]["final_loss"] == summaries[1]["final_loss"]  # one model, one loss
+  # the 2-process checkpoint continues in a single process
+  proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py", f"--workdir={tmp_path}",
+               "--config.total_steps=6"] + args, )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.load(open(tmp_path / "summary.json"))["resumed_from"] == 4
+
+
+def test_sigkill_during_training_leaves_a_resumable_workdir(tmp_path):
+  """Killed at an arbitrary moment (saves are async), the run resumes from a complete step."""
+  import signal
+  import time
+  args = [a for a in TINY if not a.startswith(("--config.total_steps", "--config.checkpoint"))]
+  cmd = [sys.executable, "-m", "wsss_jax.main", "--config=configs/mae.py",
+         f"--workdir={tmp_path}", "--config.checkpoint_every=1"] + args
+  proc = subprocess.Popen(cmd + ["--config.total_steps=1000"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = tmp_path / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      ckpt_dir.exists() and len([d for d in os.listdir(ckpt_dir) if d.isdigit()]) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  latest = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())  # finalized steps only
+  resumed = _run(cmd[1:] + [f"--config.total_steps={latest + 2}"])
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["resumed_from"] == latest >= 3 and summary["steps"] == latest + 2

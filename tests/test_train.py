@@ -144,3 +144,23 @@ def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):
   config.batch_size = 12
   with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of .* 8"):
     pretrain.run(config, str(tmp_path))
+
+
+def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config):
+  import jax.numpy as jnp
+  from wsss_jax import optim
+  from wsss_jax.data import pipeline
+  from wsss_jax.models.mae import build_mae
+  config = tiny_pretrain_config
+  batch = next(iter(pipeline.train_dataset(config.data, seed=0, local_batch=8)))
+  losses, states = {}, {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = build_mae(config.model, 32, dtype)
+    tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
+    state = pretrain.make_init_fn(model, tx, 32, 0)()
+    step = jax.jit(pretrain.make_train_step(model, tx, schedule, config.data.mean,
+                                            config.data.std, dtype))
+    states[dtype], metrics = step(state, batch)
+    losses[dtype] = float(metrics["loss"])
+  assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
+  assert {x.dtype for x in jax.tree.leaves(states[jnp.bfloat16].params)} == {jnp.dtype("float32")}

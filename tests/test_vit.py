@@ -85,6 +85,7 @@ def test_attention_matches_numpy():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
   params = model.init(jax.random.PRNGKey(1), x)["params"]
   got = model.apply({"params": params}, x)
+  weights = model.apply({"params": params}, x, mutable=["intermediates"])[1]
   xn = np.asarray(x[0], np.float64)
   qkv = xn @ np.asarray(params["qkv"]["kernel"]) + np.asarray(params["qkv"]["bias"])
   q, k, v = np.split(qkv, 3, axis=-1)
@@ -94,10 +95,26 @@ def test_attention_matches_numpy():
     logits = q[:, sl] @ k[:, sl].T / 2.0
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(weights["intermediates"]["attention"][0][0, h], w, atol=1e-6)
     heads.append(w @ v[:, sl])
   want = np.concatenate(heads, -1) @ np.asarray(params["proj"]["kernel"]) + np.asarray(
       params["proj"]["bias"])
   np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+
+def test_attention_fast_path_equals_explicit_softmax_path():
+  """Output and gradient agree whether or not the attention weights are being captured."""
+  model = vit.Attention(num_heads=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16)) * 3
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  fast = lambda p, x: model.apply({"params": p}, x)
+  explicit = lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"])[0]
+  np.testing.assert_allclose(fast(params, x), explicit(params, x), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  g_fast = jax.grad(loss(fast), argnums=(0, 1))(params, x)
+  g_expl = jax.grad(loss(explicit), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_fast,
+               g_expl)
 
 
 def test_drop_path_identity_when_deterministic_and_scaled_when_training():

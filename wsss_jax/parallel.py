@@ -79,5 +79,17 @@ def state_shardings(abstract_state, mesh: Mesh):
   return jax.tree.map(lambda _: replicated(mesh), abstract_state)
 
 
+def to_host(tree):
+  """Replicated jax.Arrays -> numpy, also when they span other processes' devices."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                      else x, tree)
+
+
+def replicate(tree, mesh: Mesh):
+  """Identical host data on every process -> global arrays replicated on the mesh."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0

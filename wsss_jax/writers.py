@@ -71,7 +71,7 @@ class MetricWriter:
       return
     parts = [f"step {step}/{total}"]
     for k, fmt in (("loss", ".4f"), ("lr", ".2e"), ("images_per_sec", ".1f"),
-                   ("step_time", ".3f")):
+                   ("step_time", ".3f"), ("data_wait_fraction", ".2f")):
       if k in metrics:
         parts.append(f"{k} {format(float(metrics[k]), fmt)}")
     parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta_s, 0)))}")

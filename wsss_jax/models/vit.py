@@ -91,7 +91,13 @@ _dense_init = nn.initializers.xavier_uniform()
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; sows the softmax weights (batch, heads, tokens, tokens)."""
+  """Multi-head self-attention.
+
+  When the `intermediates` collection is mutable, the softmax weights (batch, heads, tokens,
+  tokens) are computed explicitly and sown for relevance maps. Otherwise the normalisation is
+  applied after the value product, softmax(l) v = (exp(l - max) v) / sum exp(l - max), which
+  divides a (.., tokens, head_dim) tensor instead of a (.., tokens, tokens) one (BENCHMARKS.md).
+  """
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -100,11 +106,17 @@ class Attention(nn.Module):
     b, n, d = x.shape
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, head_dim), 3, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # softmax in fp32
-    self.sow("intermediates", "attention", weights)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, n, d)
+    q, k, v = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, head_dim), (2, 0, 3, 1, 4))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+    if self.is_mutable_collection("intermediates"):
+      weights = jax.nn.softmax(logits, axis=-1)
+      self.sow("intermediates", "attention", weights)
+      out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), v)
+    else:
+      e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+      out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(self.dtype), v)
+      out = (out / e.sum(-1, keepdims=True)).astype(self.dtype)
+    out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
 
 

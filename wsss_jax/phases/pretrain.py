@@ -120,7 +120,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
     state, data_state = ckpt.restore(latest, abstract_state, state_sharding, meta)
   else:
     state, data_state = jax.jit(init_state, out_shardings=state_sharding)(), None
-  start_step = int(state.step)
+  start_step = int(parallel.to_host(state.step))
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
   if latest is not None and writer.enabled:
     print(f"resumed from {ckpt.directory}/{latest}", flush=True)
@@ -132,7 +132,8 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   data_iter = iter(dataset)
   if data_state is not None:
     data_iter.set_state(data_state)
-  eval_images = pipeline.eval_examples(config.data, config.num_figure_images)["image"]
+  eval_images = parallel.replicate(
+      pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 
   # --- Jitted functions -------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharded(mesh)
@@ -140,36 +141,41 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, parallel.replicated(mesh)),
                        donate_argnums=0)
-  reconstruct = jax.jit(make_reconstruct_fn(model, mean, std, dtype, config.seed))
+  reconstruct = jax.jit(make_reconstruct_fn(model, mean, std, dtype, config.seed),
+                        out_shardings=parallel.replicated(mesh))
 
   def save(step):
     ckpt.save(step, state, data_iter.get_state(), meta)
+    panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
     if writer.enabled:
-      panels = jax.device_get(reconstruct(state.params, eval_images))
       grid = figures.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))
       writer.image("reconstruction", step, grid)
 
   # --- Loop -------------------------------------------------------------------------------------
   t_start = time.perf_counter()
   window_start, window_steps, timed_steps, timed_seconds = None, 0, 0, 0.0
+  data_wait = 0.0  # seconds blocked on the input pipeline in the current window
   metrics = {}
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = parallel.global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
+      t_data = time.perf_counter()
+      local = next(data_iter)
+      data_wait += time.perf_counter() - t_data
+      state, metrics = train_step(state, parallel.global_batch(local, mesh))
       if step == start_step + 1:
         jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
-        window_start = time.perf_counter()
+        window_start, data_wait = time.perf_counter(), 0.0
       else:
         window_steps += 1
       if step % config.log_every == 0 or step == config.total_steps:
-        metrics = jax.device_get(metrics)
+        metrics = parallel.to_host(metrics)
         now = time.perf_counter()
         if window_steps:
           step_time = (now - window_start) / window_steps
-          metrics |= {"step_time": step_time, "images_per_sec": config.batch_size / step_time}
+          metrics |= {"step_time": step_time, "images_per_sec": config.batch_size / step_time,
+                      "data_wait_fraction": data_wait / (now - window_start)}
           timed_steps, timed_seconds = timed_steps + window_steps, timed_seconds + now - window_start
-        window_start, window_steps = now, 0
+        window_start, window_steps, data_wait = now, 0, 0.0
         if not np.isfinite(metrics["loss"]):
           raise UserError(f"loss became {metrics['loss']} at step {step}; lower optim.base_lr")
         writer.write(step, metrics)

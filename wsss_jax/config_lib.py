@@ -74,3 +74,29 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.num_workers = 0           # grain worker processes (0: in-process threads only)
   d.prefetch = 4              # batches buffered ahead of the step
   return d
+
+
+def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
+              gather: str = "take") -> ml_collections.ConfigDict:
+  """MAE model section; `paper=False` gives the light 4-block, 256-wide decoder of the quick run."""
+  m = ml_collections.ConfigDict()
+  m.variant = variant
+  m.mask_ratio = mask_ratio         # 0.75 natural images; 0.9 the chest X-ray recipe
+  m.norm_pix_loss = True            # per-patch normalised pixel targets
+  m.decoder_width = 512 if paper else 256
+  m.decoder_depth = 8 if paper else 4
+  m.decoder_heads = 16 if paper else 8
+  m.gather = gather                 # "take" (take_along_axis) or "onehot" (einsum)
+  return m
+
+
+def mae_optim(total_steps: int) -> ml_collections.ConfigDict:
+  """The MAE pretraining recipe: AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x batch/256, cosine."""
+  o = ml_collections.ConfigDict()
+  o.base_lr = 1.5e-4                # scaled by batch_size / 256
+  o.b1, o.b2 = 0.9, 0.95
+  o.weight_decay = 0.05
+  o.warmup_steps = max(1, total_steps // 20)  # 40 of 800 epochs in the paper
+  o.end_lr = 0.0
+  o.grad_clip_norm = 0.0            # 0: no clipping (the MAE recipe)
+  return o

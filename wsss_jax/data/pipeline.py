@@ -18,12 +18,18 @@ from wsss_jax.errors import UserError
 DATASETS = ("synthetic",)
 
 
+def check_dataset_name(name: str) -> None:
+  if name not in DATASETS:
+    raise UserError(f"data.name={name!r} is not a known dataset; known: {DATASETS}")
+
+
 def build_source(data_cfg, split: str):
   """The random-access source named by `data.name` for one split."""
+  check_dataset_name(data_cfg.name)
   if data_cfg.name == "synthetic":
     num = {"train": data_cfg.num_train, "val": data_cfg.num_val}[split]
     return synthetic.SyntheticHistology(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
-  raise UserError(f"data.name={data_cfg.name!r} is not a known dataset; known: {DATASETS}")
+  raise AssertionError(f"no reader for {data_cfg.name}")  # DATASETS and readers disagree
 
 
 def _select(keys):

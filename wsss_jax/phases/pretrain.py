@@ -86,9 +86,7 @@ def validate(config) -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")
-  if config.data.name not in pipeline.DATASETS:
-    raise UserError(f"data.name={config.data.name!r} is not a known dataset; known: "
-                    f"{pipeline.DATASETS}")
+  pipeline.check_dataset_name(config.data.name)
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "

@@ -1,0 +1,39 @@
+import importlib.util
+import json
+import os
+
+import pytest
+
+from wsss_jax.errors import UserError
+from wsss_jax.phases import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(batch):
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "configs",
+                                                                       "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"variant=mu/8,image_size=32,batch={batch},steps=2,warmup=1,"
+                             "paper=False")
+  config.num_devices = 1
+  config.matmul_size = 256
+  return config
+
+
+def test_benchmark_reports_flops_throughput_and_mfu(tmp_path):
+  small = benchmark.run(_config(8), str(tmp_path))
+  assert json.load(open(tmp_path / "benchmark.json"))["images_per_sec"] == small["images_per_sec"]
+  assert small["images_per_sec"] == pytest.approx(8 / small["step_time_median"])
+  assert 0 < small["mfu"] < 2 and small["gflops_per_image"] > 0
+  # FLOPs per image are a property of the model, not of the batch size
+  large = benchmark.run(_config(16), str(tmp_path))
+  assert large["gflops_per_image"] == pytest.approx(small["gflops_per_image"], rel=0.05)
+
+
+def test_benchmark_rejects_unknown_model(tmp_path):
+  config = _config(8)
+  config.model.name = "resnet1000"
+  with pytest.raises(UserError, match="model.name='resnet1000'"):
+    benchmark.run(config, str(tmp_path))

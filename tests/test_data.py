@@ -74,14 +74,15 @@ def _first_batches(it, n):
   return [next(it)["image"] for _ in range(n)]
 
 
-def test_pipeline_batches_epochs_and_resume():
-  ds = pipeline.train_dataset(_data_cfg(), seed=0, local_batch=8)
+@pytest.mark.parametrize("workers", [0, 1])  # in-process threads; grain worker processes
+def test_pipeline_batches_epochs_and_resume(workers):
+  ds = pipeline.train_dataset(_data_cfg(num_workers=workers), seed=0, local_batch=8)
   it = iter(ds)
   batches = _first_batches(it, 3)
   assert batches[0].shape == (8, 32, 32, 3) and batches[0].dtype == np.uint8
   state = it.get_state()
   following = _first_batches(it, 4)  # crosses into the second epoch
-  fresh = iter(pipeline.train_dataset(_data_cfg(), seed=0, local_batch=8))
+  fresh = iter(pipeline.train_dataset(_data_cfg(num_workers=workers), seed=0, local_batch=8))
   fresh.set_state(state)
   for a, b in zip(following, _first_batches(fresh, 4)):
     np.testing.assert_array_equal(a, b)

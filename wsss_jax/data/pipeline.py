@@ -9,6 +9,7 @@ the device (4x less host-to-device traffic); `normalize` runs inside the jitted 
 from __future__ import annotations
 
 import grain
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,6 +52,8 @@ def train_dataset(data_cfg, *, seed: int, local_batch: int, process_index: int =
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                                prefetch_buffer_size=data_cfg.prefetch))
   if data_cfg.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app too
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return it_ds
 

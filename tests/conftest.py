@@ -6,10 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
-import ml_collections  # noqa: E402
 import pytest  # noqa: E402
-
-from wsss_jax import config_lib  # noqa: E402
 
 
 @pytest.fixture

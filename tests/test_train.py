@@ -15,15 +15,9 @@ from wsss_jax.phases import pretrain
 def _params(workdir, step, config):
   """Restores the params of `step` from a finished run onto one device."""
   config = config.copy_and_resolve_references()
-  config.num_devices = 1
-  from wsss_jax import optim
-  from wsss_jax.models.mae import build_mae
-  model = build_mae(config.model, config.data.image_size)
-  tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
-  abstract = jax.eval_shape(pretrain.make_init_fn(model, tx, config.data.image_size, config.seed))
-  mesh = parallel.make_mesh(1)
+  t = pretrain.build_training(config, parallel.make_mesh(1))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, _ = ckpt.restore(step, abstract, parallel.state_shardings(abstract, mesh),
+  state, _ = ckpt.restore(step, t.abstract_state, t.state_sharding,
                           pretrain.checkpoint_meta(config))
   ckpt.close()
   return jax.device_get(state.params)

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import optim, parallel
+from wsss_jax import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.models.mae import build_mae
 from wsss_jax.phases import pretrain
 
 MODELS = ("mae",)
@@ -52,22 +51,14 @@ def benchmark_mae(config) -> dict:
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.batch_size, mesh)
   n_dev = mesh.devices.size
-  dtype = pretrain.compute_dtype(config)
-  model = build_mae(config.model, config.data.image_size, dtype)
-  tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
-  init_state = pretrain.make_init_fn(model, tx, config.data.image_size, config.seed)
-  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
-  state = jax.jit(init_state, out_shardings=state_sharding)()
+  t = pretrain.build_training(config, mesh)
+  state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
   size = config.data.image_size
   images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
   batch = jax.device_put({"image": images}, parallel.batch_sharded(mesh))
-  step = jax.jit(pretrain.make_train_step(model, tx, schedule, config.data.mean, config.data.std,
-                                          dtype),
-                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-  t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
+  t0 = time.perf_counter()
+  compiled = t.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
   flops_per_device = compiled_flops(compiled)  # the SPMD module is per device
 
   for _ in range(config.warmup_steps):
@@ -80,7 +71,7 @@ def benchmark_mae(config) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  peak = matmul_peak(dtype, config.matmul_size)
+  peak = matmul_peak(pretrain.compute_dtype(config), config.matmul_size)
   achieved = flops_per_device / step_s
   return {
       "model": "mae", "variant": config.model.variant, "image_size": size,

@@ -1,14 +1,15 @@
 """Pretrain phase: masked-autoencoder pretraining of a ViT encoder.
 
-Sections: mesh -> model and optimiser -> state (fresh or resumed) -> input -> jitted step -> loop
-(metrics, checkpoints, reconstruction figures) -> summary. The step is one `jax.jit` with explicit
+Sections: mesh, model, optimiser and jitted step (`build_training`, shared with the benchmark)
+-> state (fresh or resumed) -> input -> loop (metrics, checkpoints, reconstruction figures)
+-> summary. The step is one `jax.jit` with explicit
 shardings: state replicated, batch split over the `data` axis, state donated.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,31 @@ def make_reconstruct_fn(model: MaskedAutoencoder, mean, std, dtype, seed: int):
   return reconstruct
 
 
+class Training(NamedTuple):
+  """What the pretrain and benchmark phases build alike from a config and a mesh."""
+  model: MaskedAutoencoder
+  init_state: Callable      # () -> TrainState, to be jitted with `state_sharding`
+  abstract_state: Any       # its shapes and dtypes
+  state_sharding: Any
+  train_step: Callable      # jitted (state, batch) -> (state, metrics); state donated
+
+
+def build_training(config, mesh) -> Training:
+  """Model, AdamW, the state's shape and sharding, and the sharded, jitted train step."""
+  dtype = compute_dtype(config)
+  model = build_mae(config.model, config.data.image_size, dtype)
+  tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
+  init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  train_step = jax.jit(
+      make_train_step(model, tx, schedule, tuple(config.data.mean), tuple(config.data.std),
+                      dtype),
+      in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+      out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+  return Training(model, init_state, abstract_state, state_sharding, train_step)
+
+
 def validate(config) -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[field] <= 0:
@@ -96,18 +122,11 @@ def validate(config) -> None:
 def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
   validate(config)
-  # --- Mesh -------------------------------------------------------------------------------------
+  # --- Mesh, model, optimiser, jitted step ------------------------------------------------------
   mesh = parallel.make_mesh(config.num_devices)
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
-  dtype = compute_dtype(config)
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
-
-  # --- Model and optimiser ----------------------------------------------------------------------
-  model = build_mae(config.model, config.data.image_size, dtype)
-  tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
-  init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  t = build_training(config, mesh)
+  state_sharding = t.state_sharding
 
   # --- State: fresh or resumed ------------------------------------------------------------------
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
@@ -115,9 +134,9 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   meta = checkpoint_meta(config)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract_state, state_sharding, meta)
+    state, data_state = ckpt.restore(latest, t.abstract_state, state_sharding, meta)
   else:
-    state, data_state = jax.jit(init_state, out_shardings=state_sharding)(), None
+    state, data_state = jax.jit(t.init_state, out_shardings=state_sharding)(), None
   start_step = int(parallel.to_host(state.step))
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
   if latest is not None and writer.enabled:
@@ -133,13 +152,10 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   eval_images = parallel.replicate(
       pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 
-  # --- Jitted functions -------------------------------------------------------------------------
-  batch_sharding = parallel.batch_sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, schedule, mean, std, dtype),
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, parallel.replicated(mesh)),
-                       donate_argnums=0)
-  reconstruct = jax.jit(make_reconstruct_fn(model, mean, std, dtype, config.seed),
+  # --- Figures ----------------------------------------------------------------------------------
+  reconstruct = jax.jit(make_reconstruct_fn(t.model, tuple(config.data.mean),
+                                            tuple(config.data.std), compute_dtype(config),
+                                            config.seed),
                         out_shardings=parallel.replicated(mesh))
 
   def save(step):
@@ -159,7 +175,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       t_data = time.perf_counter()
       local = next(data_iter)
       data_wait += time.perf_counter() - t_data
-      state, metrics = train_step(state, parallel.global_batch(local, mesh))
+      state, metrics = t.train_step(state, parallel.global_batch(local, mesh))
       if step == start_step + 1:
         jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
         window_start, data_wait = time.perf_counter(), 0.0

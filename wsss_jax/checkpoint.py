@@ -57,6 +57,16 @@ class Checkpointer:
       raise UserError(f"checkpoint {where} does not fit this model: {_first_line(e)}") from None
     return restored["state"], restored["data"]
 
+  def restore_params(self, step: int, sharding):
+    """(params, meta) of `step`, whatever model wrote it: the tree is read from the checkpoint's
+    own metadata, so a classifier can start from an MAE run without rebuilding its optimiser."""
+    tree = self._manager.item_metadata(step)["state"].tree
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          tree)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    return restored["params"], self.read_meta(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

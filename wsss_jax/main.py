@@ -19,6 +19,7 @@ from wsss_jax.errors import UserError
 
 PHASES = {
     "pretrain": "wsss_jax.phases.pretrain",
+    "classify": "wsss_jax.phases.classify",
     "benchmark": "wsss_jax.phases.benchmark",
 }
 

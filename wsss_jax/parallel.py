@@ -93,3 +93,8 @@ def replicate(tree, mesh: Mesh):
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def shard_identical(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The same full host array on every process -> a global array split along the batch axis."""
+  return jax.make_array_from_callback(x.shape, batch_sharded(mesh), lambda index: x[index])

@@ -22,3 +22,10 @@ class TrainState:
   def step_rng(self) -> jax.Array:
     """A key that depends only on the base key and the step: resumed runs draw the same masks."""
     return jax.random.fold_in(self.rng, self.step)
+
+
+@flax.struct.dataclass
+class ClassifierState(TrainState):
+  """TrainState plus BatchNorm statistics and PDA's mu (so both are checkpointed with the rest)."""
+  batch_stats: Any = None
+  mu: jax.Array = None  # float32 scalar: PDA's drop threshold factor

@@ -13,7 +13,7 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.data import synthetic, transforms
+from wsss_jax.data import randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
 
 DATASETS = ("synthetic",)
@@ -37,6 +37,45 @@ def _select(keys):
   return lambda example: {k: example[k] for k in keys}
 
 
+class CheckExample:
+  """Refuses, with the example's name, a label vector of the wrong length or a too small image.
+
+  An all-zero label vector is accepted: it is a background-only tile (every class negative).
+  """
+
+  def __init__(self, data_cfg, split: str, check_labels: bool):
+    self.size, self.split, self.check_labels = data_cfg.image_size, split, check_labels
+    self.num_classes = data_cfg.get("num_classes")
+
+  def __call__(self, example: dict) -> dict:
+    name = example.get("name", "an example")
+    where = f"{name} (split {self.split})"
+    h, w = example["image"].shape[:2]
+    if min(h, w) < self.size:
+      raise UserError(f"{where} is {h}x{w} pixels, smaller than data.image_size={self.size}; "
+                      f"lower data.image_size or drop the image")
+    if self.check_labels and np.shape(example["labels"]) != (self.num_classes,):
+      raise UserError(f"{where} has {np.size(example['labels'])} labels but "
+                      f"data.num_classes={self.num_classes}")
+    return example
+
+
+def train_transforms(data_cfg) -> list:
+  """Random-resized crop (or a plain resize when data.crop_scale is (1, 1)), flips, RandAugment."""
+  steps = []
+  if tuple(data_cfg.crop_scale) == (1.0, 1.0):
+    steps.append(transforms.Resize(data_cfg.image_size))
+  else:
+    steps.append(transforms.RandomResizedCropFlip(data_cfg.image_size, data_cfg.crop_scale,
+                                                  hflip=False))
+  if data_cfg.hflip or data_cfg.get("vflip", False):
+    steps.append(transforms.RandomFlip(data_cfg.hflip, data_cfg.get("vflip", False)))
+  if data_cfg.get("randaugment_ops", 0) > 0:
+    steps.append(randaugment.RandAugment(data_cfg.randaugment_ops,
+                                         data_cfg.randaugment_magnitude))
+  return steps
+
+
 def train_dataset(data_cfg, *, seed: int, local_batch: int, process_index: int = 0,
                   process_count: int = 1, keys=("image",)) -> grain.IterDataset:
   """Infinite, shuffled (a new permutation every epoch), augmented, batched training stream."""
@@ -45,9 +84,9 @@ def train_dataset(data_cfg, *, seed: int, local_batch: int, process_index: int =
   if len(ds) < local_batch:
     raise UserError(f"data.num_train={len(source)} gives process {process_index} only {len(ds)} "
                     f"images, fewer than its batch of {local_batch}")
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(transforms.RandomResizedCropFlip(
-      data_cfg.image_size, data_cfg.crop_scale, data_cfg.hflip), seed=seed)
+  ds = ds.shuffle(seed=seed).repeat(None).map(CheckExample(data_cfg, "train", "labels" in keys))
+  for i, transform in enumerate(train_transforms(data_cfg)):
+    ds = ds.random_map(transform, seed=seed + i) if transform.random else ds.map(transform)
   ds = ds.map(_select(keys)).batch(local_batch, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                                prefetch_buffer_size=data_cfg.prefetch))
@@ -56,6 +95,22 @@ def train_dataset(data_cfg, *, seed: int, local_batch: int, process_index: int =
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return it_ds
+
+
+def eval_batches(data_cfg, batch_size: int, split: str = "val", keys=("image", "labels")):
+  """The whole split, resized, in batches of `batch_size`; the last one padded by repeating the
+  final example, with `valid` (bool) marking the real rows."""
+  source = build_source(data_cfg, split)
+  check, resize = CheckExample(data_cfg, split, "labels" in keys), transforms.Resize(
+      data_cfg.image_size)
+  for start in range(0, len(source), batch_size):
+    idx = list(range(start, min(start + batch_size, len(source))))
+    examples = [_select(keys)(resize(check(source[i]))) for i in idx]
+    pad = batch_size - len(examples)
+    examples += examples[-1:] * pad
+    batch = {k: np.stack([e[k] for e in examples]) for k in keys}
+    batch["valid"] = np.arange(batch_size) < len(idx)
+    yield batch
 
 
 def eval_examples(data_cfg, num: int, keys=("image",)) -> dict:

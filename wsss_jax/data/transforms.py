@@ -44,6 +44,7 @@ class RandomResizedCropFlip:
 
   A mask, when present, is cropped with the same box (nearest neighbour) and flipped alike.
   """
+  random = True  # a grain random_map transform (takes an rng)
 
   def __init__(self, size: int, scale=(0.2, 1.0), hflip: bool = True):
     self.size, self.scale, self.hflip = size, tuple(scale), hflip
@@ -64,15 +65,35 @@ class RandomResizedCropFlip:
 
 
 class Resize:
-  """Deterministic resize of the whole tile to `size` (evaluation)."""
+  """Deterministic resize of the whole tile to `size` (evaluation, or training without crops)."""
+  random = False
 
   def __init__(self, size: int):
     self.size = size
 
   def __call__(self, example: dict) -> dict:
+    if example["image"].shape[:2] == (self.size, self.size):
+      return example
     out = dict(example)
     full = (0, 0) + example["image"].shape[:2]
     out["image"] = crop_resize(example["image"], full, self.size)
     if "mask" in example:
       out["mask"] = crop_resize(example["mask"], full, self.size, Image.NEAREST)
+    return out
+
+
+class RandomFlip:
+  """Horizontal and/or vertical flips, each with probability 1/2 (image and mask alike)."""
+  random = True
+
+  def __init__(self, hflip: bool = True, vflip: bool = False):
+    self.hflip, self.vflip = hflip, vflip
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    out = dict(example)
+    for axis, enabled in ((1, self.hflip), (0, self.vflip)):
+      if enabled and rng.random() < 0.5:
+        for key in ("image", "mask"):
+          if key in out:
+            out[key] = np.flip(out[key], axis)
     return out

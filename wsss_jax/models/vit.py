@@ -203,13 +203,14 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, self.width)
     return x + self.pos_embed[:, 1:].astype(x.dtype)
 
-  def encode(self, tokens, deterministic: bool = True):
-    """Prepends the class token and runs the blocks and the final LayerNorm."""
+  def encode(self, tokens, deterministic: bool = True, final_norm: bool = True):
+    """Prepends the class token and runs the blocks and (unless `final_norm=False`, as for
+    MAE's global-pool fine-tuning) the final LayerNorm."""
     cls = (self.cls_token + self.pos_embed[:, :1]).astype(tokens.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], 1)
     for block in self.blocks:
       x = block(x, deterministic)
-    return self.norm(x)
+    return self.norm(x) if final_norm else x
 
-  def __call__(self, images, deterministic: bool = True):
-    return self.encode(self.patch_tokens(images), deterministic)
+  def __call__(self, images, deterministic: bool = True, final_norm: bool = True):
+    return self.encode(self.patch_tokens(images), deterministic, final_norm)

@@ -13,10 +13,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from wsss_jax import figures, optim, parallel
+from wsss_jax import figures, loop, optim, parallel
 from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
@@ -158,7 +157,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
                                             config.seed),
                         out_shardings=parallel.replicated(mesh))
 
-  def save(step):
+  def save(step, state):
     ckpt.save(step, state, data_iter.get_state(), meta)
     panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
     if writer.enabled:
@@ -167,38 +166,12 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
 
   # --- Loop -------------------------------------------------------------------------------------
   t_start = time.perf_counter()
-  window_start, window_steps, timed_steps, timed_seconds = None, 0, 0, 0.0
-  data_wait = 0.0  # seconds blocked on the input pipeline in the current window
-  metrics = {}
   try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      t_data = time.perf_counter()
-      local = next(data_iter)
-      data_wait += time.perf_counter() - t_data
-      state, metrics = t.train_step(state, parallel.global_batch(local, mesh))
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)  # the first step compiles: keep it out of the timings
-        window_start, data_wait = time.perf_counter(), 0.0
-      else:
-        window_steps += 1
-      if step % config.log_every == 0 or step == config.total_steps:
-        metrics = parallel.to_host(metrics)
-        now = time.perf_counter()
-        if window_steps:
-          step_time = (now - window_start) / window_steps
-          metrics |= {"step_time": step_time, "images_per_sec": config.batch_size / step_time,
-                      "data_wait_fraction": data_wait / (now - window_start)}
-          timed_steps, timed_seconds = timed_steps + window_steps, timed_seconds + now - window_start
-        window_start, window_steps, data_wait = now, 0, 0.0
-        if not np.isfinite(metrics["loss"]):
-          raise UserError(f"loss became {metrics['loss']} at step {step}; lower optim.base_lr")
-        writer.write(step, metrics)
-        eta = (config.total_steps - step) * metrics.get("step_time", 0.0)
-        writer.progress(step, config.total_steps, metrics, eta)
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
-        save(step)
-      if step_callback is not None:
-        step_callback(step, state)
+    state, metrics, timer = loop.train_loop(
+        state, train_step=t.train_step, data_iter=data_iter, mesh=mesh, start_step=start_step,
+        total_steps=config.total_steps, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size, writer=writer,
+        save=save, step_callback=step_callback)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -207,7 +180,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       "phase": "pretrain", "steps": config.total_steps, "resumed_from": start_step,
       "final_loss": float(metrics["loss"]) if metrics else None,
       "wall_seconds": time.perf_counter() - t_start,
-      "images_per_sec": config.batch_size * timed_steps / timed_seconds if timed_seconds else None,
+      "images_per_sec": timer.images_per_sec(),
       "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
       "num_params": optim.count_params(state.params),

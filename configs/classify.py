@@ -1,0 +1,60 @@
+"""Multi-label patch classification: ResNet38 + PDA, ResNet-50, or a ViT fine-tuned from MAE.
+
+  python -m wsss_jax.main --config=configs/classify.py --workdir=runs/cls
+  python -m wsss_jax.main --config=configs/classify.py:backbone=resnet50 ...
+  python -m wsss_jax.main --config=configs/classify.py:backbone=vit,init=runs/mae ...
+  python -m wsss_jax.main --config=configs/classify.py:paper=True,pda=released ...
+
+The defaults are a laptop-sized run (a quarter-width ResNet38 at 112 px on 512 embedded tiles);
+`:paper=True` is the published recipe: full width, 224 px, batch 20, 20 epochs.
+For the ViT, `init=<MAE workdir>` starts from that run's latest checkpoint and `probe=True`
+trains a linear probe on the frozen encoder.
+"""
+import ml_collections
+
+from wsss_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, backbone="resnet38", variant="S/16", width=0.25,
+                             image_size=112, batch=16, epochs=4, num_train=512, pda="paper",
+                             init="", probe=False, paper=False)
+  vit = arg.backbone == "vit"
+  config = config_lib.common("classify")
+  config.batch_size = 20 if arg.paper else arg.batch
+  config.num_epochs = 20 if arg.paper else arg.epochs
+  config.total_steps = 0        # 0: num_epochs * (num_train // batch_size)
+  config.log_every = 10
+  config.checkpoint_every = 200
+  config.eval_every = 0         # steps between validations; 0: once per epoch
+
+  config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
+  config.data.num_train = 16384 if arg.paper else arg.num_train
+  config.data.num_val = 128
+  config.data.num_classes = 4
+  config.data.class_names = ("TE", "NEC", "LYM", "TAS")
+  config.data.crop_scale = (1.0, 1.0)  # (1, 1): no cropping, resize to image_size
+  config.data.vflip = True
+  config.data.normalize = vit          # False: inputs in [0, 1] (the ResNet38 recipe)
+  config.data.randaugment_ops = 0      # 2 with magnitude 9: the MAE fine-tuning recipe
+  config.data.randaugment_magnitude = 9.0
+
+  m = config.model = ml_collections.ConfigDict()
+  m.backbone = arg.backbone
+  m.width = 1.0 if arg.paper else arg.width  # CNN channel multiplier
+  m.output_stride = 32                 # ResNet-50: 32, 16 or 8 (dilated last stages)
+  m.head_dropout = 0.5
+  m.freeze_stem = False                # the authors freeze conv1a + b2* (with ImageNet weights)
+  m.freeze_bn = False                  # ... and every BatchNorm (statistics and affine)
+  m.variant = arg.variant              # ViT
+  m.pool = "cls" if arg.probe else "gap"
+  m.linear_probe = arg.probe
+  m.drop_path = 0.2
+  m.init_from = arg.init               # workdir whose latest checkpoint initialises the network
+
+  config.pda = config_lib.pda(arg.pda if not vit else "off")
+  config.optim = config_lib.classify_optim(arg.backbone, arg.probe)
+  config.mixup_alpha = 0.0             # 0.8 / 1.0 in the MAE fine-tuning recipe
+  config.cutmix_alpha = 0.0
+  config.label_smoothing = 0.0
+  return config

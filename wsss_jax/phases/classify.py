@@ -1,0 +1,325 @@
+"""Classify phase: multi-label patch classification (ResNet38 + PDA, ResNet-50, ViT from MAE).
+
+Sections: validation of the config -> mesh, model, optimiser and jitted steps (`build_training`,
+shared with the benchmark) -> state (fresh, from a pretrained workdir, or resumed) -> input ->
+loop with validation -> summary. PDA's mu lives in the train state and changes at epoch ends
+inside the jitted step, so it is checkpointed and resumed with everything else.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wsss_jax import loop, metrics, optim, parallel
+from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.data import mixing, pipeline
+from wsss_jax.errors import UserError
+from wsss_jax.models.classifier import (ViTClassifier, build_classifier, lr_multipliers,
+                                        param_labels)
+from wsss_jax.train_state import ClassifierState
+from wsss_jax.writers import MetricWriter
+
+BOUNDS = ("clip", "check")
+
+
+# --- Epochs and PDA's mu --------------------------------------------------------------------------
+def steps_per_epoch(config) -> int:
+  return max(1, len(pipeline.build_source(config.data, "train")) // config.batch_size)
+
+
+def total_steps(config) -> int:
+  """`total_steps` when positive, else `num_epochs` full epochs."""
+  return config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch(
+      config)
+
+
+def pda_active(epoch, pda_cfg):
+  """Whether PDA reweights the features during `epoch` (0-based)."""
+  if not pda_cfg.enabled:
+    return jnp.asarray(False)
+  return jnp.asarray(True) if pda_cfg.attend_in_warmup else epoch >= pda_cfg.warmup_epochs
+
+
+def mu_after_epoch(mu, epoch, pda_cfg):
+  """mu for the epoch after `epoch`: mu <- sigma mu once warm-up is over (or always, with
+  `decay_in_warmup`), either clipped at the lower bound or only while mu > bound ('check')."""
+  decays = jnp.logical_or(pda_cfg.decay_in_warmup, epoch + 1 >= pda_cfg.warmup_epochs)
+  if pda_cfg.bound == "clip":
+    new = jnp.maximum(pda_cfg.sigma * mu, pda_cfg.lower_bound)
+  else:
+    new = jnp.where(mu > pda_cfg.lower_bound, pda_cfg.sigma * mu, mu)
+  return jnp.where(decays, new, mu).astype(jnp.float32)
+
+
+# --- Model, optimiser, steps ----------------------------------------------------------------------
+def compute_dtype(config):
+  return jnp.bfloat16 if config.mixed_precision else jnp.float32
+
+
+def checkpoint_meta(config) -> dict:
+  return {"phase": "classify", "model": {k: v for k, v in config.model.to_dict().items()
+                                         if k != "init_from"},
+          "image_size": config.data.image_size, "num_classes": config.data.num_classes}
+
+
+def prepare_images(images_u8, data_cfg, dtype):
+  """uint8 -> [0, 1] (the ResNet38 recipe) or (x - mean) / std with `data.normalize`."""
+  if data_cfg.normalize:
+    return pipeline.normalize(images_u8, tuple(data_cfg.mean), tuple(data_cfg.std), dtype)
+  return (images_u8.astype(jnp.float32) / 255.0).astype(dtype)
+
+
+def multilabel_soft_margin(logits, labels):
+  """PyTorch's MultiLabelSoftMarginLoss: sigmoid BCE averaged over classes and batch."""
+  return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+
+def make_init_fn(model, tx, image_size: int, seed: int):
+  def init_state():
+    params_rng, dropout_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    state = ClassifierState.create(variables["params"], tx, state_rng)
+    return state.replace(batch_stats=variables.get("batch_stats", {}),
+                         mu=jnp.ones((), jnp.float32))
+  return init_state
+
+
+def make_train_step(model, tx, schedule, config, spe: int) -> Callable:
+  """(state, batch) -> (state, metrics): one optimiser step on the multi-label soft-margin loss."""
+  dtype, pda_cfg = compute_dtype(config), config.pda
+  update_stats = not config.model.freeze_bn
+
+  def train_step(state: ClassifierState, batch):
+    epoch = state.step // spe
+    rng = state.step_rng()
+    mix_rng, dropout_rng = jax.random.split(rng)
+    images = prepare_images(batch["image"], config.data, dtype)
+    labels = batch["labels"].astype(jnp.float32)
+    images, labels = mixing.mix_batch(mix_rng, images, labels, config.mixup_alpha,
+                                      config.cutmix_alpha)
+    if config.label_smoothing:
+      labels = labels * (1 - config.label_smoothing) + config.label_smoothing / 2
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      logits, updates = model.apply(
+          variables, images, train=True, mu=state.mu if pda_cfg.enabled else None,
+          pda_active=pda_active(epoch, pda_cfg), rngs={"dropout": dropout_rng},
+          mutable=["batch_stats"] if update_stats else [])
+      return multilabel_soft_margin(logits, labels), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, step_updates)
+    epoch_ends = (state.step + 1) % spe == 0
+    mu = jnp.where(epoch_ends, mu_after_epoch(state.mu, epoch, pda_cfg), state.mu)
+    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+           "mu": state.mu, "epoch": epoch,
+           "train_exact_match": jnp.mean(jnp.all((logits > 0) == (labels > 0.5), axis=1))}
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, mu=mu,
+                        batch_stats=updates.get("batch_stats", state.batch_stats))
+    return new, out
+
+  return train_step
+
+
+def make_predict_fn(model, config):
+  """(params, batch_stats, images uint8) -> sigmoid probabilities (B, K), inference mode."""
+  dtype = compute_dtype(config)
+
+  def predict(params, batch_stats, images_u8):
+    logits = model.apply({"params": params, "batch_stats": batch_stats},
+                         prepare_images(images_u8, config.data, dtype), train=False)
+    return jax.nn.sigmoid(logits)
+
+  return predict
+
+
+class Training(NamedTuple):
+  model: Any
+  init_state: Callable
+  abstract_state: Any
+  state_sharding: Any
+  train_step: Callable      # jitted; state donated
+  predict: Callable         # jitted
+  total_steps: int
+  steps_per_epoch: int
+
+
+def build_training(config, mesh) -> Training:
+  model = build_classifier(config.model, config.data.image_size, config.data.num_classes,
+                           compute_dtype(config))
+  steps, spe = total_steps(config), steps_per_epoch(config)
+  abstract_params = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                         jnp.zeros((1, config.data.image_size, config.data.image_size, 3)),
+                         train=False)["params"])
+  labels = param_labels(model, config.model, abstract_params)
+  tx, schedule = optim.classifier_optimizer(
+      config.optim, labels, lr_multipliers(model, config.model, config.optim), config.batch_size,
+      steps)
+  init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  train_step = jax.jit(make_train_step(model, tx, schedule, config, spe),
+                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                       out_shardings=(state_sharding, parallel.replicated(mesh)),
+                       donate_argnums=0)
+  predict = jax.jit(make_predict_fn(model, config),
+                    in_shardings=(state_sharding.params, state_sharding.batch_stats,
+                                  parallel.batch_sharded(mesh)),
+                    out_shardings=parallel.replicated(mesh))
+  return Training(model, init_state, abstract_state, state_sharding, train_step, predict, steps,
+                  spe)
+
+
+# --- Pretrained initialisation --------------------------------------------------------------------
+def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> ClassifierState:
+  """Copies the matching parameters of `workdir`'s latest checkpoint into `state`.
+
+  From an MAE run: the encoder (`params/encoder`) into the ViT. From a classify run: every
+  backbone parameter (the head is kept when the class count matches). Shapes must agree.
+  """
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  ckpt = Checkpointer(directory, async_save=False)
+  step = ckpt.latest_step() if os.path.isdir(directory) else None
+  if step is None:
+    raise UserError(f"model.init_from={workdir}: no checkpoint in {directory}")
+  saved, meta = ckpt.restore_params(step, parallel.replicated(mesh))
+  ckpt.close()
+  where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
+  prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
+  if meta.get("phase") == "pretrain" and not isinstance(model, ViTClassifier):
+    raise UserError(f"{where}: an MAE checkpoint initialises model.backbone='vit' only")
+  ours = traverse_util.flatten_dict(state.params)
+  theirs = traverse_util.flatten_dict(saved)
+  wanted = [k for k in ours if k[:1] == prefix]
+  missing = [k for k in wanted if k not in theirs]
+  if missing:
+    raise UserError(f"{where} lacks {'/'.join(missing[0])} ({len(missing)} parameters "
+                    f"missing): it was written for another model")
+  for k in wanted:
+    if theirs[k].shape != ours[k].shape:
+      raise UserError(f"{where}: {'/'.join(k)} has shape {theirs[k].shape}, this model "
+                      f"needs {ours[k].shape}")
+  merged = dict(ours)
+  for k in wanted:
+    merged[k] = jax.device_put(theirs[k], ours[k].sharding).astype(ours[k].dtype)
+  return state.replace(params=traverse_util.unflatten_dict(merged))
+
+
+# --- Validation -----------------------------------------------------------------------------------
+def evaluate(t: Training, state, config, mesh) -> dict:
+  """Multi-label metrics over the whole validation split."""
+  batch = max(config.batch_size, mesh.devices.size)
+  batch += -batch % mesh.devices.size
+  probs, labels = [], []
+  for b in pipeline.eval_batches(config.data, batch):
+    p = parallel.to_host(t.predict(state.params, state.batch_stats,
+                                   parallel.shard_identical(b["image"], mesh)))
+    probs.append(p[b["valid"]])
+    labels.append(b["labels"][b["valid"]])
+  return metrics.multilabel_metrics(np.concatenate(probs), np.concatenate(labels),
+                                    config.data.class_names)
+
+
+def validate(config) -> None:
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be a positive integer")
+  if config.total_steps <= 0 and config.num_epochs <= 0:
+    raise UserError("set num_epochs or total_steps to a positive integer")
+  pipeline.check_dataset_name(config.data.name)
+  if len(config.data.class_names) != config.data.num_classes:
+    raise UserError(f"data.class_names has {len(config.data.class_names)} names but "
+                    f"data.num_classes={config.data.num_classes}")
+  if config.pda.bound not in BOUNDS:
+    raise UserError(f"pda.bound={config.pda.bound!r} is not one of {BOUNDS}")
+  if not 0 < config.pda.sigma <= 1 or not 0 < config.pda.lower_bound <= 1:
+    raise UserError("pda.sigma and pda.lower_bound must lie in (0, 1]")
+  if config.pda.enabled and config.model.backbone == "vit":
+    raise UserError("pda.enabled=True needs a convolutional backbone; use --config.pda."
+                    "enabled=False with model.backbone='vit'")
+
+
+def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
+  validate(config)
+  # --- Mesh, model, optimiser, jitted steps -----------------------------------------------------
+  mesh = parallel.make_mesh(config.num_devices)
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  t = build_training(config, mesh)
+
+  # --- State: resumed, pretrained or fresh ------------------------------------------------------
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                      async_save=config.async_checkpointing)
+  meta = checkpoint_meta(config)
+  latest = ckpt.latest_step()
+  data_state = None
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, t.abstract_state, t.state_sharding, meta)
+  else:
+    state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
+    if config.model.init_from:
+      state = load_pretrained(state, config.model.init_from, t.model, mesh)
+  start_step = int(parallel.to_host(state.step))
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
+  if latest is not None and writer.enabled:
+    print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+
+  # --- Input ------------------------------------------------------------------------------------
+  data_iter = iter(pipeline.train_dataset(
+      config.data, seed=config.seed, local_batch=local_batch, keys=("image", "labels"),
+      process_index=jax.process_index(), process_count=jax.process_count()))
+  if data_state is not None:
+    data_iter.set_state(data_state)
+
+  # --- Validation and checkpoints ---------------------------------------------------------------
+  eval_every = config.eval_every if config.eval_every > 0 else t.steps_per_epoch
+  last_eval = {}
+
+  def validation(step, state):
+    if step % eval_every and step != t.total_steps:
+      return {}
+    last_eval.clear()
+    last_eval.update(evaluate(t, state, config, mesh))
+    return {f"val/{k}": v for k, v in last_eval.items()}
+
+  def save(step, state):
+    ckpt.save(step, state, data_iter.get_state(), meta)
+
+  # --- Loop -------------------------------------------------------------------------------------
+  t_start = time.perf_counter()
+  try:
+    state, last, timer = loop.train_loop(
+        state, train_step=t.train_step, data_iter=data_iter, mesh=mesh, start_step=start_step,
+        total_steps=t.total_steps, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size, writer=writer,
+        save=save, extra_metrics=validation, step_callback=step_callback)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+  if not last_eval:  # nothing left to train (resumed at the end): still report
+    last_eval = evaluate(t, state, config, mesh)
+
+  summary = {
+      "phase": "classify", "backbone": config.model.backbone, "steps": t.total_steps,
+      "steps_per_epoch": t.steps_per_epoch, "resumed_from": start_step,
+      "final_loss": float(last["loss"]) if last else None,
+      "final_mu": float(parallel.to_host(state.mu)),
+      "wall_seconds": time.perf_counter() - t_start, "images_per_sec": timer.images_per_sec(),
+      "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "num_params": optim.count_params(state.params),
+      **{f"val/{k}": v for k, v in last_eval.items()},
+  }
+  writer.summary(summary)
+  writer.close()
+  return summary

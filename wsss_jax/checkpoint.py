@@ -17,7 +17,6 @@ from etils import epath
 
 from wsss_jax.errors import UserError
 
-ITEMS = ("state", "data", "meta")
 
 
 class Checkpointer:
@@ -26,8 +25,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}  # registered up front: metadata reads
     self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
-                                          item_names=ITEMS)
+                                          item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

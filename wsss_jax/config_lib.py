@@ -108,10 +108,14 @@ PDA_PRESETS = ("paper", "released", "off")
 def pda(preset: str = "paper") -> ml_collections.ConfigDict:
   """Progressive Dropout Attention schedule (Han et al. 2022).
 
-  paper: PDA from the first epoch with mu = 1 for `warmup_epochs`, then mu <- sigma mu at the end
-    of each epoch, clipped at `lower_bound` (sigma 0.985, bound 0.65).
-  released: the authors' code: PDA from epoch `warmup_epochs` on; mu *= 0.98 at the end of every
-    epoch (warm-up included) while mu > 0.65, so mu ends at 0.641 ('check' bound).
+  paper: mu = 1 for `warmup_epochs`, then mu <- sigma mu at the end of each epoch, clipped at
+    `lower_bound` (sigma 0.985, bound 0.65).
+  released: the authors' code: mu *= 0.98 at the end of every epoch (warm-up included) while
+    mu > 0.65, so mu ends at 0.641 ('check' bound).
+  Both apply the attention from epoch `warmup_epochs` on, as the released code does.
+  `attend_in_warmup=True` applies it (with mu = 1) from the first step: with a freshly initialised
+  head every class map can be <= 0, the attention is then 0 everywhere, the features vanish and
+  learning stops (measured on the embedded data: the loss stays at ln 2).
   """
   if preset not in PDA_PRESETS:
     raise UserError(f"config argument pda={preset!r} is not one of {PDA_PRESETS}")
@@ -121,7 +125,7 @@ def pda(preset: str = "paper") -> ml_collections.ConfigDict:
   p.sigma = 0.98 if preset == "released" else 0.985
   p.lower_bound = 0.65
   p.bound = "check" if preset == "released" else "clip"  # check: multiply only while mu > bound
-  p.attend_in_warmup = preset != "released"  # apply PDA (with mu = 1) during the warm-up epochs
+  p.attend_in_warmup = False  # True: apply PDA (with mu = 1) during the warm-up epochs too
   p.decay_in_warmup = preset == "released"   # decay mu at the end of warm-up epochs too
   return p
 

@@ -50,7 +50,8 @@ def pda_active(epoch, pda_cfg):
 def mu_after_epoch(mu, epoch, pda_cfg):
   """mu for the epoch after `epoch`: mu <- sigma mu once warm-up is over (or always, with
   `decay_in_warmup`), either clipped at the lower bound or only while mu > bound ('check')."""
-  decays = jnp.logical_or(pda_cfg.decay_in_warmup, epoch + 1 >= pda_cfg.warmup_epochs)
+  decays = jnp.logical_and(pda_cfg.enabled, jnp.logical_or(
+      pda_cfg.decay_in_warmup, epoch + 1 >= pda_cfg.warmup_epochs))
   if pda_cfg.bound == "clip":
     new = jnp.maximum(pda_cfg.sigma * mu, pda_cfg.lower_bound)
   else:

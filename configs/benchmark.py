@@ -1,4 +1,9 @@
-"""Train-step throughput and MFU: `--config=configs/benchmark.py:model=mae,variant=B/16,batch=32`.
+"""Train-step throughput and MFU of every trained model:
+
+  --config=configs/benchmark.py:model=mae,variant=B/16,batch=32
+  --config=configs/benchmark.py:model=resnet38,batch=8      (ResNet38 + PDA, 224 px)
+  --config=configs/benchmark.py:model=resnet50,batch=32
+  --config=configs/benchmark.py:model=vit,variant=B/16,batch=32   (supervised ViT fine-tuning)
 
 Times steady-state steps on a device-resident batch and divides XLA's FLOP count by a matmul
 peak measured in the same run. `total_steps` is the number of timed steps.
@@ -8,7 +13,8 @@ from wsss_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
-                             steps=10, warmup=2, bf16=False, gather="take", paper=True)
+                             steps=10, warmup=2, bf16=False, gather="take", paper=True,
+                             width=1.0)
   config = config_lib.common("benchmark")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
@@ -16,7 +22,16 @@ def get_config(arg=None):
   config.mixed_precision = arg.bf16
   config.matmul_size = 2048
   config.data = config_lib.data("synthetic", arg.image_size)
-  config.model = config_lib.mae_model(arg.variant, 0.75, arg.paper, arg.gather)
+  if arg.model == "mae":
+    config.model = config_lib.mae_model(arg.variant, 0.75, arg.paper, arg.gather)
+    config.optim = config_lib.mae_optim(arg.steps)
+  else:  # a classifier: the classify phase's sections
+    config.data.num_classes = 4
+    config.data.normalize = arg.model == "vit"
+    config.model = config_lib.classifier_model(arg.model, arg.variant, arg.width)
+    config.pda = config_lib.pda("paper" if arg.model != "vit" else "off")
+    config.pda.warmup_epochs = 0  # time the step with PDA on
+    config.optim = config_lib.classify_optim(arg.model)
+    config.mixup_alpha = config.cutmix_alpha = config.label_smoothing = 0.0
   config.model.name = arg.model
-  config.optim = config_lib.mae_optim(arg.steps)
   return config

@@ -10,8 +10,6 @@ The defaults are a laptop-sized run (a quarter-width ResNet38 at 112 px on 512 e
 For the ViT, `init=<MAE workdir>` starts from that run's latest checkpoint and `probe=True`
 trains a linear probe on the frozen encoder.
 """
-import ml_collections
-
 from wsss_jax import config_lib
 
 
@@ -39,18 +37,9 @@ def get_config(arg=None):
   config.data.randaugment_ops = 0      # 2 with magnitude 9: the MAE fine-tuning recipe
   config.data.randaugment_magnitude = 9.0
 
-  m = config.model = ml_collections.ConfigDict()
-  m.backbone = arg.backbone
-  m.width = 1.0 if arg.paper else arg.width  # CNN channel multiplier
-  m.output_stride = 32                 # ResNet-50: 32, 16 or 8 (dilated last stages)
-  m.head_dropout = 0.5
-  m.freeze_stem = False                # the authors freeze conv1a + b2* (with ImageNet weights)
-  m.freeze_bn = False                  # ... and every BatchNorm (statistics and affine)
-  m.variant = arg.variant              # ViT
-  m.pool = "cls" if arg.probe else "gap"
-  m.linear_probe = arg.probe
-  m.drop_path = 0.2
-  m.init_from = arg.init               # workdir whose latest checkpoint initialises the network
+  config.model = config_lib.classifier_model(arg.backbone, arg.variant,
+                                             1.0 if arg.paper else arg.width, arg.probe)
+  config.model.init_from = arg.init    # workdir whose latest checkpoint initialises the network
 
   config.pda = config_lib.pda(arg.pda if not vit else "off")
   config.optim = config_lib.classify_optim(arg.backbone, arg.probe)

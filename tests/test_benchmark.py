@@ -37,3 +37,18 @@ def test_benchmark_rejects_unknown_model(tmp_path):
   config.model.name = "resnet1000"
   with pytest.raises(UserError, match="model.name='resnet1000'"):
     benchmark.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("model", ["resnet38", "resnet50", "vit"])
+def test_benchmark_times_the_classifiers(model, tmp_path):
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "configs",
+                                                                       "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"model={model},variant=mu/8,width=0.0625,image_size=32,batch=4,"
+                             "steps=2,warmup=1")
+  config.num_devices, config.matmul_size = 1, 256
+  result = benchmark.run(config, str(tmp_path))
+  assert result["model"] == model and result["gflops_per_image"] > 0
+  assert result["pda"] is (model != "vit")
+  assert result["images_per_sec"] == pytest.approx(4 / result["step_time_median"])

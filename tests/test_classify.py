@@ -207,7 +207,6 @@ def test_all_zero_label_vectors_are_background_only_tiles():
 # --- Optimiser -----------------------------------------------------------------------------------
 def test_sgd_groups_match_pytorch_sgd_by_hand():
   """PyTorch SGD: d = g + wd p; buf = m buf + d; p -= lr_group buf; head lr x10; frozen fixed."""
-  cfg = classify.config_lib.classify_optim("resnet38") if hasattr(classify, "config_lib") else None
   from wsss_jax import config_lib
   cfg = config_lib.classify_optim("resnet38")
   params = {"backbone": {"conv": {"kernel": jnp.ones((2, 2))}, "stem": {"kernel": jnp.ones(2)}},

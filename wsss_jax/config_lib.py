@@ -102,6 +102,24 @@ def mae_optim(total_steps: int) -> ml_collections.ConfigDict:
   return o
 
 
+def classifier_model(backbone: str, variant: str = "S/16", width: float = 1.0,
+                     probe: bool = False) -> ml_collections.ConfigDict:
+  """Classifier section: the backbone and its options (CNN ones and ViT ones side by side)."""
+  m = ml_collections.ConfigDict()
+  m.backbone = backbone                # resnet38, resnet50 or vit
+  m.width = width                      # CNN channel multiplier (1.0: the published network)
+  m.output_stride = 32                 # ResNet-50: 32, 16 or 8 (dilated last stages)
+  m.head_dropout = 0.5
+  m.freeze_stem = False                # the authors freeze conv1a + b2* (with ImageNet weights)
+  m.freeze_bn = False                  # ... and every BatchNorm (statistics and affine)
+  m.variant = variant                  # ViT
+  m.pool = "cls" if probe else "gap"
+  m.linear_probe = probe
+  m.drop_path = 0.2
+  m.init_from = ""
+  return m
+
+
 PDA_PRESETS = ("paper", "released", "off")
 
 

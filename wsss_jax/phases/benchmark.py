@@ -17,9 +17,10 @@ import numpy as np
 
 from wsss_jax import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.phases import pretrain
+from wsss_jax.phases import classify, pretrain
 
-MODELS = ("mae",)
+CLASSIFIERS = ("resnet38", "resnet50", "vit")
+MODELS = ("mae",) + CLASSIFIERS
 
 
 def _timed(fn, *args, repeats: int) -> list[float]:
@@ -47,15 +48,26 @@ def compiled_flops(compiled) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def benchmark_mae(config) -> dict:
+def _training(config, mesh):
+  """(built training, a device-resident random batch, the compute dtype) for `model.name`."""
+  size = config.data.image_size
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)}
+  if config.model.name == "mae":
+    return pretrain.build_training(config, mesh), batch, pretrain.compute_dtype(config)
+  batch["labels"] = (rng.random((config.batch_size, config.data.num_classes)) < 0.5).astype(
+      np.float32)
+  return classify.build_training(config, mesh), batch, classify.compute_dtype(config)
+
+
+def benchmark_step(config) -> dict:
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.batch_size, mesh)
   n_dev = mesh.devices.size
-  t = pretrain.build_training(config, mesh)
+  t, batch, dtype = _training(config, mesh)
   state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
   size = config.data.image_size
-  images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
-  batch = jax.device_put({"image": images}, parallel.batch_sharded(mesh))
+  batch = jax.device_put(batch, parallel.batch_sharded(mesh))
   t0 = time.perf_counter()
   compiled = t.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -71,13 +83,17 @@ def benchmark_mae(config) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  peak = matmul_peak(pretrain.compute_dtype(config), config.matmul_size)
+  peak = matmul_peak(dtype, config.matmul_size)
   achieved = flops_per_device / step_s
+  if config.model.name == "mae":
+    model = {"variant": config.model.variant, "gather": config.model.gather,
+             "decoder": [config.model.decoder_depth, config.model.decoder_width]}
+  else:
+    model = {"variant": config.model.variant if config.model.name == "vit"
+             else f"width {config.model.width}", "pda": bool(config.pda.enabled)}
   return {
-      "model": "mae", "variant": config.model.variant, "image_size": size,
+      "model": config.model.name, **model, "image_size": size,
       "batch_size": config.batch_size, "mixed_precision": bool(config.mixed_precision),
-      "gather": config.model.gather, "decoder": [config.model.decoder_depth,
-                                                 config.model.decoder_width],
       "num_devices": int(n_dev), "device_kind": jax.devices()[0].device_kind,
       "compile_seconds": compile_s,
       "step_time_median": step_s, "step_time_p10": float(np.percentile(times, 10)),
@@ -98,7 +114,7 @@ def run(config, workdir: str) -> dict:
   for field in ("total_steps", "warmup_steps", "matmul_size"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")
-  result = benchmark_mae(config)
+  result = benchmark_step(config)
   result["date"] = time.strftime("%Y-%m-%d")
   if jax.process_index() == 0:
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

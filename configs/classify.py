@@ -5,7 +5,7 @@
   python -m wsss_jax.main --config=configs/classify.py:backbone=vit,init=runs/mae ...
   python -m wsss_jax.main --config=configs/classify.py:paper=True,pda=released ...
 
-The defaults are a laptop-sized run (a quarter-width ResNet38 at 112 px on 512 embedded tiles);
+The defaults are a laptop-sized run (an eighth-width ResNet38 at 64 px, 8 epochs of 512 tiles);
 `:paper=True` is the published recipe: full width, 224 px, batch 20, 20 epochs.
 For the ViT, `init=<MAE workdir>` starts from that run's latest checkpoint and `probe=True`
 trains a linear probe on the frozen encoder.
@@ -14,8 +14,8 @@ from wsss_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone="resnet38", variant="S/16", width=0.25,
-                             image_size=112, batch=16, epochs=4, num_train=512, pda="paper",
+  arg = config_lib.parse_arg(arg, backbone="resnet38", variant="S/16", width=0.125,
+                             image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False)
   vit = arg.backbone == "vit"
   config = config_lib.common("classify")

@@ -9,15 +9,20 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 
+def load_config(name: str, arg: str = ""):
+  """`configs/<name>.py:<arg>` as main loads it (config files are loaded by path)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 @pytest.fixture
 def tiny_pretrain_config():
   """A pretrain config small enough for a CPU test: 32 px images, a 2-block 64-wide ViT."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "mae_config", os.path.join(os.path.dirname(__file__), "..", "configs", "mae.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("variant=mu/8,image_size=32,batch=8,steps=6")
+  config = load_config("mae", "variant=mu/8,image_size=32,batch=8,steps=6")
   config.log_every = 2
   config.checkpoint_every = 3
   config.num_figure_images = 2

@@ -1,22 +1,14 @@
-import importlib.util
 import json
-import os
 
 import pytest
+from conftest import load_config
 
 from wsss_jax.errors import UserError
 from wsss_jax.phases import benchmark
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _config(batch):
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "configs",
-                                                                       "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"variant=mu/8,image_size=32,batch={batch},steps=2,warmup=1,"
-                             "paper=False")
+  config = load_config("benchmark", f"variant=mu/8,image_size=32,batch={batch},steps=2,"
+                       "warmup=1,paper=False")
   config.num_devices = 1
   config.matmul_size = 256
   return config
@@ -41,12 +33,8 @@ def test_benchmark_rejects_unknown_model(tmp_path):
 
 @pytest.mark.parametrize("model", ["resnet38", "resnet50", "vit"])
 def test_benchmark_times_the_classifiers(model, tmp_path):
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "configs",
-                                                                       "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"model={model},variant=mu/8,width=0.0625,image_size=32,batch=4,"
-                             "steps=2,warmup=1")
+  config = load_config("benchmark", f"model={model},variant=mu/8,width=0.0625,image_size=32,"
+                       "batch=4,steps=2,warmup=1")
   config.num_devices, config.matmul_size = 1, 256
   result = benchmark.run(config, str(tmp_path))
   assert result["model"] == model and result["gflops_per_image"] > 0

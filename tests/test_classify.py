@@ -1,6 +1,5 @@
 """The classify phase: PDA's mu schedule across resume, sharding, learning, initialisation from
 MAE, bad input, and the optimiser groups."""
-import importlib.util
 import json
 import os
 
@@ -9,22 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
 
 from wsss_jax import metrics, optim, parallel
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import classify, pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _config(arg="", **fields):
-  spec = importlib.util.spec_from_file_location("classify_config",
-                                                os.path.join(ROOT, "configs", "classify.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("width=0.0625,image_size=32,batch=8,epochs=2,num_train=32" +
-                             ("," + arg if arg else ""))
+  config = load_config("classify", "width=0.0625,image_size=32,batch=8,epochs=2,num_train=32" +
+                       ("," + arg if arg else ""))
   config.data.tile_size, config.data.num_val, config.data.num_threads = 48, 16, 1
   config.log_every, config.checkpoint_every, config.async_checkpointing = 1, 5, False
   for key, value in fields.items():

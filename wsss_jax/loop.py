@@ -1,19 +1,25 @@
 """The training loop every phase shares: input, step, timing, logging, checkpoints, hooks.
 
-`train_loop` runs steps `start_step + 1 .. total_steps`. The first step compiles, so it is kept
+`start_run` resumes a run from its workdir (or starts it fresh) and opens its input and metric
+writer; `train` runs steps `start_step + 1 .. total_steps` and closes the checkpointer;
+`summary` gives the fields every phase reports. The first step compiles, so it is kept
 out of the timings; each logging window reports the median-free mean step time, images/s and the
 fraction of wall time spent waiting for the input pipeline.
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from wsss_jax import parallel
+from wsss_jax import optim, parallel
+from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
+from wsss_jax.writers import MetricWriter
 
 
 class Throughput:
@@ -21,6 +27,7 @@ class Throughput:
 
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
+    self.started = time.perf_counter()
     self.window_start, self.window_steps, self.data_wait = None, 0, 0.0
     self.timed_steps, self.timed_seconds = 0, 0.0
 
@@ -82,3 +89,66 @@ def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
     if step_callback is not None:
       step_callback(step, state)
   return state, metrics, timer
+
+
+class Run(NamedTuple):
+  """A run's checkpointer, its state (resumed or fresh), input iterator and metric writer."""
+  ckpt: Checkpointer
+  state: Any
+  data_iter: Any
+  writer: MetricWriter
+  start_step: int
+
+
+def start_run(config, workdir: str, training, meta: dict, local_batch: int, *,
+              keys=("image",), initialize: Callable | None = None) -> Run:
+  """Restores the latest checkpoint in `workdir` (refused if `meta` differs) or builds a fresh
+  state (`training.init_state`, then `initialize(state)` if given: pretrained weights)."""
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                      async_save=config.async_checkpointing)
+  latest, data_state = ckpt.latest_step(), None
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, training.abstract_state, training.state_sharding,
+                                     meta)
+  else:
+    state = jax.jit(training.init_state, out_shardings=training.state_sharding)()
+    if initialize is not None:
+      state = initialize(state)
+  start_step = int(parallel.to_host(state.step))
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
+  if latest is not None and writer.enabled:
+    print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+  data_iter = iter(pipeline.train_dataset(
+      config.data, seed=config.seed, local_batch=local_batch, keys=keys,
+      process_index=jax.process_index(), process_count=jax.process_count()))
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  return Run(ckpt, state, data_iter, writer, start_step)
+
+
+def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, save: Callable,
+          extra_metrics: Callable | None = None, step_callback: Callable | None = None):
+  """`train_loop` over `run`; the checkpointer is flushed and closed whatever happens."""
+  try:
+    return train_loop(
+        run.state, train_step=train_step, data_iter=run.data_iter, mesh=mesh,
+        start_step=run.start_step, total_steps=total_steps, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size,
+        writer=run.writer, save=save, extra_metrics=extra_metrics, step_callback=step_callback)
+  finally:
+    run.ckpt.wait()
+    run.ckpt.close()
+
+
+def summary(phase: str, run: Run, state, last: dict, timer: Throughput, mesh,
+            total_steps: int) -> dict:
+  """The summary fields every phase reports."""
+  return {
+      "phase": phase, "steps": total_steps, "resumed_from": run.start_step,
+      "final_loss": float(last["loss"]) if last else None,
+      "wall_seconds": time.perf_counter() - timer.started,
+      "images_per_sec": timer.images_per_sec(),
+      "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "num_params": optim.count_params(state.params),
+  }

@@ -76,7 +76,8 @@ def schedule_from(optim_cfg, batch_size: int, total_steps: int):
 def grouped_lr(schedule, multipliers: dict[str, float], labels):
   """Per-group learning rate `multiplier * schedule(step)`; a multiplier of 0 freezes the group.
 
-  optax.multi_transform over the groups named in `labels` (a tree of group names).
+  optax.multi_transform over the groups named in `labels` (a tree of group names, or a function
+  of the parameters that returns one).
   """
   def group(m):
     return optax.set_to_zero() if m == 0 else optax.scale_by_learning_rate(

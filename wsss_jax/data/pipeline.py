@@ -115,10 +115,9 @@ def eval_batches(data_cfg, batch_size: int, split: str = "val", keys=("image", "
 
 def eval_examples(data_cfg, num: int, keys=("image",)) -> dict:
   """The first `num` validation tiles, resized to the model's input size, as one numpy batch."""
-  source = build_source(data_cfg, "val")
-  resize = transforms.Resize(data_cfg.image_size)
-  examples = [_select(keys)(resize(source[i])) for i in range(min(num, len(source)))]
-  return {k: np.stack([e[k] for e in examples]) for k in keys}
+  num = min(num, len(build_source(data_cfg, "val")))
+  batch = next(eval_batches(data_cfg, num, "val", keys))
+  return {k: batch[k] for k in keys}
 
 
 def normalize(images, mean, std, dtype=jnp.float32):

@@ -7,8 +7,8 @@ inside the jitted step, so it is checkpointed and resumed with everything else.
 """
 from __future__ import annotations
 
+import functools
 import os
-import time
 from typing import Any, Callable, NamedTuple
 
 import flax.traverse_util as traverse_util
@@ -24,7 +24,6 @@ from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import (ViTClassifier, build_classifier, lr_multipliers,
                                         param_labels)
 from wsss_jax.train_state import ClassifierState
-from wsss_jax.writers import MetricWriter
 
 BOUNDS = ("clip", "check")
 
@@ -159,11 +158,7 @@ def build_training(config, mesh) -> Training:
   model = build_classifier(config.model, config.data.image_size, config.data.num_classes,
                            compute_dtype(config))
   steps, spe = total_steps(config), steps_per_epoch(config)
-  abstract_params = jax.eval_shape(
-      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-                         jnp.zeros((1, config.data.image_size, config.data.image_size, 3)),
-                         train=False)["params"])
-  labels = param_labels(model, config.model, abstract_params)
+  labels = functools.partial(param_labels, model, config.model)  # params -> group names
   tx, schedule = optim.classifier_optimizer(
       config.optim, labels, lr_multipliers(model, config.model, config.optim), config.batch_size,
       steps)
@@ -258,69 +253,35 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
 
-  # --- State: resumed, pretrained or fresh ------------------------------------------------------
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                      async_save=config.async_checkpointing)
+  # --- State (resumed, pretrained or fresh) and input -------------------------------------------
   meta = checkpoint_meta(config)
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, t.abstract_state, t.state_sharding, meta)
-  else:
-    state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
-    if config.model.init_from:
-      state = load_pretrained(state, config.model.init_from, t.model, mesh)
-  start_step = int(parallel.to_host(state.step))
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
-  if latest is not None and writer.enabled:
-    print(f"resumed from {ckpt.directory}/{latest}", flush=True)
-
-  # --- Input ------------------------------------------------------------------------------------
-  data_iter = iter(pipeline.train_dataset(
-      config.data, seed=config.seed, local_batch=local_batch, keys=("image", "labels"),
-      process_index=jax.process_index(), process_count=jax.process_count()))
-  if data_state is not None:
-    data_iter.set_state(data_state)
+  initialize = None
+  if config.model.init_from:
+    initialize = lambda state: load_pretrained(state, config.model.init_from, t.model, mesh)  # noqa: E731
+  job = loop.start_run(config, workdir, t, meta, local_batch, keys=("image", "labels"),
+                        initialize=initialize)
 
   # --- Validation and checkpoints ---------------------------------------------------------------
   eval_every = config.eval_every if config.eval_every > 0 else t.steps_per_epoch
-  last_eval = {}
 
   def validation(step, state):
     if step % eval_every and step != t.total_steps:
       return {}
-    last_eval.clear()
-    last_eval.update(evaluate(t, state, config, mesh))
-    return {f"val/{k}": v for k, v in last_eval.items()}
+    return {f"val/{k}": v for k, v in evaluate(t, state, config, mesh).items()}
 
   def save(step, state):
-    ckpt.save(step, state, data_iter.get_state(), meta)
+    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
 
   # --- Loop -------------------------------------------------------------------------------------
-  t_start = time.perf_counter()
-  try:
-    state, last, timer = loop.train_loop(
-        state, train_step=t.train_step, data_iter=data_iter, mesh=mesh, start_step=start_step,
-        total_steps=t.total_steps, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size, writer=writer,
-        save=save, extra_metrics=validation, step_callback=step_callback)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-  if not last_eval:  # nothing left to train (resumed at the end): still report
-    last_eval = evaluate(t, state, config, mesh)
-
-  summary = {
-      "phase": "classify", "backbone": config.model.backbone, "steps": t.total_steps,
-      "steps_per_epoch": t.steps_per_epoch, "resumed_from": start_step,
-      "final_loss": float(last["loss"]) if last else None,
-      "final_mu": float(parallel.to_host(state.mu)),
-      "wall_seconds": time.perf_counter() - t_start, "images_per_sec": timer.images_per_sec(),
-      "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "num_params": optim.count_params(state.params),
-      **{f"val/{k}": v for k, v in last_eval.items()},
-  }
-  writer.summary(summary)
-  writer.close()
+  state, last, timer = loop.train(job, config, train_step=t.train_step, mesh=mesh,
+                                  total_steps=t.total_steps, save=save,
+                                  extra_metrics=validation, step_callback=step_callback)
+  # The last step always validates; a run resumed at its end has no last step: validate now.
+  val = ({k: v for k, v in last.items() if k.startswith("val/")} if last else
+         validation(t.total_steps, state))
+  summary = loop.summary("classify", job, state, last, timer, mesh, t.total_steps) | {
+      "backbone": config.model.backbone, "steps_per_epoch": t.steps_per_epoch,
+      "final_mu": float(parallel.to_host(state.mu)), **val}
+  job.writer.summary(summary)
+  job.writer.close()
   return summary

@@ -8,7 +8,6 @@ shardings: state replicated, batch split over the `data` axis, state donated.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,12 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from wsss_jax import figures, loop, optim, parallel
-from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae, random_masking
 from wsss_jax.train_state import TrainState
-from wsss_jax.writers import MetricWriter
 
 
 def compute_dtype(config):
@@ -125,29 +122,10 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   mesh = parallel.make_mesh(config.num_devices)
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
-  state_sharding = t.state_sharding
 
-  # --- State: fresh or resumed ------------------------------------------------------------------
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                      async_save=config.async_checkpointing)
+  # --- State (fresh or resumed) and input --------------------------------------------------------
   meta = checkpoint_meta(config)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, t.abstract_state, state_sharding, meta)
-  else:
-    state, data_state = jax.jit(t.init_state, out_shardings=state_sharding)(), None
-  start_step = int(parallel.to_host(state.step))
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
-  if latest is not None and writer.enabled:
-    print(f"resumed from {ckpt.directory}/{latest}", flush=True)
-
-  # --- Input ------------------------------------------------------------------------------------
-  dataset = pipeline.train_dataset(
-      config.data, seed=config.seed, local_batch=local_batch,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(dataset)
-  if data_state is not None:
-    data_iter.set_state(data_state)
+  job = loop.start_run(config, workdir, t, meta, local_batch)
   eval_images = parallel.replicate(
       pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 
@@ -158,33 +136,17 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
                         out_shardings=parallel.replicated(mesh))
 
   def save(step, state):
-    ckpt.save(step, state, data_iter.get_state(), meta)
+    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
     panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
-    if writer.enabled:
+    if job.writer.enabled:
       grid = figures.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))
-      writer.image("reconstruction", step, grid)
+      job.writer.image("reconstruction", step, grid)
 
   # --- Loop -------------------------------------------------------------------------------------
-  t_start = time.perf_counter()
-  try:
-    state, metrics, timer = loop.train_loop(
-        state, train_step=t.train_step, data_iter=data_iter, mesh=mesh, start_step=start_step,
-        total_steps=config.total_steps, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size, writer=writer,
-        save=save, step_callback=step_callback)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-
-  summary = {
-      "phase": "pretrain", "steps": config.total_steps, "resumed_from": start_step,
-      "final_loss": float(metrics["loss"]) if metrics else None,
-      "wall_seconds": time.perf_counter() - t_start,
-      "images_per_sec": timer.images_per_sec(),
-      "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "num_params": optim.count_params(state.params),
-  }
-  writer.summary(summary)
-  writer.close()
+  state, metrics, timer = loop.train(job, config, train_step=t.train_step, mesh=mesh,
+                                     total_steps=config.total_steps, save=save,
+                                     step_callback=step_callback)
+  summary = loop.summary("pretrain", job, state, metrics, timer, mesh, config.total_steps)
+  job.writer.summary(summary)
+  job.writer.close()
   return summary

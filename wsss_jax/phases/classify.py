@@ -33,10 +33,9 @@ def steps_per_epoch(config) -> int:
   return max(1, len(pipeline.build_source(config.data, "train")) // config.batch_size)
 
 
-def total_steps(config) -> int:
-  """`total_steps` when positive, else `num_epochs` full epochs."""
-  return config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch(
-      config)
+def total_steps(config, spe: int) -> int:
+  """`total_steps` when positive, else `num_epochs` epochs of `spe` steps."""
+  return config.total_steps if config.total_steps > 0 else config.num_epochs * spe
 
 
 def pda_active(epoch, pda_cfg):
@@ -157,7 +156,8 @@ class Training(NamedTuple):
 def build_training(config, mesh) -> Training:
   model = build_classifier(config.model, config.data.image_size, config.data.num_classes,
                            compute_dtype(config))
-  steps, spe = total_steps(config), steps_per_epoch(config)
+  spe = steps_per_epoch(config)
+  steps = total_steps(config, spe)
   labels = functools.partial(param_labels, model, config.model)  # params -> group names
   tx, schedule = optim.classifier_optimizer(
       config.optim, labels, lr_multipliers(model, config.model, config.optim), config.batch_size,

@@ -68,12 +68,12 @@ def test_vit_intermediates_attention_and_tokens():
   assert out.shape == (2, 17, 64)
   inter = state["intermediates"]
   for i in range(2):
-    attn = inter[f"blocks_{i}"]["attn"]["attention"][0]
+    attn = inter[f"blocks_{i}"]["attn"]["attention_features"][0]
     assert attn.shape == (2, 2, 17, 17)
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
-    assert inter[f"blocks_{i}"]["tokens"][0].shape == (2, 17, 64)
+    assert inter[f"blocks_{i}"]["tokens_features"][0].shape == (2, 17, 64)
   # The last block's tokens, layer-normed, are the output.
-  last = inter["blocks_1"]["tokens"][0]
+  last = inter["blocks_1"]["tokens_features"][0]
   mu, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
   scale = variables["params"]["norm"]["scale"]
   bias = variables["params"]["norm"]["bias"]
@@ -95,7 +95,7 @@ def test_attention_matches_numpy():
     logits = q[:, sl] @ k[:, sl].T / 2.0
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
-    np.testing.assert_allclose(weights["intermediates"]["attention"][0][0, h], w, atol=1e-6)
+    np.testing.assert_allclose(weights["intermediates"]["attention_features"][0][0, h], w, atol=1e-6)
     heads.append(w @ v[:, sl])
   want = np.concatenate(heads, -1) @ np.asarray(params["proj"]["kernel"]) + np.asarray(
       params["proj"]["bias"])

@@ -36,7 +36,10 @@ def feature_key(name: str) -> str:
 def named_feature(module: nn.Module, name: str, x):
   """Makes `x` addressable by name for relevance maps: sown into `intermediates` and open to
   `perturbations` (whose gradient is the gradient with respect to `x`), both under
-  `feature_key(name)`."""
-  x = module.perturb(feature_key(name), x)
+  `feature_key(name)`. `init` creates no perturbation: callers ask for them with
+  `apply(..., mutable=["perturbations"])`, so the variables of a fresh model stay params and
+  batch statistics only."""
+  if not module.is_initializing():
+    x = module.perturb(feature_key(name), x)
   module.sow("intermediates", feature_key(name), x)
   return x

@@ -4,9 +4,11 @@ Pre-norm blocks, a class token with a zero position embedding, and a fixed 2-D s
 embedding. Parameter names follow timm's ViT (patch_embed, blocks_i/attn/qkv, ...) so PyTorch
 checkpoints map over one to one.
 
-For relevance maps, every block sows its attention weights (`intermediates/.../attention`) and its
-output tokens (`intermediates/.../tokens`); nothing is stored unless the caller makes the
-`intermediates` collection mutable.
+For relevance maps, every block names (`layers.named_feature`) its attention weights
+(`blocks_i/attn/attention`), the output of its first LayerNorm (`blocks_i/norm1`) and its output
+tokens (`blocks_i/tokens`): sown into `intermediates` and open to `perturbations`. Nothing is
+stored unless the caller makes `intermediates` mutable. The MLP's non-linearity is the method
+`Mlp.activation`, a seam that `nn.intercept_methods` can replace (AttnLRP's identity rule).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import flax.linen as nn
 
 from wsss_jax.errors import UserError
+from wsss_jax.models.layers import named_feature
 
 # name -> (width, depth, mlp_dim, heads); Ti/S/B/L/H from the ViT and DeiT papers, "mu" is a
 # test-sized model for CPU tests and the embedded quick run.
@@ -110,7 +113,7 @@ class Attention(nn.Module):
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
     if self.is_mutable_collection("intermediates"):
       weights = jax.nn.softmax(logits, axis=-1)
-      self.sow("intermediates", "attention", weights)
+      weights = named_feature(self, "attention", weights)
       out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), v)
     else:
       e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
@@ -128,8 +131,11 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU
+    x = self.activation(x)
     return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
+
+  def activation(self, x):
+    return nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU
 
 
 class Block(nn.Module):
@@ -141,14 +147,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    y = named_feature(self, "norm1", nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
     y = Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
-    self.sow("intermediates", "tokens", x)
-    return x
+    return named_feature(self, "tokens", x)
 
 
 def _patch_embed_init(key, shape, dtype=jnp.float32):

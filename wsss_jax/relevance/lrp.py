@@ -412,6 +412,8 @@ def propagate(ctx: core.Context, interceptor: RuleInterceptor, times_input: bool
       r1 = first["y"][None] * c1
       r_in = jax.vmap(lambda r: input_relevance(first_rule, lin, first["x"], first["w"],
                                                 first["b"], r))(r1)
+    if r_in.shape[1:] != ctx.images.shape and r_in[0].size == ctx.images.size:
+      r_in = r_in.reshape((r_in.shape[0],) + ctx.images.shape)  # a model that flattens first
     out[core.INPUT] = jnp.moveaxis(reduce_channels(r_in, reduce), 0, 1)
   return out
 

@@ -59,8 +59,10 @@ def test_chefer_relevance_matches_numpy_with_per_class_gradients(vit):
   names = layers.attention_layers()
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layers.perturbations)
   for k in range(3):
-    grads = jax.grad(lambda p: model.apply({**variables, "perturbations": p}, x)[:, k].sum())(
-        zeros)
+    def logit(p):  # explicit attention weights (and their taps) need `intermediates` mutable
+      return model.apply({**variables, "perturbations": p}, x, mutable=["intermediates"])[0][
+          :, k].sum()
+    grads = jax.grad(logit)(zeros)
     per_layer = []
     for name in names:
       g = grads

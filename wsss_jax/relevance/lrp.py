@@ -324,19 +324,21 @@ class RuleInterceptor(core.Interceptor):
     w, b = linear_params(self.variables, self.plan, path)
     lin = linear_fn(mod, self)
     y = lin(x, w, b)
-    if path == self.plan.first:
-      self.first_lin = lin
-      self.records["first"] = {"x": x, "w": w, "b": b, "y": y}
-      return y + self.deltas[FIRST]
     if self.patterns is not None:
       kernel = self.patterns[path] * (w if self.attribution else 1.0)
       z = lin(x, kernel)
       out = sg(y) + (z - sg(z))
+    elif getattr(self.rules[path], "input_only", False):
+      out = y  # its rule applies explicitly at the first layer's tap, not as a gradient
     else:
       out = modified_output(self.rules[path], lin, x, y, w, b)
     if self.vit and path.endswith("attn/qkv"):  # freeze q and k: the attention weights
       d = out.shape[-1] // 3
       out = jnp.where(jnp.arange(out.shape[-1]) >= 2 * d, out, sg(out))
+    if path == self.plan.first:  # tap: the relevance at its output, for the explicit input step
+      self.first_lin = lin
+      self.records["first"] = {"x": x, "w": w, "b": b, "y": y}
+      out = out + self.deltas[FIRST]
     return out
 
   def _layer_norm(self, mod, x, y):

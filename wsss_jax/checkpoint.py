@@ -61,12 +61,17 @@ class Checkpointer:
   def restore_params(self, step: int, sharding):
     """(params, meta) of `step`, whatever model wrote it: the tree is read from the checkpoint's
     own metadata, so a classifier can start from an MAE run without rebuilding its optimiser."""
+    fields, meta = self.restore_fields(step, sharding, ("params",))
+    return fields["params"], meta
+
+  def restore_fields(self, step: int, sharding, fields=("params", "batch_stats")):
+    """({field: tree}, meta) for the named fields of the saved state (those it has)."""
     tree = self._manager.item_metadata(step)["state"].tree
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           tree)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
-    return restored["params"], self.read_meta(step)
+    return {f: restored[f] for f in fields if f in restored}, self.read_meta(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

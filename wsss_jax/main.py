@@ -21,6 +21,7 @@ PHASES = {
     "pretrain": "wsss_jax.phases.pretrain",
     "classify": "wsss_jax.phases.classify",
     "benchmark": "wsss_jax.phases.benchmark",
+    "maps": "wsss_jax.phases.maps",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",

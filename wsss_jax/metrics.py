@@ -42,3 +42,33 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, class_names,
     out |= {f"precision/{name}": float(precision[k]), f"recall/{name}": float(recall[k]),
             f"f1/{name}": float(f1[k]), f"AP/{name}": float(ap[k])}
   return out
+
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int,
+                     ignore: int | None = None) -> np.ndarray:
+  """(num_classes, num_classes) counts, rows = truth, columns = prediction; pixels whose truth
+  is `ignore` (or outside [0, num_classes)) are left out."""
+  pred, truth = np.asarray(pred).ravel().astype(np.int64), np.asarray(truth).ravel().astype(np.int64)
+  keep = (truth >= 0) & (truth < num_classes) & (pred >= 0) & (pred < num_classes)
+  if ignore is not None:
+    keep &= truth != ignore
+  return np.bincount(truth[keep] * num_classes + pred[keep],
+                     minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_scores(confusion: np.ndarray, class_names) -> dict:
+  """IoU per class = TP / (TP + FP + FN); mIoU over classes that occur (in truth or prediction);
+  FwIoU weights IoU by each class's share of the truth; pixel accuracy = trace / total."""
+  c = np.asarray(confusion, np.float64)
+  tp, truth, pred = np.diag(c), c.sum(1), c.sum(0)
+  union = truth + pred - tp
+  with np.errstate(invalid="ignore", divide="ignore"):
+    iou = np.where(union > 0, tp / union, np.nan)
+  total = c.sum()
+  freq = truth / total if total else np.zeros_like(truth)
+  out = {"mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+         "FwIoU": float(np.nansum(freq * np.nan_to_num(iou))),
+         "accuracy": float(tp.sum() / total) if total else float("nan")}
+  for k, name in enumerate(class_names):
+    out[f"IoU/{name}"] = float(iou[k])
+  return out

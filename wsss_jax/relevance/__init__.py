@@ -110,17 +110,18 @@ class RelevanceFn:
       ctx = core.Context(self.apply_fn, variables, images, layers, names, classes, self.target)
       raw = fn(ctx, **self.options)
       return {n: self.finish(m, images.shape[1:3], classes, labels) for n, m in raw.items()}
-    return jax.jit(compute), names
+    return jax.jit(compute)
 
-  def __call__(self, variables, images, labels=None):
+  def maps(self, variables, images, labels=None) -> dict:
+    """{layer: (B, K, H, W)} whatever `layers` was."""
     key = (jax.tree.structure(variables), images.shape, str(images.dtype), labels is None)
     if key not in self._compiled:
       self._compiled[key] = self._build(variables, images)
-    compiled, names = self._compiled[key]
-    maps = compiled(variables, images, labels)
-    if self.single:
-      return maps[names[0]]
-    return maps
+    return self._compiled[key](variables, images, labels)
+
+  def __call__(self, variables, images, labels=None):
+    maps = self.maps(variables, images, labels)
+    return next(iter(maps.values())) if self.single else maps
 
 
 def relevance_fn(method: str, apply_fn: Callable, **kwargs) -> RelevanceFn:

@@ -1,0 +1,304 @@
+"""Maps phase: relevance maps of a trained classifier over a split, with their quality measured.
+
+Sections: the classifier (model rebuilt from its checkpoint's metadata, data fields from its
+config.json) -> per method: compiled relevance over sharded batches, map files written by a
+thread pool while the next batch computes, pseudo-mask IoU per layer against the ground truth,
+deletion / insertion AUC and average drop / increase on the first images -> overlays ->
+summary.json and table.md.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from wsss_jax import metrics, parallel, relevance
+from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.data import pipeline
+from wsss_jax.data.synthetic import BACKGROUND
+from wsss_jax.errors import UserError
+from wsss_jax.models.classifier import build_classifier
+from wsss_jax.phases.classify import prepare_images
+from wsss_jax.relevance import lrp, quality
+from wsss_jax.writers import MetricWriter
+
+DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
+                  "vit": ()}
+DATA_FIELDS = ("name", "root", "seed", "tile_size", "image_size", "normalize", "mean", "std",
+               "num_classes", "class_names")
+
+
+# --- The classifier ---------------------------------------------------------------------------------
+def load_classifier(workdir: str, mesh):
+  """(model, variables, meta, step, its data config) of a classify run's latest checkpoint."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  directory = os.path.join(workdir, "checkpoints")
+  step = None
+  if os.path.isdir(directory):
+    ckpt = Checkpointer(directory, async_save=False)
+    step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"classifier_workdir={workdir}: no checkpoint in {directory}; run the "
+                    f"classify phase there first")
+  fields, meta = ckpt.restore_fields(step, parallel.replicated(mesh))
+  ckpt.close()
+  if meta.get("phase") != "classify":
+    raise UserError(f"classifier_workdir={workdir}: step {step} was written by the "
+                    f"{meta.get('phase')!r} phase, not classify")
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      data = json.load(f)["data"]
+  except (OSError, ValueError, KeyError):
+    raise UserError(f"classifier_workdir={workdir}: config.json with a data section is "
+                    f"missing or unreadable") from None
+  model = build_classifier(ml_collections.ConfigDict(meta["model"]), meta["image_size"],
+                           meta["num_classes"])
+  return model, fields, meta, step, data
+
+
+def data_config(config, classifier_data: dict):
+  """The maps phase's data section: the classifier's input fields, this config's split sizes."""
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  for field in DATA_FIELDS:
+    if field in classifier_data and not (field == "image_size" and config.data.image_size):
+      value = classifier_data[field]
+      data[field] = tuple(value) if isinstance(value, list) else value
+  return data
+
+
+# --- Methods ----------------------------------------------------------------------------------------
+def method_options(spec: str, config, data) -> tuple[str, dict]:
+  """'lrp:EpsilonGammaBox' -> ('lrp', options); bounds for z-box from the input range."""
+  name, _, variant = spec.partition(":")
+  relevance.check_method(name)
+  options = {}
+  if name == "lrp":
+    options = dict(config.lrp.to_dict())
+    if variant in lrp.COMPOSITES:
+      options["composite"] = variant
+    elif variant in lrp.RULES:
+      options["rule"] = variant
+    elif variant:
+      raise UserError(f"methods: {spec!r}: {variant!r} is neither an LRP composite "
+                      f"{sorted(lrp.COMPOSITES)} nor a rule {list(lrp.RULES)}")
+    mean, std = np.asarray(data.mean), np.asarray(data.std)
+    low, high = ((0 - mean) / std, (1 - mean) / std) if data.normalize else (0.0, 1.0)
+    options |= {"low": jnp.asarray(low, jnp.float32), "high": jnp.asarray(high, jnp.float32)}
+  elif variant:
+    raise UserError(f"methods: {spec!r}: only lrp takes a ':variant'")
+  if name == "scorecam":
+    options = dict(config.scorecam.to_dict())
+  return name, options
+
+
+def layers_for(method: str, config, backbone: str):
+  if method in relevance.PIXEL_METHODS or method in relevance.ATTENTION_METHODS:
+    return None
+  if method == "cam":
+    return None  # the pooled layer
+  layers = tuple(config.layers) or DEFAULT_LAYERS.get(backbone, ())
+  return list(layers) or None
+
+
+def patterns_for(config, workdir, apply_fn, variables, data, step, batches) -> dict:
+  """Fitted once per classifier checkpoint on the training split; reused from the workdir."""
+  meta = {"classifier": os.path.abspath(config.classifier_workdir), "step": int(step),
+          "estimator": config.patterns.estimator, "num_images": config.patterns.num_images}
+  directory = os.path.join(workdir, "patterns")
+  saved = relevance.load_patterns(directory, meta)
+  if saved is not None:
+    return saved
+  patterns = relevance.fit_patterns(apply_fn, variables, batches, config.patterns.estimator)
+  if parallel.is_main_process():
+    relevance.save_patterns(directory, patterns, meta)
+  return patterns
+
+
+def train_images(config, data, batch: int, prepare, mesh):
+  """The first `patterns.num_images` training tiles, as prepared model inputs."""
+  for i, b in enumerate(pipeline.eval_batches(data, batch, "train", keys=("image",))):
+    if i * batch >= config.patterns.num_images:
+      return
+    yield prepare(parallel.shard_identical(b["image"], mesh))
+
+
+# --- Artefacts --------------------------------------------------------------------------------------
+def _file_name(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".npz"
+
+
+def write_maps(directory: str, names, maps: dict) -> None:
+  """One .npz per tile: a float16 (K, H, W) array per layer, written then renamed."""
+  os.makedirs(directory, exist_ok=True)
+  for i, name in enumerate(names):
+    path = os.path.join(directory, _file_name(name))
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **{layer.replace("/", "."): m[i].astype(np.float16)
+                                for layer, m in maps.items()})
+    os.replace(tmp, path)
+
+
+def heat(values):
+  """[0, 1] -> RGB in [0, 1] (a blue-cyan-yellow-red ramp)."""
+  v = np.clip(values, 0, 1)[..., None]
+  stops = np.array([[0, 0, .5], [0, .6, 1], [1, 1, 0], [1, 0, 0]], np.float32)
+  pos = v * (len(stops) - 1)
+  lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+  frac = pos - lo
+  return stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac
+
+
+def save_overlay(path: str, images_u8, maps: dict, labels, class_names) -> None:
+  """Rows = images x layers; columns = the image, then each class's map over it (absent
+  classes dimmed)."""
+  rows = []
+  for i in range(len(images_u8)):
+    image = images_u8[i].astype(np.float32) / 255
+    for layer, m in maps.items():
+      tiles = [image]
+      for k in range(m.shape[1]):
+        blend = 0.5 * image + 0.5 * heat(m[i, k])
+        tiles.append(blend if labels[i, k] > 0 else 0.3 * blend)
+      rows.append(np.concatenate(tiles, axis=1))
+  grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.png"
+  Image.fromarray(grid).save(tmp)
+  os.replace(tmp, path)
+
+
+def table(summary: dict) -> str:
+  """A markdown table, one row per method: IoU of each layer's pseudo masks and the quality
+  measures of the last layer's maps."""
+  head = ("| method | pseudo-mask mIoU per layer | deletion AUC (lower better) | insertion AUC | "
+          "avg drop % | increase % | maps/s |")
+  lines = [head, "|---|---|---|---|---|---|---|"]
+  for method, s in summary["methods"].items():
+    ious = ", ".join(f"{layer.split('/')[-1]} {v['mIoU']:.3f}" for layer, v in s["layers"].items())
+    lines.append(f"| {method} | {ious} | {s['deletion_auc']:.3f} | {s['insertion_auc']:.3f} | "
+                 f"{100 * s['average_drop']:.1f} | {100 * s['increase_in_confidence']:.1f} | "
+                 f"{s['maps_per_sec']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+# --- The phase --------------------------------------------------------------------------------------
+def validate(config) -> None:
+  if config.batch_size <= 0:
+    raise UserError(f"batch_size={config.batch_size} must be positive")
+  if config.split not in ("train", "val"):
+    raise UserError(f"split={config.split!r} is not 'train' or 'val'")
+  if not config.methods:
+    raise UserError("methods is empty")
+  if config.relu not in (-1, 0, 1):
+    raise UserError(f"relu={config.relu} must be -1 (method default), 0 or 1")
+  if config.quality.steps <= 0:
+    raise UserError(f"quality.steps={config.quality.steps} must be positive")
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  mesh = parallel.make_mesh(config.num_devices)
+  batch = max(config.batch_size, mesh.devices.size)
+  batch += -batch % mesh.devices.size
+  model, variables, meta, step, classifier_data = load_classifier(config.classifier_workdir, mesh)
+  data = data_config(config, classifier_data)
+  specs = [method_options(m, config, data) for m in config.methods]  # fail fast on bad names
+  prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
+  apply_fn = model.apply  # one object: jit caches on it
+  writer = MetricWriter(workdir, parallel.is_main_process())
+  keys = ("image", "labels", "mask", "name")
+  summary = {"phase": "maps", "classifier": os.path.abspath(config.classifier_workdir),
+             "classifier_step": int(step), "backbone": meta["model"]["backbone"],
+             "split": config.split, "devices": int(mesh.devices.size), "methods": {}}
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  pending = []
+  for spec, (name, options) in zip(config.methods, specs):
+    if name in ("patternnet", "patternattribution"):
+      options = dict(options, patterns=patterns_for(
+          config, workdir, apply_fn, variables, data, step,
+          train_images(config, data, batch, prepare, mesh)))
+    fn = relevance.relevance_fn(
+        name, apply_fn, layers=layers_for(name, config, meta["model"]["backbone"]),
+        target=config.target, normalize=config.normalize, only_present=config.only_present,
+        relu=None if config.relu < 0 else bool(config.relu), **options)
+    confusion, scores = {}, {"deletion": [], "insertion": [], "drop": [], "increase": []}
+    overlay, seen, timed, elapsed, compile_s, first = None, 0, 0, 0.0, 0.0, True
+    for b in pipeline.eval_batches(data, batch, config.split, keys=keys):
+      images = prepare(parallel.shard_identical(b["image"], mesh))
+      labels = jnp.asarray(b["labels"])
+      t0 = time.perf_counter()
+      maps = jax.device_get(fn.maps(variables, images, labels))
+      if first:  # compilation; later batches time the maps alone
+        compile_s, first = time.perf_counter() - t0, False
+      else:
+        timed += int(b["valid"].sum())
+        elapsed += time.perf_counter() - t0
+      valid = b["valid"]
+      host = {layer: m[valid] for layer, m in maps.items()}
+      if config.write_maps and parallel.is_main_process():
+        pending.append(pool.submit(write_maps, os.path.join(workdir, "maps", spec.replace(":", "_")),
+                                   list(b["name"][valid]), host))
+      for layer, m in host.items():
+        pred = quality.pseudo_masks(m, b["labels"][valid])
+        confusion[layer] = confusion.get(layer, 0) + metrics.confusion_matrix(
+            np.asarray(pred), b["mask"][valid], data.num_classes, ignore=BACKGROUND)
+      if seen < config.quality.num_images:
+        last = maps[list(maps)[-1]]
+        _quality(apply_fn, variables, images, last, b, config, scores)
+      if overlay is None:
+        overlay = (b["image"][:config.overlays], {k: v[:config.overlays] for k, v in host.items()},
+                   b["labels"][:config.overlays])
+      seen += int(valid.sum())
+    k = data.num_classes
+    result = {"layers": {layer: metrics.iou_scores(c, data.class_names)
+                         for layer, c in confusion.items()},
+              "deletion_auc": _mean(scores["deletion"]), "insertion_auc": _mean(scores["insertion"]),
+              "average_drop": _mean(scores["drop"]),
+              "increase_in_confidence": _mean(scores["increase"]),
+              "maps_per_sec": timed * k / elapsed if timed else float("nan"),
+              "compile_s": compile_s, "num_images": seen}
+    summary["methods"][spec] = result
+    if overlay is not None and parallel.is_main_process():
+      save_overlay(os.path.join(workdir, "overlays", spec.replace(":", "_") + ".png"),
+                   *overlay[:2], overlay[2], data.class_names)
+    print(f"maps {spec}: " + ", ".join(f"{layer.split('/')[-1]} mIoU {v['mIoU']:.3f}"
+                                       for layer, v in result["layers"].items())
+          + f" | deletion {result['deletion_auc']:.3f} insertion {result['insertion_auc']:.3f}"
+          f" | {result['maps_per_sec']:.1f} maps/s", flush=True)
+  for p in pending:
+    p.result()
+  pool.shutdown()
+  writer.summary(summary)
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+      f.write(table(summary))
+  writer.close()
+  return summary
+
+
+def _mean(values) -> float:
+  return float(np.mean(np.concatenate(values))) if values else float("nan")
+
+
+def _quality(apply_fn, variables, images, maps, b, config, scores) -> None:
+  """Deletion / insertion AUC and confidence change of the present classes of a batch."""
+  deletion, insertion = _curves(apply_fn, variables, images, jnp.asarray(maps),
+                                config.quality.steps)
+  drop, increase = _confidence(apply_fn, variables, images, jnp.asarray(maps))
+  keep = (b["labels"] > 0) & b["valid"][:, None]
+  scores["deletion"].append(np.asarray(quality.area_under(deletion))[keep])
+  scores["insertion"].append(np.asarray(quality.area_under(insertion))[keep])
+  scores["drop"].append(np.asarray(drop)[keep])
+  scores["increase"].append(np.asarray(increase, np.float64)[keep])
+
+
+_curves = jax.jit(quality.deletion_insertion, static_argnums=(0, 4))
+_confidence = jax.jit(quality.confidence_change, static_argnums=(0,))

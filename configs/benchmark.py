@@ -4,6 +4,8 @@
   --config=configs/benchmark.py:model=resnet38,batch=8      (ResNet38 + PDA, 224 px)
   --config=configs/benchmark.py:model=resnet50,batch=32
   --config=configs/benchmark.py:model=vit,variant=B/16,batch=32   (supervised ViT fine-tuning)
+  --config=configs/benchmark.py:model=resnet50,batch=8,relevance=gradcam   (maps/s, 4 classes)
+  --config=configs/benchmark.py:model=resnet50,batch=8,relevance=lrp:EpsilonPlusFlat
 
 Times steady-state steps on a device-resident batch and divides XLA's FLOP count by a matmul
 peak measured in the same run. `total_steps` is the number of timed steps.
@@ -14,7 +16,7 @@ from wsss_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
-                             width=1.0)
+                             width=1.0, relevance="")
   config = config_lib.common("benchmark")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
@@ -34,4 +36,6 @@ def get_config(arg=None):
     config.optim = config_lib.classify_optim(arg.model)
     config.mixup_alpha = config.cutmix_alpha = config.label_smoothing = 0.0
   config.model.name = arg.model
+  config.relevance = arg.relevance  # a maps-phase method spec: time maps/s instead of training
+  config_lib.relevance_options(config)
   return config

@@ -34,8 +34,7 @@ def get_config(arg=None):
   config.data = config_lib.data("synthetic", 0)  # image_size 0: the classifier's
   config.data.num_val = 128
 
-  config.lrp = dict(composite="EpsilonPlusFlat", epsilon=1e-6, gamma=0.25)
-  config.scorecam = dict(score_batch=64)
+  config_lib.relevance_options(config)  # lrp.composite/epsilon/gamma, scorecam.score_batch
   config.patterns = dict(estimator="relu", num_images=256)  # fitted on the training split
   config.quality = dict(num_images=32, steps=16)  # deletion / insertion on the first images
   config.overlays = 4         # images in each overlay PNG

@@ -175,3 +175,9 @@ def classify_optim(backbone: str, probe: bool = False) -> ml_collections.ConfigD
     o.schedule = "cosine"
     o.weight_decay = 0.0 if probe else 0.05
   return o
+
+
+def relevance_options(config: ml_collections.ConfigDict) -> None:
+  """Per-method option sections of the maps phase (and of the maps benchmark)."""
+  config.lrp = dict(composite="EpsilonPlusFlat", epsilon=1e-6, gamma=0.25)
+  config.scorecam = dict(score_batch=64)  # masked forward passes per device call

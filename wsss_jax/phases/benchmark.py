@@ -108,13 +108,47 @@ def benchmark_step(config) -> dict:
   }
 
 
+def benchmark_maps(config) -> dict:
+  """Steady-state relevance maps/s of `config.relevance` (e.g. gradcam, lrp:EpsilonPlusFlat) for
+  all classes of a freshly initialised classifier, batch sharded over the devices."""
+  from wsss_jax import relevance
+  from wsss_jax.phases import maps
+  if config.model.name == "mae":
+    raise UserError("relevance= benchmarks a classifier: use model=resnet38, resnet50 or vit")
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  t, batch, _ = _training(config, mesh)
+  state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  images = jax.device_put(jnp.asarray(batch["image"], jnp.float32) / 255,
+                          parallel.batch_sharded(mesh))
+  name, options = maps.method_options(config.relevance, config, config.data)
+  fn = relevance.relevance_fn(name, t.model.apply, **options)
+  t0 = time.perf_counter()
+  compiled = fn.jitted(variables, images).lower(variables, images, None).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(config.warmup_steps):
+    jax.block_until_ready(compiled(variables, images, None))
+  times = _timed(compiled, variables, images, None, repeats=config.total_steps)
+  step_s = float(np.median(times))
+  k = config.data.num_classes
+  return {"model": config.model.name, "relevance": config.relevance,
+          "image_size": config.data.image_size, "batch_size": config.batch_size,
+          "classes": k, "num_devices": int(mesh.devices.size),
+          "device_kind": jax.devices()[0].device_kind, "compile_seconds": compile_s,
+          "call_time_median": step_s, "call_time_p10": float(np.percentile(times, 10)),
+          "call_time_p90": float(np.percentile(times, 90)),
+          "maps_per_sec": config.batch_size * k / step_s,
+          "gflops_per_call": compiled_flops(compiled) * mesh.devices.size / 1e9}
+
+
 def run(config, workdir: str) -> dict:
   if config.model.name not in MODELS:
     raise UserError(f"model.name={config.model.name!r} is not one of {MODELS}")
   for field in ("total_steps", "warmup_steps", "matmul_size"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")
-  result = benchmark_step(config)
+  result = benchmark_maps(config) if config.get("relevance") else benchmark_step(config)
   result["date"] = time.strftime("%Y-%m-%d")
   if jax.process_index() == 0:
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -112,12 +112,16 @@ class RelevanceFn:
       return {n: self.finish(m, images.shape[1:3], classes, labels) for n, m in raw.items()}
     return jax.jit(compute)
 
-  def maps(self, variables, images, labels=None) -> dict:
-    """{layer: (B, K, H, W)} whatever `layers` was."""
+  def jitted(self, variables, images, labels=None):
+    """The jitted `(variables, images, labels) -> {layer: maps}` for these shapes."""
     key = (jax.tree.structure(variables), images.shape, str(images.dtype), labels is None)
     if key not in self._compiled:
       self._compiled[key] = self._build(variables, images)
-    return self._compiled[key](variables, images, labels)
+    return self._compiled[key]
+
+  def maps(self, variables, images, labels=None) -> dict:
+    """{layer: (B, K, H, W)} whatever `layers` was."""
+    return self.jitted(variables, images, labels)(variables, images, labels)
 
   def __call__(self, variables, images, labels=None):
     maps = self.maps(variables, images, labels)

@@ -56,6 +56,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def eval_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """An evaluation batch: at least one row per device and a multiple of the device count."""
+  batch = max(batch_size, mesh.devices.size)
+  return batch + -batch % mesh.devices.size
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> int:
   """Validates the global batch against the mesh and returns the per-process batch."""
   n = mesh.devices.size

@@ -215,8 +215,7 @@ def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> Classi
 # --- Validation -----------------------------------------------------------------------------------
 def evaluate(t: Training, state, config, mesh) -> dict:
   """Multi-label metrics over the whole validation split."""
-  batch = max(config.batch_size, mesh.devices.size)
-  batch += -batch % mesh.devices.size
+  batch = parallel.eval_batch_size(config.batch_size, mesh)
   probs, labels = [], []
   for b in pipeline.eval_batches(config.data, batch):
     p = parallel.to_host(t.predict(state.params, state.batch_stats,

@@ -156,7 +156,7 @@ def heat(values):
   return stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac
 
 
-def save_overlay(path: str, images_u8, maps: dict, labels, class_names) -> None:
+def save_overlay(path: str, images_u8, maps: dict, labels) -> None:
   """Rows = images x layers; columns = the image, then each class's map over it (absent
   classes dimmed)."""
   rows = []
@@ -206,8 +206,7 @@ def validate(config) -> None:
 def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.make_mesh(config.num_devices)
-  batch = max(config.batch_size, mesh.devices.size)
-  batch += -batch % mesh.devices.size
+  batch = parallel.eval_batch_size(config.batch_size, mesh)
   model, variables, meta, step, classifier_data = load_classifier(config.classifier_workdir, mesh)
   data = data_config(config, classifier_data)
   specs = [method_options(m, config, data) for m in config.methods]  # fail fast on bad names
@@ -268,7 +267,7 @@ def run(config, workdir: str) -> dict:
     summary["methods"][spec] = result
     if overlay is not None and parallel.is_main_process():
       save_overlay(os.path.join(workdir, "overlays", spec.replace(":", "_") + ".png"),
-                   *overlay[:2], overlay[2], data.class_names)
+                   *overlay)
     print(f"maps {spec}: " + ", ".join(f"{layer.split('/')[-1]} mIoU {v['mIoU']:.3f}"
                                        for layer, v in result["layers"].items())
           + f" | deletion {result['deletion_auc']:.3f} insertion {result['insertion_auc']:.3f}"

@@ -16,6 +16,7 @@ patterns from `fit_patterns`). Pixel-level methods read the pseudo-layer `input`
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 import jax
@@ -72,7 +73,6 @@ class RelevanceFn:
                               only_present)
     self._compiled = {}
     try:
-      import inspect
       inspect.signature(fn).bind(None, **options)
     except TypeError as e:
       raise UserError(f"method {method!r} does not take the options {sorted(options)}: {e}") \
@@ -82,8 +82,7 @@ class RelevanceFn:
     layers = find_layers(self.apply_fn, variables, images)
     classes = core.check_classes(self.classes, layers.num_classes)
     if self.method in ATTENTION_METHODS:
-      names = transformer.attention_layers(
-          core.Context(None, None, None, layers, [], classes, self.target), self.method)[-1:]
+      names = transformer.attention_layers(layers, self.method)[-1:]
       if self.layer_list is not None:
         raise UserError(f"method {self.method!r} reads the attention layers itself; "
                         f"do not pass layers=")

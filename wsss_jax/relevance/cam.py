@@ -145,7 +145,7 @@ def scorecam(ctx: core.Context, score_batch: int = 64):
 
     def scores(group):  # (B, H, W, chunk) -> (B, chunk, K)
       masked = images[:, None] * jnp.moveaxis(group, -1, 1)[..., None].astype(images.dtype)
-      logits = ctx.apply_fn(core._clean(ctx.variables),
+      logits = ctx.apply_fn(core.model_variables(ctx.variables),
                             masked.reshape((-1,) + images.shape[1:]))
       return core.target_scores(logits, ctx.target)[:, idx].reshape(b, chunk, -1)
 

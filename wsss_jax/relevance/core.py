@@ -65,7 +65,8 @@ class Layers:
     return [n for n in self.paths if not n.endswith("attn/attention")][-1]
 
 
-def _clean(variables) -> dict:
+def model_variables(variables) -> dict:
+  """The model's own collections (params, batch_stats): no stale taps or sown values."""
   return {k: v for k, v in variables.items() if k not in ("perturbations", "intermediates")}
 
 
@@ -78,7 +79,7 @@ def find_layers(apply_fn, variables, images) -> Layers:
     # call order, read before jax's pytree flattening sorts the dict keys
     order.extend(traverse_util.flatten_dict(dict(state.get("intermediates", {}))))
     return logits, state
-  logits, state = jax.eval_shape(probe, _clean(variables), images)
+  logits, state = jax.eval_shape(probe, model_variables(variables), images)
   flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})))
   paths, shapes = {}, {}
   for path in order:
@@ -153,7 +154,7 @@ def forward(apply_fn, variables, images, layers: Layers, deltas: dict,
   for name, delta in deltas.items():
     if name in layers.paths:
       perturbations[layers.paths[name]] = delta
-  variables = _clean(variables) | {"perturbations": traverse_util.unflatten_dict(perturbations)}
+  variables = model_variables(variables) | {"perturbations": traverse_util.unflatten_dict(perturbations)}
   context = contextlib.nullcontext()
   if interceptor is not None:
     interceptor.deltas, interceptor.records = deltas, {}

@@ -203,7 +203,7 @@ def make_plan(apply_fn, variables, images, canonize: bool = True) -> Plan:
   def run(v, x):
     with nn.intercept_methods(recorder):
       return apply_fn(v, x)
-  jax.eval_shape(run, core._clean(variables), images)
+  jax.eval_shape(run, core.model_variables(variables), images)
   if not recorder.linear:
     raise UserError("LRP found no Conv or Dense layer in the model")
   first = next(iter(recorder.linear))

@@ -59,7 +59,7 @@ def statistics_fn(apply_fn, plan: lrp.Plan, estimator: str):
   def stats(variables, images):
     interceptor = _Statistics(plan, variables, estimator)
     with nn.intercept_methods(interceptor):
-      apply_fn(core._clean(variables), images)
+      apply_fn(core.model_variables(variables), images)
     return interceptor.records
   return jax.jit(stats)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from wsss_jax import metrics
 
 
 def gaussian_blur(images, sigma: float = 5.0, size: int = 11):
@@ -78,17 +76,9 @@ def confidence_change(apply_fn, variables, images, maps):
   return jax.nn.relu(full - masked_own) / full, masked_own > full
 
 
-def pseudo_masks(maps, labels, background: int | None = None, gt=None):
-  """argmax over the class maps with absent classes excluded; where `gt` is `background`, the
-  prediction is background too (stage-1 scoring). (B, K, H, W) -> (B, H, W) int."""
+def pseudo_masks(maps, labels):
+  """argmax over the class maps with absent classes excluded: (B, K, H, W) -> (B, H, W) int.
+  Scoring leaves ground-truth background out (`metrics.confusion_matrix(...,
+  ignore=background)`), the stage-1 rule."""
   present = labels[:, :, None, None] > 0
-  pred = jnp.argmax(jnp.where(present, maps, -jnp.inf), axis=1)
-  if gt is not None and background is not None:
-    pred = jnp.where(gt == background, background, pred)
-  return pred
-
-
-def mask_iou(pred: np.ndarray, gt: np.ndarray, class_names, background: int | None) -> dict:
-  """IoU family over the tissue classes, ground-truth background pixels ignored."""
-  conf = metrics.confusion_matrix(pred, gt, len(class_names), ignore=background)
-  return metrics.iou_scores(conf, class_names)
+  return jnp.argmax(jnp.where(present, maps, -jnp.inf), axis=1)

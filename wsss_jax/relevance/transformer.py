@@ -15,8 +15,8 @@ from wsss_jax.relevance import core
 TOKENS = ("cls", "mean")
 
 
-def attention_layers(ctx: core.Context, method: str) -> list[str]:
-  names = ctx.layers.attention_layers()
+def attention_layers(layers: core.Layers, method: str) -> list[str]:
+  names = layers.attention_layers()
   if not names:
     raise UserError(f"method {method!r} needs a transformer: this model names no attention "
                     f"weights (a CNN?); use a CAM method or LRP")
@@ -41,7 +41,7 @@ def attention(ctx: core.Context, head: int | None = None, token: str = "cls"):
   """The last block's attention from the class token to the patches, averaged over heads or of
   head `head`. Class-agnostic: the same map for every class."""
   core.check_choice("token", token, TOKENS)
-  last = attention_layers(ctx, "attention")[-1]
+  last = attention_layers(ctx.layers, "attention")[-1]
   _, features, _ = core.forward(ctx.apply_fn, ctx.variables, ctx.images, ctx.layers, {})
   weights = features[last].astype(jnp.float32)  # (B, heads, N, N)
   if head is None:
@@ -64,7 +64,7 @@ def rollout(ctx: core.Context, head_fusion: str = "mean", discard_ratio: float =
   A'_L ... A'_1, read at the class token's row. `discard_ratio` zeroes that fraction of the
   smallest fused weights of each row first (the class token's column is kept)."""
   core.check_choice("token", token, TOKENS)
-  names = attention_layers(ctx, "rollout")
+  names = attention_layers(ctx.layers, "rollout")
   _, features, _ = core.forward(ctx.apply_fn, ctx.variables, ctx.images, ctx.layers, {})
   result = None
   for name in names:
@@ -84,7 +84,7 @@ def chefer(ctx: core.Context, token: str = "cls"):
   explainability): R = I; per block R <- R + mean_heads((dy_k/dA * A)^+) R; read at the class
   token's row. Class-specific: all classes' gradients from one vmapped vjp."""
   core.check_choice("token", token, TOKENS)
-  names = attention_layers(ctx, "chefer")
+  names = attention_layers(ctx.layers, "chefer")
   _, features, _, grads = core.class_gradients(
       ctx.apply_fn, ctx.variables, ctx.images, ctx.layers, names, ctx.classes, ctx.target)
   relevance = None

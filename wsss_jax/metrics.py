@@ -1,7 +1,22 @@
-"""Evaluation metrics, in numpy on the host: multi-label classification (per-class precision,
-recall, F1 and average precision; exact-match accuracy) and, for segmentation, the IoU family."""
+"""Evaluation metrics: multi-label classification (per-class precision, recall, F1 and average
+precision; exact-match accuracy) and, for segmentation, the IoU family.
+
+Segmentation scoring has two conventions in the multi-layer pseudo-supervision work, selectable by
+name (`CONVENTIONS`), both over the tissue classes 0..K-1 with K = the background index:
+  stage1: the authors' pseudo-mask scoring: a (K+1) x (K+1) matrix over every pixel, the prediction
+    forced to background where the ground truth is background and that cell zeroed; a background
+    prediction on tissue stays in the matrix and counts as a miss of that tissue class.
+  stage2: the authors' segmentation scoring: ground-truth background pixels dropped, a K x K
+    matrix; a prediction outside the K classes (background) is dropped too.
+They agree whenever the prediction never says background (a K-class segmenter); they differ on
+pseudo masks with a background channel, where stage1 is the stricter one.
+The confusion matrix of a batch is computed on device (`device_confusion`: one scatter-add over
+the sharded batch, summed over devices and hosts by XLA) and accumulated on the host in int64.
+"""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,18 +72,77 @@ def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int,
 
 
 def iou_scores(confusion: np.ndarray, class_names) -> dict:
-  """IoU per class = TP / (TP + FP + FN); mIoU over classes that occur (in truth or prediction);
-  FwIoU weights IoU by each class's share of the truth; pixel accuracy = trace / total."""
+  """Scores of the first len(class_names) classes of a (square) confusion matrix; further rows
+  and columns (a background class) count in the unions and the total only.
+
+  IoU_k = TP / (TP + FP + FN) and Dice_k = 2 TP / (2 TP + FP + FN), NaN for a class absent from
+  both truth and prediction; mIoU / mDice average the non-NaN classes; FwIoU weights IoU by each
+  class's share of the truth pixels; pixel accuracy = trace / total.
+  """
   c = np.asarray(confusion, np.float64)
-  tp, truth, pred = np.diag(c), c.sum(1), c.sum(0)
+  k = len(class_names)
+  tp, truth, pred = np.diag(c)[:k], c.sum(1)[:k], c.sum(0)[:k]
   union = truth + pred - tp
   with np.errstate(invalid="ignore", divide="ignore"):
     iou = np.where(union > 0, tp / union, np.nan)
+    dice = np.where(truth + pred > 0, 2 * tp / (truth + pred), np.nan)
   total = c.sum()
   freq = truth / total if total else np.zeros_like(truth)
-  out = {"mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-         "FwIoU": float(np.nansum(freq * np.nan_to_num(iou))),
-         "accuracy": float(tp.sum() / total) if total else float("nan")}
-  for k, name in enumerate(class_names):
-    out[f"IoU/{name}"] = float(iou[k])
+  out = {"mIoU": _nanmean(iou), "FwIoU": float(np.nansum(freq * np.nan_to_num(iou))),
+         "accuracy": float(tp.sum() / total) if total else float("nan"), "mDice": _nanmean(dice)}
+  for i, name in enumerate(class_names):
+    out[f"IoU/{name}"] = float(iou[i])
+    out[f"Dice/{name}"] = float(dice[i])
   return out
+
+
+def _nanmean(x) -> float:
+  return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+CONVENTIONS = ("stage1", "stage2")
+
+
+def check_convention(convention: str) -> None:
+  if convention not in CONVENTIONS:
+    from wsss_jax.errors import UserError
+    raise UserError(f"scoring convention {convention!r} is not one of {CONVENTIONS}")
+
+
+def device_confusion(pred, truth, num_classes: int, background: int, convention: str,
+                     valid=None):
+  """The confusion matrix of a batch under `convention`, on device: (M, M) int32 with
+  M = num_classes + 1 for stage1 (background last) and num_classes for stage2.
+
+  pred, truth: integer arrays of the same shape (B, H, W), possibly sharded along B; `valid` (B,)
+  marks real rows of a padded batch. Truth values outside [0, num_classes] are ignored.
+  """
+  check_convention(convention)
+  pred, truth = pred.astype(jnp.int32), truth.astype(jnp.int32)
+  keep = (truth >= 0) & (truth <= num_classes) & (pred >= 0) & (pred <= num_classes)
+  if valid is not None:
+    keep &= valid.reshape((-1,) + (1,) * (truth.ndim - 1))
+  if convention == "stage1":
+    m = num_classes + 1
+    # background truth and prediction both map to index num_classes; the forced cell is dropped.
+    truth = jnp.where(truth == background, num_classes, truth)
+    pred = jnp.where((pred == background) | (truth == num_classes), num_classes, pred)
+    keep &= truth != num_classes
+  else:
+    m = num_classes
+    keep &= (truth != background) & (pred != background) & (truth < num_classes) & (
+        pred < num_classes)
+  index = jnp.where(keep, truth * m + pred, 0)
+  counts = jnp.zeros(m * m, jnp.int32).at[index.ravel()].add(keep.ravel().astype(jnp.int32))
+  return counts.reshape(m, m)
+
+
+device_confusion_jit = jax.jit(device_confusion, static_argnums=(2, 3, 4))
+
+
+def segmentation_scores(pred, truth, class_names, background: int,
+                        convention: str = "stage2") -> dict:
+  """Host-side convenience: scores of numpy predictions against ground truth (one batch)."""
+  conf = device_confusion_jit(jnp.asarray(pred), jnp.asarray(truth), len(class_names),
+                              background, convention)
+  return iou_scores(np.asarray(conf, np.int64), class_names)

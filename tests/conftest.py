@@ -39,5 +39,20 @@ def tiny_pretrain_config():
   return config
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+  """A classify workdir (ResNet38 at 1/16 width, 32 px inputs of 48 px tiles, 2 epochs of 32)
+  shared by the maps, pseudo-mask, segmentation and pipeline tests."""
+  from wsss_jax.phases import classify
+  workdir = tmp_path_factory.mktemp("cls")
+  config = load_config("classify", "width=0.0625,image_size=32,batch=8,epochs=2,num_train=32")
+  config.data.tile_size, config.data.num_val, config.data.num_threads = 48, 8, 1
+  config.log_every, config.checkpoint_every, config.async_checkpointing = 4, 100, False
+  classify.run(config, str(workdir))
+  with open(workdir / "config.json", "w") as f:  # as main writes it
+    f.write(config.to_json_best_effort())
+  return str(workdir)
+
+
 def pytest_report_header(config):
   return f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})"

@@ -12,20 +12,13 @@ from conftest import load_config
 from wsss_jax import metrics
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
-from wsss_jax.phases import classify, maps
+from wsss_jax.phases import maps
 from wsss_jax.relevance import quality
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("cls")
-  config = load_config("classify", "width=0.0625,image_size=32,batch=8,epochs=2,num_train=32")
-  config.data.tile_size, config.data.num_val, config.data.num_threads = 48, 8, 1
-  config.log_every, config.checkpoint_every, config.async_checkpointing = 4, 100, False
-  classify.run(config, str(workdir))
-  with open(workdir / "config.json", "w") as f:  # as main writes it
-    f.write(config.to_json_best_effort())
-  return str(workdir)
+@pytest.fixture
+def classifier(tiny_classifier):
+  return tiny_classifier
 
 
 def _maps_config(classifier, methods="gradcam+lrp:EpsilonPlusFlat+patternattribution"):

@@ -64,6 +64,7 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.seed = 0                  # the embedded dataset's generator seed
   d.num_train = 4096
   d.num_val = 64
+  d.num_test = 64
   d.tile_size = 224           # size of the embedded dataset's tiles
   d.image_size = image_size   # network input size after cropping
   d.crop_scale = (0.2, 1.0)   # random-resized-crop area range (0.5-1.0 for X-ray-like data)

@@ -22,6 +22,7 @@ PHASES = {
     "classify": "wsss_jax.phases.classify",
     "benchmark": "wsss_jax.phases.benchmark",
     "maps": "wsss_jax.phases.maps",
+    "pseudo_masks": "wsss_jax.phases.pseudo_masks",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",

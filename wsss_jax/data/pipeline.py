@@ -28,7 +28,8 @@ def build_source(data_cfg, split: str):
   """The random-access source named by `data.name` for one split."""
   check_dataset_name(data_cfg.name)
   if data_cfg.name == "synthetic":
-    num = {"train": data_cfg.num_train, "val": data_cfg.num_val}[split]
+    num = {"train": data_cfg.num_train, "val": data_cfg.num_val,
+           "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
     return synthetic.SyntheticHistology(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
   raise AssertionError(f"no reader for {data_cfg.name}")  # DATASETS and readers disagree
 

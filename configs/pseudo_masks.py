@@ -1,0 +1,35 @@
+"""Pseudo masks for the segmentation phase from a trained classifier's relevance maps.
+
+  python -m wsss_jax.main --config=configs/pseudo_masks.py:classifier=runs/cls --workdir=runs/pm
+  python -m wsss_jax.main --config=configs/pseudo_masks.py:classifier=runs/cls,background=none ...
+
+Default: Grad-CAM (logits, no ReLU) at b4_5, b5_2 and bn7 of ResNet38, jointly min-max normalised
+over the tile's present classes, absent classes excluded, the LUAD-HistoSeg background rule.
+Writes masks/<layer>/<tile>.png (palette PNGs, index 4 = background), overlays/pseudo_masks.png,
+summary.json and, when the split has ground truth, table.md with the stage-1 mIoU per layer.
+"""
+from wsss_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, classifier="runs/cls", method="gradcam", split="train",
+                             background="white", palette="luad", batch=32)
+  config = config_lib.common("pseudo_masks")
+  config.classifier_workdir = arg.classifier
+  config.batch_size = arg.batch
+  config.split = arg.split
+  config.method = arg.method     # any relevance method; lrp:<composite> as in the maps phase
+  config.layers = ()             # (): b4_5, b5_2, bn7 (ResNet38); layer3, layer4 (ResNet-50)
+  config.target = "logit"
+  config.normalize = "joint"     # min-max over the present classes jointly (the authors' rule)
+  config.relu = 0                # Grad-CAM without ReLU, as the authors; -1 = method default
+  config.background = dict(rule=arg.background, threshold=200, min_size=50)
+  config.palette = arg.palette   # luad or bcss colours
+  config.writer_threads = 4      # PNG encoding and writing overlap the next batch
+  config.overlays = 6
+
+  # Input fields come from the classifier's config.json; num_train 0 = the classifier's.
+  config.data = config_lib.data("synthetic", 0)
+  config.data.num_train = 0
+  config_lib.relevance_options(config)
+  return config

@@ -1,0 +1,111 @@
+"""Pseudo masks: the background rule, the mask rule and the PNG files against hand-made cases,
+and the phase end to end on a tiny classifier (its scores recomputed from the written files)."""
+import glob
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+from PIL import Image
+
+from wsss_jax import masks
+from wsss_jax.data import synthetic
+from wsss_jax.errors import UserError
+from wsss_jax.phases import pseudo_masks
+
+
+def test_grey_is_opencv_rgb2gray():
+  pixel = np.array([[[255, 200, 100]]], np.uint8)
+  assert masks.grey(pixel)[0, 0] == round(0.299 * 255 + 0.587 * 200 + 0.114 * 100)  # 205
+
+
+def test_background_keeps_white_regions_of_50_pixels_or_more_4_connected():
+  image = np.zeros((40, 40, 3), np.uint8)
+  image[0:10, 0:5] = 255            # 50 px: kept
+  image[20:27, 20:27] = 255         # 49 px: removed
+  image[30:37, 0:7] = 255           # 49 px ...
+  image[37:40, 7:10] = 255          # ... touching only by a corner: two objects, both removed
+  bg = masks.background_mask(image, "white", 200, 50)
+  want = np.zeros((40, 40), bool)
+  want[0:10, 0:5] = True
+  np.testing.assert_array_equal(bg, want)
+  assert not masks.background_mask(image, "none").any()
+  image[36, 7] = 255                # now 4-connected: 49 + 9 + 1 = 59 px, kept
+  assert masks.background_mask(image)[30:40, 0:10].sum() == 59
+
+
+def test_pseudo_mask_rule_by_hand():
+  maps = jnp.zeros((2, 3, 2, 2)).at[0, 0].set(0.2).at[0, 1].set(
+      jnp.array([[0.9, 0.1], [0.5, 0.0]])).at[0, 2].set(1.0)
+  labels = jnp.array([[1, 1, 0], [0, 0, 0]])  # class 2 absent though its map is highest
+  background = jnp.zeros((2, 2, 2), bool).at[0, 1, 1].set(True)
+  got = np.asarray(masks.pseudo_mask(maps, labels, background, (2, 2), 3))
+  np.testing.assert_array_equal(got[0], [[1, 0], [1, 3]])
+  np.testing.assert_array_equal(got[1], [[3, 3], [3, 3]])  # no positive label: all background
+
+
+def test_mask_files_round_trip_and_refusals(tmp_path):
+  palette = masks.palette_bytes("luad", 5)
+  mask = np.array([[0, 1], [4, 3]], np.uint8)
+  path = str(tmp_path / "m.png")
+  masks.write_mask(path, mask, palette)
+  with Image.open(path) as im:
+    assert im.mode == "P" and im.getpalette()[:15] == palette
+  np.testing.assert_array_equal(masks.read_mask(path, (2, 2), 4), mask)
+  assert os.listdir(tmp_path) == ["m.png"]
+  with pytest.raises(UserError, match="is 2x2 but its image is 3x3"):
+    masks.read_mask(path, (3, 3), 4)
+  with pytest.raises(UserError, match="palette index 4, outside the class range 0..3"):
+    masks.read_mask(path, (2, 2), 3)
+  with pytest.raises(UserError, match="missing"):
+    masks.read_mask(str(tmp_path / "none.png"), (2, 2), 4)
+  data = open(path, "rb").read()
+  open(tmp_path / "cut.png", "wb").write(data[:len(data) // 2])
+  with pytest.raises(UserError, match="cut.png cannot be read"):
+    masks.read_mask(str(tmp_path / "cut.png"), (2, 2), 4)
+  Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
+  with pytest.raises(UserError, match="is a RGB image"):
+    masks.read_mask(str(tmp_path / "rgb.png"), (2, 2), 4)
+
+
+def _stage1(pred, truth, k=4):
+  pred = pred.copy()
+  pred[truth == k] = k
+  hist = np.zeros((k + 1, k + 1))
+  np.add.at(hist, (truth.ravel(), pred.ravel()), 1)
+  hist[k, k] = 0
+  tp = np.diag(hist)[:k]
+  union = hist.sum(0)[:k] + hist.sum(1)[:k] - tp
+  return np.nanmean(np.where(union > 0, tp / np.maximum(union, 1), np.nan))
+
+
+def test_phase_writes_one_mask_per_tile_and_layer_and_scores_them(tiny_classifier, tmp_path):
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8")
+  summary = pseudo_masks.run(config, str(tmp_path))
+  assert summary["num_images"] == 32 and summary["layers_written"] == ["b4_5", "b5_2", "bn7"]
+  assert os.path.getsize(tmp_path / "overlays" / "pseudo_masks.png") > 0
+  assert "| b5_2 |" in open(tmp_path / "table.md").read()
+  for layer in ("b4_5", "b5_2", "bn7"):
+    files = sorted(glob.glob(str(tmp_path / "masks" / layer / "*.png")))
+    assert len(files) == 32 and not glob.glob(str(tmp_path / "masks" / layer / "*.tmp"))
+    preds, truths = [], []
+    for i in range(32):
+      image, truth, labels = synthetic.generate_tile(0, "train", i, 48)
+      pred = masks.read_mask(str(tmp_path / "masks" / layer / f"synthetic_train_{i}.png"),
+                             (48, 48), 4)
+      tissue = pred < 4
+      assert set(np.unique(pred[tissue])) <= set(np.flatnonzero(labels))  # present classes only
+      np.testing.assert_array_equal(pred == 4, masks.background_mask(image))  # the white rule
+      preds.append(pred)
+      truths.append(truth)
+    want = _stage1(np.stack(preds), np.stack(truths))
+    assert summary["layers"][layer]["mIoU"] == pytest.approx(want, abs=1e-9)
+
+
+def test_phase_refusals(tiny_classifier, tmp_path):
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},background=grey")
+  with pytest.raises(UserError, match="background.rule='grey'"):
+    pseudo_masks.run(config, str(tmp_path))
+  with pytest.raises(UserError, match="no checkpoint"):
+    pseudo_masks.run(load_config("pseudo_masks", f"classifier={tmp_path}/none"), str(tmp_path))

@@ -1,0 +1,193 @@
+"""Pseudo-mask phase: a trained classifier's relevance maps -> one palette PNG mask per tile and
+per layer, scored against the ground truth where it exists.
+
+Sections: the classifier (rebuilt from its workdir, as the maps phase does) -> grain input (tile,
+model input, background rule, computed in reader threads) -> per batch one compiled relevance call
+for all layers, then masks and their stage-1 confusion matrices on device -> PNG files written by
+a thread pool while the next batch computes -> summary.json, table.md, overlays.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from wsss_jax import masks, metrics, parallel, relevance
+from wsss_jax.data import pipeline, transforms
+from wsss_jax.errors import UserError
+from wsss_jax.phases import maps as maps_phase
+from wsss_jax.phases.classify import prepare_images
+from wsss_jax.writers import MetricWriter
+
+DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
+                  "vit": ()}
+SPLITS = ("train", "val", "test")
+
+
+class ModelInput:
+  """grain map transform: `input` = the tile resized to the classifier's input size (as its
+  evaluation pipeline does), `image` kept at tile size for the background rule and overlays."""
+  random = False
+
+  def __init__(self, size: int):
+    self.resize = transforms.Resize(size)
+
+  def __call__(self, example: dict) -> dict:
+    return example | {"input": self.resize({"image": example["image"]})["image"]}
+
+
+def batches(data, split: str, batch: int, background, keys):
+  """Padded batches of the whole split (the last one repeats its final tile; `valid` marks real
+  rows), read and prepared by grain threads ahead of the device."""
+  source = pipeline.build_source(data, split)
+  ds = (grain.MapDataset.source(source)
+        .map(pipeline.CheckExample(data, split, True))
+        .map(ModelInput(data.image_size))
+        .map(masks.BackgroundMask(background.rule, background.threshold, background.min_size))
+        .map(lambda e: {k: e[k] for k in keys})
+        .batch(batch, drop_remainder=False))
+  for b in ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
+                                                prefetch_buffer_size=2)):
+    n = len(b["name"])
+    b = {k: np.concatenate([v, np.repeat(v[-1:], batch - n, 0)]) for k, v in b.items()}
+    b["valid"] = np.arange(batch) < n
+    yield b
+
+
+def layer_name(path: str) -> str:
+  return path.split("/")[-1]
+
+
+def write_batch(directory: str, names, layer_masks: dict, palette: list) -> None:
+  for layer, m in layer_masks.items():
+    os.makedirs(os.path.join(directory, layer), exist_ok=True)
+    for name, mask in zip(names, m):
+      masks.write_mask(os.path.join(directory, layer, masks.file_stem(name) + ".png"), mask,
+                       palette)
+
+
+def colour(mask: np.ndarray, palette: list) -> np.ndarray:
+  return np.asarray(palette, np.uint8).reshape(-1, 3)[np.minimum(mask, len(palette) // 3 - 1)]
+
+
+def save_overlay(path: str, rows, palette: list) -> None:
+  """Each row: the tile, its ground truth (if any), then the pseudo mask of each layer."""
+  grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).save(path + ".tmp.png")
+  os.replace(path + ".tmp.png", path)
+
+
+def table(summary: dict) -> str:
+  lines = ["| layer | mIoU | FwIoU | accuracy | " + " | ".join(summary["class_names"]) + " |",
+           "|---" * (4 + len(summary["class_names"])) + "|"]
+  for layer, s in summary["layers"].items():
+    per_class = " | ".join(f"{s[f'IoU/{c}']:.3f}" for c in summary["class_names"])
+    lines.append(f"| {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | {s['accuracy']:.3f} | "
+                 f"{per_class} |")
+  return "\n".join(lines) + "\n"
+
+
+def validate(config) -> None:
+  if config.split not in SPLITS:
+    raise UserError(f"split={config.split!r} is not one of {SPLITS}")
+  if config.batch_size <= 0:
+    raise UserError(f"batch_size={config.batch_size} must be positive")
+  masks.check_rule(config.background.rule)
+  masks.palette_bytes(config.palette, 1)
+  relevance.check_method(config.method.partition(":")[0])
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  mesh = parallel.make_mesh(config.num_devices)
+  batch = parallel.eval_batch_size(config.batch_size, mesh)
+  model, variables, meta, step, classifier_data = maps_phase.load_classifier(
+      config.classifier_workdir, mesh)
+  data = maps_phase.data_config(config, classifier_data)
+  if not config.data.num_train:  # 0: the classifier's own training set
+    data.num_train = classifier_data.get("num_train", data.num_train)
+  num_classes, names = data.num_classes, tuple(data.class_names)
+  background_index = num_classes  # palette index after the classes (4 in both releases)
+  palette = masks.palette_bytes(config.palette, num_classes + 1)
+  method, options = maps_phase.method_options(config.method, config, data)
+  layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
+  fn = relevance.relevance_fn(method, model.apply, layers=list(layers) or None, target=config.target,
+                              upsample=False, normalize=config.normalize, only_present=True,
+                              relu=None if config.relu < 0 else bool(config.relu), **options)
+  prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
+  source = pipeline.build_source(data, config.split)
+  has_truth = "mask" in source[0]
+  keys = ("image", "input", "labels", "name", "background") + (("mask",) if has_truth else ())
+
+  @jax.jit
+  def masks_and_scores(layer_maps, labels, background, truth, valid):
+    out, conf = {}, {}
+    for layer, m in layer_maps.items():
+      out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:], background_index)
+      if truth is not None:
+        conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
+                                               "stage1", valid)
+    return out, conf
+
+  directory = os.path.join(workdir, "masks")
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.writer_threads)
+  pending, confusion, overlay, seen = [], {}, [], 0
+  started, timed, first = time.perf_counter(), 0.0, True
+  try:
+    for b in batches(data, config.split, batch, config.background, keys):
+      t0 = time.perf_counter()
+      images = prepare(parallel.shard_identical(b["input"], mesh))
+      labels = jnp.asarray(b["labels"])
+      layer_maps = fn.maps(variables, images, labels)
+      truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
+      out, conf = masks_and_scores(layer_maps, labels, parallel.shard_identical(b["background"], mesh),
+                                   truth, jnp.asarray(b["valid"]))
+      valid = b["valid"]
+      host = {layer_name(k): np.asarray(v)[valid] for k, v in out.items()}  # waits for this batch
+      if not first:
+        timed += time.perf_counter() - t0
+      first = False
+      for k, c in conf.items():
+        confusion[layer_name(k)] = confusion.get(layer_name(k), 0) + np.asarray(c, np.int64)
+      if parallel.is_main_process():
+        while len(pending) > 2 * config.writer_threads:  # bound the host memory held by writes
+          pending.pop(0).result()
+        pending.append(pool.submit(write_batch, directory, list(b["name"][valid]), host, palette))
+      for i in range(min(int(valid.sum()), config.overlays - len(overlay))):
+        row = [b["image"][i]] + ([colour(b["mask"][i], palette)] if has_truth else [])
+        overlay.append(row + [colour(m[i], palette) for m in host.values()])
+      seen += int(valid.sum())
+    for p in pending:
+      p.result()
+  finally:
+    pool.shutdown(wait=True)
+  if not seen:
+    raise UserError(f"split {config.split!r} of data.name={data.name!r} has no images")
+  summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(config.classifier_workdir),
+             "classifier_step": int(step), "backbone": meta["model"]["backbone"],
+             "method": config.method, "split": config.split, "num_images": seen,
+             "layers_written": [layer_name(k) for k in out], "class_names": list(names),
+             "background_rule": config.background.rule, "scoring": "stage1",
+             "wall_seconds": time.perf_counter() - started,
+             "images_per_sec": (seen - batch) / timed if timed else None,
+             "layers": {k: metrics.iou_scores(c, names) for k, c in confusion.items()}}
+  writer = MetricWriter(workdir, parallel.is_main_process())
+  if parallel.is_main_process():
+    if overlay:
+      save_overlay(os.path.join(workdir, "overlays", "pseudo_masks.png"), overlay, palette)
+    if has_truth:
+      with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table(summary))
+  for layer, s in summary["layers"].items():
+    print(f"pseudo masks {layer}: mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
+          f"accuracy {s['accuracy']:.3f}", flush=True)
+  writer.summary(summary)
+  writer.close()
+  return summary

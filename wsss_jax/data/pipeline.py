@@ -8,11 +8,14 @@ the device (4x less host-to-device traffic); `normalize` runs inside the jitted 
 """
 from __future__ import annotations
 
+import os
+
 import grain
 from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
+from wsss_jax import masks
 from wsss_jax.data import randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
 
@@ -25,13 +28,68 @@ def check_dataset_name(name: str) -> None:
 
 
 def build_source(data_cfg, split: str):
-  """The random-access source named by `data.name` for one split."""
+  """The random-access source named by `data.name` for one split; for segmentation training
+  (`data.mask_layers` set) with the per-layer masks attached (`MaskedSource`)."""
   check_dataset_name(data_cfg.name)
   if data_cfg.name == "synthetic":
     num = {"train": data_cfg.num_train, "val": data_cfg.num_val,
            "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
-    return synthetic.SyntheticHistology(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
-  raise AssertionError(f"no reader for {data_cfg.name}")  # DATASETS and readers disagree
+    source = synthetic.SyntheticHistology(num, split, seed=data_cfg.seed,
+                                          size=data_cfg.tile_size)
+  else:
+    raise AssertionError(f"no reader for {data_cfg.name}")  # DATASETS and readers disagree
+  if split == "train" and data_cfg.get("mask_layers"):
+    source = MaskedSource(source, tuple(data_cfg.mask_layers), data_cfg.get("masks_dir", ""),
+                          data_cfg.num_classes)
+  return source
+
+
+def example_name(source, index: int) -> str:
+  return source.name(index) if hasattr(source, "name") else str(source[index]["name"])
+
+
+class MaskedSource:
+  """A source whose examples carry `mask_<layer>` for each layer: the pseudo masks read from
+  `<masks_dir>/<layer>/<tile>.png` (checked: present, readable, the image's size, indices <=
+  num_classes, the background), or with no `masks_dir` the ground truth (full supervision)."""
+
+  def __init__(self, base, layers: tuple, masks_dir: str, num_classes: int):
+    self.base, self.layers, self.masks_dir, self.num_classes = base, layers, masks_dir, num_classes
+    if masks_dir:
+      self._check_files()
+
+  def _path(self, layer: str, index: int) -> str:
+    return os.path.join(self.masks_dir, layer, masks.file_stem(example_name(self.base, index))
+                        + ".png")
+
+  def _check_files(self) -> None:
+    for layer in self.layers:
+      directory = os.path.join(self.masks_dir, layer)
+      present = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+      missing = [self._path(layer, i) for i in range(len(self.base))
+                 if os.path.basename(self._path(layer, i)) not in present]
+      if missing:
+        raise UserError(f"{len(missing)} of {len(self.base)} pseudo masks of layer {layer!r} are "
+                        f"missing, e.g. {missing[0]}; run the pseudo_masks phase on the same "
+                        f"training set first")
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict:
+    example = dict(self.base[index])
+    size = example["image"].shape[:2]
+    for layer in self.layers:
+      if self.masks_dir:
+        example[f"mask_{layer}"] = masks.read_mask(self._path(layer, index), size, self.num_classes)
+      elif "mask" in example:
+        example[f"mask_{layer}"] = example["mask"]
+      else:
+        raise UserError(f"{example.get('name')} has no ground-truth mask for full supervision")
+    return example
+
+  def __repr__(self) -> str:
+    return f"MaskedSource({self.base!r}, layers={self.layers}, masks_dir={self.masks_dir!r})"
 
 
 def _select(keys):
@@ -62,15 +120,20 @@ class CheckExample:
 
 
 def train_transforms(data_cfg) -> list:
-  """Random-resized crop (or a plain resize when data.crop_scale is (1, 1)), flips, RandAugment."""
+  """Random-resized crop (or a plain resize when data.crop_scale is (1, 1), or an MRN pair), flips,
+  Gaussian blur, RandAugment."""
   steps = []
-  if tuple(data_cfg.crop_scale) == (1.0, 1.0):
+  if data_cfg.get("pair_size", 0):  # MRN: a (target, context) pair cut at a random centre
+    steps.append(transforms.RandomPair(data_cfg.pair_size, data_cfg.context_scale))
+  elif tuple(data_cfg.crop_scale) == (1.0, 1.0):
     steps.append(transforms.Resize(data_cfg.image_size))
   else:
     steps.append(transforms.RandomResizedCropFlip(data_cfg.image_size, data_cfg.crop_scale,
                                                   hflip=False))
   if data_cfg.hflip or data_cfg.get("vflip", False):
     steps.append(transforms.RandomFlip(data_cfg.hflip, data_cfg.get("vflip", False)))
+  if data_cfg.get("blur_p", 0) > 0:
+    steps.append(transforms.RandomGaussianBlur(data_cfg.blur_p, data_cfg.blur_radius))
   if data_cfg.get("randaugment_ops", 0) > 0:
     steps.append(randaugment.RandAugment(data_cfg.randaugment_ops,
                                          data_cfg.randaugment_magnitude))
@@ -125,3 +188,37 @@ def normalize(images, mean, std, dtype=jnp.float32):
   """uint8 (B, H, W, 3) -> (x / 255 - mean) / std in `dtype`, on device."""
   x = images.astype(jnp.float32) / 255.0
   return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
+class ModelInput:
+  """grain map transform: `<key>` = the tile resized to `size` (as the evaluation pipeline does),
+  `image` and `mask` kept at tile size."""
+  random = False
+
+  def __init__(self, key: str, size: int):
+    self.key, self.resize = key, transforms.Resize(size)
+
+  def __call__(self, example: dict) -> dict:
+    return example | {self.key: self.resize({"image": example["image"]})["image"]}
+
+
+def tile_batches(data_cfg, split: str, batch: int, inputs: dict, keys, extra=(), num=None):
+  """Padded batches of a split at tile size plus model inputs `inputs` = {key: size}, read and
+  prepared by grain threads ahead of the device; the last batch repeats its final tile and
+  `valid` marks the real rows. `extra`: more grain map transforms; `num`: only the first tiles."""
+  source = build_source(data_cfg, split)
+  ds = grain.MapDataset.source(source)
+  if num is not None:
+    ds = ds[:num]
+  ds = ds.map(CheckExample(data_cfg, split, "labels" in keys))
+  for key, size in inputs.items():
+    ds = ds.map(ModelInput(key, size))
+  for transform in extra:
+    ds = ds.map(transform)
+  ds = ds.map(_select(keys)).batch(batch, drop_remainder=False)
+  for b in ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
+                                                prefetch_buffer_size=2)):
+    n = len(b[keys[0]])
+    b = {k: np.concatenate([v, np.repeat(v[-1:], batch - n, 0)]) for k, v in b.items()}
+    b["valid"] = np.arange(batch) < n
+    yield b

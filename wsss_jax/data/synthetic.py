@@ -117,8 +117,11 @@ class SyntheticHistology:
 
   def __getitem__(self, index: int) -> dict:
     image, mask, labels = generate_tile(self.seed, self.split, int(index), self.size)
-    return {"image": image, "mask": mask, "labels": labels,
-            "name": f"synthetic/{self.split}/{int(index)}"}
+    return {"image": image, "mask": mask, "labels": labels, "name": self.name(index)}
+
+  def name(self, index: int) -> str:
+    """The example's name without generating it."""
+    return f"synthetic/{self.split}/{int(index)}"
 
   def __repr__(self) -> str:
     return (f"SyntheticHistology(num_images={self.num_images}, split={self.split!r}, "

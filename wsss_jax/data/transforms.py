@@ -4,7 +4,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
+
+
+def mask_keys(example: dict) -> list:
+  """Keys of the per-pixel label maps (`mask`, `mask_<layer>`): cropped and flipped with the image,
+  resized by nearest neighbour."""
+  return [k for k in example if k.startswith("mask")]
+
+
+def image_keys(example: dict) -> list:
+  """Keys of the images (`image` and MRN's `context`)."""
+  return [k for k in ("image", "context") if k in example]
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
@@ -55,12 +66,11 @@ class RandomResizedCropFlip:
     flip = self.hflip and rng.random() < 0.5
     out = dict(example)
     out["image"] = crop_resize(image, box, self.size)
-    if "mask" in example:
-      out["mask"] = crop_resize(example["mask"], box, self.size, Image.NEAREST)
+    for k in mask_keys(example):
+      out[k] = crop_resize(example[k], box, self.size, Image.NEAREST)
     if flip:
-      out["image"] = out["image"][:, ::-1]
-      if "mask" in out:
-        out["mask"] = out["mask"][:, ::-1]
+      for k in ["image"] + mask_keys(out):
+        out[k] = out[k][:, ::-1]
     return out
 
 
@@ -77,8 +87,8 @@ class Resize:
     out = dict(example)
     full = (0, 0) + example["image"].shape[:2]
     out["image"] = crop_resize(example["image"], full, self.size)
-    if "mask" in example:
-      out["mask"] = crop_resize(example["mask"], full, self.size, Image.NEAREST)
+    for k in mask_keys(example):
+      out[k] = crop_resize(example[k], full, self.size, Image.NEAREST)
     return out
 
 
@@ -93,7 +103,84 @@ class RandomFlip:
     out = dict(example)
     for axis, enabled in ((1, self.hflip), (0, self.vflip)):
       if enabled and rng.random() < 0.5:
-        for key in ("image", "mask"):
-          if key in out:
-            out[key] = np.flip(out[key], axis)
+        for key in image_keys(out) + mask_keys(out):
+          out[key] = np.flip(out[key], axis)
     return out
+
+
+class RandomGaussianBlur:
+  """With probability `p`, a Gaussian blur of radius U(0, max_radius) on the image(s) (the
+  multi-layer pseudo-supervision stage-2 augmentation: p 0.5, radius U(0, 1))."""
+  random = True
+
+  def __init__(self, p: float = 0.5, max_radius: float = 1.0):
+    self.p, self.max_radius = p, max_radius
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    if rng.random() >= self.p:
+      return example
+    radius = float(rng.uniform(0, self.max_radius))
+    blur = ImageFilter.GaussianBlur(radius)
+    return example | {k: np.asarray(Image.fromarray(np.ascontiguousarray(example[k])).filter(blur))
+                      for k in image_keys(example)}
+
+
+# --- MRN target / context pairs -------------------------------------------------------------------
+def window(array: np.ndarray, top: int, left: int, size: int, fill) -> np.ndarray:
+  """array[top:top+size, left:left+size], padded with `fill` where it leaves the array."""
+  out = np.full((size, size) + array.shape[2:], fill, array.dtype)
+  h, w = array.shape[:2]
+  t0, l0 = max(top, 0), max(left, 0)
+  t1, l1 = min(top + size, h), min(left + size, w)
+  if t1 > t0 and l1 > l0:
+    out[t0 - top:t1 - top, l0 - left:l1 - left] = array[t0:t1, l0:l1]
+  return out
+
+
+def downsample(image: np.ndarray, factor: int) -> np.ndarray:
+  """Area (box) down-sampling by an integer factor: one pyramid level per factor of 2."""
+  if factor == 1:
+    return image
+  h, w = image.shape[:2]
+  x = image.reshape(h // factor, factor, w // factor, factor, -1).astype(np.float32)
+  return np.round(x.mean(axis=(1, 3))).astype(image.dtype).reshape(
+      (h // factor, w // factor) + image.shape[2:])
+
+
+def cut_pair(example: dict, cy: int, cx: int, size: int, scale: int, fill=255) -> dict:
+  """The target patch (size x size, full resolution) centred at (cy, cx) and its context: the
+  (size * scale)^2 region around the same centre down-sampled by `scale`; masks for the target
+  only. Outside the image, images are filled with `fill` (glass) and masks with 255 (ignored)."""
+  half, chalf = size // 2, size * scale // 2
+  out = {k: v for k, v in example.items() if k not in image_keys(example) + mask_keys(example)}
+  out["image"] = window(example["image"], cy - half, cx - half, size, fill)
+  out["context"] = downsample(window(example["image"], cy - chalf, cx - chalf, size * scale, fill),
+                              scale)
+  for k in mask_keys(example):
+    out[k] = window(example[k], cy - half, cx - half, size, 255)
+  return out
+
+
+class RandomPair:
+  """grain random_map: a (target, context) pair at a random centre whose target lies inside the
+  image."""
+  random = True
+
+  def __init__(self, size: int, scale: int):
+    self.size, self.scale = size, scale
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    h, w = example["image"].shape[:2]
+    half = self.size // 2
+    cy = int(rng.integers(half, max(half, h - (self.size - half)) + 1))
+    cx = int(rng.integers(half, max(half, w - (self.size - half)) + 1))
+    return cut_pair(example, cy, cx, self.size, self.scale)
+
+
+def window_starts(length: int, size: int) -> list:
+  """Starts of windows of `size` covering [0, length): stride `size`, the last one flush with the
+  end (it overlaps its neighbour when length is not a multiple of size)."""
+  if length <= size:
+    return [0]
+  starts = list(range(0, length - size + 1, size))
+  return starts if starts[-1] == length - size else starts + [length - size]

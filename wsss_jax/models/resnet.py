@@ -59,6 +59,7 @@ class ResNet(nn.Module):
   width: float = 1.0
   frozen_bn: bool = False
   dtype: Any = jnp.float32
+  features: tuple = ()  # names from FEATURES: return {name: feature} instead of layer4
 
   @property
   def stem_names(self):
@@ -74,6 +75,7 @@ class ResNet(nn.Module):
     x = conv(c(64), 7, 2, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
     x = nn.relu(norm(name="bn1")(x))
     x = named_feature(self, "stem", x)
+    out = {"stem": x}
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     previous_dilation = 1
     for s, (blocks, (stride, dilation)) in enumerate(zip(DEPTHS[self.depth],
@@ -90,4 +92,5 @@ class ResNet(nn.Module):
                            x, train)
       previous_dilation = dilation
       x = named_feature(self, f"layer{s + 1}", x)
-    return x
+      out[f"layer{s + 1}"] = x
+    return {name: out[name] for name in self.features} if self.features else x

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from wsss_jax.models.layers import batch_norm, conv, named_feature
 
-FEATURES = ("b4_5", "b5_2", "bn7")
+FEATURES = ("b4_5", "b5_2", "bn7")  # named for relevance maps
+STAGE_OUTPUTS = ("b2_2", "b3_2", "b4_5", "b5_2", "bn7")  # what `features` may ask for
 
 
 class ResBlock(nn.Module):
@@ -72,6 +73,7 @@ class ResNet38(nn.Module):
   width: float = 1.0
   frozen_bn: bool = False
   dtype: Any = jnp.float32
+  features: tuple = ()  # names from STAGE_OUTPUTS: return {name: feature} instead of bn7
 
   # stage name prefix -> (blocks, mid, out, stride, dilation, first_dilation)
   STAGES = (("b2", 3, 128, 128, 2, 1, None), ("b3", 3, 256, 256, 2, 1, None),
@@ -87,6 +89,7 @@ class ResNet38(nn.Module):
     c = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
     kw = dict(frozen_bn=self.frozen_bn, dtype=self.dtype)
     x = conv(c(64), 3, dtype=self.dtype, name="conv1a")(x.astype(self.dtype))
+    outputs = {}
     for prefix, blocks, mid, out, stride, dilation, first in self.STAGES:
       for i in range(blocks):
         name = prefix if i == 0 else f"{prefix}_{i}"
@@ -94,7 +97,9 @@ class ResNet38(nn.Module):
                      first if i == 0 else None, name=name, **kw)(x, train)
         if name in FEATURES:
           x = named_feature(self, name, x)
+        outputs[name] = x
     x = BottleneckBlock(c(2048), 4, 0.3, name="b6", **kw)(x, train)
     x = BottleneckBlock(c(4096), 4, 0.5, name="b7", **kw)(x, train)
     x = nn.relu(batch_norm(not train or self.frozen_bn, self.dtype)(name="bn7")(x))
-    return named_feature(self, "bn7", x)
+    outputs["bn7"] = x = named_feature(self, "bn7", x)
+    return {name: outputs[name] for name in self.features} if self.features else x

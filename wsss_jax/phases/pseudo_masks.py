@@ -12,14 +12,13 @@ import concurrent.futures
 import os
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from wsss_jax import masks, metrics, parallel, relevance
-from wsss_jax.data import pipeline, transforms
+from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import maps as maps_phase
 from wsss_jax.phases.classify import prepare_images
@@ -28,36 +27,6 @@ from wsss_jax.writers import MetricWriter
 DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
                   "vit": ()}
 SPLITS = ("train", "val", "test")
-
-
-class ModelInput:
-  """grain map transform: `input` = the tile resized to the classifier's input size (as its
-  evaluation pipeline does), `image` kept at tile size for the background rule and overlays."""
-  random = False
-
-  def __init__(self, size: int):
-    self.resize = transforms.Resize(size)
-
-  def __call__(self, example: dict) -> dict:
-    return example | {"input": self.resize({"image": example["image"]})["image"]}
-
-
-def batches(data, split: str, batch: int, background, keys):
-  """Padded batches of the whole split (the last one repeats its final tile; `valid` marks real
-  rows), read and prepared by grain threads ahead of the device."""
-  source = pipeline.build_source(data, split)
-  ds = (grain.MapDataset.source(source)
-        .map(pipeline.CheckExample(data, split, True))
-        .map(ModelInput(data.image_size))
-        .map(masks.BackgroundMask(background.rule, background.threshold, background.min_size))
-        .map(lambda e: {k: e[k] for k in keys})
-        .batch(batch, drop_remainder=False))
-  for b in ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
-                                                prefetch_buffer_size=2)):
-    n = len(b["name"])
-    b = {k: np.concatenate([v, np.repeat(v[-1:], batch - n, 0)]) for k, v in b.items()}
-    b["valid"] = np.arange(batch) < n
-    yield b
 
 
 def layer_name(path: str) -> str:
@@ -141,7 +110,10 @@ def run(config, workdir: str) -> dict:
   pending, confusion, overlay, seen = [], {}, [], 0
   started, timed, first = time.perf_counter(), 0.0, True
   try:
-    for b in batches(data, config.split, batch, config.background, keys):
+    background = masks.BackgroundMask(config.background.rule, config.background.threshold,
+                                      config.background.min_size)
+    for b in pipeline.tile_batches(data, config.split, batch, {"input": data.image_size}, keys,
+                                   extra=[background]):
       t0 = time.perf_counter()
       images = prepare(parallel.shard_identical(b["input"], mesh))
       labels = jnp.asarray(b["labels"])

@@ -21,10 +21,14 @@ from wsss_jax.errors import UserError
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               best_metric: str | None = None):
+    """best_metric: keep the `max_to_keep` steps with the highest value of this metric (passed
+    to `save`) instead of the latest ones."""
     self.directory = os.path.abspath(directory)
+    best = {} if best_metric is None else dict(best_fn=lambda m: m[best_metric], best_mode="max")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save, **best)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}  # registered up front: metadata reads
     self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
@@ -36,11 +40,15 @@ class Checkpointer:
   def all_steps(self):
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+  def save(self, step: int, state, data_state: dict, meta: dict,
+           metrics: dict | None = None) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
 
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -23,6 +23,7 @@ PHASES = {
     "benchmark": "wsss_jax.phases.benchmark",
     "maps": "wsss_jax.phases.maps",
     "pseudo_masks": "wsss_jax.phases.pseudo_masks",
+    "segment": "wsss_jax.phases.segment",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",

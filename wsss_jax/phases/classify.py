@@ -179,29 +179,42 @@ def build_training(config, mesh) -> Training:
 
 # --- Pretrained initialisation --------------------------------------------------------------------
 def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> ClassifierState:
-  """Copies the matching parameters of `workdir`'s latest checkpoint into `state`.
+  """Copies the matching parameters (and BatchNorm statistics) of `workdir`'s latest checkpoint
+  into `state`.
 
   From an MAE run: the encoder (`params/encoder`) into the ViT. From a classify run: every
-  backbone parameter (the head is kept when the class count matches). Shapes must agree.
+  backbone parameter and statistic (into a classifier or a segmenter whose backbone is the
+  submodule `backbone`). Names and shapes must agree.
   """
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   ckpt = Checkpointer(directory, async_save=False)
   step = ckpt.latest_step() if os.path.isdir(directory) else None
   if step is None:
     raise UserError(f"model.init_from={workdir}: no checkpoint in {directory}")
-  saved, meta = ckpt.restore_params(step, parallel.replicated(mesh))
+  saved, meta = ckpt.restore_fields(step, parallel.replicated(mesh))
   ckpt.close()
   where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
   prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
   if meta.get("phase") == "pretrain" and not isinstance(model, ViTClassifier):
     raise UserError(f"{where}: an MAE checkpoint initialises model.backbone='vit' only")
-  ours = traverse_util.flatten_dict(state.params)
-  theirs = traverse_util.flatten_dict(saved)
+  params = _copy_matching(state.params, saved["params"], prefix, where, required=True)
+  stats = state.batch_stats
+  if state.batch_stats and saved.get("batch_stats"):
+    stats = _copy_matching(state.batch_stats, saved["batch_stats"], prefix, where, required=False)
+  return state.replace(params=params, batch_stats=stats)
+
+
+def _copy_matching(ours_tree, theirs_tree, prefix: tuple, where: str, required: bool):
+  """`ours_tree` with every leaf under `prefix` replaced by the same path of `theirs_tree`."""
+  ours = traverse_util.flatten_dict(ours_tree)
+  theirs = traverse_util.flatten_dict(theirs_tree)
   wanted = [k for k in ours if k[:1] == prefix]
   missing = [k for k in wanted if k not in theirs]
-  if missing:
+  if missing and (required or len(missing) < len(wanted)):
     raise UserError(f"{where} lacks {'/'.join(missing[0])} ({len(missing)} parameters "
                     f"missing): it was written for another model")
+  if missing:
+    return ours_tree
   for k in wanted:
     if theirs[k].shape != ours[k].shape:
       raise UserError(f"{where}: {'/'.join(k)} has shape {theirs[k].shape}, this model "
@@ -209,7 +222,7 @@ def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> Classi
   merged = dict(ours)
   for k in wanted:
     merged[k] = jax.device_put(theirs[k], ours[k].sharding).astype(ours[k].dtype)
-  return state.replace(params=traverse_util.unflatten_dict(merged))
+  return traverse_util.unflatten_dict(merged)
 
 
 # --- Validation -----------------------------------------------------------------------------------

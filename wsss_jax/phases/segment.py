@@ -1,0 +1,330 @@
+"""Segment phase: DeepLabV3+ (or MRN) trained on pseudo masks with multi-layer pseudo-supervision,
+validated every epoch, tested with and without the classification gate.
+
+Sections: losses and the gate (pure functions) -> model, optimiser, jitted steps -> evaluation
+(tiles at their own size; MRN by windows with their context) -> overlays -> the run: resume or
+start (backbone from a classification checkpoint), train with per-epoch validation keeping the
+best-mIoU checkpoint, then test the best one.
+
+The multi-layer pseudo-supervision loss (Han et al. 2022) is sum_l w_l CE(logits, mask_l) over
+the layers' pseudo masks (b4_5 0.2, b5_2 0.2, bn7 0.6); each CE averages over the pixels whose
+mask is a class (background and out-of-image pixels are ignored). The authors instead append a
+constant logit of 100 at background pixels, which gives those pixels a near-zero loss but keeps
+them in the average: their loss is ours scaled by the tissue fraction of each batch.
+
+Classification gate at test time: classes whose classifier probability is <= epsilon (0.1) are
+excluded from the argmax (`gate.mode="exclude"`: logit -> -inf; a tile whose classes all fail
+keeps its ungated logits). The authors multiply the logits by the 0/1 gate (`"multiply"`), which
+does not exclude a class: a zeroed logit still wins wherever the others are negative.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wsss_jax import loop, masks, metrics, optim, parallel
+from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.data import pipeline, transforms
+from wsss_jax.errors import UserError
+from wsss_jax.models.segmentation import MRN, build_segmenter
+from wsss_jax.phases import classify, maps as maps_phase
+from wsss_jax.phases.classify import compute_dtype, prepare_images
+from wsss_jax.train_state import ClassifierState
+
+SUPERVISION = ("pseudo", "full")
+GATE_MODES = ("off", "exclude", "multiply")
+
+
+# --- Loss and gate ------------------------------------------------------------------------------------
+def masked_cross_entropy(logits, labels, num_classes: int):
+  """Mean softmax CE over the pixels whose label is a class (< num_classes); 0 when none is."""
+  valid = labels < num_classes
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(valid, labels, 0).astype(jnp.int32))
+  return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def multilayer_loss(logits, batch, weights: dict, num_classes: int):
+  """(sum_l w_l CE(logits, mask_l), {layer: CE}) over the pseudo masks of the layers."""
+  parts = {layer: masked_cross_entropy(logits, batch[f"mask_{layer}"], num_classes)
+           for layer in weights}
+  return sum(w * parts[layer] for layer, w in weights.items()), parts
+
+
+def gate(logits, probs, mode: str, epsilon: float):
+  """Classification gate on (B, H, W, K) logits with (B, K) classifier probabilities."""
+  if mode == "off":
+    return logits
+  keep = probs > epsilon
+  if mode == "multiply":  # the authors' form
+    return logits * keep[:, None, None, :]
+  keep = jnp.where(keep.any(axis=1, keepdims=True), keep, True)  # never exclude every class
+  return jnp.where(keep[:, None, None, :], logits, -jnp.inf)
+
+
+# --- Model, optimiser, steps -------------------------------------------------------------------------
+def checkpoint_meta(config) -> dict:
+  return {"phase": "segment", "model": {k: v for k, v in config.model.to_dict().items()
+                                        if k != "init_from"},
+          "image_size": config.data.image_size, "num_classes": config.data.num_classes}
+
+
+def param_labels(params):
+  """'backbone' for the backbone / MRN encoder (lr x1), 'head' for the rest (lr x head_lr_mult)."""
+  return {k: jax.tree.map(lambda _: "backbone" if k in ("backbone", "encoder") else "head", v)
+          for k, v in params.items()}
+
+
+def input_size(config) -> int:
+  return config.data.pair_size if config.model.name == "mrn" else config.data.image_size
+
+
+def make_init_fn(model, tx, config):
+  size = input_size(config)
+
+  def init_state():
+    params_rng, dropout_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, context=dummy)
+    state = ClassifierState.create(variables["params"], tx, state_rng)
+    return state.replace(batch_stats=variables.get("batch_stats", {}), mu=jnp.ones((), jnp.float32))
+  return init_state
+
+
+def make_train_step(model, tx, schedule, config):
+  dtype, weights, k = compute_dtype(config), layer_weights(config), config.data.num_classes
+
+  def train_step(state, batch):
+    images = prepare_images(batch["image"], config.data, dtype)
+    context = prepare_images(batch["context"], config.data, dtype) if "context" in batch else None
+
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                    train=True, context=context, mutable=["batch_stats"],
+                                    rngs={"dropout": state.step_rng()})
+      loss, parts = multilayer_loss(logits, batch, weights, k)
+      return loss, (logits, parts, updates)
+
+    (loss, (logits, parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    last = batch[f"mask_{list(weights)[-1]}"]
+    labelled = last < k
+    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+           "train_pixel_accuracy": jnp.sum((jnp.argmax(logits, -1) == last) & labelled)
+           / jnp.maximum(jnp.sum(labelled), 1)}
+    out |= {f"loss/{layer}": v for layer, v in parts.items()}
+    new = state.replace(step=state.step + 1, opt_state=opt_state,
+                        params=optax.apply_updates(state.params, step_updates),
+                        batch_stats=updates["batch_stats"])
+    return new, out
+
+  return train_step
+
+
+def layer_weights(config) -> dict:
+  return dict(zip(config.data.mask_layers, config.loss_weights))
+
+
+class Segmentation:
+  """Model, optimiser, jitted steps and the numbers of steps."""
+
+  def __init__(self, config, mesh):
+    self.model = build_segmenter(config.model, config.data.num_classes, compute_dtype(config))
+    self.steps_per_epoch = classify.steps_per_epoch(config)
+    self.total_steps = classify.total_steps(config, self.steps_per_epoch)
+    tx, schedule = optim.classifier_optimizer(
+        config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
+        config.batch_size, self.total_steps)
+    self.init_state = make_init_fn(self.model, tx, config)
+    self.abstract_state = jax.eval_shape(self.init_state)
+    self.state_sharding = parallel.state_shardings(self.abstract_state, mesh)
+    self.train_step = jax.jit(make_train_step(self.model, tx, schedule, config),
+                              in_shardings=(self.state_sharding, parallel.batch_sharded(mesh)),
+                              out_shardings=(self.state_sharding, parallel.replicated(mesh)),
+                              donate_argnums=0)
+    dtype, data = compute_dtype(config), config.data
+
+    @jax.jit
+    def logits_fn(params, batch_stats, images_u8, context_u8):
+      context = None if context_u8 is None else prepare_images(context_u8, data, dtype)
+      return self.model.apply({"params": params, "batch_stats": batch_stats},
+                              prepare_images(images_u8, data, dtype), context=context)
+    self.logits = logits_fn
+
+
+# --- Evaluation ----------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _scores(logits, probs, truth_valid, num_classes, modes, epsilon):
+  """Tile-size logits -> per gate mode: prediction (B, H, W) and stage-2 confusion matrix."""
+  truth, valid = truth_valid
+  out = {}
+  for mode in modes:
+    pred = jnp.argmax(gate(logits, probs, mode, epsilon), -1)
+    out[mode] = (pred, metrics.device_confusion(pred, truth, num_classes, num_classes, "stage2",
+                                                valid))
+  return out
+
+
+def tile_logits(seg: Segmentation, state, b, config, mesh):
+  """(B, H, W, K) logits at tile size: DeepLab on the resized tile, upsampled; MRN by windows of
+  `pair_size` with their context, stitched (a later window overwrites the overlap)."""
+  if not isinstance(seg.model, MRN):
+    logits = seg.logits(state.params, state.batch_stats,
+                        parallel.shard_identical(b["input"], mesh), None)
+    h, w = b["mask"].shape[1:3] if "mask" in b else b["image"].shape[1:3]
+    return jax.image.resize(logits, (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
+  size, scale = config.data.pair_size, config.data.context_scale
+  n, h, w = b["image"].shape[:3]
+  starts = [(y, x) for y in transforms.window_starts(h, size)
+            for x in transforms.window_starts(w, size)]
+  pairs = [transforms.cut_pair({"image": b["image"][i]}, y + size // 2, x + size // 2, size, scale)
+           for i in range(n) for y, x in starts]
+  targets = np.stack([p["image"] for p in pairs])
+  contexts = np.stack([p["context"] for p in pairs])
+  per = parallel.eval_batch_size(len(pairs), mesh)
+  pad = per - len(pairs)
+  targets = np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
+  contexts = np.concatenate([contexts, np.repeat(contexts[-1:], pad, 0)])
+  out = np.asarray(seg.logits(state.params, state.batch_stats,
+                              parallel.shard_identical(targets, mesh),
+                              parallel.shard_identical(contexts, mesh)))
+  logits = np.zeros((n, h, w, out.shape[-1]), np.float32)
+  for j, (i, (y, x)) in enumerate((i, s) for i in range(n) for s in starts):
+    logits[i, y:y + size, x:x + size] = out[j]
+  return jnp.asarray(logits)
+
+
+def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: int = 0):
+  """Stage-2 scores of `split` for each gate mode ('off' only without a classifier); the first
+  `overlays` tiles' (image, truth, prediction) kept for figures."""
+  k, names = config.data.num_classes, tuple(config.data.class_names)
+  batch = parallel.eval_batch_size(config.eval_batch_size, mesh)
+  inputs = {} if isinstance(seg.model, MRN) else {"input": config.data.image_size}
+  keys = ["image", "mask", "labels", "name"] + list(inputs)
+  modes = ("off",)
+  if classifier is not None:
+    inputs["cls_input"] = classifier["image_size"]
+    keys.append("cls_input")
+    modes = tuple(config.gate.modes)
+  confusion, shown = {m: 0 for m in modes}, []
+  for b in pipeline.tile_batches(config.data, split, batch, inputs, tuple(keys)):
+    logits = tile_logits(seg, state, b, config, mesh)
+    probs = (classifier["predict"](parallel.shard_identical(b["cls_input"], mesh))
+             if classifier is not None else jnp.ones((batch, k)))
+    truth = parallel.shard_identical(b["mask"], mesh)
+    out = _scores(logits, probs, (truth, jnp.asarray(b["valid"])), k, modes, config.gate.epsilon)
+    for m in modes:
+      confusion[m] = confusion[m] + np.asarray(out[m][1], np.int64)
+    for i in range(min(int(b["valid"].sum()), overlays - len(shown))):
+      shown.append((b["image"][i], b["mask"][i], np.asarray(out[modes[-1]][0][i]), b["labels"][i]))
+  return {m: metrics.iou_scores(c, names) for m, c in confusion.items()}, shown
+
+
+def load_gate_classifier(config, mesh):
+  """{'predict': u8 inputs -> probabilities, 'image_size'} of the classifier in `gate.classifier`,
+  or None when the gate is not used."""
+  if not config.gate.classifier_workdir:
+    return None
+  model, variables, meta, _, data = maps_phase.load_classifier(config.gate.classifier_workdir,
+                                                               mesh)
+  if meta["num_classes"] != config.data.num_classes:
+    raise UserError(f"gate.classifier_workdir={config.gate.classifier_workdir}: its checkpoint "
+                    f"has {meta['num_classes']} classes but data.num_classes="
+                    f"{config.data.num_classes}")
+  cls_data = maps_phase.data_config(config, data)
+  cls_data.image_size = meta["image_size"]
+  predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
+      variables, prepare_images(u8, cls_data, jnp.float32))))
+  return {"predict": predict, "image_size": meta["image_size"]}
+
+
+def save_overlays(path: str, shown, palette: list) -> None:
+  """Rows of (image, ground truth, prediction) for test tiles."""
+  from wsss_jax.phases.pseudo_masks import colour, save_overlay
+  rows = [[image, colour(truth, palette), colour(pred, palette)] for image, truth, pred, _ in shown]
+  if rows:
+    save_overlay(path, rows, palette)
+
+
+# --- The run ---------------------------------------------------------------------------------------------
+def validate(config) -> None:
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be a positive integer")
+  if config.supervision not in SUPERVISION:
+    raise UserError(f"supervision={config.supervision!r} is not one of {SUPERVISION}")
+  if config.supervision == "pseudo" and not config.data.masks_dir:
+    raise UserError("supervision='pseudo' needs data.masks_dir (a pseudo_masks workdir's masks/)")
+  if len(config.loss_weights) != len(config.data.mask_layers):
+    raise UserError(f"loss_weights {tuple(config.loss_weights)} and data.mask_layers "
+                    f"{tuple(config.data.mask_layers)} differ in length")
+  for mode in config.gate.modes:
+    if mode not in GATE_MODES:
+      raise UserError(f"gate.modes: {mode!r} is not one of {GATE_MODES}")
+  if len(config.data.class_names) != config.data.num_classes:
+    raise UserError(f"data.class_names has {len(config.data.class_names)} names but "
+                    f"data.num_classes={config.data.num_classes}")
+  pipeline.check_dataset_name(config.data.name)
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  if config.supervision == "full":
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.masks_dir = ""  # MaskedSource reads the ground truth
+  mesh = parallel.make_mesh(config.num_devices)
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  seg = Segmentation(config, mesh)
+  classifier = load_gate_classifier(config, mesh)  # fail fast on a mismatched classifier
+  meta = checkpoint_meta(config)
+  initialize = None
+  if config.model.init_from:
+    initialize = lambda s: classify.load_pretrained(s, config.model.init_from, seg.model, mesh)  # noqa: E731
+  keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
+      f"mask_{layer}" for layer in config.data.mask_layers)
+  job = loop.start_run(config, workdir, seg, meta, local_batch, keys=keys, initialize=initialize)
+  best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False,
+                      best_metric="mIoU")
+  eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
+
+  def validation(step, state):
+    if step % eval_every and step != seg.total_steps:
+      return {}
+    scores = evaluate(seg, state, config, mesh, "val")[0]["off"]
+    best.save(step, state, {}, meta, metrics={"mIoU": scores["mIoU"]})
+    return {f"val/{k}": v for k, v in scores.items()}
+
+  def save(step, state):
+    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
+
+  state, last, timer = loop.train(job, config, train_step=seg.train_step, mesh=mesh,
+                                  total_steps=seg.total_steps, save=save,
+                                  extra_metrics=validation)
+  if best.best_step() is None:  # resumed at the end before any validation was kept
+    validation(seg.total_steps, state)
+  best_step = best.best_step()
+  fields, _ = best.restore_fields(best_step, parallel.replicated(mesh))
+  best.close()
+  best_state = state.replace(**fields)
+  test, shown = evaluate(seg, best_state, config, mesh, config.test_split, classifier,
+                         config.overlays)
+  palette = masks.palette_bytes(config.palette, config.data.num_classes + 1)
+  if parallel.is_main_process():
+    save_overlays(os.path.join(workdir, "overlays", "test.png"), shown, palette)
+  summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
+      "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
+      "steps_per_epoch": seg.steps_per_epoch, "scoring": "stage2",
+      "test_split": config.test_split, "test": test}
+  for mode, s in test.items():
+    print(f"test ({mode} gate): mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
+          f"accuracy {s['accuracy']:.3f}", flush=True)
+  job.writer.summary(summary)
+  job.writer.close()
+  return summary

@@ -95,6 +95,7 @@ def _first_line(e: Exception) -> str:
 
 def check_meta(saved: dict, expected: dict, where: str) -> None:
   """Refuses a checkpoint whose phase or model description differs from the current config."""
+  expected = json.loads(json.dumps(expected))  # tuples -> lists, as the saved JSON has them
   for key in sorted(set(saved) | set(expected)):
     if saved.get(key) != expected.get(key):
       raise UserError(

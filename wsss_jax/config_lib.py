@@ -41,6 +41,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def sibling_config(config_file: str, name: str, arg: str | None = None):
+  """`get_config(arg)` of the config file `<name>.py` next to `config_file` (config files are
+  loaded by path, not imported as a package)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"wsss_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:
   """Fields every phase honours."""
   c = ml_collections.ConfigDict()

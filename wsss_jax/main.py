@@ -6,7 +6,6 @@ config's `phase` field picks the runner. User mistakes end in one `error: ...` l
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -16,15 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from wsss_jax.errors import UserError
-
-PHASES = {
-    "pretrain": "wsss_jax.phases.pretrain",
-    "classify": "wsss_jax.phases.classify",
-    "benchmark": "wsss_jax.phases.benchmark",
-    "maps": "wsss_jax.phases.maps",
-    "pseudo_masks": "wsss_jax.phases.pseudo_masks",
-    "segment": "wsss_jax.phases.segment",
-}
+from wsss_jax.runner import run_phase
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -33,35 +24,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-
-
-def prepare_workdir(workdir: str | None) -> str:
-  """Creates the workdir if needed and checks it is a writable directory."""
-  if not workdir:
-    raise UserError("--workdir is required")
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"--workdir={workdir} exists and is not a directory")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise UserError(f"--workdir={workdir} is not writable")
-  return path
-
-
-def run_phase(config, workdir: str) -> dict:
-  """Dispatches to the runner named by `config.phase`."""
-  phase = config.get("phase")
-  if phase not in PHASES:
-    raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
-  workdir = prepare_workdir(workdir)
-  import jax  # after flags: XLA_FLAGS and distributed init must come first
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  return importlib.import_module(PHASES[phase]).run(config, workdir)
 
 
 def main(argv) -> None:

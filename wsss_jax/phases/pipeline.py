@@ -1,0 +1,122 @@
+"""Pipeline phase: the weakly supervised pipeline end to end in sub-directories of one workdir.
+
+[pretrain ->] classify -> pseudo_masks -> segment (-> segment_full) -> table. Each phase resumes:
+a finished training run only re-validates; pseudo masks are not recomputed when summary.json
+shows they came from the same classifier step and training set.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from wsss_jax import parallel
+from wsss_jax.errors import UserError
+from wsss_jax.writers import MetricWriter
+
+
+def _run(config, workdir: str) -> dict:
+  from wsss_jax.runner import run_phase  # as a single phase: writes config.json
+  return run_phase(config, workdir)
+
+
+def _classifier_step(classify_dir: str) -> int | None:
+  from wsss_jax.checkpoint import Checkpointer
+  directory = os.path.join(classify_dir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory, async_save=False)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step
+
+
+def pseudo_masks_done(pm_dir: str, classify_dir: str, num_train: int) -> dict | None:
+  """The pseudo-mask summary when the masks there are those of the current classifier."""
+  try:
+    with open(os.path.join(pm_dir, "summary.json"), encoding="utf-8") as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if (summary.get("classifier_step") == _classifier_step(classify_dir)
+      and summary.get("num_images") == num_train):
+    return summary
+  return None
+
+
+def table(result: dict) -> str:
+  """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
+  with and without the gate (and of the ground-truth-trained upper bound)."""
+  pm = result.get("pseudo_masks", {}).get("layers", {})
+  names = result["class_names"]
+  lines = ["Pseudo masks (training split, stage-1 scoring):", "",
+           "| layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|"]
+  lines += [f"| {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | {s['accuracy']:.3f} |"
+            for layer, s in pm.items()]
+  lines += ["", f"Segmentation ({result['test_split']} split, stage-2 scoring):", "",
+            "| supervision | gate | mIoU | FwIoU | accuracy | " + " | ".join(names) + " |",
+            "|---" * (5 + len(names)) + "|"]
+  for key in ("segment", "segment_full"):
+    if key not in result:
+      continue
+    for gate, s in result[key]["test"].items():
+      per = " | ".join(f"{s[f'IoU/{c}']:.3f}" for c in names)
+      lines.append(f"| {result[key]['supervision']} | {gate} | {s['mIoU']:.3f} | "
+                   f"{s['FwIoU']:.3f} | {s['accuracy']:.3f} | {per} |")
+  return "\n".join(lines) + "\n"
+
+
+def validate(config) -> None:
+  if config.supervision not in ("pseudo", "full"):
+    raise UserError(f"supervision={config.supervision!r} is not 'pseudo' or 'full'")
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  dirs = {name: os.path.join(workdir, name) for name in
+          ("pretrain", "classify", "pseudo_masks", "segment", "segment_full")}
+  result = {"phase": "pipeline", "workdir": workdir}
+  for section in ("pretrain", "classify", "pseudo_masks", "segment"):
+    with config[section].unlocked():
+      config[section].seed, config[section].num_devices = config.seed, config.num_devices
+
+  if config.run_pretrain:
+    result["pretrain"] = _summary(_run(config.pretrain, dirs["pretrain"]))
+    config.classify.model.init_from = dirs["pretrain"]
+  result["classify"] = _summary(_run(config.classify, dirs["classify"]))
+
+  seg = config.segment
+  with seg.unlocked():
+    seg.gate.classifier_workdir = dirs["classify"]
+    if seg.model.init_from:
+      seg.model.init_from = dirs["classify"]
+    seg.data.num_train = config.classify.data.num_train  # the tiles that have pseudo masks
+  if config.supervision == "pseudo":
+    config.pseudo_masks.classifier_workdir = dirs["classify"]
+    done = pseudo_masks_done(dirs["pseudo_masks"], dirs["classify"],
+                             config.classify.data.num_train)
+    if done is not None:
+      print(f"pseudo masks in {dirs['pseudo_masks']} are current; not recomputed", flush=True)
+    result["pseudo_masks"] = done or _run(config.pseudo_masks, dirs["pseudo_masks"])
+    seg.data.masks_dir = os.path.join(dirs["pseudo_masks"], "masks")
+  result["segment"] = _run(seg, dirs["segment"])
+  if config.upper_bound and config.supervision == "pseudo":
+    full = seg.copy_and_resolve_references()
+    full.supervision = "full"
+    result["segment_full"] = _run(full, dirs["segment_full"])
+
+  result["class_names"] = list(seg.data.class_names)
+  result["test_split"] = seg.test_split
+  text = table(result)
+  print(text, flush=True)
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+      f.write(text)
+  writer = MetricWriter(workdir, parallel.is_main_process())
+  writer.summary(result)
+  writer.close()
+  return result
+
+
+def _summary(s: dict) -> dict:
+  """A phase summary without its bulky per-class fields."""
+  return {k: v for k, v in s.items() if "/" not in k or k.startswith("val/m")}

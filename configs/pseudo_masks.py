@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.target = "logit"
   config.normalize = "joint"     # min-max over the present classes jointly (the authors' rule)
   config.relu = 0                # Grad-CAM without ReLU, as the authors; -1 = method default
+  config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
   config.background = dict(rule=arg.background, threshold=200, min_size=50)
   config.palette = arg.palette   # luad or bcss colours
   config.writer_threads = 4      # PNG encoding and writing overlap the next batch

@@ -172,8 +172,10 @@ def _tiny_pipeline(arg=""):
 def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
   result = pipeline.run(_tiny_pipeline("upper_bound=True"), str(tmp_path))
   text = open(tmp_path / "table.md").read()
-  for row in ("| b4_5 |", "| bn7 |", "| pseudo | off |", "| pseudo | exclude |", "| full | off |"):
+  for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
+              "| pseudo | exclude |", "| full | off |"):
     assert row in text
+  assert Image.open(tmp_path / "overlays.png").size == (4 * 48, 6 * 48)  # 4 columns, 6 tiles
   assert result["segment"]["supervision"] == "pseudo"
   assert result["segment_full"]["supervision"] == "full"
   mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"

@@ -79,12 +79,16 @@ def check_rule(rule: str) -> None:
 
 # --- Masks from maps (on device) ------------------------------------------------------------------
 def pseudo_mask(maps, labels, background, size, background_index: int):
-  """(B, K, h, w) maps -> (B, H, W) uint8 mask at `size` = (H, W).
+  """(B, K, h, w) maps (or a list of them, e.g. one per input scale) -> (B, H, W) uint8 mask at
+  `size` = (H, W).
 
-  maps are resized bilinearly; classes with label 0 cannot win; `background` (B, H, W) bool pixels
-  and tiles without any positive label take `background_index`."""
-  b, k = maps.shape[:2]
-  maps = jax.image.resize(maps.astype(jnp.float32), (b, k) + tuple(size), "bilinear")
+  maps are resized bilinearly (and averaged over the list); classes with label 0 cannot win;
+  `background` (B, H, W) bool pixels and tiles without any positive label take
+  `background_index`."""
+  maps_list = list(maps) if isinstance(maps, (list, tuple)) else [maps]
+  b, k = maps_list[0].shape[:2]
+  maps = sum(jax.image.resize(m.astype(jnp.float32), (b, k) + tuple(size), "bilinear")
+             for m in maps_list) / len(maps_list)
   present = labels > 0
   cls = jnp.argmax(jnp.where(present[:, :, None, None], maps, -jnp.inf), axis=1)
   empty = ~present.any(axis=1)

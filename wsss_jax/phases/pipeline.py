@@ -1,6 +1,8 @@
 """Pipeline phase: the weakly supervised pipeline end to end in sub-directories of one workdir.
 
-[pretrain ->] classify -> pseudo_masks -> segment (-> segment_full) -> table. Each phase resumes:
+[pretrain ->] classify -> pseudo_masks -> segment (-> segment_full) -> pseudo masks of the test
+tiles (scored, and drawn beside the segmenter's predictions in overlays.png) -> table.md. Each
+phase resumes:
 a finished training run only re-validates; pseudo masks are not recomputed when summary.json
 shows they came from the same classifier step and training set.
 """
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 from wsss_jax import parallel
 from wsss_jax.errors import UserError
@@ -30,7 +34,7 @@ def _classifier_step(classify_dir: str) -> int | None:
   return step
 
 
-def pseudo_masks_done(pm_dir: str, classify_dir: str, num_train: int) -> dict | None:
+def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int) -> dict | None:
   """The pseudo-mask summary when the masks there are those of the current classifier."""
   try:
     with open(os.path.join(pm_dir, "summary.json"), encoding="utf-8") as f:
@@ -38,7 +42,7 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_train: int) -> dict | 
   except (OSError, ValueError):
     return None
   if (summary.get("classifier_step") == _classifier_step(classify_dir)
-      and summary.get("num_images") == num_train):
+      and summary.get("num_images") == num_images):
     return summary
   return None
 
@@ -46,12 +50,13 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_train: int) -> dict | 
 def table(result: dict) -> str:
   """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
   with and without the gate (and of the ground-truth-trained upper bound)."""
-  pm = result.get("pseudo_masks", {}).get("layers", {})
   names = result["class_names"]
-  lines = ["Pseudo masks (training split, stage-1 scoring):", "",
-           "| layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|"]
-  lines += [f"| {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | {s['accuracy']:.3f} |"
-            for layer, s in pm.items()]
+  lines = ["Pseudo masks (stage-1 scoring):", "",
+           "| split | layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|---|"]
+  for key in ("pseudo_masks", "pseudo_masks_test"):
+    for layer, s in result.get(key, {}).get("layers", {}).items():
+      lines.append(f"| {result[key]['split']} | {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | "
+                   f"{s['accuracy']:.3f} |")
   lines += ["", f"Segmentation ({result['test_split']} split, stage-2 scoring):", "",
             "| supervision | gate | mIoU | FwIoU | accuracy | " + " | ".join(names) + " |",
             "|---" * (5 + len(names)) + "|"]
@@ -73,7 +78,8 @@ def validate(config) -> None:
 def run(config, workdir: str) -> dict:
   validate(config)
   dirs = {name: os.path.join(workdir, name) for name in
-          ("pretrain", "classify", "pseudo_masks", "segment", "segment_full")}
+          ("pretrain", "classify", "pseudo_masks", "segment", "segment_full",
+           "pseudo_masks_test")}
   result = {"phase": "pipeline", "workdir": workdir}
   for section in ("pretrain", "classify", "pseudo_masks", "segment"):
     with config[section].unlocked():
@@ -99,6 +105,15 @@ def run(config, workdir: str) -> dict:
     result["pseudo_masks"] = done or _run(config.pseudo_masks, dirs["pseudo_masks"])
     seg.data.masks_dir = os.path.join(dirs["pseudo_masks"], "masks")
   result["segment"] = _run(seg, dirs["segment"])
+  if config.supervision == "pseudo":  # the test tiles' own pseudo masks: scores and overlays
+    test_pm = config.pseudo_masks.copy_and_resolve_references()
+    test_pm.split, test_pm.data.num_test = seg.test_split, seg.data.num_test
+    result["pseudo_masks_test"] = (
+        pseudo_masks_done(dirs["pseudo_masks_test"], dirs["classify"], seg.data.num_test)
+        or _run(test_pm, dirs["pseudo_masks_test"]))
+    if parallel.is_main_process():
+      save_overlays(workdir, dirs, result["pseudo_masks_test"]["layers_written"][-1],
+                    test_pm.palette, seg.data.num_classes)
   if config.upper_bound and config.supervision == "pseudo":
     full = seg.copy_and_resolve_references()
     full.supervision = "full"
@@ -115,6 +130,27 @@ def run(config, workdir: str) -> dict:
   writer.summary(result)
   writer.close()
   return result
+
+
+def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
+                  num_classes: int) -> None:
+  """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
+  the segment phase kept."""
+  from wsss_jax import masks
+  from wsss_jax.phases.pseudo_masks import colour, save_overlay
+  path = os.path.join(dirs["segment"], "overlays", "test.npz")
+  if not os.path.exists(path):
+    return
+  shown = np.load(path)
+  palette = masks.palette_bytes(palette_name, num_classes + 1)
+  rows = []
+  for image, truth, pred, name in zip(shown["image"], shown["truth"], shown["prediction"],
+                                      shown["name"]):
+    pm = masks.read_mask(os.path.join(dirs["pseudo_masks_test"], "masks", layer,
+                                      masks.file_stem(str(name)) + ".png"), truth.shape,
+                         num_classes)
+    rows.append([image, colour(truth, palette), colour(pm, palette), colour(pred, palette)])
+  save_overlay(os.path.join(workdir, "overlays.png"), rows, palette)
 
 
 def _summary(s: dict) -> dict:

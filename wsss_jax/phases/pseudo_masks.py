@@ -29,6 +29,13 @@ DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "l
 SPLITS = ("train", "val", "test")
 
 
+def input_sizes(image_size: int, scales) -> list:
+  """Classifier input sizes of the multi-scale maps (scale 1 = the classifier's own size)."""
+  if not scales or min(scales) <= 0:
+    raise UserError(f"scales={tuple(scales)} must be positive factors, e.g. (1.0,) or (1.0, 1.5)")
+  return [max(8, int(round(image_size * s))) for s in scales]
+
+
 def layer_name(path: str) -> str:
   return path.split("/")[-1]
 
@@ -93,12 +100,16 @@ def run(config, workdir: str) -> dict:
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]
-  keys = ("image", "input", "labels", "name", "background") + (("mask",) if has_truth else ())
+  sizes = input_sizes(data.image_size, config.scales)
+  inputs = {f"input_{i}": size for i, size in enumerate(sizes)}
+  keys = ("image", "labels", "name", "background") + tuple(inputs) + (
+      ("mask",) if has_truth else ())
 
   @jax.jit
-  def masks_and_scores(layer_maps, labels, background, truth, valid):
+  def masks_and_scores(scale_maps, labels, background, truth, valid):
     out, conf = {}, {}
-    for layer, m in layer_maps.items():
+    for layer in scale_maps[0]:
+      m = [maps_at_scale[layer] for maps_at_scale in scale_maps]
       out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:], background_index)
       if truth is not None:
         conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
@@ -112,14 +123,13 @@ def run(config, workdir: str) -> dict:
   try:
     background = masks.BackgroundMask(config.background.rule, config.background.threshold,
                                       config.background.min_size)
-    for b in pipeline.tile_batches(data, config.split, batch, {"input": data.image_size}, keys,
-                                   extra=[background]):
+    for b in pipeline.tile_batches(data, config.split, batch, inputs, keys, extra=[background]):
       t0 = time.perf_counter()
-      images = prepare(parallel.shard_identical(b["input"], mesh))
       labels = jnp.asarray(b["labels"])
-      layer_maps = fn.maps(variables, images, labels)
+      scale_maps = [fn.maps(variables, prepare(parallel.shard_identical(b[key], mesh)), labels)
+                    for key in inputs]
       truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
-      out, conf = masks_and_scores(layer_maps, labels, parallel.shard_identical(b["background"], mesh),
+      out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),
                                    truth, jnp.asarray(b["valid"]))
       valid = b["valid"]
       host = {layer_name(k): np.asarray(v)[valid] for k, v in out.items()}  # waits for this batch
@@ -145,6 +155,7 @@ def run(config, workdir: str) -> dict:
   summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(config.classifier_workdir),
              "classifier_step": int(step), "backbone": meta["model"]["backbone"],
              "method": config.method, "split": config.split, "num_images": seen,
+             "scales": list(config.scales),
              "layers_written": [layer_name(k) for k in out], "class_names": list(names),
              "background_rule": config.background.rule, "scoring": "stage1",
              "wall_seconds": time.perf_counter() - started,

@@ -34,6 +34,7 @@ from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
 from wsss_jax.phases import classify, maps as maps_phase
 from wsss_jax.phases.classify import compute_dtype, prepare_images
+from wsss_jax.phases.pseudo_masks import colour, save_overlay
 from wsss_jax.train_state import ClassifierState
 
 SUPERVISION = ("pseudo", "full")
@@ -222,7 +223,8 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
     for m in modes:
       confusion[m] = confusion[m] + np.asarray(out[m][1], np.int64)
     for i in range(min(int(b["valid"].sum()), overlays - len(shown))):
-      shown.append((b["image"][i], b["mask"][i], np.asarray(out[modes[-1]][0][i]), b["labels"][i]))
+      shown.append((b["image"][i], b["mask"][i], np.asarray(out[modes[0]][0][i]), b["labels"][i],
+                    b["name"][i]))
   return {m: metrics.iou_scores(c, names) for m, c in confusion.items()}, shown
 
 
@@ -244,12 +246,18 @@ def load_gate_classifier(config, mesh):
   return {"predict": predict, "image_size": meta["image_size"]}
 
 
-def save_overlays(path: str, shown, palette: list) -> None:
-  """Rows of (image, ground truth, prediction) for test tiles."""
-  from wsss_jax.phases.pseudo_masks import colour, save_overlay
-  rows = [[image, colour(truth, palette), colour(pred, palette)] for image, truth, pred, _ in shown]
-  if rows:
-    save_overlay(path, rows, palette)
+def save_overlays(directory: str, shown, palette: list) -> None:
+  """overlays/test.png: rows of (image, ground truth, prediction) for the first test tiles, and
+  test.npz with the same arrays and the tiles' names (the pipeline adds their pseudo masks)."""
+  if not shown:
+    return
+  rows = [[image, colour(truth, palette), colour(pred, palette)]
+          for image, truth, pred, _, _ in shown]
+  save_overlay(os.path.join(directory, "test.png"), rows, palette)
+  arrays = {k: np.stack([row[i] for row in shown]) for i, k in enumerate(
+      ("image", "truth", "prediction", "labels", "name"))}
+  np.savez_compressed(os.path.join(directory, "test.tmp.npz"), **arrays)
+  os.replace(os.path.join(directory, "test.tmp.npz"), os.path.join(directory, "test.npz"))
 
 
 # --- The run ---------------------------------------------------------------------------------------------
@@ -317,7 +325,7 @@ def run(config, workdir: str) -> dict:
                          config.overlays)
   palette = masks.palette_bytes(config.palette, config.data.num_classes + 1)
   if parallel.is_main_process():
-    save_overlays(os.path.join(workdir, "overlays", "test.png"), shown, palette)
+    save_overlays(os.path.join(workdir, "overlays"), shown, palette)
   summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "steps_per_epoch": seg.steps_per_epoch, "scoring": "stage2",

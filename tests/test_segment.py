@@ -86,7 +86,7 @@ def test_deeplabv3plus_resnet101_has_the_published_parameter_count():
   aspp = (2048 * 256 + bn) + 3 * (2048 * 256 * 9 + bn) + (2048 * 256 + bn) + (1280 * 256 + bn)
   decoder = (256 * 48 + 96) + (304 * 256 * 9 + bn) + (256 * 256 * 9 + bn) + (256 * 4 + 4)
   assert count == trunk + aspp + decoder == 59_339_940
-  logits = model.apply(model.init({"params": jax.random.PRNGKey(0)}, x), x)
+  logits = jax.eval_shape(model.apply, shapes, x)
   assert logits.shape == (1, 64, 64, 4)
 
 
@@ -158,13 +158,14 @@ def test_mrn_trains_on_pairs_and_tests_by_windows(pseudo_dir, tiny_classifier, t
 def _tiny_pipeline(arg=""):
   config = load_config("pipeline", arg)
   cls = config.classify
-  cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 2
+  cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 1
   cls.data.num_train, cls.data.tile_size, cls.data.num_val = 32, 48, 8
   cls.data.num_threads, cls.log_every, cls.async_checkpointing = 1, 4, False
   config.pseudo_masks.batch_size = 8
+  config.pseudo_masks.scales = (1.0, 1.5)
   seg = config.segment
-  seg.model.width, seg.data.image_size, seg.batch_size, seg.num_epochs = 0.0625, 32, 8, 2
-  seg.data.tile_size, seg.data.num_val, seg.data.num_test, seg.data.num_threads = 48, 8, 8, 1
+  seg.model.width, seg.data.image_size, seg.batch_size, seg.num_epochs = 0.0625, 32, 8, 1
+  seg.data.tile_size, seg.data.num_val, seg.data.num_test, seg.data.num_threads = 48, 4, 8, 1
   seg.log_every, seg.async_checkpointing, seg.eval_batch_size = 2, False, 8
   return config
 

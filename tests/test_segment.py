@@ -73,6 +73,21 @@ def test_mrn_context_crop_is_the_targets_field_of_view():
   assert transforms.window_starts(64, 64) == [0]
 
 
+@pytest.mark.parametrize("dilation", [2, 8, 12])
+def test_atrous_conv_equals_the_zero_padded_dilated_convolution(dilation):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 5))
+  module = segmentation.AtrousConv(3, 3, dilation)
+  variables = module.init(jax.random.PRNGKey(1), x)
+  k = variables["params"]["kernel"]
+  padded = np.pad(np.asarray(x), ((0, 0), (dilation,) * 2, (dilation,) * 2, (0, 0)))
+  want = np.zeros((2, 8, 8, 3))
+  for i in range(3):  # direct sum over the 9 taps of the zero-padded input
+    for j in range(3):
+      patch = padded[:, i * dilation:i * dilation + 8, j * dilation:j * dilation + 8]
+      want += np.einsum("bhwc,cd->bhwd", patch, np.asarray(k[i, j]))
+  np.testing.assert_allclose(module.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_deeplabv3plus_resnet101_has_the_published_parameter_count():
   cfg = ml_collections.ConfigDict(dict(name="deeplabv3plus", backbone="resnet101", width=1.0,
                                        output_stride=16, multi_grid=(1, 2, 4),

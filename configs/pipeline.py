@@ -38,7 +38,9 @@ def get_config(arg=None):
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
   config.segment = config_lib.sibling_config(__file__, "segment",
                                              f"supervision={arg.supervision}")
-  if arg.pretrain:  # a ViT's maps come from one token layer; the segmenter starts from scratch
+  if arg.pretrain:  # a ViT's maps come from one token layer at its own input size (fixed
+    # position embeddings: no multi-scale maps); the segmenter starts from scratch
+    config.pseudo_masks.scales = (1.0,)
     config.segment.data.mask_layers = ("norm1",)
     config.segment.loss_weights = (1.0,)
     config.segment.model.init_from = ""

@@ -24,8 +24,6 @@ from wsss_jax.phases import maps as maps_phase
 from wsss_jax.phases.classify import prepare_images
 from wsss_jax.writers import MetricWriter
 
-DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
-                  "vit": ()}
 SPLITS = ("train", "val", "test")
 
 
@@ -92,8 +90,11 @@ def run(config, workdir: str) -> dict:
   num_classes, names = data.num_classes, tuple(data.class_names)
   background_index = num_classes  # palette index after the classes (4 in both releases)
   palette = masks.palette_bytes(config.palette, num_classes + 1)
+  if meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
+    raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
+                    f"size (fixed position embeddings); use scales=(1.0,)")
   method, options = maps_phase.method_options(config.method, config, data)
-  layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
+  layers = tuple(config.layers) or maps_phase.DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
   fn = relevance.relevance_fn(method, model.apply, layers=list(layers) or None, target=config.target,
                               upsample=False, normalize=config.normalize, only_present=True,
                               relu=None if config.relu < 0 else bool(config.relu), **options)

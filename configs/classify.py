@@ -11,10 +11,11 @@ For the ViT, `init=<MAE workdir>` starts from that run's latest checkpoint and `
 trains a linear probe on the frozen encoder.
 """
 from wsss_jax import config_lib
+from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, backbone="resnet38", variant="S/16", width=0.125,
+  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", backbone="resnet38", variant="S/16", width=0.125,
                              image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False)
   vit = arg.backbone == "vit"
@@ -46,4 +47,5 @@ def get_config(arg=None):
   config.mixup_alpha = 0.0             # 0.8 / 1.0 in the MAE fine-tuning recipe
   config.cutmix_alpha = 0.0
   config.label_smoothing = 0.0
+  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

@@ -7,10 +7,11 @@ The defaults are a laptop-sized run (ViT-S/16 at 112 px, a 4-block decoder) that
 2-core CPU in minutes; `:paper=True` gives the paper's model (8-block 512-wide decoder, 224 px).
 """
 from wsss_jax import config_lib
+from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="S/16", image_size=112, batch=32, steps=200,
+  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", variant="S/16", image_size=112, batch=32, steps=200,
                              mask_ratio=0.75, paper=False)
   config = config_lib.common("pretrain")
   config.batch_size = arg.batch
@@ -20,4 +21,5 @@ def get_config(arg=None):
   config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
   config.model = config_lib.mae_model(arg.variant, arg.mask_ratio, arg.paper)
   config.optim = config_lib.mae_optim(arg.steps)
+  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

@@ -9,10 +9,11 @@ Writes masks/<layer>/<tile>.png (palette PNGs, index 4 = background), overlays/p
 summary.json and, when the split has ground truth, table.md with the stage-1 mIoU per layer.
 """
 from wsss_jax import config_lib
+from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, classifier="runs/cls", method="gradcam", split="train",
+  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", classifier="runs/cls", method="gradcam", split="train",
                              background="white", palette="luad", batch=32)
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
@@ -33,4 +34,5 @@ def get_config(arg=None):
   config.data = config_lib.data("synthetic", 0)
   config.data.num_train = 0
   config_lib.relevance_options(config)
+  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

@@ -15,10 +15,11 @@ recipe (ResNet-101, output stride 16, 224 px, batch 20, 30 epochs).
 import ml_collections
 
 from wsss_jax import config_lib
+from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
+  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
                              model="deeplabv3plus", backbone="resnet38", width=0.125,
                              image_size=64, batch=16, epochs=6, num_train=512, init=True,
                              paper=False)
@@ -73,4 +74,5 @@ def get_config(arg=None):
   config.optim = config_lib.classify_optim("resnet38")  # SGD 0.9, lr 0.01 poly 0.9, wd 5e-4, head x10
   config.gate = dict(classifier_workdir=arg.classifier, epsilon=0.1,
                      modes=("off", "exclude", "multiply"))
+  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

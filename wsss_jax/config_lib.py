@@ -72,7 +72,8 @@ def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:
 def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.name = name
-  d.root = ""                 # folder of a dataset on disk (unused by the embedded one)
+  d.root = ""                 # folder of a release (luad_histoseg, bcss_wsss, folder)
+  d.records_dir = ""          # read ArrayRecord shards built from data.root here instead
   d.seed = 0                  # the embedded dataset's generator seed
   d.num_train = 4096
   d.num_val = 64

@@ -14,6 +14,7 @@ PHASES = {
     "pseudo_masks": "wsss_jax.phases.pseudo_masks",
     "segment": "wsss_jax.phases.segment",
     "pipeline": "wsss_jax.phases.pipeline",
+    "dataset": "wsss_jax.phases.dataset",
 }
 
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import masks
-from wsss_jax.data import randaugment, synthetic, transforms
+from wsss_jax.data import folders, randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic",) + tuple(folders.SPECS)
 
 
 def check_dataset_name(name: str) -> None:
@@ -36,8 +36,12 @@ def build_source(data_cfg, split: str):
            "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
     source = synthetic.SyntheticHistology(num, split, seed=data_cfg.seed,
                                           size=data_cfg.tile_size)
+  elif data_cfg.get("records_dir"):  # ArrayRecord shards written by configs/dataset.py
+    from wsss_jax.data import records  # imports tensorflow_datasets: only when used
+    source = records.RecordSource(data_cfg.records_dir, data_cfg.name, split,
+                                  folders.class_names(data_cfg))
   else:
-    raise AssertionError(f"no reader for {data_cfg.name}")  # DATASETS and readers disagree
+    source = folders.folder_source(data_cfg, split)
   if split == "train" and data_cfg.get("mask_layers"):
     source = MaskedSource(source, tuple(data_cfg.mask_layers), data_cfg.get("masks_dir", ""),
                           data_cfg.num_classes)
@@ -146,8 +150,8 @@ def train_dataset(data_cfg, *, seed: int, local_batch: int, process_index: int =
   source = build_source(data_cfg, "train")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) < local_batch:
-    raise UserError(f"data.num_train={len(source)} gives process {process_index} only {len(ds)} "
-                    f"images, fewer than its batch of {local_batch}")
+    raise UserError(f"the training split has {len(source)} images: process {process_index} "
+                    f"gets {len(ds)}, fewer than its batch of {local_batch}")
   ds = ds.shuffle(seed=seed).repeat(None).map(CheckExample(data_cfg, "train", "labels" in keys))
   for i, transform in enumerate(train_transforms(data_cfg)):
     ds = ds.random_map(transform, seed=seed + i) if transform.random else ds.map(transform)

@@ -32,7 +32,8 @@ from wsss_jax.writers import MetricWriter
 
 DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
                   "vit": ()}
-DATA_FIELDS = ("name", "root", "seed", "tile_size", "image_size", "normalize", "mean", "std",
+DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size", "normalize",
+               "mean", "std",
                "num_classes", "class_names")
 
 

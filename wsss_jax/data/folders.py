@@ -1,0 +1,257 @@
+"""Readers for the public WSSS histology releases laid out as folders of PNG tiles.
+
+LUAD-HistoSeg   training tiles `<anything>-[a b c d].png` (0/1 labels separated by spaces) for
+                TE, NEC, LYM, TAS; `val/` and `test/` hold `img/` and `mask/`.
+BCSS-WSSS       training tiles `<anything>+<idx>[abcd].png` (no spaces) for TUM, STR, LYM, NEC.
+folder          either label syntax, any number of classes, names from `data.class_names`.
+
+Ground-truth masks are indexed (palette) PNGs, index K = background (white); an RGB mask is
+mapped back to indices through the dataset's palette. A validation or test tile's label vector is
+the set of classes its mask shows (the releases name those tiles without labels); a training tile's
+comes from its name. Layouts seen in the wild are accepted: `training/` or `train/` (possibly
+`train/img/`), the release's doubled `LUAD-HistoSeg/LUAD-HistoSeg/`, `val/` or `valid/` or
+`validation/`. Every problem is reported naming the file or folder at fault.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from wsss_jax import masks
+from wsss_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# `-[1 0 0 1]` (LUAD-HistoSeg) or `[1101]` (BCSS-WSSS, after `+<idx>`) at the end of the stem.
+_SPACED = re.compile(r"-\[([01](?: [01])*)\]$")
+_PACKED = re.compile(r"\+\d+\[([01]+)\]$")
+_ANY = re.compile(r"\[([01](?: ?[01])*)\]$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  class_names: tuple | None     # None: from data.class_names (the generic reader)
+  label_pattern: re.Pattern
+  label_example: str
+  palette: str                  # a key of masks.PALETTES for RGB ground-truth masks
+  background: str = "white"     # the pseudo-mask background rule (masks.BACKGROUND_RULES)
+  mean: tuple | None = None     # RGB channel statistics in [0, 1] (REFERENCE.md gives them in BGR)
+  std: tuple | None = None
+  extensions: tuple = (".png",)
+
+
+SPECS = {
+    "luad_histoseg": DatasetSpec("luad_histoseg", ("TE", "NEC", "LYM", "TAS"), _SPACED,
+                                 "name-[1 0 0 1].png", "luad", "white",
+                                 (0.7343, 0.5050, 0.6916), (0.1885, 0.2277, 0.1552)),
+    "bcss_wsss": DatasetSpec("bcss_wsss", ("TUM", "STR", "LYM", "NEC"), _PACKED,
+                             "name+0[1101].png", "bcss", "none",
+                             (0.7062, 0.4779, 0.6679), (0.1982, 0.2256, 0.1737)),
+    "folder": DatasetSpec("folder", None, _ANY, "name-[1 0 1].png or name[101].png", "luad",
+                          extensions=IMAGE_EXTENSIONS),
+}
+_TRAIN_DIRS = ("training", "train")
+_SPLIT_DIRS = {"val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+def class_names(data_cfg) -> tuple:
+  """The dataset's class names; a release's fixed names must agree with data.num_classes."""
+  spec = SPECS[data_cfg.name]
+  configured = tuple(data_cfg.get("class_names") or ())
+  if spec.class_names and configured and configured != spec.class_names:
+    raise UserError(f"data.class_names={configured} but {spec.name} has classes "
+                    f"{spec.class_names}; set dataset={spec.name} in the config argument")
+  names = tuple(spec.class_names or configured)
+  if data_cfg.get("num_classes") not in (None, len(names)):
+    raise UserError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.name} has "
+                    f"{len(names)} classes {names}")
+  return names
+
+
+def parse_labels(filename: str, spec: DatasetSpec, num_classes: int) -> np.ndarray:
+  """The multi-label vector (float32, 0/1) written in a training tile's file name."""
+  stem = os.path.splitext(os.path.basename(filename))[0]
+  match = spec.label_pattern.search(stem)
+  if match is None:
+    raise UserError(f"{filename}: the file name carries no label vector in the {spec.name} "
+                    f"convention (expected e.g. {spec.label_example!r})")
+  labels = np.array([int(c) for c in match.group(1).replace(" ", "")], np.float32)
+  if labels.size != num_classes:
+    raise UserError(f"{filename}: the file name has {labels.size} labels but the dataset has "
+                    f"{num_classes} classes")
+  return labels
+
+
+# --- Layout ------------------------------------------------------------------------------------------
+def _subdir(parent: str, names) -> str | None:
+  for name in names:
+    path = os.path.join(parent, name)
+    if os.path.isdir(path):
+      return path
+  return None
+
+
+def dataset_root(root: str) -> str:
+  """The folder that holds the split folders: `root` itself, or a folder one or two levels below
+  it (the release unpacks as `LUAD-HistoSeg/LUAD-HistoSeg/`)."""
+  if not root:
+    raise UserError("data.root is empty; point it at the dataset's folder")
+  if not os.path.isdir(root):
+    raise UserError(f"data.root={root!r} is not a folder")
+  frontier = [root]
+  for _ in range(3):
+    for folder in frontier:
+      if _subdir(folder, _TRAIN_DIRS + _SPLIT_DIRS["val"] + _SPLIT_DIRS["test"]):
+        return folder
+    frontier = [os.path.join(f, d) for f in frontier for d in sorted(os.listdir(f))
+                if os.path.isdir(os.path.join(f, d))]
+  raise UserError(f"data.root={root!r} holds no training/, train/, val/ or test/ folder "
+                  f"(searched two levels down)")
+
+
+def split_folders(root: str, split: str) -> tuple[str, str | None]:
+  """(image folder, mask folder or None) of a split."""
+  base = dataset_root(root)
+  folder = _subdir(base, _TRAIN_DIRS if split == "train" else _SPLIT_DIRS[split])
+  if folder is None:
+    names = _TRAIN_DIRS if split == "train" else _SPLIT_DIRS[split]
+    raise UserError(f"{base} has no {split} split (looked for {'/, '.join(names)}/)")
+  images = _subdir(folder, ("img", "images", "image"))
+  return (images or folder), _subdir(folder, ("mask", "masks", "label", "labels", "gt"))
+
+
+def list_images(folder: str, extensions) -> list[str]:
+  names = sorted(n for n in os.listdir(folder)
+                 if not n.startswith(".") and n.lower().endswith(tuple(extensions)))
+  if not names:
+    raise UserError(f"{folder} holds no image files ({', '.join(extensions)})")
+  return names
+
+
+# --- Files -------------------------------------------------------------------------------------------
+def read_image(path: str) -> np.ndarray:
+  """(H, W, 3) uint8 RGB; a truncated or undecodable file is named in the error."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except FileNotFoundError:
+    raise UserError(f"image {path} is missing") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise UserError(f"image {path} cannot be decoded ({e}); it is truncated or not an image") \
+        from None
+
+
+def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palette: str
+                      ) -> np.ndarray:
+  """(H, W) uint8 class indices of a ground-truth mask: indexed PNGs as they are, RGB masks mapped
+  through the palette (a colour outside it is an error naming the file)."""
+  try:
+    with Image.open(path) as image:
+      mode = image.mode
+      rgb = np.asarray(image.convert("RGB")) if mode not in ("P", "L") else None
+  except (OSError, SyntaxError, ValueError):
+    rgb = None  # read_mask names the problem
+  if rgb is None:
+    return masks.read_mask(path, size, num_classes)
+  if num_classes + 1 > len(masks.PALETTES[palette]):
+    raise UserError(f"mask {path} is an RGB image; with {num_classes} classes masks must be "
+                    f"indexed PNGs of class indices")
+  colours = masks.PALETTES[palette][:num_classes] + ((255, 255, 255),)  # index K = background
+  mask = np.full(rgb.shape[:2], 255, np.uint8)
+  for index, colour in enumerate(colours):
+    mask[(rgb == colour).all(axis=-1)] = index
+  if (mask == 255).any():
+    y, x = np.argwhere(mask == 255)[0]
+    raise UserError(f"mask {path}: colour {tuple(int(v) for v in rgb[y, x])} at ({y}, {x}) is not "
+                    f"in the {palette} palette")
+  if mask.shape != tuple(size):
+    raise UserError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                    f"{size[0]}x{size[1]}")
+  return mask
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """The classes a ground-truth mask shows (background index K excluded)."""
+  present = np.bincount(mask.ravel(), minlength=num_classes + 1)[:num_classes] > 0
+  return present.astype(np.float32)
+
+
+class FolderSource:
+  """Random-access source (grain) of one split: `image`, `labels`, `name`, and `mask` where the
+  split has ground truth. File names are parsed when it is built; pixels are decoded on access,
+  in the grain reader threads."""
+
+  def __init__(self, root: str, split: str, spec: DatasetSpec, names: tuple):
+    self.split, self.spec, self.class_names = split, spec, tuple(names)
+    self.num_classes = len(names)
+    self.image_dir, self.mask_dir = split_folders(root, split)
+    self.files = list_images(self.image_dir, spec.extensions)
+    self.labels = None
+    if not self.num_classes:  # an unlabelled folder (pretraining): images only
+      self.mask_dir = None
+    elif split == "train" or self.mask_dir is None:
+      self.labels = [parse_labels(os.path.join(self.image_dir, f), spec, self.num_classes)
+                     for f in self.files]
+    if self.mask_dir is not None:
+      present = set(os.listdir(self.mask_dir))
+      missing = [f for f in self.files if self._mask_name(f) not in present]
+      if missing and split != "train":
+        raise UserError(f"{len(missing)} of {len(self.files)} images in {self.image_dir} have no "
+                        f"mask in {self.mask_dir}, e.g. {missing[0]}")
+      if missing:
+        self.mask_dir = None  # training tiles without (complete) ground truth
+
+  @staticmethod
+  def _mask_name(filename: str) -> str:
+    return os.path.splitext(filename)[0] + ".png"
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def name(self, index: int) -> str:
+    return os.path.splitext(self.files[int(index)])[0]
+
+  def __getitem__(self, index: int) -> dict:
+    filename = self.files[int(index)]
+    image = read_image(os.path.join(self.image_dir, filename))
+    example = {"image": image, "name": self.name(index)}
+    if self.mask_dir is not None:
+      example["mask"] = read_ground_truth(os.path.join(self.mask_dir, self._mask_name(filename)),
+                                          image.shape[:2], self.num_classes, self.spec.palette)
+    if self.num_classes:
+      example["labels"] = (self.labels[int(index)] if self.labels is not None
+                           else labels_from_mask(example["mask"], self.num_classes))
+    return example
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self.spec.name}, {self.image_dir!r}, {len(self)} images)"
+
+
+def use_dataset(config, name: str, root: str) -> None:
+  """Points a phase config at a release: data.name/root, class names and count, channel
+  statistics, and (where the config has them) the mask palette and background rule."""
+  if name == "synthetic":
+    return
+  if name not in SPECS:
+    raise UserError(f"dataset={name!r} is not one of {('synthetic',) + tuple(SPECS)}")
+  spec, data = SPECS[name], config.data
+  data.name, data.root = name, root
+  if spec.class_names:
+    if "class_names" in data:
+      data.class_names = spec.class_names
+    if "num_classes" in data:
+      data.num_classes = len(spec.class_names)
+  if spec.mean:
+    data.mean, data.std = spec.mean, spec.std
+  if "palette" in config:
+    config.palette = spec.palette
+  if "background" in config:
+    config.background.rule = spec.background
+
+
+def folder_source(data_cfg, split: str) -> FolderSource:
+  return FolderSource(data_cfg.root, split, SPECS[data_cfg.name], class_names(data_cfg))

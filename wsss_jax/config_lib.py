@@ -130,6 +130,7 @@ def classifier_model(backbone: str, variant: str = "S/16", width: float = 1.0,
   m.pool = "cls" if probe else "gap"
   m.linear_probe = probe
   m.drop_path = 0.2
+  m.pos_embed = "sincos"               # ViT; "learned" for timm's supervised checkpoints
   m.init_from = ""
   return m
 

@@ -174,6 +174,7 @@ class VisionTransformer(nn.Module):
   patch_size: int
   image_size: int
   drop_path: float = 0.0
+  pos_embed_kind: str = "sincos"  # "learned": a trained parameter (timm's supervised ViTs)
   dtype: Any = jnp.float32
 
   @classmethod
@@ -196,7 +197,13 @@ class VisionTransformer(nn.Module):
     self.patch_embed = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                                dtype=self.dtype, kernel_init=_patch_embed_init)
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
-    self.pos_embed = jnp.asarray(sincos_2d_posemb(self.width, self.grid_size))[None]
+    table = jnp.asarray(sincos_2d_posemb(self.width, self.grid_size))[None]
+    if self.pos_embed_kind == "learned":  # initialised at the fixed table, then trained
+      self.pos_embed = self.param("pos_embed", lambda _: table)
+    elif self.pos_embed_kind == "sincos":
+      self.pos_embed = table
+    else:
+      raise UserError(f"model.pos_embed={self.pos_embed_kind!r} is not 'sincos' or 'learned'")
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing stochastic depth
     self.blocks = [Block(self.num_heads, self.mlp_dim, float(r), dtype=self.dtype)
                    for r in rates]

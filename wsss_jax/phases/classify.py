@@ -215,6 +215,12 @@ def _copy_matching(ours_tree, theirs_tree, prefix: tuple, where: str, required: 
                     f"missing): it was written for another model")
   if missing:
     return ours_tree
+  # A parameter this model would silently drop (a learned position table, ...) is refused; the
+  # encoder's final LayerNorm is the exception: global-pool heads do not use it (MAE recipe).
+  extra = [k for k in theirs if k[:1] == prefix and k not in ours and k[1:2] != ("norm",)]
+  if extra:
+    raise UserError(f"{where} has {'/'.join(extra[0])} ({len(extra)} parameters), which this "
+                    f"model lacks: it was written for another configuration")
   for k in wanted:
     if theirs[k].shape != ours[k].shape:
       raise UserError(f"{where}: {'/'.join(k)} has shape {theirs[k].shape}, this model "

@@ -213,7 +213,9 @@ def test_stats_phase_counts_and_checks(tmp_path):
   broken = root / "val" / "img" / "tile001.png"
   broken.write_bytes(broken.read_bytes()[:300])
   config = load_config("dataset", f"action=stats,dataset=luad_histoseg,root={root},threads=1")
-  result = runner.run_phase(config, str(tmp_path / "out"))
+  summary = runner.run_phase(config, str(tmp_path / "out"))
+  assert summary["splits"] == {"train": 8, "val": 3, "test": 4} and summary["problems"] == 2
+  result = json.loads((tmp_path / "out" / "stats.json").read_text())
   train = result["splits"]["train"]
   labels = np.stack([w[3] for w in written["train"]])
   assert [v["tiles"] for v in train["label_frequency"].values()] == labels.sum(0).tolist()

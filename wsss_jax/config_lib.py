@@ -74,6 +74,11 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.name = name
   d.root = ""                 # folder of a release (luad_histoseg, bcss_wsss, folder)
   d.records_dir = ""          # read ArrayRecord shards built from data.root here instead
+  d.slide_tile = 224          # slides: tile side in pixels at slide_downsample
+  d.slide_downsample = 1.0    # slides: 1 = full resolution, 2 = half (e.g. 0.25 -> 0.5 mpp)
+  d.slide_stride = 0          # slides: tile grid step in tile pixels (0: the tile side)
+  d.min_tissue = 0.5          # slides: tissue share a tile needs to be kept
+  d.slide_context_scale = 0   # slides: > 1 adds the MRN context at slide_downsample * this
   d.seed = 0                  # the embedded dataset's generator seed
   d.num_train = 4096
   d.num_val = 64

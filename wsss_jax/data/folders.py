@@ -236,8 +236,11 @@ def use_dataset(config, name: str, root: str) -> None:
   statistics, and (where the config has them) the mask palette and background rule."""
   if name == "synthetic":
     return
+  if name == "slides":  # tiles cut from large images (wsss_jax.data.slides): unlabelled
+    config.data.name, config.data.root = name, root
+    return
   if name not in SPECS:
-    raise UserError(f"dataset={name!r} is not one of {('synthetic',) + tuple(SPECS)}")
+    raise UserError(f"dataset={name!r} is not one of {('synthetic', 'slides') + tuple(SPECS)}")
   spec, data = SPECS[name], config.data
   data.name, data.root = name, root
   if spec.class_names:

@@ -19,7 +19,7 @@ from wsss_jax import masks
 from wsss_jax.data import folders, randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
 
-DATASETS = ("synthetic",) + tuple(folders.SPECS)
+DATASETS = ("synthetic", "slides") + tuple(folders.SPECS)
 
 
 def check_dataset_name(name: str) -> None:
@@ -36,6 +36,9 @@ def build_source(data_cfg, split: str):
            "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
     source = synthetic.SyntheticHistology(num, split, seed=data_cfg.seed,
                                           size=data_cfg.tile_size)
+  elif data_cfg.name == "slides":  # tissue tiles cut from large TIFF/PNG images
+    from wsss_jax.data import slides
+    source = slides.slide_source(data_cfg, split)
   elif data_cfg.get("records_dir"):  # ArrayRecord shards written by configs/dataset.py
     from wsss_jax.data import records  # imports tensorflow_datasets: only when used
     source = records.RecordSource(data_cfg.records_dir, data_cfg.name, split,

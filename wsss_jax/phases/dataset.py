@@ -64,9 +64,13 @@ def _release(config, workdir: str):
 
 
 def run_stats(config, workdir: str, data) -> dict:
-  names = folders.class_names(data) if data.name != "synthetic" else synthetic.CLASS_NAMES
+  fixed = {"synthetic": synthetic.CLASS_NAMES, "slides": ()}
+  names = fixed[data.name] if data.name in fixed else folders.class_names(data)
   result, hashes = {"name": data.name, "root": data.root, "splits": {}}, {}
   for split in ("train", "val", "test"):
+    if data.name == "slides" and split != "train" and not os.path.isdir(
+        os.path.join(data.root, split)):
+      continue  # one set of slides: the same tiles would serve every split
     try:
       source = pipeline.build_source(data, split)
     except UserError as e:
@@ -83,7 +87,9 @@ def run_stats(config, workdir: str, data) -> dict:
   with open(os.path.join(workdir, "stats.md"), "w", encoding="utf-8") as f:
     f.write(report)
   print(report)
-  return result
+  return {"splits": {k: v["tiles"] for k, v in result["splits"].items()},
+          "problems": sum(len(v["problems"]) for v in result["splits"].values()),
+          "report": os.path.join(workdir, "stats.md")}
 
 
 def run_build(config, workdir: str, data) -> dict:

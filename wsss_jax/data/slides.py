@@ -127,7 +127,12 @@ class Slide:
         with self._lock:  # one file handle: seek + read must not interleave
           self._tiff.filehandle.seek(page.dataoffsets[index])
           data = self._tiff.filehandle.read(page.databytecounts[index])
-        tile = _rgb(page.decode(data, index, jpegtables=page.jpegtables)[0][0])
+        try:
+          tile = _rgb(page.decode(data, index, jpegtables=page.jpegtables)[0][0])
+        except (ValueError, RuntimeError, OSError) as e:  # a codec missing or a broken tile
+          raise UserError(f"slide {self.path}: tile {index} of level {level} cannot be decoded "
+                          f"({str(e).splitlines()[0][:160]}); JPEG/JPEG 2000 slides need "
+                          f"pip install -e '.[slides]'") from None
         y0, x0 = ty * th, tx * tw
         ya, yb = max(t0, y0), min(t1, y0 + th)
         xa, xb = max(l0, x0), min(l1, x0 + tw)

@@ -124,11 +124,11 @@ def test_bad_files_and_folders_are_named(tmp_path):
   assert str(path) in str(e.value)
   # A validation image without its mask.
   os.remove(tmp_path / "val" / "mask" / "tile001.png")
-  with pytest.raises(UserError, match="1 of 2 images .* have no mask .* tile001.png"):
+  with pytest.raises(UserError, match="(?s)1 bad file.*tile001.png has no mask"):
     pipeline.build_source(cfg, "val")
   # A malformed training name.
   (tmp_path / "training" / "stray.png").write_bytes(b"")
-  with pytest.raises(UserError, match="stray.png: the file name carries no label vector"):
+  with pytest.raises(UserError, match="(?s)2 bad file.*stray.png: the file name carries no"):
     pipeline.build_source(cfg, "train")
   with pytest.raises(UserError, match="holds no training/, train/, val/ or test/"):
     pipeline.build_source(_cfg(str(tmp_path / "training")), "train")
@@ -233,3 +233,44 @@ def test_stats_phase_counts_and_checks(tmp_path):
   report = (tmp_path / "out" / "stats.md").read_text()
   assert "## Check: 2 problem(s)" in report
   assert json.loads((tmp_path / "out" / "stats.json").read_text())["splits"]["val"]["tiles"] == 3
+
+
+def test_strict_and_skip_modes_list_every_bad_file(tmp_path):
+  root = tmp_path / "release"
+  written = write_release(str(root), n_train=6, n_val=4)
+  train = root / "training"
+  good = (train / (written["train"][0][0] + ".png")).read_bytes()
+  (train / "nolabel.png").write_bytes(good)                  # no label vector
+  (train / "short-[1 0 1].png").write_bytes(good)            # three labels for four classes
+  (train / "cut-[1 0 0 1].png").write_bytes(good[:150])      # truncated PNG
+  (train / "dup a-[1 0 0 1].png").write_bytes(good)          # collides with the next once file-safe
+  (train / "dup_a-[1 0 0 1].png").write_bytes(good)
+  _save_indexed(str(root / "val" / "mask" / "tile001.png"), np.zeros((20, 40), np.uint8), "luad")
+  _save_indexed(str(root / "val" / "mask" / "tile002.png"), np.full((40, 40), 7, np.uint8), "luad")
+  for f in (root / "test" / "img").iterdir():
+    f.unlink()
+  cfg = _cfg(str(root))
+  with pytest.raises(UserError) as e:
+    pipeline.build_source(cfg, "train")
+  message = str(e.value)
+  assert message.startswith("4 bad file(s) in the train split")
+  for name, why in (("nolabel.png", "carries no label vector"), ("short-[1 0 1].png", "has 3 labels"),
+                    ("cut-[1 0 0 1].png", "cannot be decoded"),
+                    ("dup_a-[1 0 0 1].png", "collides with 'dup a-[1 0 0 1].png'")):
+    assert any(name in line and why in line for line in message.splitlines()), name
+  with pytest.raises(UserError, match=r"(?s)2 bad file.*tile001.png is 20x40 but its image is 40x40"
+                                      r".*tile002.png has palette index 7"):
+    pipeline.build_source(cfg, "val")
+  with pytest.raises(UserError, match="holds no image files"):
+    pipeline.build_source(cfg, "test")
+  report = tmp_path / "run"
+  report.mkdir()
+  skip = _cfg(str(root), bad_files="skip", report_dir=str(report))
+  source = pipeline.build_source(skip, "train")
+  assert len(source) == 7 and len(source.skipped) == 4  # the 6 tiles and 'dup a'
+  assert sorted(source.name(i) for i in range(len(source)))[:1] == ["dup a-[1 0 0 1]"]
+  listed = (report / "skipped_files_train.txt").read_text().splitlines()
+  assert len(listed) == 4 and any("cut-[1 0 0 1].png" in line for line in listed)
+  assert len(pipeline.build_source(skip, "val")) == 2
+  with pytest.raises(UserError, match="data.bad_files='lenient' is not one of"):
+    pipeline.build_source(_cfg(str(root), bad_files="lenient"), "train")

@@ -74,6 +74,9 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.name = name
   d.root = ""                 # folder of a release (luad_histoseg, bcss_wsss, folder)
   d.records_dir = ""          # read ArrayRecord shards built from data.root here instead
+  d.bad_files = "strict"      # strict: stop listing every bad file; skip: drop and list them
+  d.decode_check = True       # decode every tile when a folder split is opened (cached)
+  d.report_dir = ""           # where skipped_files_<split>.txt goes ("": the workdir)
   d.slide_tile = 224          # slides: tile side in pixels at slide_downsample
   d.slide_downsample = 1.0    # slides: 1 = full resolution, 2 = half (e.g. 0.25 -> 0.5 mpp)
   d.slide_stride = 0          # slides: tile grid step in tile pixels (0: the tile side)

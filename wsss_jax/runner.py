@@ -40,6 +40,8 @@ def run_phase(config, workdir: str) -> dict:
   if phase not in PHASES:
     raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
   workdir = prepare_workdir(workdir)
+  if "data" in config and "report_dir" in config.data and not config.data.report_dir:
+    config.data.report_dir = workdir  # lists of skipped bad files land in the run's workdir
   import jax  # after flags: XLA_FLAGS and distributed init must come first
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

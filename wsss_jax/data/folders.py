@@ -14,7 +14,10 @@ comes from its name. Layouts seen in the wild are accepted: `training/` or `trai
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import re
 
@@ -180,33 +183,103 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
   return present.astype(np.float32)
 
 
+BAD_FILES = ("strict", "skip")
+
+
+def _check_file(source: "FolderSource", filename: str) -> str | None:
+  """Why a tile is unusable (decoding, mask size and indices), or None."""
+  try:
+    source.read(filename, None)
+  except UserError as e:
+    return str(e)
+  return None
+
+
+@functools.lru_cache(maxsize=32)
+def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, split: str,
+          decode: bool, threads: int, stamp: tuple) -> tuple:
+  """(files, labels, problems) of one split, memoised per process (`stamp`: the folders' mtimes,
+  so an edited folder is scanned again). Problems: a name without a parsable label vector or with
+  the wrong length, names that collide once made file-safe (`masks.file_stem`: the pseudo masks
+  of both would be one file), an image without its mask, and with `decode` every tile decoded
+  (truncated or unreadable PNGs, masks of another size or with an index out of range)."""
+  del stamp
+  spec, k = SPECS[spec_name], len(names)
+  files = list_images(image_dir, spec.extensions)
+  problems, labels = {}, {}
+  for f in files:
+    if k and (split == "train" or mask_dir is None):
+      try:
+        labels[f] = parse_labels(os.path.join(image_dir, f), spec, k)
+      except UserError as e:
+        problems[f] = str(e)
+  stems = collections.defaultdict(list)
+  for f in files:
+    stems[masks.file_stem(os.path.splitext(f)[0])].append(f)
+  for group in stems.values():
+    for f in group[1:] if len(group) > 1 else ():
+      problems.setdefault(f, f"{os.path.join(image_dir, f)}: its name collides with "
+                             f"{group[0]!r} (same file-safe name)")
+  if mask_dir is not None and k:
+    present = set(os.listdir(mask_dir))
+    for f in files:
+      if FolderSource.mask_name(f) not in present:
+        problems.setdefault(f, f"{os.path.join(image_dir, f)} has no mask in {mask_dir}")
+  if decode:
+    probe = FolderSource.__new__(FolderSource)
+    probe.image_dir, probe.mask_dir, probe.spec, probe.num_classes = image_dir, mask_dir, spec, k
+    probe.labels = labels
+    todo = [f for f in files if f not in problems]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for f, why in zip(todo, pool.map(lambda f: _check_file(probe, f), todo)):
+        if why:
+          problems[f] = why
+  return tuple(files), labels, tuple((f, problems[f]) for f in files if f in problems)
+
+
 class FolderSource:
   """Random-access source (grain) of one split: `image`, `labels`, `name`, and `mask` where the
-  split has ground truth. File names are parsed when it is built; pixels are decoded on access,
-  in the grain reader threads."""
+  split has ground truth. The split is scanned when the source is built (see `_scan`); with
+  `bad_files='strict'` any problem stops with one message listing every offending file, with
+  'skip' those files are dropped and listed in `skipped` (and in `<report_dir>/skipped_files.txt`)."""
 
-  def __init__(self, root: str, split: str, spec: DatasetSpec, names: tuple):
+  def __init__(self, root: str, split: str, spec: DatasetSpec, names: tuple,
+               bad_files: str = "strict", decode_check: bool = True, threads: int = 4,
+               report_dir: str = ""):
+    if bad_files not in BAD_FILES:
+      raise UserError(f"data.bad_files={bad_files!r} is not one of {BAD_FILES}")
     self.split, self.spec, self.class_names = split, spec, tuple(names)
     self.num_classes = len(names)
     self.image_dir, self.mask_dir = split_folders(root, split)
-    self.files = list_images(self.image_dir, spec.extensions)
-    self.labels = None
     if not self.num_classes:  # an unlabelled folder (pretraining): images only
       self.mask_dir = None
-    elif split == "train" or self.mask_dir is None:
-      self.labels = [parse_labels(os.path.join(self.image_dir, f), spec, self.num_classes)
-                     for f in self.files]
-    if self.mask_dir is not None:
-      present = set(os.listdir(self.mask_dir))
-      missing = [f for f in self.files if self._mask_name(f) not in present]
-      if missing and split != "train":
-        raise UserError(f"{len(missing)} of {len(self.files)} images in {self.image_dir} have no "
-                        f"mask in {self.mask_dir}, e.g. {missing[0]}")
-      if missing:
+    elif split == "train" and self.mask_dir is not None:
+      masked = set(os.listdir(self.mask_dir))
+      if not all(self.mask_name(f) in masked for f in list_images(self.image_dir,
+                                                                  spec.extensions)):
         self.mask_dir = None  # training tiles without (complete) ground truth
+    stamp = tuple(os.stat(d).st_mtime_ns for d in (self.image_dir, self.mask_dir) if d)
+    files, self.labels, problems = _scan(self.image_dir, self.mask_dir, spec.name,
+                                         self.class_names, split, decode_check, threads, stamp)
+    self.skipped = list(problems)
+    if problems and bad_files == "strict":
+      listing = "\n  ".join(why for _, why in problems)
+      raise UserError(f"{len(problems)} bad file(s) in the {split} split of {root} "
+                      f"(data.bad_files='skip' drops them):\n  {listing}")
+    bad = {f for f, _ in problems}
+    self.files = [f for f in files if f not in bad]
+    if problems and report_dir:
+      with open(os.path.join(report_dir, f"skipped_files_{split}.txt"), "w",
+                encoding="utf-8") as out:
+        out.writelines(f"{why}\n" for _, why in problems)
+    if problems:
+      where = os.path.join(report_dir, f"skipped_files_{split}.txt") if report_dir else "unlisted"
+      print(f"skipped {len(problems)} bad file(s) of the {split} split ({where})")
+    if not self.files:
+      raise UserError(f"the {split} split of {root} ({self.image_dir}) has no usable image")
 
   @staticmethod
-  def _mask_name(filename: str) -> str:
+  def mask_name(filename: str) -> str:
     return os.path.splitext(filename)[0] + ".png"
 
   def __len__(self) -> int:
@@ -215,17 +288,19 @@ class FolderSource:
   def name(self, index: int) -> str:
     return os.path.splitext(self.files[int(index)])[0]
 
-  def __getitem__(self, index: int) -> dict:
-    filename = self.files[int(index)]
+  def read(self, filename: str, name: str | None) -> dict:
     image = read_image(os.path.join(self.image_dir, filename))
-    example = {"image": image, "name": self.name(index)}
+    example = {"image": image, "name": name or os.path.splitext(filename)[0]}
     if self.mask_dir is not None:
-      example["mask"] = read_ground_truth(os.path.join(self.mask_dir, self._mask_name(filename)),
+      example["mask"] = read_ground_truth(os.path.join(self.mask_dir, self.mask_name(filename)),
                                           image.shape[:2], self.num_classes, self.spec.palette)
     if self.num_classes:
-      example["labels"] = (self.labels[int(index)] if self.labels is not None
+      example["labels"] = (self.labels[filename] if filename in self.labels
                            else labels_from_mask(example["mask"], self.num_classes))
     return example
+
+  def __getitem__(self, index: int) -> dict:
+    return self.read(self.files[int(index)], self.name(index))
 
   def __repr__(self) -> str:
     return f"FolderSource({self.spec.name}, {self.image_dir!r}, {len(self)} images)"
@@ -257,4 +332,6 @@ def use_dataset(config, name: str, root: str) -> None:
 
 
 def folder_source(data_cfg, split: str) -> FolderSource:
-  return FolderSource(data_cfg.root, split, SPECS[data_cfg.name], class_names(data_cfg))
+  return FolderSource(data_cfg.root, split, SPECS[data_cfg.name], class_names(data_cfg),
+                      data_cfg.get("bad_files", "strict"), data_cfg.get("decode_check", True),
+                      max(1, data_cfg.get("num_threads", 4)), data_cfg.get("report_dir", ""))

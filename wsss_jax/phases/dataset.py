@@ -67,6 +67,8 @@ def run_stats(config, workdir: str, data) -> dict:
   fixed = {"synthetic": synthetic.CLASS_NAMES, "slides": ()}
   names = fixed[data.name] if data.name in fixed else folders.class_names(data)
   result, hashes = {"name": data.name, "root": data.root, "splits": {}}, {}
+  data = data.copy_and_resolve_references()
+  data.bad_files, data.report_dir = "skip", ""  # every problem goes into the report
   for split in ("train", "val", "test"):
     if data.name == "slides" and split != "train" and not os.path.isdir(
         os.path.join(data.root, split)):
@@ -78,9 +80,12 @@ def run_stats(config, workdir: str, data) -> dict:
         raise
       print(f"{split}: skipped ({e})")
       continue
-    result["splits"][split] = stats.split_statistics(
-        source, names, threads=data.num_threads, moments=split == "train", hashes=hashes,
-        split=split)
+    found = stats.split_statistics(source, names, threads=data.num_threads,
+                                   moments=split == "train", hashes=hashes, split=split)
+    skipped = [why for _, why in getattr(source, "skipped", [])]
+    found["tiles"] += len(skipped)
+    found["problems"] = skipped + found["problems"]
+    result["splits"][split] = found
   with open(os.path.join(workdir, "stats.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   report = stats.markdown(result, f"{data.name} ({data.root or 'embedded'})")

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn as tnn
 
+from benchmarks.torch_models import TorchMAE, TorchResNet38
 from wsss_jax import convert
 from wsss_jax.errors import UserError
 from wsss_jax.models import classifier, mae as mae_lib, resnet, resnet38, vit
@@ -76,51 +77,6 @@ def _vit_cfg(info):
 
 
 # --- MAE ---------------------------------------------------------------------------------------------
-class TorchMAE(tnn.Module):
-  """The MAE reference model's layout (timm blocks, fixed sin-cos tables as buffers)."""
-
-  def __init__(self, size=32, patch=8, width=64, depth=2, heads=2, dec_width=32, dec_depth=2,
-               dec_heads=4):
-    super().__init__()
-    from timm.models.vision_transformer import Block, PatchEmbed
-    grid = size // patch
-    self.patch = patch
-    self.patch_embed = PatchEmbed(size, patch, 3, width)
-    self.cls_token = tnn.Parameter(torch.randn(1, 1, width) * 0.02)
-    self.register_buffer("pos_embed", torch.from_numpy(vit.sincos_2d_posemb(width, grid))[None])
-    self.blocks = tnn.ModuleList([Block(width, heads, 4, qkv_bias=True) for _ in range(depth)])
-    self.norm = tnn.LayerNorm(width, eps=1e-6)
-    self.decoder_embed = tnn.Linear(width, dec_width)
-    self.mask_token = tnn.Parameter(torch.randn(1, 1, dec_width) * 0.02)
-    self.register_buffer("decoder_pos_embed",
-                         torch.from_numpy(vit.sincos_2d_posemb(dec_width, grid))[None])
-    self.decoder_blocks = tnn.ModuleList([Block(dec_width, dec_heads, 4, qkv_bias=True)
-                                          for _ in range(dec_depth)])
-    self.decoder_norm = tnn.LayerNorm(dec_width, eps=1e-6)
-    self.decoder_pred = tnn.Linear(dec_width, patch * patch * 3)
-    for b in list(self.blocks) + list(self.decoder_blocks):  # LayerNorms away from (1, 0)
-      for ln in (b.norm1, b.norm2):
-        tnn.init.uniform_(ln.weight, 0.5, 1.5)
-        tnn.init.uniform_(ln.bias, -0.2, 0.2)
-
-  def forward(self, x, ids_shuffle, keep):
-    x = self.patch_embed(x) + self.pos_embed[:, 1:]
-    ids_restore = torch.argsort(ids_shuffle, 1)
-    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
-    cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], 1)
-    for b in self.blocks:
-      x = b(x)
-    x = self.decoder_embed(self.norm(x))
-    fill = self.mask_token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
-    y = torch.cat([x[:, 1:], fill], 1)
-    y = torch.gather(y, 1, ids_restore[..., None].expand(-1, -1, y.shape[-1]))
-    x = torch.cat([x[:, :1], y], 1) + self.decoder_pos_embed
-    for b in self.decoder_blocks:
-      x = b(x)
-    return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-
 def test_mae_encoder_and_decoder_predictions(tmp_path):
   tm = TorchMAE().eval()
   params, _, info, _ = convert.convert(
@@ -219,73 +175,6 @@ def test_torchvision_resnet_features(tmp_path, depth):
 
 
 # --- ResNet38 (the authors' layout) -------------------------------------------------------------------
-class TorchResBlock(tnn.Module):
-  def __init__(self, cin, mid, out, stride=1, first_dilation=None, dilation=1):
-    super().__init__()
-    first = dilation if first_dilation is None else first_dilation
-    self.same_shape = cin == out and stride == 1
-    self.bn_branch2a = tnn.BatchNorm2d(cin)
-    self.conv_branch2a = tnn.Conv2d(cin, mid, 3, stride, first, first, bias=False)
-    self.bn_branch2b1 = tnn.BatchNorm2d(mid)
-    self.conv_branch2b1 = tnn.Conv2d(mid, out, 3, 1, dilation, dilation, bias=False)
-    if not self.same_shape:
-      self.conv_branch1 = tnn.Conv2d(cin, out, 1, stride, bias=False)
-
-  def forward(self, x):
-    y = torch.relu(self.bn_branch2a(x))
-    shortcut = x if self.same_shape else self.conv_branch1(y)
-    y = self.conv_branch2b1(torch.relu(self.bn_branch2b1(self.conv_branch2a(y))))
-    return shortcut + y
-
-
-class TorchBotBlock(tnn.Module):
-  def __init__(self, cin, out, dilation):
-    super().__init__()
-    self.bn_branch2a = tnn.BatchNorm2d(cin)
-    self.conv_branch2a = tnn.Conv2d(cin, out // 4, 1, bias=False)
-    self.bn_branch2b1 = tnn.BatchNorm2d(out // 4)
-    self.conv_branch2b1 = tnn.Conv2d(out // 4, out // 2, 3, 1, dilation, dilation, bias=False)
-    self.bn_branch2b2 = tnn.BatchNorm2d(out // 2)
-    self.conv_branch2b2 = tnn.Conv2d(out // 2, out, 1, bias=False)
-    self.conv_branch1 = tnn.Conv2d(cin, out, 1, bias=False)
-
-  def forward(self, x):
-    y = torch.relu(self.bn_branch2a(x))
-    shortcut = self.conv_branch1(y)
-    y = torch.relu(self.bn_branch2b1(self.conv_branch2a(y)))
-    y = self.conv_branch2b2(torch.relu(self.bn_branch2b2(self.conv_branch2b1(y))))
-    return shortcut + y
-
-
-class TorchResNet38(tnn.Module):
-  """The authors' network at a channel multiplier `w` (1.0: theirs), with the fc8 head."""
-
-  def __init__(self, w=0.0625, classes=4):
-    super().__init__()
-    c = lambda n: max(1, int(round(n * w)))  # noqa: E731
-    self.conv1a = tnn.Conv2d(3, c(64), 3, padding=1, bias=False)
-    cin = c(64)
-    self.names = []
-    for prefix, blocks, mid, out, stride, dilation, first in resnet38.ResNet38.STAGES:
-      for i in range(blocks):
-        name = prefix if i == 0 else f"{prefix}_{i}"
-        setattr(self, name, TorchResBlock(cin, c(mid), c(out), stride if i == 0 else 1,
-                                          first if i == 0 else None, dilation))
-        self.names.append(name)
-        cin = c(out)
-    self.b6 = TorchBotBlock(cin, c(2048), 4)
-    self.b7 = TorchBotBlock(c(2048), c(4096), 4)
-    self.bn7 = tnn.BatchNorm2d(c(4096))
-    self.fc8 = tnn.Conv2d(c(4096), classes, 1, bias=False)
-
-  def forward(self, x):
-    x = self.conv1a(x)
-    for name in self.names:
-      x = getattr(self, name)(x)
-    x = torch.relu(self.bn7(self.b7(self.b6(x))))
-    return x, self.fc8(x.mean((2, 3), keepdim=True)).flatten(1)
-
-
 def test_resnet38_features_and_logits(tmp_path):
   tm = TorchResNet38().eval()
   _randomise_batch_norm(tm)

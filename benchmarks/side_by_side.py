@@ -1,0 +1,118 @@
+"""Train-step throughput of the same networks in JAX (this project) and PyTorch eager, in one run
+on the same machine; prints images/s of both and their ratio, and writes JSON.
+
+  pip install -e '.[test]'      # torch, torchvision, timm
+  python -m benchmarks.side_by_side --models=mae,vit,resnet50,resnet38 --batch=8 --steps=5
+
+PyTorch side: the MAE reference layout (timm blocks, paper decoder) with AdamW, timm's
+VisionTransformer (B/16) with AdamW, torchvision's ResNet-50 and the authors' ResNet38 with PDA
+(mu 0.9) with SGD momentum 0.9 and weight decay, multi-label BCE on random labels. JAX side: the
+benchmark phase (`configs/benchmark.py`) with the same model, batch and size. Both use every core.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from benchmarks import torch_models
+
+MODELS = ("mae", "vit", "resnet50", "resnet38")
+
+
+def torch_step(name: str, batch: int, size: int, variant: str, classes: int = 4):
+  """A closure running one PyTorch train step (forward, loss, backward, optimiser step)."""
+  x = torch.from_numpy(torch_models.numpy_images(batch, size))
+  labels = torch.from_numpy((np.random.default_rng(1).random((batch, classes)) < 0.5)
+                            .astype(np.float32))
+  bce = torch.nn.BCEWithLogitsLoss()
+  if name == "mae":
+    model = torch_models.mae_for_variant(variant, size)
+    loss_fn = lambda: model.loss(x)  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), 1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+  elif name == "vit":
+    import timm
+    arch = {"S": "small", "B": "base", "L": "large"}[variant.split("/")[0]]
+    model = timm.create_model(f"vit_{arch}_patch16_224", pretrained=False, num_classes=classes,
+                              img_size=size, drop_path_rate=0.1)
+    loss_fn = lambda: bce(model(x), labels)  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, betas=(0.9, 0.999), weight_decay=0.05)
+  elif name == "resnet50":
+    import torchvision
+    model = torchvision.models.resnet50(num_classes=classes)
+    loss_fn = lambda: bce(model(x), labels)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
+  elif name == "resnet38":
+    model = torch_models.TorchResNet38(1.0, classes)
+    loss_fn = lambda: bce(model(x, mu=0.9)[1], labels)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
+  else:
+    raise SystemExit(f"--models: {name!r} is not one of {MODELS}")
+  model.train()
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    return float(loss)
+  return step
+
+
+def time_torch(name, batch, size, variant, steps, warmup) -> dict:
+  torch.set_num_threads(os.cpu_count())
+  step = torch_step(name, batch, size, variant)
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  return {"step_time_median": median, "images_per_sec": batch / median}
+
+
+def time_jax(name, batch, size, variant, steps, warmup) -> dict:
+  from wsss_jax import config_lib
+  from wsss_jax.phases import benchmark
+  config = config_lib.sibling_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                  "x.py"), "benchmark",
+                                     f"model={name},variant={variant},batch={batch},"
+                                     f"image_size={size},steps={steps},warmup={warmup}")
+  result = benchmark.benchmark_step(config)
+  return {k: result[k] for k in ("step_time_median", "images_per_sec", "gflops_per_image", "mfu")}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--out", default="side_by_side.json")
+  args = parser.parse_args()
+  rows = []
+  for name in args.models.split(","):
+    jax_r = time_jax(name, args.batch, args.size, args.variant, args.steps, args.warmup)
+    torch_r = time_torch(name, args.batch, args.size, args.variant, args.steps, args.warmup)
+    row = {"model": name, "batch": args.batch, "image_size": args.size,
+           "variant": args.variant if name in ("mae", "vit") else "", "jax": jax_r,
+           "torch": torch_r, "ratio": jax_r["images_per_sec"] / torch_r["images_per_sec"]}
+    rows.append(row)
+    print(f"{name:9s} jax {jax_r['images_per_sec']:8.2f} img/s (MFU {jax_r['mfu']:.1%})   "
+          f"torch {torch_r['images_per_sec']:8.2f} img/s   ratio {row['ratio']:.2f}x", flush=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump({"cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}, f,
+              indent=2)
+
+
+if __name__ == "__main__":
+  main()

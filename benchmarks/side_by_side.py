@@ -7,7 +7,9 @@ on the same machine; prints images/s of both and their ratio, and writes JSON.
 PyTorch side: the MAE reference layout (timm blocks, paper decoder) with AdamW, timm's
 VisionTransformer (B/16) with AdamW, torchvision's ResNet-50 and the authors' ResNet38 with PDA
 (mu 0.9) with SGD momentum 0.9 and weight decay, multi-label BCE on random labels. JAX side: the
-benchmark phase (`configs/benchmark.py`) with the same model, batch and size. Both use every core.
+benchmark phase (`configs/benchmark.py`) with the same model, batch and size. Both use every core,
+or the GPU when there is one (PyTorch: cudnn.benchmark on, channels-last for the ResNets);
+`--bf16` runs JAX in mixed precision and PyTorch under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -25,11 +27,17 @@ from benchmarks import torch_models
 MODELS = ("mae", "vit", "resnet50", "resnet38")
 
 
-def torch_step(name: str, batch: int, size: int, variant: str, classes: int = 4):
+def torch_device() -> torch.device:
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = False,
+               classes: int = 4):
   """A closure running one PyTorch train step (forward, loss, backward, optimiser step)."""
-  x = torch.from_numpy(torch_models.numpy_images(batch, size))
+  device = torch_device()
+  x = torch.from_numpy(torch_models.numpy_images(batch, size)).to(device)
   labels = torch.from_numpy((np.random.default_rng(1).random((batch, classes)) < 0.5)
-                            .astype(np.float32))
+                            .astype(np.float32)).to(device)
   bce = torch.nn.BCEWithLogitsLoss()
   if name == "mae":
     model = torch_models.mae_for_variant(variant, size)
@@ -53,20 +61,26 @@ def torch_step(name: str, batch: int, size: int, variant: str, classes: int = 4)
     opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
   else:
     raise SystemExit(f"--models: {name!r} is not one of {MODELS}")
-  model.train()
+  model.to(device).train()
+  if name.startswith("resnet") and device.type == "cuda":  # the fast layout for cudnn convs
+    model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  opt.load_state_dict(opt.state_dict())  # optimiser state follows the moved parameters
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn()
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
   return step
 
 
-def time_torch(name, batch, size, variant, steps, warmup) -> dict:
+def time_torch(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
   torch.set_num_threads(os.cpu_count())
-  step = torch_step(name, batch, size, variant)
+  torch.backends.cudnn.benchmark = True
+  step = torch_step(name, batch, size, variant, bf16)
   for _ in range(warmup):
     step()
   times = []
@@ -78,13 +92,13 @@ def time_torch(name, batch, size, variant, steps, warmup) -> dict:
   return {"step_time_median": median, "images_per_sec": batch / median}
 
 
-def time_jax(name, batch, size, variant, steps, warmup) -> dict:
+def time_jax(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
   from wsss_jax import config_lib
   from wsss_jax.phases import benchmark
   config = config_lib.sibling_config(os.path.join(os.path.dirname(__file__), "..", "configs",
                                                   "x.py"), "benchmark",
                                      f"model={name},variant={variant},batch={batch},"
-                                     f"image_size={size},steps={steps},warmup={warmup}")
+                                     f"image_size={size},steps={steps},warmup={warmup},bf16={bf16}")
   result = benchmark.benchmark_step(config)
   return {k: result[k] for k in ("step_time_median", "images_per_sec", "gflops_per_image", "mfu")}
 
@@ -97,20 +111,25 @@ def main() -> None:
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--bf16", action="store_true", help="mixed precision on both sides")
   parser.add_argument("--out", default="side_by_side.json")
   args = parser.parse_args()
   rows = []
   for name in args.models.split(","):
-    jax_r = time_jax(name, args.batch, args.size, args.variant, args.steps, args.warmup)
-    torch_r = time_torch(name, args.batch, args.size, args.variant, args.steps, args.warmup)
+    common = (name, args.batch, args.size, args.variant, args.steps, args.warmup, args.bf16)
+    jax_r = time_jax(*common)
+    torch_r = time_torch(*common)
     row = {"model": name, "batch": args.batch, "image_size": args.size,
-           "variant": args.variant if name in ("mae", "vit") else "", "jax": jax_r,
+           "variant": args.variant if name in ("mae", "vit") else "", "bf16": args.bf16,
+           "device": str(torch_device()), "jax": jax_r,
            "torch": torch_r, "ratio": jax_r["images_per_sec"] / torch_r["images_per_sec"]}
     rows.append(row)
     print(f"{name:9s} jax {jax_r['images_per_sec']:8.2f} img/s (MFU {jax_r['mfu']:.1%})   "
           f"torch {torch_r['images_per_sec']:8.2f} img/s   ratio {row['ratio']:.2f}x", flush=True)
   with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}, f,
+    json.dump({"cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "rows": rows}, f,
               indent=2)
 
 

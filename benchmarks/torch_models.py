@@ -143,14 +143,14 @@ class TorchMAE(nn.Module):
     b, _, h, _ = images.shape
     p, length = self.patch, (h // self.patch) ** 2
     keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(torch.rand(b, length), 1)
+    ids_shuffle = torch.argsort(torch.rand(b, length, device=images.device), 1)
     pred = self(images, ids_shuffle, keep)
     target = images.reshape(b, 3, h // p, p, h // p, p).permute(0, 2, 4, 3, 5, 1).reshape(
         b, length, p * p * 3)
     if norm_pix_loss:
       target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True)
                                                             + 1e-6).sqrt()
-    mask = torch.ones(b, length)
+    mask = torch.ones(b, length, device=images.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, torch.argsort(ids_shuffle, 1))
     return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()

@@ -8,7 +8,8 @@
   --config=configs/benchmark.py:model=resnet50,batch=8,relevance=lrp:EpsilonPlusFlat
 
 Times steady-state steps on a device-resident batch and divides XLA's FLOP count by a matmul
-peak measured in the same run. `total_steps` is the number of timed steps.
+peak measured in the same run (`matmul=8192` on large GPUs) and, with bf16=True on a known
+accelerator, by its datasheet peak. `total_steps` is the number of timed steps.
 """
 from wsss_jax import config_lib
 
@@ -16,13 +17,14 @@ from wsss_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
-                             width=1.0, relevance="")
+                             width=1.0, relevance="", matmul=2048,
+                             attention="xla")
   config = config_lib.common("benchmark")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
   config.warmup_steps = arg.warmup
   config.mixed_precision = arg.bf16
-  config.matmul_size = 2048
+  config.matmul_size = arg.matmul  # side of the peak-FLOP/s matmul (8192 on big GPUs)
   config.data = config_lib.data("synthetic", arg.image_size)
   if arg.model == "mae":
     config.model = config_lib.mae_model(arg.variant, 0.75, arg.paper, arg.gather)
@@ -36,6 +38,8 @@ def get_config(arg=None):
     config.optim = config_lib.classify_optim(arg.model)
     config.mixup_alpha = config.cutmix_alpha = config.label_smoothing = 0.0
   config.model.name = arg.model
+  if arg.model in ("mae", "vit"):
+    config.model.attention = arg.attention  # "cudnn" on GPUs
   config.relevance = arg.relevance  # a maps-phase method spec: time maps/s instead of training
   config_lib.relevance_options(config)
   return config

@@ -80,8 +80,9 @@ def test_vit_intermediates_attention_and_tokens():
   np.testing.assert_allclose(out, (last - mu) / np.sqrt(var + 1e-6) * scale + bias, atol=1e-4)
 
 
-def test_attention_matches_numpy():
-  model = vit.Attention(num_heads=2)
+@pytest.mark.parametrize("implementation", ["xla", "jax"])
+def test_attention_matches_numpy(implementation):
+  model = vit.Attention(num_heads=2, implementation=implementation)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
   params = model.init(jax.random.PRNGKey(1), x)["params"]
   got = model.apply({"params": params}, x)
@@ -125,3 +126,8 @@ def test_drop_path_identity_when_deterministic_and_scaled_when_training():
   kept = np.asarray(y[:, 0] != 0)
   assert 0.4 < kept.mean() < 0.6
   np.testing.assert_allclose(np.asarray(y)[kept], 2.0)  # survivors scaled by 1 / keep
+
+
+def test_unknown_attention_implementation_is_refused():
+  with pytest.raises(UserError, match="model.attention='flash'.*'cudnn'"):
+    vit.VisionTransformer.from_variant("Ti/16", 32, attention="flash")

@@ -109,6 +109,7 @@ def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
   m.decoder_depth = 8 if paper else 4
   m.decoder_heads = 16 if paper else 8
   m.gather = gather                 # "take" (take_along_axis) or "onehot" (einsum)
+  m.attention = "xla"               # "cudnn": fused flash attention (GPU, bf16)
   return m
 
 
@@ -139,6 +140,7 @@ def classifier_model(backbone: str, variant: str = "S/16", width: float = 1.0,
   m.linear_probe = probe
   m.drop_path = 0.2
   m.pos_embed = "sincos"               # ViT; "learned" for timm's supervised checkpoints
+  m.attention = "xla"                  # ViT; "cudnn": fused flash attention (GPU, bf16)
   m.init_from = ""
   return m
 

@@ -113,8 +113,8 @@ class MaskedAutoencoder(nn.Module):
                                  (1, 1, self.decoder_width))
     self.decoder_pos_embed = jnp.asarray(
         sincos_2d_posemb(self.decoder_width, enc.grid_size))[None]
-    self.decoder_blocks = [Block(self.decoder_heads, 4 * self.decoder_width, dtype=self.dtype)
-                           for _ in range(self.decoder_depth)]
+    self.decoder_blocks = [Block(self.decoder_heads, 4 * self.decoder_width, dtype=self.dtype,
+                                 attention=enc.attention) for _ in range(self.decoder_depth)]
     self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.decoder_pred = nn.Dense(enc.patch_size**2 * 3, dtype=self.dtype,
                                  kernel_init=_dense_init)
@@ -153,7 +153,8 @@ def build_mae(model_cfg, image_size: int, dtype=jnp.float32) -> MaskedAutoencode
   if model_cfg.decoder_width % model_cfg.decoder_heads:
     raise UserError(f"model.decoder_width={model_cfg.decoder_width} is not divisible by "
                     f"model.decoder_heads={model_cfg.decoder_heads}")
-  encoder = VisionTransformer.from_variant(model_cfg.variant, image_size, dtype=dtype)
+  encoder = VisionTransformer.from_variant(model_cfg.variant, image_size, dtype=dtype,
+                                           attention=model_cfg.get("attention", "xla"))
   return MaskedAutoencoder(
       encoder=encoder, decoder_width=model_cfg.decoder_width,
       decoder_depth=model_cfg.decoder_depth, decoder_heads=model_cfg.decoder_heads,

@@ -93,6 +93,9 @@ class DropPath(nn.Module):
 _dense_init = nn.initializers.xavier_uniform()
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention.
 
@@ -100,16 +103,26 @@ class Attention(nn.Module):
   tokens) are computed explicitly and sown for relevance maps. Otherwise the normalisation is
   applied after the value product, softmax(l) v = (exp(l - max) v) / sum exp(l - max), which
   divides a (.., tokens, head_dim) tensor instead of a (.., tokens, tokens) one (BENCHMARKS.md).
+  `implementation="jax"` calls `jax.nn.dot_product_attention` (which picks its own kernel) and
+  "cudnn" forces cuDNN's fused (flash) attention through it: GPU, bf16/fp16 only.
   """
   num_heads: int
   dtype: Any = jnp.float32
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
-    q, k, v = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, head_dim), (2, 0, 3, 1, 4))
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    if self.implementation != "xla" and not self.is_mutable_collection("intermediates"):
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation=None if self.implementation == "jax"
+                                         else self.implementation)
+      return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
+          out.reshape(b, n, d))
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
     if self.is_mutable_collection("intermediates"):
       weights = jax.nn.softmax(logits, axis=-1)
@@ -144,11 +157,12 @@ class Block(nn.Module):
   mlp_dim: int
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = "xla"  # Attention.implementation
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     y = named_feature(self, "norm1", nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
-    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
+    y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
@@ -176,10 +190,14 @@ class VisionTransformer(nn.Module):
   drop_path: float = 0.0
   pos_embed_kind: str = "sincos"  # "learned": a trained parameter (timm's supervised ViTs)
   dtype: Any = jnp.float32
+  attention: str = "xla"  # "cudnn": fused attention on GPUs (Attention)
 
   @classmethod
   def from_variant(cls, variant: str, image_size: int, **kwargs) -> "VisionTransformer":
     spec = parse_variant(variant)
+    if kwargs.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
+      raise UserError(f"model.attention={kwargs['attention']!r} is not one of "
+                      f"{ATTENTION_IMPLEMENTATIONS}")
     if image_size % spec.patch_size:
       raise UserError(
           f"data.image_size={image_size} is not divisible by the patch size {spec.patch_size} "
@@ -205,8 +223,8 @@ class VisionTransformer(nn.Module):
     else:
       raise UserError(f"model.pos_embed={self.pos_embed_kind!r} is not 'sincos' or 'learned'")
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing stochastic depth
-    self.blocks = [Block(self.num_heads, self.mlp_dim, float(r), dtype=self.dtype)
-                   for r in rates]
+    self.blocks = [Block(self.num_heads, self.mlp_dim, float(r), dtype=self.dtype,
+                         attention=self.attention) for r in rates]
     self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
 
   def patch_tokens(self, images):

@@ -8,11 +8,13 @@ Input is a fixed device-resident batch: this measures the step, not the input pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 
 from wsss_jax import parallel
@@ -56,21 +58,59 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def _flops(cost) -> float:
+def xla_cost_flops(compiled) -> float:
+  """FLOPs of the compiled per-device program by XLA's cost analysis (NaN when unavailable).
+
+  GPU backends leave most cuBLAS/cuDNN custom calls out of it (an H100 ViT-B/16 train step read
+  10 GFLOPs per image instead of 105), so MFU uses `jaxpr_flops` instead; this is reported beside.
+  """
+  cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per module
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def global_flops(lowered, compiled, num_devices: int) -> float:
-  """FLOPs of one call over all devices, from XLA's cost analysis of the program as lowered.
+def _dot_general_flops(eqn) -> int:
+  (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract_lhs)
 
-  The lowered (unpartitioned, unoptimised) program is used because GPU backends count no FLOPs
-  for the cuBLAS/cuDNN custom calls of the compiled one (an H100 ViT-B/16 step read 10 GFLOPs
-  per image instead of 105); the compiled per-device count is the fallback.
-  """
-  flops = _flops(lowered.cost_analysis())
-  return flops if flops == flops and flops > 0 else _flops(compiled.cost_analysis()) * num_devices
+
+def _conv_flops(eqn) -> int:
+  """2 x output size x (kernel input features x kernel window) / input dilation; also right for
+  the gradient convolutions (the weight gradient's "kernel" is the output cotangent; the input
+  gradient of a strided conv dilates its input, whose inserted zeros cost nothing)."""
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+  rhs = eqn.invars[1].aval.shape
+  window = math.prod(rhs[d] for d in rhs_spec[1:])
+  dilation = math.prod(eqn.params["lhs_dilation"] or (1,))
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * window // dilation
+
+
+def jaxpr_flops(jaxpr) -> int:
+  """Matmul and convolution FLOPs of a (closed) jaxpr over global shapes: the model-FLOPs count
+  of MFU, independent of the backend. Sub-jaxprs are walked (scan bodies times their length,
+  the largest branch of a cond, while bodies once)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_general_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    subs = [v for p in eqn.params.values() for v in (p if isinstance(p, (tuple, list)) else (p,))
+            if isinstance(v, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
+    if not subs:
+      continue
+    counts = [jaxpr_flops(sub) for sub in subs]
+    if name == "cond":
+      total += max(counts)
+    elif name == "scan":
+      total += sum(counts) * eqn.params["length"]
+    else:
+      total += sum(counts)
+  return total
 
 
 def _training(config, mesh):
@@ -94,10 +134,9 @@ def benchmark_step(config) -> dict:
   size = config.data.image_size
   batch = jax.device_put(batch, parallel.batch_sharded(mesh))
   t0 = time.perf_counter()
-  lowered = t.train_step.lower(state, batch)
-  compiled = lowered.compile()
+  compiled = t.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  flops_per_device = global_flops(lowered, compiled, n_dev) / n_dev
+  flops_per_device = jaxpr_flops(jax.make_jaxpr(t.train_step)(state, batch)) / n_dev
 
   for _ in range(config.warmup_steps):
     state, metrics = compiled(state, batch)
@@ -129,6 +168,7 @@ def benchmark_step(config) -> dict:
       "images_per_sec": config.batch_size / step_s,
       "images_per_sec_per_device": config.batch_size / step_s / n_dev,
       "gflops_per_image": flops_per_device * n_dev / config.batch_size / 1e9,
+      "xla_cost_gflops_per_image": xla_cost_flops(compiled) * n_dev / config.batch_size / 1e9,
       "matmul_peak_gflops_per_device": peak / 1e9,
       "achieved_gflops_per_device": achieved / 1e9,
       "mfu": achieved / peak,
@@ -155,8 +195,8 @@ def benchmark_maps(config) -> dict:
   name, options = maps.method_options(config.relevance, config, config.data)
   fn = relevance.relevance_fn(name, t.model.apply, **options)
   t0 = time.perf_counter()
-  lowered = fn.jitted(variables, images).lower(variables, images, None)
-  compiled = lowered.compile()
+  jitted = fn.jitted(variables, images)
+  compiled = jitted.lower(variables, images, None).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(config.warmup_steps):
     jax.block_until_ready(compiled(variables, images, None))
@@ -170,7 +210,7 @@ def benchmark_maps(config) -> dict:
           "call_time_median": step_s, "call_time_p10": float(np.percentile(times, 10)),
           "call_time_p90": float(np.percentile(times, 90)),
           "maps_per_sec": config.batch_size * k / step_s,
-          "gflops_per_call": global_flops(lowered, compiled, mesh.devices.size) / 1e9}
+          "gflops_per_call": jaxpr_flops(jax.make_jaxpr(jitted)(variables, images, None)) / 1e9}
 
 
 def run(config, workdir: str) -> dict:

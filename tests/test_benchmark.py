@@ -1,5 +1,7 @@
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import load_config
 
@@ -40,3 +42,25 @@ def test_benchmark_times_the_classifiers(model, tmp_path):
   assert result["model"] == model and result["gflops_per_image"] > 0
   assert result["pda"] is (model != "vit")
   assert result["images_per_sec"] == pytest.approx(4 / result["step_time_median"])
+
+
+def test_jaxpr_flops_match_closed_forms():
+  """Matmul and convolution FLOPs by hand, through jit, remat, scan and a train-step gradient."""
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+  assert benchmark.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 4 * 8 * 16
+
+  def conv(img, kernel, stride):
+    return jax.lax.conv_general_dilated(img, kernel, (stride, stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  img, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  forward = 2 * (2 * 4 * 4 * 5) * (3 * 3 * 3)  # output size x window, stride 2
+  assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda a, k: conv(a, k, 2))(img, kernel)) == forward
+  # Gradient w.r.t. kernel and input: each costs as much as the forward pass (the input gradient
+  # of the strided conv dilates the cotangent; its zeros are not counted).
+  grad = jax.make_jaxpr(jax.grad(lambda a, k: conv(a, k, 2).sum(), argnums=(0, 1)))(img, kernel)
+  assert benchmark.jaxpr_flops(grad) == 3 * forward
+
+  def body(carry, _):
+    return jax.checkpoint(lambda c: c @ jnp.ones((8, 8)))(carry), None
+  scanned = jax.make_jaxpr(jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0]))(x)
+  assert benchmark.jaxpr_flops(scanned) == 5 * 2 * 4 * 8 * 8

@@ -7,9 +7,9 @@
   --config=configs/benchmark.py:model=resnet50,batch=8,relevance=gradcam   (maps/s, 4 classes)
   --config=configs/benchmark.py:model=resnet50,batch=8,relevance=lrp:EpsilonPlusFlat
 
-Times steady-state steps on a device-resident batch and divides XLA's FLOP count by a matmul
-peak measured in the same run (`matmul=8192` on large GPUs) and, with bf16=True on a known
-accelerator, by its datasheet peak. `total_steps` is the number of timed steps.
+Times steady-state steps on a device-resident batch and divides the step's matmul and
+convolution FLOPs (counted from its jaxpr) by a matmul peak measured in the same run
+(`matmul=8192` on large GPUs) and, with bf16=True on a known accelerator, by its datasheet peak. `total_steps` is the number of timed steps.
 """
 from wsss_jax import config_lib
 

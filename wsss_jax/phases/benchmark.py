@@ -134,9 +134,10 @@ def benchmark_step(config) -> dict:
   size = config.data.image_size
   batch = jax.device_put(batch, parallel.batch_sharded(mesh))
   t0 = time.perf_counter()
-  compiled = t.train_step.lower(state, batch).compile()
+  traced = t.train_step.trace(state, batch)  # one trace serves the FLOP count and the compile
+  compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
-  flops_per_device = jaxpr_flops(jax.make_jaxpr(t.train_step)(state, batch)) / n_dev
+  flops_per_device = jaxpr_flops(traced.jaxpr) / n_dev
 
   for _ in range(config.warmup_steps):
     state, metrics = compiled(state, batch)
@@ -158,6 +159,7 @@ def benchmark_step(config) -> dict:
              else f"width {config.model.width}", "pda": bool(config.pda.enabled)}
   kind = jax.devices()[0].device_kind
   sheet = datasheet_peak(kind) if config.mixed_precision else None
+  memory = peak_memory_bytes()
   return {
       "model": config.model.name, **model, "image_size": size,
       "batch_size": config.batch_size, "mixed_precision": bool(config.mixed_precision),
@@ -173,7 +175,7 @@ def benchmark_step(config) -> dict:
       "achieved_gflops_per_device": achieved / 1e9,
       "mfu": achieved / peak,
       "mfu_datasheet": achieved / sheet if sheet else None,
-      "peak_memory_gib": (peak_memory_bytes() or 0) / 2**30,
+      "peak_memory_gib": None if memory is None else memory / 2**30,
       "final_loss": float(metrics["loss"]),
   }
 
@@ -195,8 +197,8 @@ def benchmark_maps(config) -> dict:
   name, options = maps.method_options(config.relevance, config, config.data)
   fn = relevance.relevance_fn(name, t.model.apply, **options)
   t0 = time.perf_counter()
-  jitted = fn.jitted(variables, images)
-  compiled = jitted.lower(variables, images, None).compile()
+  traced = fn.jitted(variables, images).trace(variables, images, None)
+  compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
   for _ in range(config.warmup_steps):
     jax.block_until_ready(compiled(variables, images, None))
@@ -210,7 +212,7 @@ def benchmark_maps(config) -> dict:
           "call_time_median": step_s, "call_time_p10": float(np.percentile(times, 10)),
           "call_time_p90": float(np.percentile(times, 90)),
           "maps_per_sec": config.batch_size * k / step_s,
-          "gflops_per_call": jaxpr_flops(jax.make_jaxpr(jitted)(variables, images, None)) / 1e9}
+          "gflops_per_call": jaxpr_flops(traced.jaxpr) / 1e9}
 
 
 def run(config, workdir: str) -> dict:

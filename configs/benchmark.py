@@ -7,6 +7,9 @@
   --config=configs/benchmark.py:model=resnet50,batch=8,relevance=gradcam   (maps/s, 4 classes)
   --config=configs/benchmark.py:model=resnet50,batch=8,relevance=lrp:EpsilonPlusFlat
 
+`profile=True` also traces three steps into <workdir>/profile (TensorBoard/xprof) and prints
+and writes (profile_summary.json) the device time per step by op, kernel and category.
+
 Times steady-state steps on a device-resident batch and divides the step's matmul and
 convolution FLOPs (counted from its jaxpr) by a matmul peak measured in the same run
 (`matmul=8192` on large GPUs) and, with bf16=True on a known accelerator, by its datasheet peak. `total_steps` is the number of timed steps.
@@ -18,12 +21,13 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
                              width=1.0, relevance="", matmul=2048,
-                             attention="xla")
+                             attention="xla", profile=False)
   config = config_lib.common("benchmark")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
   config.warmup_steps = arg.warmup
   config.mixed_precision = arg.bf16
+  config.profile = arg.profile  # trace 3 steps to <workdir>/profile, print device time by op
   config.matmul_size = arg.matmul  # side of the peak-FLOP/s matmul (8192 on big GPUs)
   config.data = config_lib.data("synthetic", arg.image_size)
   if arg.model == "mae":

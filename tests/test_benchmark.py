@@ -64,3 +64,19 @@ def test_jaxpr_flops_match_closed_forms():
     return jax.checkpoint(lambda c: c @ jnp.ones((8, 8)))(carry), None
   scanned = jax.make_jaxpr(jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0]))(x)
   assert benchmark.jaxpr_flops(scanned) == 5 * 2 * 4 * 8 * 8
+
+
+def test_profile_summary_attributes_device_time_to_ops(tmp_path):
+  """A traced matmul-heavy step: its device time is mostly matmul, shares sum to at most 1."""
+  a = jnp.ones((384, 384))
+  step = jax.jit(lambda a: jnp.tanh(a @ a @ a).sum())
+  step(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(2):
+      step(a).block_until_ready()
+  summary = benchmark.profile_summary(str(tmp_path), steps=2)
+  assert summary["device_busy_ms_per_step"] > 0
+  shares = {row["name"]: row["share"] for row in summary["categories"]}
+  assert max(shares, key=shares.get) == "matmul"
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert benchmark.profile_summary(str(tmp_path / "nothing"), steps=1) == {}

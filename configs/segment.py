@@ -12,8 +12,6 @@ upper bound of the weakly supervised result. The defaults match configs/classify
 laptop-sized ResNet38 (1/8 width, 64 px inputs of 224 px tiles); `:paper=True` is the published
 recipe (ResNet-101, output stride 16, 224 px, batch 20, 30 epochs).
 """
-import ml_collections
-
 from wsss_jax import config_lib
 from wsss_jax.data import folders
 
@@ -53,23 +51,11 @@ def get_config(arg=None):
   config.data.pair_size = 0             # MRN: target patch size (context: the same size)
   config.data.context_scale = 2         # MRN: context resolution factor
 
-  m = config.model = ml_collections.ConfigDict()
-  m.name = arg.model                    # deeplabv3plus or mrn
-  m.backbone = "resnet101" if arg.paper else arg.backbone  # resnet50, resnet101, resnet38
-  m.width = 1.0 if arg.paper else arg.width
-  m.output_stride = 16                  # ResNet-50/101 (ResNet38 is 8)
-  m.multi_grid = (1, 2, 4)
-  m.aspp_rates = (6, 12, 18)            # at output stride 16; doubled at 8
-  m.mrn_depth = 4
-  m.context_scale = 2
-  m.mrn_upsample = "transposed"         # or bilinear
-  m.init_from = arg.classifier if arg.init and not arg.paper else ""
+  m = config.model = config_lib.segment_model(arg.model, arg.backbone, arg.width, arg.paper)
+  m.init_from = arg.classifier if arg.init and not arg.paper and arg.model != "mrn" else ""
   if arg.model == "mrn":
     config.data.pair_size = 64 if not arg.paper else 512
     config.data.image_size = config.data.pair_size
-    m.width = 0.25 if not arg.paper else 1.0
-    m.mrn_depth = 3 if not arg.paper else 4
-    m.init_from = ""                    # the U-Net has no classification counterpart
 
   config.optim = config_lib.classify_optim("resnet38")  # SGD 0.9, lr 0.01 poly 0.9, wd 5e-4, head x10
   config.gate = dict(classifier_workdir=arg.classifier, epsilon=0.1,

@@ -44,6 +44,25 @@ def test_benchmark_times_the_classifiers(model, tmp_path):
   assert result["images_per_sec"] == pytest.approx(4 / result["step_time_median"])
 
 
+@pytest.mark.parametrize("model", ["deeplabv3plus", "mrn"])
+def test_benchmark_times_the_segmenters(model, tmp_path):
+  """A train step costs about 3 forward passes (input and weight gradients of every layer)."""
+  import numpy as np
+  from wsss_jax.phases import segment
+  config = load_config("benchmark", f"model={model},backbone=resnet38,width=0.0625,"
+                       "image_size=32,batch=2,steps=2,warmup=1,paper=False")
+  config.num_devices, config.matmul_size = 1, 256
+  result = benchmark.run(config, str(tmp_path))
+  assert result["model"] == model and result["images_per_sec"] > 0
+  seg = segment.Segmentation(config, benchmark.parallel.make_mesh(1))
+  state = seg.init_state()
+  images = jnp.asarray(np.random.default_rng(0).random((1, 32, 32, 3)), jnp.float32)
+  forward = jax.make_jaxpr(lambda v, x: seg.model.apply(v, x, context=x))(
+      {"params": state.params, "batch_stats": state.batch_stats}, images)
+  ratio = result["gflops_per_image"] * 1e9 / benchmark.jaxpr_flops(forward)
+  assert 2.5 < ratio < 3.05, ratio
+
+
 def test_jaxpr_flops_match_closed_forms():
   """Matmul and convolution FLOPs by hand, through jit, remat, scan and a train-step gradient."""
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))

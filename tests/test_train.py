@@ -94,13 +94,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_pretrain_config, tmp_pat
 
 @pytest.mark.parametrize("restore_devices", [1, 2])
 def test_restore_on_a_different_device_count(tiny_pretrain_config, tmp_path, restore_devices):
+  """Saved on 8 devices with the state FSDP-split 4 ways (2 replicas), resumed on 1 or 2."""
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.num_devices = 8
+  config.parallel.data, config.parallel.fsdp, config.parallel.fsdp_min_size = 2, 4, 0
   config.total_steps = 3
   pretrain.run(config, str(tmp_path))
   saved = _params(str(tmp_path), 3, config)
-  # continue the same run on fewer devices
+  # continue the same run on fewer devices, the state split over all of them
   config.num_devices = restore_devices
+  config.parallel.data, config.parallel.fsdp = 1, -1
   config.total_steps = 6
   summary = pretrain.run(config, str(tmp_path))
   assert summary["resumed_from"] == 3 and summary["num_devices"] == restore_devices

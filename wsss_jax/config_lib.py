@@ -66,7 +66,18 @@ def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.num_devices = -1          # -1: every device; n > 0: the first n of a single process
   c.mixed_precision = False   # bf16 compute, fp32 parameters and optimiser state
+  c.parallel = parallel()
   return c
+
+
+def parallel() -> ml_collections.ConfigDict:
+  """The device mesh (data x fsdp) and how the train state is split over it (parallel.py)."""
+  p = ml_collections.ConfigDict()
+  p.data = -1                 # replicas; -1: the devices fsdp leaves
+  p.fsdp = 1                  # devices each parameter is split over (ZeRO-3); 1: plain data parallel
+  p.fsdp_min_size = 2**18     # leaves with fewer elements stay replicated (1 MiB in fp32)
+  p.rules = ()                # ((regex on the state path, "fsdp" | "replicate"), ...) first match wins
+  return p
 
 
 def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.ConfigDict:
@@ -110,6 +121,8 @@ def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
   m.decoder_heads = 16 if paper else 8
   m.gather = gather                 # "take" (take_along_axis) or "onehot" (einsum)
   m.attention = "xla"               # "cudnn": fused flash attention (GPU, bf16)
+  m.remat = "none"                  # "block" | "dots": recompute blocks in the backward pass
+  m.scan_blocks = False             # one nn.scan over encoder and decoder blocks (fast compiles)
   return m
 
 
@@ -141,7 +154,28 @@ def classifier_model(backbone: str, variant: str = "S/16", width: float = 1.0,
   m.drop_path = 0.2
   m.pos_embed = "sincos"               # ViT; "learned" for timm's supervised checkpoints
   m.attention = "xla"                  # ViT; "cudnn": fused flash attention (GPU, bf16)
+  m.remat = "none"                     # ViT; "block" | "dots": recompute blocks in the backward
   m.init_from = ""
+  return m
+
+
+def segment_model(name: str = "deeplabv3plus", backbone: str = "resnet38", width: float = 0.125,
+                  paper: bool = False) -> ml_collections.ConfigDict:
+  """Segmenter section: DeepLabV3+ (paper: ResNet-101, output stride 16) or the MRN U-Net."""
+  m = ml_collections.ConfigDict()
+  m.name = name                         # deeplabv3plus or mrn
+  m.backbone = "resnet101" if paper else backbone  # resnet50, resnet101, resnet38
+  m.width = 1.0 if paper else width
+  m.output_stride = 16                  # ResNet-50/101 (ResNet38 is 8)
+  m.multi_grid = (1, 2, 4)
+  m.aspp_rates = (6, 12, 18)            # at output stride 16; doubled at 8
+  m.mrn_depth = 4
+  m.context_scale = 2
+  m.mrn_upsample = "transposed"         # or bilinear
+  m.init_from = ""                      # a classify workdir whose backbone initialises ours
+  if name == "mrn":
+    m.width = 1.0 if paper else 0.25
+    m.mrn_depth = 4 if paper else 3
   return m
 
 

@@ -68,7 +68,7 @@ def build_classifier(model_cfg, image_size: int, num_classes: int, dtype=jnp.flo
     encoder = VisionTransformer.from_variant(
         model_cfg.variant, image_size, drop_path=0.0 if model_cfg.linear_probe
         else model_cfg.drop_path, pos_embed_kind=model_cfg.get("pos_embed", "sincos"), dtype=dtype,
-        attention=model_cfg.get("attention", "xla"))
+        attention=model_cfg.get("attention", "xla"), remat=model_cfg.get("remat", "none"))
     return ViTClassifier(encoder, num_classes, model_cfg.pool, model_cfg.linear_probe, dtype)
   if model_cfg.width <= 0:
     raise UserError(f"model.width={model_cfg.width} must be positive")

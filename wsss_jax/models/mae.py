@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from wsss_jax.errors import UserError
-from wsss_jax.models.vit import Block, VisionTransformer, _dense_init, sincos_2d_posemb
+from wsss_jax.models.vit import (VisionTransformer, _dense_init, make_blocks, run_blocks,
+                                 sincos_2d_posemb)
 
 GATHERS = ("take", "onehot")
 
@@ -113,8 +114,10 @@ class MaskedAutoencoder(nn.Module):
                                  (1, 1, self.decoder_width))
     self.decoder_pos_embed = jnp.asarray(
         sincos_2d_posemb(self.decoder_width, enc.grid_size))[None]
-    self.decoder_blocks = [Block(self.decoder_heads, 4 * self.decoder_width, dtype=self.dtype,
-                                 attention=enc.attention) for _ in range(self.decoder_depth)]
+    self.decoder_blocks = make_blocks(self.decoder_depth, self.decoder_heads,
+                                      4 * self.decoder_width, dtype=self.dtype,
+                                      attention=enc.attention, remat=enc.remat,
+                                      scan=enc.scan_blocks)
     self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.decoder_pred = nn.Dense(enc.patch_size**2 * 3, dtype=self.dtype,
                                  kernel_init=_dense_init)
@@ -129,8 +132,7 @@ class MaskedAutoencoder(nn.Module):
     x = self.decoder_embed(latent)
     tokens = restore_order(x[:, 1:], self.mask_token, masking.ids_restore, self.gather)
     x = jnp.concatenate([x[:, :1], tokens], axis=1) + self.decoder_pos_embed.astype(x.dtype)
-    for block in self.decoder_blocks:
-      x = block(x)
+    x = run_blocks(self.decoder_blocks, x)
     return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # class token dropped
 
   def __call__(self, images, masking: Masking | None = None) -> MAEOutput:
@@ -154,7 +156,9 @@ def build_mae(model_cfg, image_size: int, dtype=jnp.float32) -> MaskedAutoencode
     raise UserError(f"model.decoder_width={model_cfg.decoder_width} is not divisible by "
                     f"model.decoder_heads={model_cfg.decoder_heads}")
   encoder = VisionTransformer.from_variant(model_cfg.variant, image_size, dtype=dtype,
-                                           attention=model_cfg.get("attention", "xla"))
+                                           attention=model_cfg.get("attention", "xla"),
+                                           remat=model_cfg.get("remat", "none"),
+                                           scan_blocks=model_cfg.get("scan_blocks", False))
   return MaskedAutoencoder(
       encoder=encoder, decoder_width=model_cfg.decoder_width,
       decoder_depth=model_cfg.decoder_depth, decoder_heads=model_cfg.decoder_heads,

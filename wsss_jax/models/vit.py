@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from wsss_jax import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.layers import named_feature
 
@@ -82,7 +83,7 @@ class DropPath(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    if deterministic or self.rate == 0.0:  # a Python float, also under nn.scan (rate 0 there)
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -161,6 +162,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    x = parallel.constrain_batch(x)  # tokens stay batch-split while FSDP gathers the weights
     y = named_feature(self, "norm1", nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
@@ -168,6 +170,81 @@ class Block(nn.Module):
     y = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     return named_feature(self, "tokens", x)
+
+
+# Rematerialisation of each block in the backward pass: "block" recomputes all of it (activation
+# memory of one block per layer), "dots" keeps the matmul outputs and recomputes the rest.
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+def block_class(remat: str = "none"):
+  """Block, or Block under `nn.remat` (argument 2, `deterministic`, static)."""
+  if remat not in REMAT_POLICIES:
+    raise UserError(f"model.remat={remat!r} is not one of {REMAT_POLICIES}")
+  if remat == "none":
+    return Block
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nn.remat(Block, static_argnums=(2,), policy=policy)
+
+
+class _ScanStep(nn.Module):
+  """One Block as an `nn.scan` body: (tokens, deterministic) -> (tokens, None)."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    block = block_class(self.remat)(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                                    attention=self.attention, name="block")
+    return block(x, deterministic), None
+
+
+def make_blocks(depth: int, num_heads: int, mlp_dim: int, rates=None, *, dtype=jnp.float32,
+                attention: str = "xla", remat: str = "none", scan: bool = False):
+  """`depth` blocks: a list (parameters blocks_i/...) or, with `scan`, one `nn.scan` over a
+  single block whose parameters are stacked along a leading layer axis (blocks/block/...), which
+  compiles once instead of `depth` times. Scanned blocks share one stochastic-depth rate, so
+  they need drop_path 0 (the MAE recipe)."""
+  rates = [0.0] * depth if rates is None else [float(r) for r in rates]
+  if not scan:
+    cls = block_class(remat)
+    return [cls(num_heads, mlp_dim, r, dtype=dtype, attention=attention) for r in rates]
+  if any(rates):
+    raise UserError("model.scan_blocks=True needs model.drop_path=0 (scanned blocks share one "
+                    "stochastic-depth rate)")
+  scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                    length=depth)
+  return scanned(num_heads, mlp_dim, dtype=dtype, attention=attention, remat=remat)
+
+
+def run_blocks(blocks, x, deterministic: bool = True):
+  if isinstance(blocks, (list, tuple)):
+    for block in blocks:
+      x = block(x, deterministic)
+    return x
+  return blocks(x, deterministic)[0]
+
+
+def unstack_blocks(params: dict) -> dict:
+  """Scanned parameters (blocks/block/... with a leading layer axis) -> the per-block layout
+  blocks_i/... that the unscanned models, the converters and the relevance maps use. Applies to
+  every scanned stack in the tree (encoder `blocks`, MAE `decoder_blocks`); other entries are
+  returned as they are."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict) and set(value) == {"block"}:
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f"{key}_{i}"] = jax.tree.map(lambda x, i=i: x[i], value["block"])
+    elif isinstance(value, dict):
+      out[key] = unstack_blocks(value)
+    else:
+      out[key] = value
+  return out
 
 
 def _patch_embed_init(key, shape, dtype=jnp.float32):
@@ -191,6 +268,8 @@ class VisionTransformer(nn.Module):
   pos_embed_kind: str = "sincos"  # "learned": a trained parameter (timm's supervised ViTs)
   dtype: Any = jnp.float32
   attention: str = "xla"  # "cudnn": fused attention on GPUs (Attention)
+  remat: str = "none"     # REMAT_POLICIES: recompute blocks in the backward pass
+  scan_blocks: bool = False  # one nn.scan over the blocks (stacked parameters, fast compiles)
 
   @classmethod
   def from_variant(cls, variant: str, image_size: int, **kwargs) -> "VisionTransformer":
@@ -223,8 +302,8 @@ class VisionTransformer(nn.Module):
     else:
       raise UserError(f"model.pos_embed={self.pos_embed_kind!r} is not 'sincos' or 'learned'")
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing stochastic depth
-    self.blocks = [Block(self.num_heads, self.mlp_dim, float(r), dtype=self.dtype,
-                         attention=self.attention) for r in rates]
+    self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_dim, rates, dtype=self.dtype,
+                              attention=self.attention, remat=self.remat, scan=self.scan_blocks)
     self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
 
   def patch_tokens(self, images):
@@ -238,8 +317,7 @@ class VisionTransformer(nn.Module):
     MAE's global-pool fine-tuning) the final LayerNorm."""
     cls = (self.cls_token + self.pos_embed[:, :1]).astype(tokens.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], 1)
-    for block in self.blocks:
-      x = block(x, deterministic)
+    x = run_blocks(self.blocks, x, deterministic)
     return self.norm(x) if final_norm else x
 
   def __call__(self, images, deterministic: bool = True, final_norm: bool = True):

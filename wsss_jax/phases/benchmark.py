@@ -22,11 +22,12 @@ from wsss_jax.errors import UserError
 from wsss_jax.phases import classify, pretrain
 
 CLASSIFIERS = ("resnet38", "resnet50", "vit")
+SEGMENTERS = ("deeplabv3plus", "mrn")
 # Dense bf16 tensor-core peaks from the datasheets (FLOP/s per device), by `device_kind` prefix.
 DATASHEET_BF16_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
                        "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12,
                        "TPU v6 lite": 918e12}
-MODELS = ("mae",) + CLASSIFIERS
+MODELS = ("mae",) + CLASSIFIERS + SEGMENTERS
 
 
 def _timed(fn, *args, repeats: int) -> list[float]:
@@ -180,13 +181,21 @@ def _training(config, mesh):
   batch = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)}
   if config.model.name == "mae":
     return pretrain.build_training(config, mesh), batch, pretrain.compute_dtype(config)
+  if config.model.name in SEGMENTERS:
+    from wsss_jax.phases import segment
+    k = config.data.num_classes
+    for layer in config.data.mask_layers:  # class indices, k = background (ignored)
+      batch[f"mask_{layer}"] = rng.integers(0, k + 1, (config.batch_size, size, size), np.uint8)
+    if config.model.name == "mrn":
+      batch["context"] = rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
+    return segment.Segmentation(config, mesh), batch, classify.compute_dtype(config)
   batch["labels"] = (rng.random((config.batch_size, config.data.num_classes)) < 0.5).astype(
       np.float32)
   return classify.build_training(config, mesh), batch, classify.compute_dtype(config)
 
 
 def benchmark_step(config, workdir: str | None = None) -> dict:
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
   n_dev = mesh.devices.size
   t, batch, dtype = _training(config, mesh)
@@ -213,7 +222,12 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
   achieved = flops_per_device / step_s
   if config.model.name == "mae":
     model = {"variant": config.model.variant, "gather": config.model.gather,
-             "decoder": [config.model.decoder_depth, config.model.decoder_width]}
+             "decoder": [config.model.decoder_depth, config.model.decoder_width],
+             "remat": config.model.remat, "scan_blocks": bool(config.model.scan_blocks)}
+  elif config.model.name in SEGMENTERS:
+    model = {"variant": (f"{config.model.backbone} width {config.model.width}"
+                         if config.model.name == "deeplabv3plus"
+                         else f"depth {config.model.mrn_depth} width {config.model.width}")}
   else:
     model = {"variant": config.model.variant if config.model.name == "vit"
              else f"width {config.model.width}", "pda": bool(config.pda.enabled)}
@@ -228,7 +242,7 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
   return {
       "model": config.model.name, **model, "image_size": size,
       "batch_size": config.batch_size, "mixed_precision": bool(config.mixed_precision),
-      "num_devices": int(n_dev), "device_kind": kind,
+      "num_devices": int(n_dev), "mesh": dict(mesh.shape), "device_kind": kind,
       "compile_seconds": compile_s,
       "step_time_median": step_s, "step_time_p10": float(np.percentile(times, 10)),
       "step_time_p90": float(np.percentile(times, 90)),
@@ -261,9 +275,9 @@ def benchmark_maps(config) -> dict:
   all classes of a freshly initialised classifier, batch sharded over the devices."""
   from wsss_jax import relevance
   from wsss_jax.phases import maps
-  if config.model.name == "mae":
+  if config.model.name not in CLASSIFIERS:
     raise UserError("relevance= benchmarks a classifier: use model=resnet38, resnet50 or vit")
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
   t, batch, _ = _training(config, mesh)
   state = jax.jit(t.init_state, out_shardings=t.state_sharding)()

@@ -23,6 +23,7 @@ from wsss_jax.data import mixing, pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import (ViTClassifier, build_classifier, lr_multipliers,
                                         param_labels)
+from wsss_jax.models.vit import unstack_blocks
 from wsss_jax.train_state import ClassifierState
 
 BOUNDS = ("clip", "check")
@@ -63,8 +64,9 @@ def compute_dtype(config):
 
 
 def checkpoint_meta(config) -> dict:
+  runtime = ("init_from", "attention", "remat")  # how it computes, not what it learns
   return {"phase": "classify", "model": {k: v for k, v in config.model.to_dict().items()
-                                         if k != "init_from"},
+                                         if k not in runtime},
           "image_size": config.data.image_size, "num_classes": config.data.num_classes}
 
 
@@ -164,8 +166,8 @@ def build_training(config, mesh) -> Training:
       steps)
   init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
-  train_step = jax.jit(make_train_step(model, tx, schedule, config, spe),
+  state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
+  train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(model, tx, schedule, config, spe)),
                        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                        out_shardings=(state_sharding, parallel.replicated(mesh)),
                        donate_argnums=0)
@@ -197,7 +199,9 @@ def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> Classi
   prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
   if meta.get("phase") == "pretrain" and not isinstance(model, ViTClassifier):
     raise UserError(f"{where}: an MAE checkpoint initialises model.backbone='vit' only")
-  params = _copy_matching(state.params, saved["params"], prefix, where, required=True)
+  # a run with model.scan_blocks stores stacked blocks: back to blocks_i first
+  params = _copy_matching(state.params, unstack_blocks(saved["params"]), prefix, where,
+                          required=True)
   stats = state.batch_stats
   if state.batch_stats and saved.get("batch_stats"):
     stats = _copy_matching(state.batch_stats, saved["batch_stats"], prefix, where, required=False)
@@ -267,7 +271,7 @@ def validate(config) -> None:
 def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   validate(config)
   # --- Mesh, model, optimiser, jitted steps -----------------------------------------------------
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
 

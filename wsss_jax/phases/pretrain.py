@@ -3,7 +3,8 @@
 Sections: mesh, model, optimiser and jitted step (`build_training`, shared with the benchmark)
 -> state (fresh or resumed) -> input -> loop (metrics, checkpoints, reconstruction figures)
 -> summary. The step is one `jax.jit` with explicit
-shardings: state replicated, batch split over the `data` axis, state donated.
+shardings: state replicated or FSDP-split (parallel.py), batch split over all devices, state
+donated.
 """
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ def compute_dtype(config):
   return jnp.bfloat16 if config.mixed_precision else jnp.float32
 
 
+# How the step computes, not what it learns: a run may resume with other settings of these.
+RUNTIME_MODEL_FIELDS = ("attention", "remat", "gather")
+
+
 def checkpoint_meta(config) -> dict:
   """What must match for a checkpoint to be resumed by this config."""
-  return {"phase": "pretrain", "model": config.model.to_dict(),
-          "image_size": config.data.image_size}
+  model = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
+  return {"phase": "pretrain", "model": model, "image_size": config.data.image_size}
 
 
 def make_init_fn(model: MaskedAutoencoder, tx, image_size: int, seed: int):
@@ -95,10 +100,10 @@ def build_training(config, mesh) -> Training:
   tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
   init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, tuple(config.data.mean), tuple(config.data.std),
-                      dtype),
+      parallel.with_mesh(mesh, make_train_step(model, tx, schedule, tuple(config.data.mean),
+                                               tuple(config.data.std), dtype)),
       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
       out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
   return Training(model, init_state, abstract_state, state_sharding, train_step)
@@ -119,7 +124,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
   validate(config)
   # --- Mesh, model, optimiser, jitted step ------------------------------------------------------
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
 

@@ -80,7 +80,7 @@ def validate(config) -> None:
 
 def run(config, workdir: str) -> dict:
   validate(config)
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   batch = parallel.eval_batch_size(config.batch_size, mesh)
   model, variables, meta, step, classifier_data = maps_phase.load_classifier(
       config.classifier_workdir, mesh)

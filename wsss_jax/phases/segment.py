@@ -144,8 +144,10 @@ class Segmentation:
         config.batch_size, self.total_steps)
     self.init_state = make_init_fn(self.model, tx, config)
     self.abstract_state = jax.eval_shape(self.init_state)
-    self.state_sharding = parallel.state_shardings(self.abstract_state, mesh)
-    self.train_step = jax.jit(make_train_step(self.model, tx, schedule, config),
+    self.state_sharding = parallel.state_shardings(self.abstract_state, mesh,
+                                                   config.get("parallel"))
+    self.train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(self.model, tx, schedule,
+                                                                       config)),
                               in_shardings=(self.state_sharding, parallel.batch_sharded(mesh)),
                               out_shardings=(self.state_sharding, parallel.replicated(mesh)),
                               donate_argnums=0)
@@ -287,7 +289,7 @@ def run(config, workdir: str) -> dict:
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.masks_dir = ""  # MaskedSource reads the ground truth
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.mesh_from_config(config)
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   seg = Segmentation(config, mesh)
   classifier = load_gate_classifier(config, mesh)  # fail fast on a mismatched classifier

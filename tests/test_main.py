@@ -87,12 +87,15 @@ def test_bad_workdirs(tmp_path):
   assert "--workdir is required" in _error_line(proc)
 
 
-def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
-  """launch/local_multiprocess.sh: 2 JAX processes (CPU collectives) train one model together."""
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_two_processes_on_localhost_then_resume_on_one(tmp_path, fsdp):
+  """launch/local_multiprocess.sh: 2 JAX processes (CPU collectives) train one model together,
+  replicated (fsdp=1) or with every parameter split across the two processes (fsdp=2)."""
   args = [a for a in TINY if not a.startswith("--config.total_steps")]
+  args += [f"--config.parallel.fsdp={fsdp}", "--config.parallel.fsdp_min_size=0"]
   proc = subprocess.run(
       ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
-       f"--workdir={tmp_path}", "--config.total_steps=4"] + args,
+       f"--workdir={tmp_path}", "--config.total_steps=4", "--config.data.log_seen=True"] + args,
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stdout[-3000:]
@@ -101,6 +104,13 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
   assert len(summaries) == 2
   assert all(s["num_processes"] == 2 and s["num_devices"] == 2 for s in summaries)
   assert summaries[0]["final_loss"] == summaries[1]["final_loss"]  # one model, one loss
+  # both processes hold bit-identical parameters, and each fed its own half of the data
+  assert summaries[0]["params_checksum"] == summaries[1]["params_checksum"]
+  seen = [[json.loads(l) for l in open(tmp_path / f"seen_process_{i}.jsonl")] for i in (0, 1)]
+  assert all([r["step"] for r in rows] == [1, 2, 3, 4] for rows in seen)
+  names = [{n for r in rows for n in r["names"]} for rows in seen]
+  assert all(len(r["names"]) == 4 for rows in seen for r in rows)  # global batch 8, 2 processes
+  assert names[0] and names[1] and not names[0] & names[1]
   # the 2-process checkpoint continues in a single process
   proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py", f"--workdir={tmp_path}",
                "--config.total_steps=6"] + args, )

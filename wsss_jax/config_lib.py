@@ -106,6 +106,7 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.num_threads = 2           # grain reader threads per process
   d.num_workers = 0           # grain worker processes (0: in-process threads only)
   d.prefetch = 4              # batches buffered ahead of the step
+  d.log_seen = False          # append the names each process fed to seen_process_<i>.jsonl
   return d
 
 

@@ -8,6 +8,8 @@ fraction of wall time spent waiting for the input pipeline.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -61,18 +63,25 @@ class Throughput:
 def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
                total_steps: int, log_every: int, checkpoint_every: int, batch_size: int,
                writer, save: Callable, extra_metrics: Callable | None = None,
-               step_callback: Callable | None = None):
+               step_callback: Callable | None = None, seen_path: str | None = None):
   """Runs the steps; returns (state, last logged metrics, Throughput).
 
   save(step, state): writes a checkpoint (and whatever else the phase keeps with it).
   extra_metrics(step, state) -> dict: added to the log row of `step` (e.g. validation metrics).
   step_callback(step, state): called after every step (tests use it to interrupt a run).
+  seen_path: a file to which each step appends the names of the examples this process fed
+  (`data.log_seen`: an audit of what each host read).
   """
   timer, metrics = Throughput(batch_size), {}
   for step in range(start_step + 1, total_steps + 1):
     t_data = time.perf_counter()
     local = next(data_iter)
     timer.waited(time.perf_counter() - t_data)
+    if "name" in local:
+      names = local.pop("name")
+      if seen_path:
+        with open(seen_path, "a", encoding="utf-8") as f:
+          f.write(json.dumps({"step": step, "names": [str(n) for n in names]}) + "\n")
     state, metrics = train_step(state, parallel.global_batch(local, mesh))
     timer.stepped(step == start_step + 1, metrics)
     if step % log_every == 0 or step == total_steps:
@@ -89,6 +98,15 @@ def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
     if step_callback is not None:
       step_callback(step, state)
   return state, metrics, timer
+
+
+def params_checksum(params) -> str:
+  """SHA-256 of this process's copy of the parameters (gathered where sharded): processes that
+  hold one model report the same value."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(parallel.to_host(params)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
 
 
 class Run(NamedTuple):
@@ -118,6 +136,8 @@ def start_run(config, workdir: str, training, meta: dict, local_batch: int, *,
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
   if latest is not None and writer.enabled:
     print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+  if config.data.get("log_seen"):
+    keys = tuple(keys) + ("name",)
   data_iter = iter(pipeline.train_dataset(
       config.data, seed=config.seed, local_batch=local_batch, keys=keys,
       process_index=jax.process_index(), process_count=jax.process_count()))
@@ -129,12 +149,16 @@ def start_run(config, workdir: str, training, meta: dict, local_batch: int, *,
 def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, save: Callable,
           extra_metrics: Callable | None = None, step_callback: Callable | None = None):
   """`train_loop` over `run`; the checkpointer is flushed and closed whatever happens."""
+  seen_path = None
+  if config.data.get("log_seen"):
+    seen_path = os.path.join(run.writer.workdir, f"seen_process_{jax.process_index()}.jsonl")
   try:
     return train_loop(
         run.state, train_step=train_step, data_iter=run.data_iter, mesh=mesh,
         start_step=run.start_step, total_steps=total_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, batch_size=config.batch_size,
-        writer=run.writer, save=save, extra_metrics=extra_metrics, step_callback=step_callback)
+        writer=run.writer, save=save, extra_metrics=extra_metrics, step_callback=step_callback,
+        seen_path=seen_path)
   finally:
     run.ckpt.wait()
     run.ckpt.close()
@@ -152,4 +176,5 @@ def summary(phase: str, run: Run, state, last: dict, timer: Throughput, mesh,
       "num_processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
       "num_params": optim.count_params(state.params),
+      "params_checksum": params_checksum(state.params),
   }

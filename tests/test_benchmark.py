@@ -26,6 +26,17 @@ def test_benchmark_reports_flops_throughput_and_mfu(tmp_path):
   assert large["gflops_per_image"] == pytest.approx(small["gflops_per_image"], rel=0.05)
 
 
+def test_remat_counts_model_flops_for_mfu_and_recomputation_apart(tmp_path):
+  plain = benchmark.run(_config(8), str(tmp_path))
+  config = _config(8)
+  config.model.remat = "block"
+  remat = benchmark.run(config, str(tmp_path))
+  assert remat["gflops_per_image"] == pytest.approx(plain["gflops_per_image"], rel=1e-6)
+  # the forward pass of every block is computed twice: more hardware FLOPs, not model FLOPs
+  assert remat["hardware_gflops_per_image"] > 1.1 * plain["hardware_gflops_per_image"]
+  assert plain["hardware_gflops_per_image"] == plain["gflops_per_image"]
+
+
 def test_benchmark_rejects_unknown_model(tmp_path):
   config = _config(8)
   config.model.name = "resnet1000"

@@ -28,6 +28,74 @@ def test_random_masking_invariants(ratio):
   assert len({tuple(r) for r in mask}) > batch // 2
 
 
+@pytest.mark.parametrize("sampling", mae.MASK_SAMPLINGS)
+@pytest.mark.parametrize("ratio", [0.75, 0.9])
+def test_every_mask_sampling_keeps_an_exact_count_and_a_consistent_permutation(sampling, ratio):
+  batch, grid = 8, 7
+  m = mae.sample_masking(jax.random.PRNGKey(0), batch, grid, ratio, sampling)
+  length, len_keep = grid * grid, int(grid * grid * (1 - ratio))
+  ids_keep, ids_restore, mask = map(np.asarray, m)
+  np.testing.assert_array_equal(mask.sum(1), length - len_keep)
+  for b in range(batch):
+    np.testing.assert_array_equal(np.sort(np.argsort(ids_restore[b])[:len_keep]),
+                                  np.sort(ids_keep[b]))
+    np.testing.assert_array_equal(np.flatnonzero(mask[b] == 0), np.sort(ids_keep[b]))
+
+
+def test_grid_masking_keeps_one_patch_in_four():
+  """Ratio 0.75 on an 8 x 8 grid: the 16 visible patches are one (row, column) parity class."""
+  m = mae.sample_masking(jax.random.PRNGKey(2), 32, 8, 0.75, "grid")
+  visible = 1 - np.asarray(m.mask).reshape(32, 8, 8)
+  offsets = set()
+  for v in visible:
+    rows, cols = np.nonzero(v)
+    assert len({r % 2 for r in rows}) == 1 and len({c % 2 for c in cols}) == 1
+    offsets.add((rows[0] % 2, cols[0] % 2))
+  assert len(offsets) == 4  # the offset is random per sample
+
+
+def _masked_neighbour_share(mask, grid):
+  """Mean share of a masked patch's 4-neighbours (inside the image) that are masked."""
+  m = mask.reshape(-1, grid, grid).astype(bool)
+  shares = []
+  for x in m:
+    p = np.pad(x, 1)
+    n = p[:-2, 1:-1].astype(int) + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
+    inside = np.pad(np.ones_like(x), 1)
+    k = inside[:-2, 1:-1].astype(int) + inside[2:, 1:-1] + inside[1:-1, :-2] + inside[1:-1, 2:]
+    shares.append((n / k)[x].mean())
+  return float(np.mean(shares))
+
+
+def test_block_masking_masks_contiguous_rectangles():
+  """At ratio 0.4 on 14 x 14 patches, block-wise masks are far more clustered than random ones
+  (random: a masked patch's neighbour is masked with probability ~0.4)."""
+  block = np.asarray(mae.sample_masking(jax.random.PRNGKey(3), 64, 14, 0.4, "block").mask)
+  rand = np.asarray(mae.sample_masking(jax.random.PRNGKey(3), 64, 14, 0.4, "random").mask)
+  assert _masked_neighbour_share(rand, 14) == pytest.approx(0.4, abs=0.03)
+  assert _masked_neighbour_share(block, 14) > 0.7
+  # the first rectangle drawn is masked whole: the masked set contains a block of >= 16 patches
+  scores = np.asarray(mae.block_scores(jax.random.PRNGKey(4), 1, 14, 0.4))[0].reshape(14, 14)
+  first = np.floor(scores) == np.floor(scores.max())  # the top tier: integer rank + noise in [0, 1)
+  rows, cols = np.nonzero(first)
+  assert first.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1) >= 16  # a full rectangle
+
+
+def test_centre_masking_draws_patches_with_gaussian_weights():
+  """One masked patch per sample: it is patch i with probability w_i / sum w (Gumbel-max),
+  w_i = exp(-d_i^2 / (2 width^2)), d_i the distance of its centre from the image's in half-sides."""
+  grid, width, n = 4, 0.4, 40000
+  ratio = 0.05  # int(16 (1 - 0.05)) = 15 kept: one masked patch
+  m = mae.sample_masking(jax.random.PRNGKey(5), n, grid, ratio, "centre", width)
+  assert np.all(np.asarray(m.mask).sum(1) == 1)
+  freq = np.asarray(m.mask).mean(0)
+  c = (np.arange(grid) + 0.5 - grid / 2) / (grid / 2)
+  d2 = (c[:, None] ** 2 + c[None, :] ** 2).reshape(-1)
+  w = np.exp(-d2 / (2 * width**2))
+  np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)
+  assert freq[5] > 5 * freq[0]  # an inner patch far more often than a corner
+
+
 def test_masking_is_uniform_over_positions():
   m = mae.random_masking(jax.random.PRNGKey(1), 4000, 16, 0.75)
   freq = np.asarray(m.mask).mean(0)
@@ -132,7 +200,9 @@ def test_onehot_and_take_gathers_give_the_same_model():
 
 @pytest.mark.parametrize("field,value,match", [
     ("mask_ratio", 1.0, "mask_ratio"), ("mask_ratio", 0.0, "mask_ratio"),
-    ("gather", "scatter", "model.gather"), ("decoder_heads", 5, "decoder_width")])
+    ("gather", "scatter", "model.gather"), ("decoder_heads", 5, "decoder_width"),
+    ("mask_sampling", "checkerboard", "model.mask_sampling='checkerboard'"),
+    ("centre_width", 0.0, "model.centre_width=0.0 must be positive")])
 def test_build_mae_rejects_bad_settings(field, value, match):
   with pytest.raises(UserError, match=match):
     mae.build_mae(_cfg(**{field: value}), 32)

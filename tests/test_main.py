@@ -139,3 +139,18 @@ def test_sigkill_during_training_leaves_a_resumable_workdir(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["resumed_from"] == latest >= 3 and summary["steps"] == latest + 2
+
+
+def test_tpu_launch_script_runs_one_command_on_every_worker():
+  """launch/tpu_vm.sh (DRY_RUN=1 prints the gcloud commands): the same quoted command on all
+  workers, with JAX's multi-host auto-detection."""
+  env = {**os.environ, "DRY_RUN": "1", "TPU_NAME": "t1", "ZONE": "z1"}
+  run = subprocess.run(["bash", "launch/tpu_vm.sh", "run", "--config=configs/mae.py:variant=L/16",
+                        "--workdir=/mnt/wsss/runs/a b"], cwd=ROOT, capture_output=True,
+                       text=True, env=env, check=True).stdout
+  assert run.startswith("gcloud compute tpus tpu-vm ssh t1 --zone=z1 --worker=all --command=")
+  assert "WSSS_JAX_DISTRIBUTED=auto" in run and "wsss_jax.main" in run
+  assert r"--workdir=/mnt/wsss/runs/a\\\ b" in run  # quoted twice: local shell, then remote
+  bad = subprocess.run(["bash", "launch/tpu_vm.sh", "launch"], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+  assert bad.returncode == 2 and "unknown command launch" in bad.stderr

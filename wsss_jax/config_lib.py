@@ -116,6 +116,8 @@ def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
   m = ml_collections.ConfigDict()
   m.variant = variant
   m.mask_ratio = mask_ratio         # 0.75 natural images; 0.9 the chest X-ray recipe
+  m.mask_sampling = "random"        # random | block (BEiT) | grid | centre (central subjects)
+  m.centre_width = 0.5              # centre: masking probability exp(-d^2 / 2 w^2), d in half-sides
   m.norm_pix_loss = True            # per-patch normalised pixel targets
   m.decoder_width = 512 if paper else 256
   m.decoder_depth = 8 if paper else 4

@@ -18,7 +18,7 @@ import optax
 from wsss_jax import figures, loop, optim, parallel
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
-from wsss_jax.models.mae import MaskedAutoencoder, build_mae, random_masking
+from wsss_jax.models.mae import MaskedAutoencoder, build_mae
 from wsss_jax.train_state import TrainState
 
 
@@ -75,8 +75,7 @@ def make_reconstruct_fn(model: MaskedAutoencoder, mean, std, dtype, seed: int):
 
   def reconstruct(params, images_u8):
     images = pipeline.normalize(images_u8, mean, std, dtype)
-    masking = random_masking(jax.random.PRNGKey(seed), images.shape[0],
-                             model.encoder.grid_size**2, model.mask_ratio)
+    masking = model.sample_masking(jax.random.PRNGKey(seed), images.shape[0])
     out = model.apply({"params": params}, images, masking)
     return figures.mae_panels(images.astype(jnp.float32), out.pred.astype(jnp.float32),
                               out.mask, p, model.norm_pix_loss, mean, std)

@@ -162,3 +162,25 @@ def test_mixup_and_cutmix_mix_labels_by_pixel_share():
     np.testing.assert_allclose(out, lam * images + (1 - lam) * images[::-1], rtol=1e-5,
                                atol=1e-6)
     assert 0 <= lam <= 1 and float(mixed[0, 3]) == pytest.approx(1 - lam, abs=1e-6)
+
+
+def test_hide_and_seek_hides_whole_grid_cells_with_the_mean():
+  """A numpy re-implementation: 6 x 6 cells over 30 x 24 pixels (cells of 5 x 4), each hidden
+  with probability 0.5 and filled with the mean; the rest untouched."""
+  import jax
+  import numpy as np
+  from wsss_jax.data import mixing
+  rng = np.random.default_rng(0)
+  images = rng.random((64, 30, 24, 3)).astype(np.float32)
+  fill = np.array([0.7, 0.5, 0.6], np.float32)
+  out = np.asarray(mixing.hide_patches(jax.random.PRNGKey(0), images, 6, 0.5, fill))
+  cells = np.zeros((64, 6, 6), bool)
+  for i in range(6):
+    for j in range(6):
+      block = out[:, 5 * i:5 * i + 5, 4 * j:4 * j + 4]
+      hidden = np.all(block == fill, axis=(1, 2, 3))
+      kept = np.all(block == images[:, 5 * i:5 * i + 5, 4 * j:4 * j + 4], axis=(1, 2, 3))
+      assert np.all(hidden ^ kept)  # every cell is either wholly hidden or wholly kept
+      cells[:, i, j] = hidden
+  assert abs(cells.mean() - 0.5) < 0.05
+  assert len({c.tobytes() for c in cells}) == 64  # a new pattern per image

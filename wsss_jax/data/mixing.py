@@ -47,3 +47,17 @@ def mix_batch(rng, images, labels, mixup_alpha: float, cutmix_alpha: float,
   lam = jnp.where(use_cutmix, lam_cut, lam)
   images = jnp.where(use_cutmix, cut, mixed.astype(images.dtype))
   return images, lam * labels + (1.0 - lam) * labels[::-1]
+
+
+def hide_patches(rng, images, grid: int, prob: float, fill):
+  """Hide-and-Seek (Singh & Lee 2017): the image is cut into grid x grid cells and each cell of
+  each image is replaced by `fill` (the dataset mean, (C,)) with probability `prob`, so the
+  classifier must find every part of an object, not only the most discriminative one.
+
+  images (B, H, W, C) float; cells are rows [i H / grid, (i + 1) H / grid), likewise columns."""
+  b, h, w, _ = images.shape
+  hidden = jax.random.bernoulli(rng, prob, (b, grid, grid))
+  cell_rows = jnp.arange(h) * grid // h
+  cell_cols = jnp.arange(w) * grid // w
+  pixel_hidden = hidden[:, cell_rows][:, :, cell_cols]  # (B, H, W)
+  return jnp.where(pixel_hidden[..., None], jnp.asarray(fill, images.dtype), images)

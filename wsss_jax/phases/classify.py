@@ -104,6 +104,10 @@ def make_train_step(model, tx, schedule, config, spe: int) -> Callable:
     mix_rng, dropout_rng = jax.random.split(rng)
     images = prepare_images(batch["image"], config.data, dtype)
     labels = batch["labels"].astype(jnp.float32)
+    hs = config.get("hide_and_seek")
+    if hs and hs.prob > 0:  # hidden cells take the mean image value: 0 once normalised
+      fill = jnp.zeros(3) if config.data.normalize else jnp.asarray(config.data.mean)
+      images = mixing.hide_patches(jax.random.fold_in(mix_rng, 1), images, hs.grid, hs.prob, fill)
     images, labels = mixing.mix_batch(mix_rng, images, labels, config.mixup_alpha,
                                       config.cutmix_alpha)
     if config.label_smoothing:
@@ -263,6 +267,10 @@ def validate(config) -> None:
     raise UserError(f"pda.bound={config.pda.bound!r} is not one of {BOUNDS}")
   if not 0 < config.pda.sigma <= 1 or not 0 < config.pda.lower_bound <= 1:
     raise UserError("pda.sigma and pda.lower_bound must lie in (0, 1]")
+  hs = config.get("hide_and_seek")
+  if hs and (not 0 <= hs.prob < 1 or hs.grid <= 0):
+    raise UserError(f"hide_and_seek.prob={hs.prob} must lie in [0, 1) and hide_and_seek.grid="
+                    f"{hs.grid} be a positive integer")
   if config.pda.enabled and config.model.backbone == "vit":
     raise UserError("pda.enabled=True needs a convolutional backbone; use --config.pda."
                     "enabled=False with model.backbone='vit'")

@@ -8,13 +8,13 @@ over the tile's present classes, absent classes excluded, the LUAD-HistoSeg back
 Writes masks/<layer>/<tile>.png (palette PNGs, index 4 = background), overlays/pseudo_masks.png,
 summary.json and, when the split has ground truth, table.md with the stage-1 mIoU per layer.
 """
-from wsss_jax import config_lib
+from wsss_jax import config_lib, crf
 from wsss_jax.data import folders
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dataset="synthetic", root="", classifier="runs/cls", method="gradcam", split="train",
-                             background="white", palette="luad", batch=32)
+                             background="white", palette="luad", batch=32, crf=False)
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
   config.batch_size = arg.batch
@@ -26,6 +26,8 @@ def get_config(arg=None):
   config.relu = 0                # Grad-CAM without ReLU, as the authors; -1 = method default
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
   config.background = dict(rule=arg.background, threshold=200, min_size=50)
+  # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings)
+  config.crf = dict(enabled=arg.crf, **crf.DEFAULTS)
   config.palette = arg.palette   # luad or bcss colours
   config.writer_threads = 4      # PNG encoding and writing overlap the next batch
   config.overlays = 6

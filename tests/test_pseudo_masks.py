@@ -109,3 +109,27 @@ def test_phase_refusals(tiny_classifier, tmp_path):
     pseudo_masks.run(config, str(tmp_path))
   with pytest.raises(UserError, match="no checkpoint"):
     pseudo_masks.run(load_config("pseudo_masks", f"classifier={tmp_path}/none"), str(tmp_path))
+
+
+def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
+  """crf=True writes refine_labels(mask of the plain run, tile, labels, background rule)."""
+  from wsss_jax import crf
+  runs = {}
+  for use_crf in (False, True):
+    config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8,crf={use_crf}")
+    config.layers = ("bn7",)
+    runs[use_crf] = pseudo_masks.run(config, str(tmp_path / str(use_crf)))
+  assert runs[True]["crf"]["iterations"] == 10 and runs[False]["crf"] is None
+  agree = []
+  for i in range(32):
+    image, _, labels = synthetic.generate_tile(0, "train", i, 48)
+    read = lambda run: masks.read_mask(  # noqa: E731
+        str(tmp_path / run / "masks" / "bn7" / f"synthetic_train_{i}.png"), (48, 48), 4)
+    want = crf.refine_labels(jnp.asarray(read("False")[None]), jnp.asarray(image[None]),
+                             jnp.asarray(labels[None]),
+                             jnp.asarray(masks.background_mask(image)[None]), 4, crf.DEFAULTS)
+    agree.append(np.mean(np.asarray(want[0]) == read("True")))
+  assert np.mean(agree) > 0.999
+  config.crf.bi_sxy = 0.0
+  with pytest.raises(UserError, match="crf.bi_sxy=0.0 must be positive"):
+    pseudo_masks.run(config, str(tmp_path / "bad"))

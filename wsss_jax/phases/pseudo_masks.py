@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from wsss_jax import masks, metrics, parallel, relevance
+from wsss_jax import crf, masks, metrics, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import maps as maps_phase
@@ -76,6 +76,8 @@ def validate(config) -> None:
   masks.check_rule(config.background.rule)
   masks.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
+  if config.crf.enabled:
+    crf.check_settings(dict(config.crf))
 
 
 def run(config, workdir: str) -> dict:
@@ -106,12 +108,17 @@ def run(config, workdir: str) -> dict:
   keys = ("image", "labels", "name", "background") + tuple(inputs) + (
       ("mask",) if has_truth else ())
 
+  crf_cfg = dict(config.crf) if config.crf.enabled else None
+
   @jax.jit
-  def masks_and_scores(scale_maps, labels, background, truth, valid):
+  def masks_and_scores(scale_maps, labels, background, truth, valid, images):
     out, conf = {}, {}
     for layer in scale_maps[0]:
       m = [maps_at_scale[layer] for maps_at_scale in scale_maps]
       out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:], background_index)
+      if crf_cfg is not None:  # dense-CRF refinement against the tile's colours
+        out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
+                                       crf_cfg)
       if truth is not None:
         conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
                                                "stage1", valid)
@@ -131,7 +138,8 @@ def run(config, workdir: str) -> dict:
                     for key in inputs]
       truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
       out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),
-                                   truth, jnp.asarray(b["valid"]))
+                                   truth, jnp.asarray(b["valid"]),
+                                   parallel.shard_identical(b["image"], mesh))
       valid = b["valid"]
       host = {layer_name(k): np.asarray(v)[valid] for k, v in out.items()}  # waits for this batch
       if not first:
@@ -159,6 +167,7 @@ def run(config, workdir: str) -> dict:
              "scales": list(config.scales),
              "layers_written": [layer_name(k) for k in out], "class_names": list(names),
              "background_rule": config.background.rule, "scoring": "stage1",
+             "crf": dict(config.crf) if config.crf.enabled else None,
              "wall_seconds": time.perf_counter() - started,
              "images_per_sec": (seen - batch) / timed if timed else None,
              "layers": {k: metrics.iou_scores(c, names) for k, c in confusion.items()}}

@@ -157,3 +157,41 @@ def test_bad_remat_and_scan_settings_are_refused(tiny_pretrain_config):
   vit = VisionTransformer.from_variant("mu/8", 32, drop_path=0.1, scan_blocks=True)
   with pytest.raises(UserError, match="scan_blocks=True needs model.drop_path=0"):
     vit.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_chained_pretraining_copies_the_encoder_across_layouts(tiny_pretrain_config, tmp_path):
+  """Run A (loop blocks) -> run B (scanned blocks, another decoder width): B starts with A's
+  encoder, stacked, and a fresh decoder; a run of another variant is refused."""
+  from wsss_jax.models.vit import stack_blocks, unstack_blocks
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.total_steps = 3
+  pretrain.run(config, str(tmp_path / "a"))
+  a = jax.device_get(_restored_params(config, str(tmp_path / "a")))
+  chained = config.copy_and_resolve_references()
+  chained.model.scan_blocks, chained.model.decoder_width = True, 64
+  chained.model.init_from = str(tmp_path / "a")
+  mesh = parallel.make_mesh(1)
+  t = pretrain.build_training(chained, mesh)
+  fresh = jax.jit(t.init_state)()
+  state = pretrain.load_pretrained(fresh, chained.model.init_from, True, mesh)
+  got = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, unstack_blocks(got)["encoder"], a["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, got["decoder_blocks"],
+               jax.device_get(fresh.params)["decoder_blocks"])
+  assert stack_blocks(unstack_blocks(got))["encoder"]["blocks"]["block"]["mlp"]["fc1"][
+      "kernel"].shape == (2, 64, 256)
+  other = config.copy_and_resolve_references()
+  other.model.variant = "Ti/8"
+  t2 = pretrain.build_training(other, mesh)
+  with pytest.raises(UserError, match=r"model.init_from=.*encoder/.* another model.variant"):
+    pretrain.load_pretrained(jax.jit(t2.init_state)(), str(tmp_path / "a"), False, mesh)
+
+
+def _restored_params(config, workdir):
+  import os
+  from wsss_jax.checkpoint import Checkpointer
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  fields, _ = ckpt.restore_fields(ckpt.latest_step(), parallel.replicated(parallel.make_mesh(1)),
+                                  ("params",))
+  ckpt.close()
+  return fields["params"]

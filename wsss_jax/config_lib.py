@@ -126,6 +126,7 @@ def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
   m.attention = "xla"               # "cudnn": fused flash attention (GPU, bf16)
   m.remat = "none"                  # "block" | "dots": recompute blocks in the backward pass
   m.scan_blocks = False             # one nn.scan over encoder and decoder blocks (fast compiles)
+  m.init_from = ""                  # a pretrain workdir to start from (chained pretraining)
   return m
 
 

@@ -247,6 +247,25 @@ def unstack_blocks(params: dict) -> dict:
   return out
 
 
+def stack_blocks(params: dict, stacks=("blocks", "decoder_blocks")) -> dict:
+  """The inverse of `unstack_blocks` for the named stacks: blocks_0..blocks_{n-1} -> blocks/block
+  with a leading layer axis (a tree without them is returned as it is)."""
+  def member(key):
+    return any(key.startswith(f"{s}_") and key[len(s) + 1:].isdigit() for s in stacks)
+
+  out = {}
+  for key, value in params.items():
+    if member(key):
+      continue
+    out[key] = stack_blocks(value, stacks) if isinstance(value, dict) else value
+  for name in stacks:
+    layers = sorted((int(k[len(name) + 1:]), v) for k, v in params.items()
+                    if k.startswith(f"{name}_") and k[len(name) + 1:].isdigit())
+    if layers:
+      out[name] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in layers])}
+  return out
+
+
 def _patch_embed_init(key, shape, dtype=jnp.float32):
   """Xavier-uniform on the flattened (p*p*c, width) view, as the MAE reference does."""
   kh, kw, cin, cout = shape

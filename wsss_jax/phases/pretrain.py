@@ -19,6 +19,7 @@ from wsss_jax import figures, loop, optim, parallel
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
+from wsss_jax.models.vit import stack_blocks, unstack_blocks
 from wsss_jax.train_state import TrainState
 
 
@@ -27,7 +28,7 @@ def compute_dtype(config):
 
 
 # How the step computes, not what it learns: a run may resume with other settings of these.
-RUNTIME_MODEL_FIELDS = ("attention", "remat", "gather")
+RUNTIME_MODEL_FIELDS = ("attention", "remat", "gather", "init_from")
 
 
 def checkpoint_meta(config) -> dict:
@@ -108,6 +109,45 @@ def build_training(config, mesh) -> Training:
   return Training(model, init_state, abstract_state, state_sharding, train_step)
 
 
+def load_pretrained(state: TrainState, workdir: str, scanned: bool, mesh) -> TrainState:
+  """Chained pretraining: this run's parameters from the latest checkpoint of another pretrain
+  run (MAE on a larger unlabelled set, say). The encoder must match and is always copied; the
+  decoder and the other top-level parts are copied where the source has them with the same
+  shapes, else they start fresh. Scanned and unscanned runs chain both ways."""
+  from flax import traverse_util
+  from wsss_jax.checkpoint import Checkpointer
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  ckpt = Checkpointer(directory, async_save=False)
+  step = ckpt.latest_step() if os.path.isdir(directory) else None
+  if step is None:
+    ckpt.close()
+    raise UserError(f"model.init_from={workdir}: no checkpoint in {directory}")
+  saved, meta = ckpt.restore_fields(step, parallel.replicated(mesh), ("params",))
+  ckpt.close()
+  where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
+  if meta.get("phase") != "pretrain":
+    raise UserError(f"{where}: chained pretraining starts from a pretrain run")
+  ours = traverse_util.flatten_dict(unstack_blocks(state.params))
+  theirs = traverse_util.flatten_dict(unstack_blocks(saved["params"]))
+  merged = dict(ours)
+  for part in sorted({k[0] for k in ours}):
+    keys = [k for k in ours if k[0] == part]
+    fits = [k for k in keys if k in theirs and theirs[k].shape == ours[k].shape]
+    if len(fits) < len(keys):
+      if part == "encoder":
+        bad = next(k for k in keys if k not in fits)
+        raise UserError(f"{where}: {'/'.join(bad)} is missing or has another shape "
+                        f"({len(keys) - len(fits)} encoder parameters differ): it was written "
+                        f"for another model.variant or image size")
+      continue  # e.g. a decoder of another width: this run's own, freshly initialised
+    for k in keys:
+      merged[k] = theirs[k].astype(ours[k].dtype)
+  params = traverse_util.unflatten_dict(merged)
+  params = stack_blocks(params) if scanned else params
+  return state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                                                    state.params)))
+
+
 def validate(config) -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[field] <= 0:
@@ -129,7 +169,11 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
 
   # --- State (fresh or resumed) and input --------------------------------------------------------
   meta = checkpoint_meta(config)
-  job = loop.start_run(config, workdir, t, meta, local_batch)
+  initialize = None
+  if config.model.get("init_from"):  # chained pretraining: start from another run's weights
+    initialize = lambda state: load_pretrained(state, config.model.init_from,  # noqa: E731
+                                               bool(config.model.get("scan_blocks")), mesh)
+  job = loop.start_run(config, workdir, t, meta, local_batch, initialize=initialize)
   eval_images = parallel.replicate(
       pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 

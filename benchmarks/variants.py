@@ -25,6 +25,7 @@ VARIANTS = {
     "hide_and_seek": (["--config.classify.hide_and_seek.prob=0.5"], False),
     "mixup": (["--config.classify.mixup_alpha=0.8"], False),
     "crf": (["--config.pseudo_masks.crf.enabled=True"], True),
+    "seam": (["--config.classify.equivariance.weight=1.0"], False),
 }
 
 

@@ -17,7 +17,8 @@ from wsss_jax.data import folders
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dataset="synthetic", root="", backbone="resnet38", variant="S/16", width=0.125,
                              image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
-                             init="", probe=False, paper=False, hide=False, hide_grid=4)
+                             init="", probe=False, paper=False, hide=False, hide_grid=4,
+                             seam=False)
   vit = arg.backbone == "vit"
   config = config_lib.common("classify")
   config.batch_size = 20 if arg.paper else arg.batch
@@ -49,5 +50,7 @@ def get_config(arg=None):
   config.label_smoothing = 0.0
   # Hide-and-Seek: each of grid x grid cells hidden with probability prob per image and step
   config.hide_and_seek = dict(prob=0.5 if arg.hide else 0.0, grid=arg.hide_grid)
+  # SEAM's equivariant regularisation: L1 between A(CAM(I)) and CAM(A(I)), A = rescale + flip
+  config.equivariance = dict(weight=1.0 if arg.seam else 0.0, scale=0.5)
   folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

@@ -184,3 +184,40 @@ def test_hide_and_seek_hides_whole_grid_cells_with_the_mean():
       cells[:, i, j] = hidden
   assert abs(cells.mean() - 0.5) < 0.05
   assert len({c.tobytes() for c in cells}) == 64  # a new pattern per image
+
+
+def test_seam_equivariance_loss_vanishes_on_equivariant_maps_and_matches_numpy():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from wsss_jax.phases import classify
+  rng = np.random.default_rng(0)
+  cams = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  # maps of the flipped image that are the flipped maps: no loss (scale 1: A is the flip)
+  assert float(classify.equivariance_loss(cams, cams[:, :, ::-1], 1.0)) == pytest.approx(0, abs=1e-7)
+  assert float(classify.equivariance_loss(cams, cams, 1.0)) > 0.1
+  # A downscales first: the target is resized to the transformed maps' size
+  assert classify.equivariant_transform(jnp.asarray(cams), 0.5).shape == (2, 4, 4, 3)
+  assert np.isfinite(float(classify.equivariance_loss(cams, cams[:, :4, :4], 0.5)))
+  # scale 1: the formula written out in numpy
+  other = rng.normal(size=cams.shape).astype(np.float32)
+  norm = lambda c: np.maximum(c, 0) / (np.maximum(c, 0).max(axis=(1, 2), keepdims=True) + 1e-5)  # noqa: E731
+  want = np.mean(np.abs(norm(cams)[:, :, ::-1] - norm(other)))
+  assert float(classify.equivariance_loss(cams, other, 1.0)) == pytest.approx(want, rel=1e-5)
+
+
+def test_sown_class_maps_are_the_classifiers_cams():
+  """Pooling and the 1x1 head commute: in inference mode the logits are the CAMs' spatial mean."""
+  import jax
+  import numpy as np
+  from conftest import load_config
+  from wsss_jax.models.classifier import build_classifier
+  config = load_config("classify", "width=0.0625,image_size=32")
+  model = build_classifier(config.model, 32, 4)
+  x = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  logits, state = model.apply(variables, x, mutable=["intermediates"])
+  cam = state["intermediates"]["head"]["cam"][0]
+  assert cam.shape == (2, 4, 4, 4)  # output stride 8
+  np.testing.assert_allclose(np.asarray(cam).mean((1, 2)), np.asarray(logits), rtol=1e-4,
+                             atol=1e-5)

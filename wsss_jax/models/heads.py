@@ -37,6 +37,8 @@ class MultiLabelHead(nn.Module):
     if mu is not None:
       attended = progressive_dropout_attention(features, fc8(features), mu)
       features = jnp.where(pda_active, attended, features)
+    if self.is_mutable_collection("intermediates"):  # class maps for map-level losses (SEAM)
+      self.sow("intermediates", "cam", fc8(features).astype(jnp.float32))
     features = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(features)
     pooled = features.mean(axis=(1, 2), keepdims=True)
     return fc8(pooled).reshape(features.shape[0], self.num_classes).astype(jnp.float32)

@@ -93,10 +93,32 @@ def make_init_fn(model, tx, image_size: int, seed: int):
   return init_state
 
 
+def equivariant_transform(x, scale: float):
+  """SEAM's A(.): rescale by `scale` (bilinear) and flip horizontally; (B, H, W, C) arrays."""
+  b, h, w, c = x.shape
+  size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+  return jnp.flip(jax.image.resize(x, (b,) + size + (c,), "bilinear"), axis=2)
+
+
+def max_normalised(cams):
+  """ReLU class maps divided by their spatial maximum (SEAM's normalisation)."""
+  cams = jax.nn.relu(cams)
+  return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-5)
+
+
+def equivariance_loss(cams, transformed_cams, scale: float):
+  """SEAM's equivariant regularisation: mean |A(CAM(I)) - CAM(A(I))| on max-normalised maps;
+  A(CAM(I)) is resized to the size of CAM(A(I)) (downsampling strides round differently)."""
+  target = jax.image.resize(max_normalised(cams), transformed_cams.shape, "bilinear")
+  return jnp.mean(jnp.abs(jnp.flip(target, axis=2) - max_normalised(transformed_cams)))
+
+
 def make_train_step(model, tx, schedule, config, spe: int) -> Callable:
   """(state, batch) -> (state, metrics): one optimiser step on the multi-label soft-margin loss."""
   dtype, pda_cfg = compute_dtype(config), config.pda
   update_stats = not config.model.freeze_bn
+  er = config.get("equivariance")
+  er = er if er and er.weight > 0 else None
 
   def train_step(state: ClassifierState, batch):
     epoch = state.step // spe
@@ -113,13 +135,23 @@ def make_train_step(model, tx, schedule, config, spe: int) -> Callable:
     if config.label_smoothing:
       labels = labels * (1 - config.label_smoothing) + config.label_smoothing / 2
 
-    def loss_fn(params):
+    def forward(params, x, rng):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      logits, updates = model.apply(
-          variables, images, train=True, mu=state.mu if pda_cfg.enabled else None,
-          pda_active=pda_active(epoch, pda_cfg), rngs={"dropout": dropout_rng},
-          mutable=["batch_stats"] if update_stats else [])
-      return multilabel_soft_margin(logits, labels), (logits, updates)
+      return model.apply(
+          variables, x, train=True, mu=state.mu if pda_cfg.enabled else None,
+          pda_active=pda_active(epoch, pda_cfg), rngs={"dropout": rng},
+          mutable=(["batch_stats"] if update_stats else []) + (["intermediates"] if er else []))
+
+    def loss_fn(params):
+      logits, updates = forward(params, images, dropout_rng)
+      loss = multilabel_soft_margin(logits, labels)
+      if er:  # SEAM: classify the transformed copy too and tie the two sets of maps
+        t_logits, t_updates = forward(params, equivariant_transform(images, er.scale),
+                                      jax.random.fold_in(dropout_rng, 1))
+        eq = equivariance_loss(updates["intermediates"]["head"]["cam"][0],
+                               t_updates["intermediates"]["head"]["cam"][0], er.scale)
+        loss = loss + multilabel_soft_margin(t_logits, labels) + er.weight * eq
+      return loss, (logits, {k: v for k, v in updates.items() if k != "intermediates"})
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -271,6 +303,12 @@ def validate(config) -> None:
   if hs and (not 0 <= hs.prob < 1 or hs.grid <= 0):
     raise UserError(f"hide_and_seek.prob={hs.prob} must lie in [0, 1) and hide_and_seek.grid="
                     f"{hs.grid} be a positive integer")
+  er = config.get("equivariance")
+  if er and er.weight > 0:
+    if config.model.backbone == "vit":
+      raise UserError("equivariance.weight > 0 needs a convolutional backbone (class maps)")
+    if not 0 < er.scale <= 1:
+      raise UserError(f"equivariance.scale={er.scale} must lie in (0, 1]")
   if config.pda.enabled and config.model.backbone == "vit":
     raise UserError("pda.enabled=True needs a convolutional backbone; use --config.pda."
                     "enabled=False with model.backbone='vit'")

@@ -187,7 +187,6 @@ def test_hide_and_seek_hides_whole_grid_cells_with_the_mean():
 
 
 def test_seam_equivariance_loss_vanishes_on_equivariant_maps_and_matches_numpy():
-  import jax
   import jax.numpy as jnp
   import numpy as np
   from wsss_jax.phases import classify

@@ -26,6 +26,7 @@ VARIANTS = {
     "mixup": (["--config.classify.mixup_alpha=0.8"], False),
     "crf": (["--config.pseudo_masks.crf.enabled=True"], True),
     "seam": (["--config.classify.equivariance.weight=1.0"], False),
+    "multi_dilation": (["--config.pseudo_masks.dilations=(8, 12)"], True),
 }
 
 

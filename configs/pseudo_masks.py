@@ -28,6 +28,9 @@ def get_config(arg=None):
   config.background = dict(rule=arg.background, threshold=200, min_size=50)
   # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings)
   config.crf = dict(enabled=arg.crf, **crf.DEFAULTS)
+  # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as
+  # H_trained + mean_r H_r (the dilated-convolution paper's weighting); () = off
+  config.dilations = ()
   config.palette = arg.palette   # luad or bcss colours
   config.writer_threads = 4      # PNG encoding and writing overlap the next batch
   config.overlays = 6

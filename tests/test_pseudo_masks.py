@@ -133,3 +133,39 @@ def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
   config.crf.bi_sxy = 0.0
   with pytest.raises(UserError, match="crf.bi_sxy=0.0 must be positive"):
     pseudo_masks.run(config, str(tmp_path / "bad"))
+
+
+def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifier, tmp_path):
+  """dilations=(8,): the masks are the argmax of H_4 + H_8 (each map computed with b7 at that
+  rate on the same weights), checked against maps computed here with the maps API."""
+  import jax
+  from wsss_jax import parallel, relevance
+  from wsss_jax.phases import maps as maps_phase
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8")
+  config.layers, config.dilations, config.data.num_train = ("bn7",), (8,), 8
+  summary = pseudo_masks.run(config, str(tmp_path))
+  assert summary["dilations"] == [8]
+  mesh = parallel.make_mesh(1)
+  model, variables, meta, _, data = maps_phase.load_classifier(tiny_classifier, mesh)
+  models = [model] + pseudo_masks.dilated_models(meta, (8,))
+  assert models[1].backbone.last_dilation == 8 and models[0].backbone.last_dilation == 4
+  images, labels, bg = [], [], []
+  for i in range(8):
+    image, _, lab = synthetic.generate_tile(0, "train", i, 48)
+    images.append(np.asarray(jax.image.resize(image.astype(np.float32), (32, 32, 3), "bilinear")))
+    labels.append(lab)
+    bg.append(masks.background_mask(image))
+  x = jnp.asarray(np.stack(images).round().clip(0, 255) / 255.0, jnp.float32)
+  labels = jnp.asarray(np.stack(labels))
+  fused = [relevance.relevance_fn("gradcam", m.apply, layers=["bn7"], upsample=False,
+                                  normalize=config.normalize, only_present=True,
+                                  relu=None if config.relu < 0 else bool(config.relu)
+                                  ).maps(variables, x, labels) for m in models]
+  want = np.asarray(masks.pseudo_mask([f[next(iter(f))] for f in fused], labels,
+                                      jnp.asarray(np.stack(bg)), (48, 48), 4))
+  for i in range(8):
+    got = masks.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"), (48, 48), 4)
+    assert np.mean(got == want[i]) > 0.98
+  config.dilations = (0,)
+  with pytest.raises(UserError, match=r"dilations=\(0,\) must be positive"):
+    pseudo_masks.run(config, str(tmp_path / "bad"))

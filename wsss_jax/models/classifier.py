@@ -73,7 +73,8 @@ def build_classifier(model_cfg, image_size: int, num_classes: int, dtype=jnp.flo
   if model_cfg.width <= 0:
     raise UserError(f"model.width={model_cfg.width} must be positive")
   if name == "resnet38":
-    backbone = ResNet38(model_cfg.width, model_cfg.freeze_bn, dtype)
+    backbone = ResNet38(model_cfg.width, model_cfg.freeze_bn, dtype,
+                        last_dilation=model_cfg.get("last_dilation", 4))
   else:
     backbone = ResNet(50, model_cfg.output_stride, width=model_cfg.width,
                       frozen_bn=model_cfg.freeze_bn, dtype=dtype)

@@ -74,6 +74,7 @@ class ResNet38(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   features: tuple = ()  # names from STAGE_OUTPUTS: return {name: feature} instead of bn7
+  last_dilation: int = 4  # b7's; other rates on the same weights give multi-dilation maps
 
   # stage name prefix -> (blocks, mid, out, stride, dilation, first_dilation)
   STAGES = (("b2", 3, 128, 128, 2, 1, None), ("b3", 3, 256, 256, 2, 1, None),
@@ -99,7 +100,7 @@ class ResNet38(nn.Module):
           x = named_feature(self, name, x)
         outputs[name] = x
     x = BottleneckBlock(c(2048), 4, 0.3, name="b6", **kw)(x, train)
-    x = BottleneckBlock(c(4096), 4, 0.5, name="b7", **kw)(x, train)
+    x = BottleneckBlock(c(4096), self.last_dilation, 0.5, name="b7", **kw)(x, train)
     x = nn.relu(batch_norm(not train or self.frozen_bn, self.dtype)(name="bn7")(x))
     outputs["bn7"] = x = named_feature(self, "bn7", x)
     return {name: outputs[name] for name in self.features} if self.features else x

@@ -14,12 +14,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
 from wsss_jax import crf, masks, metrics, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
+from wsss_jax.models.classifier import build_classifier
 from wsss_jax.phases import maps as maps_phase
 from wsss_jax.phases.classify import prepare_images
 from wsss_jax.writers import MetricWriter
@@ -68,6 +70,22 @@ def table(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def dilated_models(meta: dict, dilations) -> list:
+  """The classifier rebuilt with its last block at each rate of `dilations` (same weights)."""
+  if not dilations:
+    return []
+  if meta["model"]["backbone"] != "resnet38":
+    raise UserError(f"dilations={tuple(dilations)} needs a ResNet38 classifier (its b7 block), "
+                    f"not {meta['model']['backbone']!r}")
+  if min(dilations) <= 0:
+    raise UserError(f"dilations={tuple(dilations)} must be positive integers")
+  models = []
+  for rate in dilations:
+    cfg = ml_collections.ConfigDict(dict(meta["model"], last_dilation=int(rate)))
+    models.append(build_classifier(cfg, meta["image_size"], meta["num_classes"]))
+  return models
+
+
 def validate(config) -> None:
   if config.split not in SPLITS:
     raise UserError(f"split={config.split!r} is not one of {SPLITS}")
@@ -100,6 +118,11 @@ def run(config, workdir: str) -> dict:
   fn = relevance.relevance_fn(method, model.apply, layers=list(layers) or None, target=config.target,
                               upsample=False, normalize=config.normalize, only_present=True,
                               relu=None if config.relu < 0 else bool(config.relu), **options)
+  dilated = [relevance.relevance_fn(method, model_at.apply, layers=list(layers) or None,
+                                    target=config.target, upsample=False,
+                                    normalize=config.normalize, only_present=True,
+                                    relu=None if config.relu < 0 else bool(config.relu), **options)
+             for model_at in dilated_models(meta, config.dilations)]
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]
@@ -134,8 +157,12 @@ def run(config, workdir: str) -> dict:
     for b in pipeline.tile_batches(data, config.split, batch, inputs, keys, extra=[background]):
       t0 = time.perf_counter()
       labels = jnp.asarray(b["labels"])
-      scale_maps = [fn.maps(variables, prepare(parallel.shard_identical(b[key], mesh)), labels)
-                    for key in inputs]
+      scale_maps = []
+      for key in inputs:
+        x = prepare(parallel.shard_identical(b[key], mesh))
+        extra = [f.maps(variables, x, labels) for f in dilated]
+        # multi-dilation (Wei et al. 2018): H_0 + mean_i H_i, i.e. H_0 weighs as all the others
+        scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
       truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
       out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),
                                    truth, jnp.asarray(b["valid"]),
@@ -168,6 +195,7 @@ def run(config, workdir: str) -> dict:
              "layers_written": [layer_name(k) for k in out], "class_names": list(names),
              "background_rule": config.background.rule, "scoring": "stage1",
              "crf": dict(config.crf) if config.crf.enabled else None,
+             "dilations": list(config.dilations),
              "wall_seconds": time.perf_counter() - started,
              "images_per_sec": (seen - batch) / timed if timed else None,
              "layers": {k: metrics.iou_scores(c, names) for k, c in confusion.items()}}

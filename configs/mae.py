@@ -5,6 +5,7 @@
 
   ...:sampling=centre,crop_min=0.5    (centre-weighted masks, crops of 50-100% of the area)
   ...:init=runs/mae_large              (chained: start from another pretrain run's weights)
+  ...:objective=rotation               (pretext tasks on the same encoder: rotation, jigsaw)
 
 The defaults are a laptop-sized run (ViT-S/16 at 112 px, a 4-block decoder) that finishes on a
 2-core CPU in minutes; `:paper=True` gives the paper's model (8-block 512-wide decoder, 224 px).
@@ -15,7 +16,8 @@ from wsss_jax.data import folders
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dataset="synthetic", root="", variant="S/16", image_size=112, batch=32, steps=200,
-                             mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="")
+                             mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="",
+                             objective="mae", jigsaw_grid=3)
   config = config_lib.common("pretrain")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
@@ -26,6 +28,9 @@ def get_config(arg=None):
   config.model = config_lib.mae_model(arg.variant, arg.mask_ratio, arg.paper)
   config.model.mask_sampling = arg.sampling     # random | block | grid | centre
   config.model.init_from = arg.init             # chained pretraining: a pretrain workdir
+  config.objective = arg.objective              # mae | rotation | jigsaw (pretext tasks)
+  # jigsaw: grid x grid tiles (grid must divide the crop), permutations of maximal Hamming distance
+  config.jigsaw = dict(grid=arg.jigsaw_grid, permutations=100 if arg.jigsaw_grid > 2 else 24)
   config.optim = config_lib.mae_optim(arg.steps)
   folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

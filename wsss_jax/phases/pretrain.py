@@ -18,6 +18,7 @@ import optax
 from wsss_jax import figures, loop, optim, parallel
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
+from wsss_jax.models import pretext
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
 from wsss_jax.models.vit import stack_blocks, unstack_blocks
 from wsss_jax.train_state import TrainState
@@ -34,10 +35,14 @@ RUNTIME_MODEL_FIELDS = ("attention", "remat", "gather", "init_from")
 def checkpoint_meta(config) -> dict:
   """What must match for a checkpoint to be resumed by this config."""
   model = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
-  return {"phase": "pretrain", "model": model, "image_size": config.data.image_size}
+  meta = {"phase": "pretrain", "model": model, "image_size": config.data.image_size}
+  if config.get("objective", "mae") != "mae":  # a pretext run: its task and head size
+    meta["objective"] = config.objective
+    meta["jigsaw"] = config.jigsaw.to_dict() if config.objective == "jigsaw" else None
+  return meta
 
 
-def make_init_fn(model: MaskedAutoencoder, tx, image_size: int, seed: int):
+def make_init_fn(model, tx, image_size: int, seed: int):
   def init_state():
     params_rng, mask_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -93,17 +98,62 @@ class Training(NamedTuple):
   train_step: Callable      # jitted (state, batch) -> (state, metrics); state donated
 
 
+def make_pretext_step(model: pretext.PretextClassifier, tx, schedule, config, dtype) -> Callable:
+  """(state, batch) -> (state, metrics): one AdamW step of the rotation or jigsaw task."""
+  mean, std, objective = tuple(config.data.mean), tuple(config.data.std), config.objective
+  permutations = None
+  if objective == "jigsaw":
+    permutations = pretext.maximal_hamming_permutations(
+        config.jigsaw.grid**2, config.jigsaw.permutations, config.seed)
+
+  def train_step(state: TrainState, batch):
+    images = pipeline.normalize(batch["image"], mean, std, dtype)
+    if objective == "rotation":
+      inputs, target = pretext.rotate_batch(state.step_rng(), images)
+    else:
+      inputs, target = pretext.jigsaw_batch(state.step_rng(), images, permutations,
+                                            config.jigsaw.grid)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, inputs)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+      return loss, jnp.mean(jnp.argmax(logits, -1) == target)
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "pretext_accuracy": accuracy, "lr": schedule(state.step),
+               "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def build_model(config, dtype):
+  """MAE, or the encoder with a pretext head (rotation: 4 outputs; jigsaw: one per permutation)."""
+  objective = config.get("objective", "mae")
+  if objective == "mae":
+    return build_mae(config.model, config.data.image_size, dtype)
+  encoder = build_mae(config.model, config.data.image_size, dtype).encoder
+  outputs = 4 if objective == "rotation" else config.jigsaw.permutations
+  return pretext.PretextClassifier(encoder, outputs, dtype)
+
+
 def build_training(config, mesh) -> Training:
   """Model, AdamW, the state's shape and sharding, and the sharded, jitted train step."""
   dtype = compute_dtype(config)
-  model = build_mae(config.model, config.data.image_size, dtype)
+  model = build_model(config, dtype)
   tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
   init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
   abstract_state = jax.eval_shape(init_state)
   state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
+  if isinstance(model, MaskedAutoencoder):
+    step = make_train_step(model, tx, schedule, tuple(config.data.mean), tuple(config.data.std),
+                           dtype)
+  else:
+    step = make_pretext_step(model, tx, schedule, config, dtype)
   train_step = jax.jit(
-      parallel.with_mesh(mesh, make_train_step(model, tx, schedule, tuple(config.data.mean),
-                                               tuple(config.data.std), dtype)),
+      parallel.with_mesh(mesh, step),
       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
       out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
   return Training(model, init_state, abstract_state, state_sharding, train_step)
@@ -153,6 +203,11 @@ def validate(config) -> None:
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")
   pipeline.check_dataset_name(config.data.name)
+  objective = config.get("objective", "mae")
+  if objective not in pretext.OBJECTIVES:
+    raise UserError(f"objective={objective!r} is not one of {pretext.OBJECTIVES}")
+  if objective == "jigsaw":
+    pretext.check_jigsaw(config.data.image_size, config.jigsaw.grid)
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "
@@ -178,13 +233,16 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 
   # --- Figures ----------------------------------------------------------------------------------
+  mae = isinstance(t.model, MaskedAutoencoder)
   reconstruct = jax.jit(make_reconstruct_fn(t.model, tuple(config.data.mean),
                                             tuple(config.data.std), compute_dtype(config),
                                             config.seed),
-                        out_shardings=parallel.replicated(mesh))
+                        out_shardings=parallel.replicated(mesh)) if mae else None
 
   def save(step, state):
     job.ckpt.save(step, state, job.data_iter.get_state(), meta)
+    if not mae:
+      return
     panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
     if job.writer.enabled:
       grid = figures.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))

@@ -1,0 +1,88 @@
+"""Pretext tasks that pretrain the same ViT encoder as MAE (its parameters stay under `encoder`, so
+the classify phase and chained pretraining take them as they take MAE's):
+
+  rotation (Gidaris et al. 2018): each image turned by k x 90 degrees, k uniform in 0..3; the
+    encoder's mean patch token -> 4-way softmax predicts k.
+  jigsaw (Noroozi & Favaro 2016): the image cut into grid x grid tiles, put back in the order of
+    one permutation of a fixed set, chosen by maximal Hamming distance; the encoder sees the
+    reassembled image and predicts which permutation (a ViT sees the whole puzzle at once instead
+    of the paper's per-tile siamese CNN).
+Inputs are made on device inside the jitted step, so the grain pipeline is MAE's.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax.errors import UserError
+from wsss_jax.models.vit import VisionTransformer
+
+OBJECTIVES = ("mae", "rotation", "jigsaw")
+
+
+class PretextClassifier(nn.Module):
+  """ViT encoder -> mean of the patch tokens (after the final LayerNorm) -> `pretext_head`."""
+  encoder: VisionTransformer
+  num_outputs: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    tokens = self.encoder(images)
+    head = nn.Dense(self.num_outputs, dtype=self.dtype, name="pretext_head",
+                    kernel_init=nn.initializers.truncated_normal(2e-5))  # starts at chance
+    return head(tokens[:, 1:].mean(1)).astype(jnp.float32)
+
+
+def maximal_hamming_permutations(n_tiles: int, count: int, seed: int = 0) -> np.ndarray:
+  """`count` permutations of n_tiles, chosen greedily: each next one has the largest minimal
+  Hamming distance to those already chosen (ties at random), starting from a random one
+  (Noroozi & Favaro 2016, Algorithm 1)."""
+  candidates = np.array(list(itertools.permutations(range(n_tiles))), np.int8)
+  if not 1 <= count <= len(candidates):
+    raise UserError(f"jigsaw.permutations={count} must lie in [1, {len(candidates)}] for "
+                    f"{n_tiles} tiles")
+  rng = np.random.default_rng(seed)
+  chosen = [int(rng.integers(len(candidates)))]
+  min_dist = (candidates != candidates[chosen[0]]).sum(1)
+  for _ in range(count - 1):
+    best = np.flatnonzero(min_dist == min_dist.max())
+    pick = int(rng.choice(best))
+    chosen.append(pick)
+    min_dist = np.minimum(min_dist, (candidates != candidates[pick]).sum(1))
+  return candidates[chosen].astype(np.int32)
+
+
+def rotate_batch(rng, images):
+  """(images turned by k x 90 degrees, k) with k uniform per image; square images."""
+  k = jax.random.randint(rng, (images.shape[0],), 0, 4)
+  turns = jnp.stack([jnp.rot90(images, r, axes=(1, 2)) for r in range(4)])  # (4, B, H, W, C)
+  return jnp.take_along_axis(turns, k[None, :, None, None, None], 0)[0], k
+
+
+def shuffle_tiles(images, permutation, grid: int):
+  """Tile i of the output is tile permutation[i] of the input (row-major tiles)."""
+  b, h, w, c = images.shape
+  th, tw = h // grid, w // grid
+  tiles = images.reshape(b, grid, th, grid, tw, c).transpose(0, 1, 3, 2, 4, 5)
+  tiles = tiles.reshape(b, grid * grid, th, tw, c)
+  tiles = jnp.take_along_axis(tiles, permutation[:, :, None, None, None], 1)
+  tiles = tiles.reshape(b, grid, grid, th, tw, c).transpose(0, 1, 3, 2, 4, 5)
+  return tiles.reshape(b, h, w, c)
+
+
+def jigsaw_batch(rng, images, permutations, grid: int):
+  """(puzzles, index of the permutation each was made with)."""
+  index = jax.random.randint(rng, (images.shape[0],), 0, permutations.shape[0])
+  return shuffle_tiles(images, jnp.asarray(permutations)[index], grid), index
+
+
+def check_jigsaw(image_size: int, grid: int) -> None:
+  if grid < 2 or image_size % grid:
+    raise UserError(f"jigsaw.grid={grid} must be >= 2 and divide data.image_size={image_size} "
+                    f"(the crop is cut into grid x grid equal tiles)")

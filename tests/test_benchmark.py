@@ -44,12 +44,16 @@ def test_benchmark_rejects_unknown_model(tmp_path):
     benchmark.run(config, str(tmp_path))
 
 
+def _small_run(spec: str, tmp_path):
+  """(config, result) of a 2-step benchmark of `spec` at 32 px on one device."""
+  config = load_config("benchmark", f"{spec},image_size=32,steps=2,warmup=1")
+  config.num_devices, config.matmul_size = 1, 256
+  return config, benchmark.run(config, str(tmp_path))
+
+
 @pytest.mark.parametrize("model", ["resnet38", "resnet50", "vit"])
 def test_benchmark_times_the_classifiers(model, tmp_path):
-  config = load_config("benchmark", f"model={model},variant=mu/8,width=0.0625,image_size=32,"
-                       "batch=4,steps=2,warmup=1")
-  config.num_devices, config.matmul_size = 1, 256
-  result = benchmark.run(config, str(tmp_path))
+  _, result = _small_run(f"model={model},variant=mu/8,width=0.0625,batch=4", tmp_path)
   assert result["model"] == model and result["gflops_per_image"] > 0
   assert result["pda"] is (model != "vit")
   assert result["images_per_sec"] == pytest.approx(4 / result["step_time_median"])
@@ -60,10 +64,8 @@ def test_benchmark_times_the_segmenters(model, tmp_path):
   """A train step costs about 3 forward passes (input and weight gradients of every layer)."""
   import numpy as np
   from wsss_jax.phases import segment
-  config = load_config("benchmark", f"model={model},backbone=resnet38,width=0.0625,"
-                       "image_size=32,batch=2,steps=2,warmup=1,paper=False")
-  config.num_devices, config.matmul_size = 1, 256
-  result = benchmark.run(config, str(tmp_path))
+  config, result = _small_run(f"model={model},backbone=resnet38,width=0.0625,batch=2,paper=False",
+                              tmp_path)
   assert result["model"] == model and result["images_per_sec"] > 0
   seg = segment.Segmentation(config, benchmark.parallel.make_mesh(1))
   state = seg.init_state()

@@ -25,7 +25,8 @@ def get_config(arg=None):
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
                              width=1.0, relevance="", matmul=2048,
                              attention="xla", profile=False, fsdp=1,
-                             devices=-1, remat="none", scan=False, backbone="resnet101")
+                             devices=-1, remat="none", scan=False, backbone="resnet101",
+                             real_input=False, workers=0, threads=2)
   config = config_lib.common("benchmark")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
@@ -36,6 +37,10 @@ def get_config(arg=None):
   config.profile = arg.profile  # trace 3 steps to <workdir>/profile, print device time by op
   config.matmul_size = arg.matmul  # side of the peak-FLOP/s matmul (8192 on big GPUs)
   config.data = config_lib.data("synthetic", arg.image_size)
+  # also time the step fed by the grain pipeline (the embedded tiles by default): images/s with
+  # input and data_wait_fraction; workers = grain processes, threads = reader threads
+  config.real_input = arg.real_input
+  config.data.num_workers, config.data.num_threads = arg.workers, arg.threads
   if arg.model == "mae":
     config.model = config_lib.mae_model(arg.variant, 0.75, arg.paper, arg.gather)
     config.optim = config_lib.mae_optim(arg.steps)

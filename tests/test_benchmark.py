@@ -37,6 +37,17 @@ def test_remat_counts_model_flops_for_mfu_and_recomputation_apart(tmp_path):
   assert plain["hardware_gflops_per_image"] == plain["gflops_per_image"]
 
 
+def test_real_input_reports_the_wait_for_the_grain_pipeline(tmp_path):
+  config = _config(8)
+  config.real_input = True
+  result = benchmark.run(config, str(tmp_path))
+  assert 0 <= result["data_wait_fraction"] < 1
+  # the same step, now also decoding and augmenting: not faster than on a resident batch
+  assert 0 < result["input_images_per_sec"] < 1.25 * result["images_per_sec"]
+  with pytest.raises(UserError, match="real_input=True times the MAE and classifier steps"):
+    _small_run("model=mrn,width=0.0625,batch=2,paper=False,real_input=True", tmp_path)
+
+
 def test_benchmark_rejects_unknown_model(tmp_path):
   config = _config(8)
   config.model.name = "resnet1000"

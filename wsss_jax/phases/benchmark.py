@@ -207,6 +207,37 @@ def model_flops(config, mesh, state, batch) -> float:
   return jaxpr_flops(t.train_step.trace(state, batch).jaxpr) / mesh.devices.size
 
 
+def fed_by_pipeline(config, compiled, state, mesh) -> dict:
+  """The same compiled step fed by the real grain pipeline (decode, augment, batch, global
+  arrays) for `total_steps` steps after a warm-up: images/s and the share of wall time spent
+  waiting for input, as the training loop measures it."""
+  from wsss_jax.data import pipeline
+  keys = ("image",) if config.model.name == "mae" else ("image", "labels")
+  local = parallel.check_batch_size(config.batch_size, mesh)
+  it = iter(pipeline.train_dataset(config.data, seed=config.seed, local_batch=local, keys=keys,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
+
+  def step(state):
+    t = time.perf_counter()
+    batch = parallel.global_batch(next(it), mesh)
+    waited = time.perf_counter() - t
+    return compiled(state, batch), waited
+
+  for _ in range(config.warmup_steps):
+    (state, metrics), _ = step(state)
+  jax.block_until_ready(state)
+  wait, start = 0.0, time.perf_counter()
+  for _ in range(config.total_steps):
+    (state, metrics), waited = step(state)
+    wait += waited
+  jax.block_until_ready(metrics)
+  wall = time.perf_counter() - start
+  return {"input_images_per_sec": config.total_steps * config.batch_size / wall,
+          "data_wait_fraction": wait / wall, "input_threads": config.data.num_threads,
+          "input_workers": config.data.num_workers}
+
+
 def benchmark_step(config, workdir: str | None = None) -> dict:
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
@@ -232,6 +263,7 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
+  fed = fed_by_pipeline(config, compiled, state, mesh) if config.get("real_input") else {}
   peak = matmul_peak(dtype, config.matmul_size)
   achieved = flops_per_device / step_s
   if config.model.name == "mae":
@@ -271,6 +303,7 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
       "mfu_datasheet": achieved / sheet if sheet else None,
       "peak_memory_gib": None if memory is None else memory / 2**30,
       "final_loss": float(metrics["loss"]),
+      **fed,
   }
 
 
@@ -323,6 +356,9 @@ def benchmark_maps(config) -> dict:
 def run(config, workdir: str) -> dict:
   if config.model.name not in MODELS:
     raise UserError(f"model.name={config.model.name!r} is not one of {MODELS}")
+  if config.get("real_input") and config.model.name in SEGMENTERS:
+    raise UserError("real_input=True times the MAE and classifier steps (the segmenters read "
+                    "pseudo-mask files: time them with the segment phase's own log)")
   for field in ("total_steps", "warmup_steps", "matmul_size"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")

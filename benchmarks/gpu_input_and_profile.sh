@@ -14,6 +14,10 @@ $py -m wsss_jax.main --config=configs/dataset.py:action=input,threads=16 --workd
 $py -m wsss_jax.main --config=configs/mae.py:variant=B/16,paper=True,batch=256,steps=60,dataset=luad_histoseg,root="$work/input/release" \
   --config.mixed_precision=True --config.data.num_workers="$workers" --config.log_every=10 \
   --config.checkpoint_every=1000 --workdir="$work/mae" 2>&1 | grep -E "step|wait|Error" | tail -12 | tee "$out/mae_input_wait.txt"
+# the benchmark's compiled step fed by grain from the same PNG folder
+$py -m wsss_jax.main --config="configs/benchmark.py:model=mae,variant=B/16,batch=256,bf16=True,matmul=8192,real_input=True,workers=$workers,threads=4" \
+  --config.data.name=luad_histoseg --config.data.root="$work/input/release" --config.data.num_classes=4 \
+  --workdir="$work/real_input" 2>&1 | grep -v "^{" | tail -3 | tee "$out/real_input.txt"
 for spec in "model=mae,variant=B/16,batch=256,bf16=True,matmul=8192,profile=True" \
             "model=vit,variant=B/16,batch=256,bf16=True,matmul=8192,profile=True"; do
   name=$(echo "$spec" | cut -d, -f1 | cut -d= -f2)

@@ -43,12 +43,20 @@ def run_variant(name: str, workdir: str, base: str) -> dict:
     return json.load(f)
 
 
+def classify_images_per_sec(target: str) -> float:
+  """Mean of the logged training windows (a resumed run's summary has no throughput)."""
+  with open(os.path.join(target, "classify", "metrics.jsonl"), encoding="utf-8") as f:
+    rates = [r["images_per_sec"] for r in map(json.loads, f) if "images_per_sec" in r]
+  return sum(rates) / len(rates)
+
+
 def row(name: str, result: dict, base: dict) -> dict:
   pm, pm_test = result["pseudo_masks"]["layers"], result["pseudo_masks_test"]["layers"]
   reused = VARIANTS[name][1]  # the baseline's classifier: its cost is the baseline's
   return {"variant": name, "overrides": " ".join(VARIANTS[name][0]) or "-",
           "classify_images_per_sec_rel": 1.0 if reused else (
-              result["classify"]["images_per_sec"] / base["classify"]["images_per_sec"]),
+              classify_images_per_sec(result["workdir"])
+              / classify_images_per_sec(base["workdir"])),
           "pseudo_masks_tiles_per_sec_rel": (result["pseudo_masks"]["images_per_sec"]
                                              / base["pseudo_masks"]["images_per_sec"]),
           "pseudo_mIoU_train": {k: v["mIoU"] for k, v in pm.items()},

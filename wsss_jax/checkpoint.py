@@ -88,6 +88,34 @@ class Checkpointer:
     self._manager.close()
 
 
+# How a step computes, not what it learns: left out of a checkpoint's model description, so a run
+# may resume (or be started from) with other settings of these.
+RUNTIME_MODEL_FIELDS = ("init_from", "attention", "remat", "gather")
+
+
+def model_meta(model_cfg) -> dict:
+  """The `model` entry of a checkpoint's meta: the model section without its runtime fields."""
+  return {k: v for k, v in model_cfg.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
+
+
+def restore_latest(workdir: str, sharding, fields=("params", "batch_stats"), *, flag: str,
+                   hint: str = "") -> tuple[dict, dict, int]:
+  """({field: tree}, meta, step) of the latest checkpoint of the run in `workdir` (another
+  phase's run); one error naming `flag` when it has none. Nothing is created there."""
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  ckpt = Checkpointer(directory, async_save=False) if os.path.isdir(directory) else None
+  step = ckpt.latest_step() if ckpt else None
+  if step is None:
+    if ckpt:
+      ckpt.close()
+    raise UserError(f"{flag}={workdir}: no checkpoint in {directory}{hint}")
+  try:
+    restored, meta = ckpt.restore_fields(step, sharding, fields)
+  finally:
+    ckpt.close()
+  return restored, meta, step
+
+
 def _first_line(e: Exception) -> str:
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__

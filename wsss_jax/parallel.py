@@ -108,10 +108,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def batch_spec() -> P:
-  return P(BATCH_AXES)
-
-
 _TRACING_MESH: contextvars.ContextVar = contextvars.ContextVar("wsss_jax_mesh", default=None)
 
 

@@ -8,7 +8,6 @@ inside the jitted step, so it is checkpointed and resumed with everything else.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax.traverse_util as traverse_util
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 
 from wsss_jax import loop, metrics, optim, parallel
-from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.checkpoint import model_meta, restore_latest
 from wsss_jax.data import mixing, pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import (ViTClassifier, build_classifier, lr_multipliers,
@@ -64,9 +63,7 @@ def compute_dtype(config):
 
 
 def checkpoint_meta(config) -> dict:
-  runtime = ("init_from", "attention", "remat")  # how it computes, not what it learns
-  return {"phase": "classify", "model": {k: v for k, v in config.model.to_dict().items()
-                                         if k not in runtime},
+  return {"phase": "classify", "model": model_meta(config.model),
           "image_size": config.data.image_size, "num_classes": config.data.num_classes}
 
 
@@ -224,13 +221,7 @@ def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> Classi
   backbone parameter and statistic (into a classifier or a segmenter whose backbone is the
   submodule `backbone`). Names and shapes must agree.
   """
-  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  ckpt = Checkpointer(directory, async_save=False)
-  step = ckpt.latest_step() if os.path.isdir(directory) else None
-  if step is None:
-    raise UserError(f"model.init_from={workdir}: no checkpoint in {directory}")
-  saved, meta = ckpt.restore_fields(step, parallel.replicated(mesh))
-  ckpt.close()
+  saved, meta, step = restore_latest(workdir, parallel.replicated(mesh), flag="model.init_from")
   where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
   prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
   if meta.get("phase") == "pretrain" and not isinstance(model, ViTClassifier):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from wsss_jax import metrics, parallel, relevance
-from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.checkpoint import restore_latest
 from wsss_jax.data import pipeline
 from wsss_jax.data.synthetic import BACKGROUND
 from wsss_jax.errors import UserError
@@ -41,16 +41,9 @@ DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size",
 def load_classifier(workdir: str, mesh):
   """(model, variables, meta, step, its data config) of a classify run's latest checkpoint."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  directory = os.path.join(workdir, "checkpoints")
-  step = None
-  if os.path.isdir(directory):
-    ckpt = Checkpointer(directory, async_save=False)
-    step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"classifier_workdir={workdir}: no checkpoint in {directory}; run the "
-                    f"classify phase there first")
-  fields, meta = ckpt.restore_fields(step, parallel.replicated(mesh))
-  ckpt.close()
+  fields, meta, step = restore_latest(workdir, parallel.replicated(mesh),
+                                      flag="classifier_workdir",
+                                      hint="; run the classify phase there first")
   if meta.get("phase") != "classify":
     raise UserError(f"classifier_workdir={workdir}: step {step} was written by the "
                     f"{meta.get('phase')!r} phase, not classify")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from wsss_jax import figures, loop, optim, parallel
+from wsss_jax.checkpoint import model_meta, restore_latest
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
@@ -28,14 +29,10 @@ def compute_dtype(config):
   return jnp.bfloat16 if config.mixed_precision else jnp.float32
 
 
-# How the step computes, not what it learns: a run may resume with other settings of these.
-RUNTIME_MODEL_FIELDS = ("attention", "remat", "gather", "init_from")
-
-
 def checkpoint_meta(config) -> dict:
   """What must match for a checkpoint to be resumed by this config."""
-  model = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
-  meta = {"phase": "pretrain", "model": model, "image_size": config.data.image_size}
+  meta = {"phase": "pretrain", "model": model_meta(config.model),
+          "image_size": config.data.image_size}
   if config.get("objective", "mae") != "mae":  # a pretext run: its task and head size
     meta["objective"] = config.objective
     meta["jigsaw"] = config.jigsaw.to_dict() if config.objective == "jigsaw" else None
@@ -67,12 +64,17 @@ def make_train_step(model: MaskedAutoencoder, tx, schedule, mean, std, dtype) ->
 
   def train_step(state: TrainState, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng())
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return apply_gradients(state, tx, schedule, grads, loss=loss)
 
   return train_step
+
+
+def apply_gradients(state: TrainState, tx, schedule, grads, **metrics):
+  """One optimiser update of `state`; `metrics` plus the step's lr and gradient norm."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics |= {"lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_reconstruct_fn(model: MaskedAutoencoder, mean, std, dtype, seed: int):
@@ -120,11 +122,7 @@ def make_pretext_step(model: pretext.PretextClassifier, tx, schedule, config, dt
       return loss, jnp.mean(jnp.argmax(logits, -1) == target)
 
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "pretext_accuracy": accuracy, "lr": schedule(state.step),
-               "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return apply_gradients(state, tx, schedule, grads, loss=loss, pretext_accuracy=accuracy)
 
   return train_step
 
@@ -165,15 +163,8 @@ def load_pretrained(state: TrainState, workdir: str, scanned: bool, mesh) -> Tra
   decoder and the other top-level parts are copied where the source has them with the same
   shapes, else they start fresh. Scanned and unscanned runs chain both ways."""
   from flax import traverse_util
-  from wsss_jax.checkpoint import Checkpointer
-  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  ckpt = Checkpointer(directory, async_save=False)
-  step = ckpt.latest_step() if os.path.isdir(directory) else None
-  if step is None:
-    ckpt.close()
-    raise UserError(f"model.init_from={workdir}: no checkpoint in {directory}")
-  saved, meta = ckpt.restore_fields(step, parallel.replicated(mesh), ("params",))
-  ckpt.close()
+  saved, meta, step = restore_latest(workdir, parallel.replicated(mesh), ("params",),
+                                     flag="model.init_from")
   where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
   if meta.get("phase") != "pretrain":
     raise UserError(f"{where}: chained pretraining starts from a pretrain run")

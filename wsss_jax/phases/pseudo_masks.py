@@ -115,14 +115,14 @@ def run(config, workdir: str) -> dict:
                     f"size (fixed position embeddings); use scales=(1.0,)")
   method, options = maps_phase.method_options(config.method, config, data)
   layers = tuple(config.layers) or maps_phase.DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
-  fn = relevance.relevance_fn(method, model.apply, layers=list(layers) or None, target=config.target,
-                              upsample=False, normalize=config.normalize, only_present=True,
-                              relu=None if config.relu < 0 else bool(config.relu), **options)
-  dilated = [relevance.relevance_fn(method, model_at.apply, layers=list(layers) or None,
-                                    target=config.target, upsample=False,
-                                    normalize=config.normalize, only_present=True,
-                                    relu=None if config.relu < 0 else bool(config.relu), **options)
-             for model_at in dilated_models(meta, config.dilations)]
+  def maps_fn(classifier):
+    return relevance.relevance_fn(method, classifier.apply, layers=list(layers) or None,
+                                  target=config.target, upsample=False,
+                                  normalize=config.normalize, only_present=True,
+                                  relu=None if config.relu < 0 else bool(config.relu), **options)
+
+  fn = maps_fn(model)
+  dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from wsss_jax import loop, masks, metrics, optim, parallel
-from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.checkpoint import Checkpointer, model_meta
 from wsss_jax.data import pipeline, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
@@ -70,8 +70,7 @@ def gate(logits, probs, mode: str, epsilon: float):
 
 # --- Model, optimiser, steps -------------------------------------------------------------------------
 def checkpoint_meta(config) -> dict:
-  return {"phase": "segment", "model": {k: v for k, v in config.model.to_dict().items()
-                                        if k != "init_from"},
+  return {"phase": "segment", "model": model_meta(config.model),
           "image_size": config.data.image_size, "num_classes": config.data.num_classes}
 
 

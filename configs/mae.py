@@ -5,7 +5,8 @@
 
   ...:sampling=centre,crop_min=0.5    (centre-weighted masks, crops of 50-100% of the area)
   ...:init=runs/mae_large              (chained: start from another pretrain run's weights)
-  ...:objective=rotation               (pretext tasks on the same encoder: rotation, jigsaw)
+  ...:objective=rotation               (pretext tasks on the same encoder: rotation, jigsaw,
+                                        exemplar = instance discrimination, SimCLR-style)
 
 The defaults are a laptop-sized run (ViT-S/16 at 112 px, a 4-block decoder) that finishes on a
 2-core CPU in minutes; `:paper=True` gives the paper's model (8-block 512-wide decoder, 224 px).
@@ -31,6 +32,11 @@ def get_config(arg=None):
   config.objective = arg.objective              # mae | rotation | jigsaw (pretext tasks)
   # jigsaw: grid x grid tiles (grid must divide the crop), permutations of maximal Hamming distance
   config.jigsaw = dict(grid=arg.jigsaw_grid, permutations=100 if arg.jigsaw_grid > 2 else 24)
+  # exemplar: NT-Xent temperature, projection head, and the strong views made on device (SimCLR's
+  # recipe: crops of 8-100%, colour jitter of strength 1 with p 0.8, grayscale 0.2, blur 0.5;
+  # a milder colour strength suits stained tissue, whose colour carries meaning)
+  config.exemplar = dict(temperature=0.1, hidden=1024, dim=128, crop_min=0.08,
+                         colour_strength=0.5, colour_p=0.8, grayscale_p=0.2, blur_p=0.5)
   config.optim = config_lib.mae_optim(arg.steps)
   folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
   return config

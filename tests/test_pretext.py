@@ -43,14 +43,73 @@ def test_shuffle_tiles_matches_numpy_and_rotation_matches_rot90():
   assert set(np.asarray(many).tolist()) == {0, 1, 2, 3}
 
 
+def nt_xent_numpy(z1, z2, t):
+  """The NT-Xent loss written out per anchor, as in the SimCLR paper's Algorithm 1."""
+  z = np.concatenate([z1, z2]).astype(np.float64)
+  n, b = len(z), len(z1)
+  losses, hits = [], []
+  for i in range(n):
+    j = (i + b) % n
+    sims = np.array([z[i] @ z[k] / t for k in range(n)])
+    others = [k for k in range(n) if k != i]
+    losses.append(-(sims[j] - np.log(np.exp(sims[others]).sum())))
+    hits.append(others[int(np.argmax(sims[others]))] == j)
+  return np.mean(losses), np.mean(hits)
+
+
+def test_nt_xent_matches_numpy_and_its_closed_form():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(2, 5, 8))
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  loss, acc = pretext.nt_xent(jnp.asarray(z[0], jnp.float32), jnp.asarray(z[1], jnp.float32), 0.5)
+  want_loss, want_acc = nt_xent_numpy(z[0], z[1], 0.5)
+  assert float(loss) == pytest.approx(want_loss, rel=1e-5) and float(acc) == pytest.approx(want_acc)
+  # both views of image i equal to e_i: each anchor sees e^(1/t) once and e^0 for 2B - 2 views
+  e = jnp.eye(4, dtype=jnp.float32)
+  loss, acc = pretext.nt_xent(e, e, 0.2)
+  assert float(loss) == pytest.approx(-np.log(np.exp(5) / (np.exp(5) + 6)), rel=1e-5)
+  assert float(acc) == 1.0
+
+
+def test_strong_views_keep_what_each_augmentation_promises():
+  from ml_collections import ConfigDict
+  from wsss_jax.data import strong_augment as sa
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.random((6, 16, 16, 3)), jnp.float32)
+  # a full-image box with aspect 1 resamples each image onto itself
+  top, left, h, w = sa.crop_boxes(jax.random.PRNGKey(0), 6, 16, 16, (1.0, 1.0), (1.0, 1.0))
+  np.testing.assert_allclose(np.asarray(sa.resized_crops(images, top, left, h, w)), images,
+                             atol=1e-5)
+  # a 4x4 box at (8, 4) upsampled x4: pixel (8 + 4y' ...) -> the box's own top-left pixel region
+  one = sa.resized_crops(images[:1], jnp.array([8.0]), jnp.array([4.0]), jnp.array([8.0]),
+                         jnp.array([8.0]))
+  np.testing.assert_allclose(np.asarray(one[0, 1::2, 1::2]).mean(), float(images[0, 8:16, 4:12].mean()),
+                             rtol=0.05)
+  # hue turns keep the luma; grayscale makes the channels equal with the same luma
+  turned = sa.rotate_hue(images, jnp.linspace(-1, 1, 6))
+  np.testing.assert_allclose(np.asarray(turned @ sa.LUMA), np.asarray(images @ sa.LUMA), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(sa.rotate_hue(images, jnp.zeros(6))), images, atol=1e-5)
+  gray = np.asarray(sa.grayscale(images))
+  assert np.allclose(gray[..., 0], gray[..., 2])
+  # blur keeps a constant image and the mean, lowers the variance
+  blurred = sa.gaussian_blur(jax.random.PRNGKey(2), images, (1.0, 1.0), 3)
+  const = sa.gaussian_blur(jax.random.PRNGKey(2), jnp.full_like(images, 0.3), (0.5, 2.0), 3)
+  np.testing.assert_allclose(np.asarray(const), 0.3, atol=1e-6)
+  assert float(blurred.var()) < 0.5 * float(images.var())
+  assert abs(float(blurred.mean()) - float(images.mean())) < 0.01
+  cfg = ConfigDict(dict(crop_min=0.08, colour_strength=1.0, colour_p=0.8, grayscale_p=0.2,
+                        blur_p=0.5))
+  a = sa.strong_view(jax.random.PRNGKey(3), images, cfg)
+  b = sa.strong_view(jax.random.PRNGKey(4), images, cfg)
+  assert a.shape == images.shape and 0 <= float(a.min()) and float(a.max()) <= 1
+  assert not np.allclose(a, b)  # two views of the same images differ
+
+
 @pytest.mark.parametrize("objective", ["rotation", "jigsaw"])
 def test_pretext_run_learns_and_initialises_a_classifier(objective, tiny_pretrain_config, tmp_path):
   """The task starts at chance (cross-entropy ln n with a fresh head), trains, logs its accuracy,
   and its encoder then starts a ViT classifier."""
   import json
-  from conftest import load_config
-  from wsss_jax import parallel
-  from wsss_jax.phases import classify
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.objective = objective
   config.jigsaw.grid, config.jigsaw.permutations = 2, 24
@@ -60,10 +119,35 @@ def test_pretext_run_learns_and_initialises_a_classifier(objective, tiny_pretrai
   chance = np.log(4 if objective == "rotation" else 24)
   assert rows[0]["loss"] == pytest.approx(chance, rel=0.1)
   assert np.isfinite(summary["final_loss"]) and 0 <= rows[-1]["pretext_accuracy"] <= 1
+  assert_initialises_a_vit_classifier(str(tmp_path / "pre"))
+
+
+def test_exemplar_run_tells_instances_apart_and_initialises_a_classifier(tiny_pretrain_config,
+                                                                         tmp_path):
+  """Instance discrimination on 64 tiles, batches of 8 (chance: 1 of 15 views) with mild views
+  (a 32 px tile cropped to 8% is noise): it learns to find each view's twin."""
+  import json
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.objective = "exemplar"
+  config.total_steps, config.checkpoint_every, config.log_every = 30, 30, 1
+  config.exemplar.update(crop_min=0.5, blur_p=0.0, colour_strength=0.3)
+  pretrain.run(config, str(tmp_path / "pre"))
+  rows = [json.loads(line) for line in open(tmp_path / "pre" / "metrics.jsonl")][-15:]
+  chance = 1 / (2 * config.batch_size - 1)
+  assert np.mean([r["instance_accuracy"] for r in rows]) > 2.5 * chance
+  assert np.mean([r["loss"] for r in rows]) < np.log(2 * config.batch_size - 1) - 0.3
+  assert_initialises_a_vit_classifier(str(tmp_path / "pre"))
+
+
+def assert_initialises_a_vit_classifier(workdir: str):
+  """The pretrained encoder (not the pretext head) is what a ViT classifier starts from."""
+  from conftest import load_config
+  from wsss_jax import parallel
+  from wsss_jax.phases import classify
   cls_cfg = load_config("classify", "backbone=vit,variant=mu/8,image_size=32")
   mesh = parallel.make_mesh(1)
   t = classify.build_training(cls_cfg, mesh)
-  state = classify.load_pretrained(jax.jit(t.init_state)(), str(tmp_path / "pre"), t.model, mesh)
+  state = classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh)
   fresh = jax.jit(t.init_state)()
   assert not np.allclose(state.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                          fresh.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
@@ -73,6 +157,12 @@ def test_bad_pretext_settings_are_refused(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.objective, config.jigsaw.grid = "jigsaw", 3  # 32 px does not split into 3 tiles
   with pytest.raises(UserError, match="jigsaw.grid=3 must be >= 2 and divide data.image_size=32"):
+    pretrain.run(config, str(tmp_path))
+  config.objective, config.exemplar.temperature = "exemplar", 0.0
+  with pytest.raises(UserError, match="exemplar.temperature=0.0 must be positive"):
+    pretrain.run(config, str(tmp_path))
+  config.exemplar.temperature, config.exemplar.blur_p = 0.1, 1.5
+  with pytest.raises(UserError, match=r"exemplar.blur_p=1.5 must lie in \[0, 1\]"):
     pretrain.run(config, str(tmp_path))
   config.objective = "colorization"
   with pytest.raises(UserError, match="objective='colorization' is not one of"):

@@ -7,6 +7,10 @@ the classify phase and chained pretraining take them as they take MAE's):
     one permutation of a fixed set, chosen by maximal Hamming distance; the encoder sees the
     reassembled image and predicts which permutation (a ViT sees the whole puzzle at once instead
     of the paper's per-tile siamese CNN).
+  exemplar (instance discrimination, Dosovitskiy et al. 2014; Wu et al. 2018) in its in-batch form
+    (SimCLR, Chen et al. 2020): every image is its own class; two strong augmentations of it
+    (data/strong_augment.py) are the positives, the other 2B - 2 views of the global batch the
+    negatives; encoder -> mean patch token -> 2-layer projection -> unit sphere -> NT-Xent.
 Inputs are made on device inside the jitted step, so the grain pipeline is MAE's.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from wsss_jax.errors import UserError
 from wsss_jax.models.vit import VisionTransformer
 
-OBJECTIVES = ("mae", "rotation", "jigsaw")
+OBJECTIVES = ("mae", "rotation", "jigsaw", "exemplar")
 
 
 class PretextClassifier(nn.Module):
@@ -37,6 +41,52 @@ class PretextClassifier(nn.Module):
     head = nn.Dense(self.num_outputs, dtype=self.dtype, name="pretext_head",
                     kernel_init=nn.initializers.truncated_normal(2e-5))  # starts at chance
     return head(tokens[:, 1:].mean(1)).astype(jnp.float32)
+
+
+class InstanceEmbedder(nn.Module):
+  """ViT encoder -> mean patch token -> Dense(hidden), ReLU, Dense(dim) -> L2-normalised
+  embedding (SimCLR's projection head; the classifier later takes only `encoder`)."""
+  encoder: VisionTransformer
+  hidden: int
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    pooled = self.encoder(images)[:, 1:].mean(1)
+    h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="projection_hidden")(pooled))
+    z = nn.Dense(self.dim, dtype=self.dtype, name="projection_out")(h).astype(jnp.float32)
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-12)
+
+
+def nt_xent(z1, z2, temperature: float):
+  """(loss, instance accuracy) of SimCLR's normalised-temperature cross-entropy: view i of one
+  image must pick its other view among the 2B - 1 other views, logits = cosine / temperature.
+  z1, z2: unit embeddings (B, D) of the two views; row i of z1 and of z2 is one image."""
+  b = z1.shape[0]
+  z = jnp.concatenate([z1, z2])
+  logits = (z @ z.T) / temperature
+  logits = jnp.where(jnp.eye(2 * b, dtype=bool), -jnp.inf, logits)  # a view is not its own pair
+  target = jnp.concatenate([jnp.arange(b, 2 * b), jnp.arange(b)])
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.take_along_axis(log_p, target[:, None], 1).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == target)
+
+
+def check_exemplar(cfg, batch_size: int) -> None:
+  if cfg.temperature <= 0:
+    raise UserError(f"exemplar.temperature={cfg.temperature} must be positive")
+  if not 0 < cfg.crop_min <= 1:
+    raise UserError(f"exemplar.crop_min={cfg.crop_min} must lie in (0, 1]")
+  for name in ("colour_p", "grayscale_p", "blur_p"):
+    if not 0 <= cfg[name] <= 1:
+      raise UserError(f"exemplar.{name}={cfg[name]} must lie in [0, 1]")
+  if cfg.colour_strength < 0 or cfg.hidden <= 0 or cfg.dim <= 0:
+    raise UserError("exemplar.colour_strength must be >= 0 and exemplar.hidden, exemplar.dim "
+                    "positive")
+  if batch_size < 2:
+    raise UserError(f"batch_size={batch_size}: instance discrimination needs at least 2 images "
+                    f"per batch (the others are the negatives)")
 
 
 def maximal_hamming_permutations(n_tiles: int, count: int, seed: int = 0) -> np.ndarray:

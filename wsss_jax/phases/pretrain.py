@@ -17,7 +17,7 @@ import optax
 
 from wsss_jax import figures, loop, optim, parallel
 from wsss_jax.checkpoint import model_meta, restore_latest
-from wsss_jax.data import pipeline
+from wsss_jax.data import pipeline, strong_augment
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
@@ -36,6 +36,8 @@ def checkpoint_meta(config) -> dict:
   if config.get("objective", "mae") != "mae":  # a pretext run: its task and head size
     meta["objective"] = config.objective
     meta["jigsaw"] = config.jigsaw.to_dict() if config.objective == "jigsaw" else None
+    if config.objective == "exemplar":  # the projection head's shape
+      meta["exemplar"] = {"hidden": config.exemplar.hidden, "dim": config.exemplar.dim}
   return meta
 
 
@@ -100,6 +102,27 @@ class Training(NamedTuple):
   train_step: Callable      # jitted (state, batch) -> (state, metrics); state donated
 
 
+def make_exemplar_step(model: pretext.InstanceEmbedder, tx, schedule, config, dtype) -> Callable:
+  """(state, batch) -> (state, metrics): one AdamW step of instance discrimination (NT-Xent over
+  two strong views of every image of the global batch, augmented on device)."""
+  mean, std, cfg = jnp.asarray(config.data.mean), jnp.asarray(config.data.std), config.exemplar
+
+  def train_step(state: TrainState, batch):
+    images = batch["image"].astype(jnp.float32) / 255.0
+    k1, k2 = jax.random.split(state.step_rng())
+    views = [((strong_augment.strong_view(k, images, cfg) - mean) / std).astype(dtype)
+             for k in (k1, k2)]
+
+    def loss_fn(params):
+      z = model.apply({"params": params}, jnp.concatenate(views))  # both views in one pass
+      return pretext.nt_xent(z[:images.shape[0]], z[images.shape[0]:], cfg.temperature)
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return apply_gradients(state, tx, schedule, grads, loss=loss, instance_accuracy=accuracy)
+
+  return train_step
+
+
 def make_pretext_step(model: pretext.PretextClassifier, tx, schedule, config, dtype) -> Callable:
   """(state, batch) -> (state, metrics): one AdamW step of the rotation or jigsaw task."""
   mean, std, objective = tuple(config.data.mean), tuple(config.data.std), config.objective
@@ -128,11 +151,14 @@ def make_pretext_step(model: pretext.PretextClassifier, tx, schedule, config, dt
 
 
 def build_model(config, dtype):
-  """MAE, or the encoder with a pretext head (rotation: 4 outputs; jigsaw: one per permutation)."""
+  """MAE, or the encoder with a pretext head (rotation: 4 outputs; jigsaw: one per permutation;
+  exemplar: a projection to the unit sphere)."""
   objective = config.get("objective", "mae")
   if objective == "mae":
     return build_mae(config.model, config.data.image_size, dtype)
   encoder = build_mae(config.model, config.data.image_size, dtype).encoder
+  if objective == "exemplar":
+    return pretext.InstanceEmbedder(encoder, config.exemplar.hidden, config.exemplar.dim, dtype)
   outputs = 4 if objective == "rotation" else config.jigsaw.permutations
   return pretext.PretextClassifier(encoder, outputs, dtype)
 
@@ -148,6 +174,8 @@ def build_training(config, mesh) -> Training:
   if isinstance(model, MaskedAutoencoder):
     step = make_train_step(model, tx, schedule, tuple(config.data.mean), tuple(config.data.std),
                            dtype)
+  elif isinstance(model, pretext.InstanceEmbedder):
+    step = make_exemplar_step(model, tx, schedule, config, dtype)
   else:
     step = make_pretext_step(model, tx, schedule, config, dtype)
   train_step = jax.jit(
@@ -199,6 +227,8 @@ def validate(config) -> None:
     raise UserError(f"objective={objective!r} is not one of {pretext.OBJECTIVES}")
   if objective == "jigsaw":
     pretext.check_jigsaw(config.data.image_size, config.jigsaw.grid)
+  if objective == "exemplar":
+    pretext.check_exemplar(config.exemplar, config.batch_size)
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "

@@ -26,7 +26,8 @@ def get_config(arg=None):
   config.supervision = arg.supervision   # pseudo (weakly supervised) or full (ground truth)
   config.upper_bound = arg.upper_bound   # also train on the ground truth, for comparison
   config.run_pretrain = arg.pretrain     # MAE first, then a ViT classifier initialised from it
-  config.pretrain = config_lib.sibling_config(__file__, "mae")
+  config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none")  # the pipeline's
+  # own classifier is the evaluation
   backbone = "vit" if arg.pretrain else "resnet38"
   # PDA off and 12 epochs: on the embedded data the from-scratch 1/8-width ResNet38 with PDA
   # (paper schedule) can collapse once the attention starts (loss stuck at ln 2), and without it

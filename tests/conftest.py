@@ -29,7 +29,7 @@ def load_config(name: str, arg: str = ""):
 @pytest.fixture
 def tiny_pretrain_config():
   """A pretrain config small enough for a CPU test: 32 px images, a 2-block 64-wide ViT."""
-  config = load_config("mae", "variant=mu/8,image_size=32,batch=8,steps=6")
+  config = load_config("mae", "variant=mu/8,image_size=32,batch=8,steps=6,eval=none")
   config.log_every = 2
   config.checkpoint_every = 3
   config.num_figure_images = 2

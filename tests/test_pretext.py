@@ -21,6 +21,10 @@ def test_permutation_set_has_maximal_hamming_distance():
   rand = np.array([np.random.default_rng(i).permutation(9) for i in range(100)])
   rdist = (rand[:, None] != rand[None]).sum(-1)[~np.eye(100, dtype=bool)]
   assert dist.mean() > rdist.mean()
+  # 4x4 tiles: 16! permutations cannot be listed; a random candidate pool keeps them far apart
+  big = pretext.maximal_hamming_permutations(16, 50, max_candidates=20000)
+  dist = (big[:, None] != big[None]).sum(-1)[~np.eye(50, dtype=bool)]
+  assert sorted(big[0]) == list(range(16)) and dist.min() >= 12 and dist.mean() > 15
   with pytest.raises(UserError, match="jigsaw.permutations=30 must lie in"):
     pretext.maximal_hamming_permutations(4, 30)
 

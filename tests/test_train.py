@@ -122,7 +122,13 @@ def test_checkpoint_of_another_model_is_refused(tiny_pretrain_config, tmp_path):
 
 
 def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
-  summary = pretrain.run(tiny_pretrain_config, str(tmp_path))
+  """Metrics, figures, checkpoints, and the end-of-run linear probe and fine-tune."""
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.evaluation.runs = "both"
+  for cls in (config.evaluation.linear_probe, config.evaluation.finetune):
+    cls.num_epochs, cls.batch_size, cls.log_every, cls.async_checkpointing = 1, 8, 2, False
+    cls.data.update(num_train=32, num_val=8, tile_size=48, num_threads=1)
+  summary = pretrain.run(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {"step", "loss", "lr", "images_per_sec", "step_time"} <= set(rows[-1])
   assert json.load(open(tmp_path / "summary.json"))["steps"] == 6 == summary["steps"]
@@ -134,6 +140,21 @@ def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
   steps = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
   assert steps == [3, 6]
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
+  # the probe keeps the pretrained encoder frozen, the fine-tune moves it; both were scored
+  from wsss_jax.checkpoint import restore_latest
+  rep = parallel.replicated(parallel.make_mesh(1))
+  params = {name: restore_latest(str(tmp_path / sub), rep, ("params",), flag="t")[0]["params"]
+            for name, sub in (("pre", "."), ("probe", "eval/linear_probe"),
+                              ("ft", "eval/finetune"))}
+  qkv = {k: np.asarray(p["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]) for k, p in params.items()}
+  np.testing.assert_array_equal(qkv["probe"], qkv["pre"])
+  assert not np.allclose(qkv["ft"], qkv["pre"])
+  saved = json.load(open(tmp_path / "summary.json"))["evaluation"]
+  for name in ("linear_probe", "finetune"):
+    assert saved[name]["steps"] == 4 and 0 <= saved[name]["mAP"] <= 1
+    assert saved[name] == pytest.approx(summary["evaluation"][name])
+    assert json.load(open(tmp_path / "eval" / name / "config.json"))["model"]["init_from"] == \
+        str(tmp_path)
 
 
 def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):

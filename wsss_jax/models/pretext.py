@@ -16,6 +16,7 @@ Inputs are made on device inside the jitted step, so the grain pipeline is MAE's
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -89,15 +90,22 @@ def check_exemplar(cfg, batch_size: int) -> None:
                     f"per batch (the others are the negatives)")
 
 
-def maximal_hamming_permutations(n_tiles: int, count: int, seed: int = 0) -> np.ndarray:
+def maximal_hamming_permutations(n_tiles: int, count: int, seed: int = 0,
+                                 max_candidates: int = 400_000) -> np.ndarray:
   """`count` permutations of n_tiles, chosen greedily: each next one has the largest minimal
   Hamming distance to those already chosen (ties at random), starting from a random one
-  (Noroozi & Favaro 2016, Algorithm 1)."""
-  candidates = np.array(list(itertools.permutations(range(n_tiles))), np.int8)
-  if not 1 <= count <= len(candidates):
-    raise UserError(f"jigsaw.permutations={count} must lie in [1, {len(candidates)}] for "
-                    f"{n_tiles} tiles")
+  (Noroozi & Favaro 2016, Algorithm 1). Up to 3x3 tiles every permutation is a candidate (9! =
+  362,880); beyond, `max_candidates` distinct random ones (16! cannot be listed)."""
+  total = math.factorial(n_tiles)
+  if not 1 <= count <= min(total, max_candidates):
+    raise UserError(f"jigsaw.permutations={count} must lie in [1, {min(total, max_candidates)}] "
+                    f"for {n_tiles} tiles")
   rng = np.random.default_rng(seed)
+  if total <= max_candidates:
+    candidates = np.array(list(itertools.permutations(range(n_tiles))), np.int8)
+  else:
+    draws = np.argsort(rng.random((max_candidates, n_tiles)), axis=1).astype(np.int8)
+    candidates = np.unique(draws, axis=0)
   chosen = [int(rng.integers(len(candidates)))]
   min_dist = (candidates != candidates[chosen[0]]).sum(1)
   for _ in range(count - 1):

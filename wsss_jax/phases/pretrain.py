@@ -217,6 +217,29 @@ def load_pretrained(state: TrainState, workdir: str, scanned: bool, mesh) -> Tra
                                                                     state.params)))
 
 
+EVALUATION_RUNS = {"both": ("linear_probe", "finetune"), "probe": ("linear_probe",),
+                   "finetune": ("finetune",), "none": ()}
+
+
+def evaluate_representation(config, workdir: str) -> dict:
+  """The end-of-run check of the encoder: each classify run of `config.evaluation.runs` starts
+  from this workdir (its own workdir: <workdir>/eval/<name>; resumed, so a finished one only
+  re-validates) and reports its validation scores."""
+  from wsss_jax.runner import run_phase
+  results = {}
+  for name in EVALUATION_RUNS[config.evaluation.runs]:
+    cls = config.evaluation[name].copy_and_resolve_references()
+    with cls.unlocked():
+      cls.model.variant, cls.data.image_size = config.model.variant, config.data.image_size
+      cls.model.init_from, cls.seed = workdir, config.seed
+      cls.num_devices, cls.parallel = config.num_devices, config.parallel
+    summary = run_phase(cls, os.path.join(workdir, "eval", name))
+    results[name] = {k[len("val/"):]: v for k, v in summary.items()
+                     if k in ("val/mAP", "val/mean_f1", "val/exact_match")}
+    results[name]["steps"] = summary["steps"]
+  return results
+
+
 def validate(config) -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[field] <= 0:
@@ -229,6 +252,10 @@ def validate(config) -> None:
     pretext.check_jigsaw(config.data.image_size, config.jigsaw.grid)
   if objective == "exemplar":
     pretext.check_exemplar(config.exemplar, config.batch_size)
+  evaluation = config.get("evaluation")
+  if evaluation and evaluation.runs not in EVALUATION_RUNS:
+    raise UserError(f"evaluation.runs={evaluation.runs!r} is not one of "
+                    f"{tuple(EVALUATION_RUNS)}")
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "
@@ -274,6 +301,8 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
                                      total_steps=config.total_steps, save=save,
                                      step_callback=step_callback)
   summary = loop.summary("pretrain", job, state, metrics, timer, mesh, config.total_steps)
+  if config.get("evaluation") and config.evaluation.runs != "none":
+    summary["evaluation"] = evaluate_representation(config, workdir)
   job.writer.summary(summary)
   job.writer.close()
   return summary

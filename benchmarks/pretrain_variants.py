@@ -1,0 +1,112 @@
+"""Pretraining variants on the embedded dataset, compared on one table by the linear probe and
+the fine-tune that end every pretrain run:
+
+  python -m benchmarks.pretrain_variants --workdir=runs/pretrain_variants
+  python -m benchmarks.pretrain_variants --workdir=runs/pretrain_variants --only=mae,exemplar
+
+Each variant is `configs/mae.py` (ViT-S/16 at 112 px, 200 steps of 32 by default) plus config
+arguments and overrides (VARIANTS); `chained` starts from the `mae` run's weights. The row
+`none` trains the same probe and fine-tune from a random encoder: the floor every variant should
+clear. Writes <workdir>/pretrain_variants.md (and .json): pretraining images/s relative to MAE
+(from the logged windows), the final pretraining loss of its own objective, and the validation
+mAP / mean F1 of the probe and of the fine-tune. Every number is from this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+# name -> (configs/mae.py arguments, extra overrides); "{workdir}" is this script's workdir
+VARIANTS = {
+    "mae": ("", []),
+    "mae_block": ("sampling=block", []),
+    "mae_grid": ("sampling=grid", []),
+    "mae_centre": ("sampling=centre", []),
+    "mae_crop_0.5": ("crop_min=0.5", []),
+    "rotation": ("objective=rotation", []),
+    "jigsaw": ("objective=jigsaw,jigsaw_grid=4", []),  # 3 does not divide 112 px
+    "exemplar": ("objective=exemplar", []),
+    "chained": ("objective=rotation,init={workdir}/mae", []),
+}
+
+
+def run(cmd: list) -> None:
+  print("==", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def load(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def pretrain_variant(name: str, workdir: str, steps: int) -> dict:
+  arg, overrides = VARIANTS[name]
+  arg = ",".join(a for a in (arg.format(workdir=workdir), f"steps={steps}") if a)
+  target = os.path.join(workdir, name)
+  run([sys.executable, "-m", "wsss_jax.main", f"--config=configs/mae.py:{arg}",
+       f"--workdir={target}"] + overrides)
+  summary = load(os.path.join(target, "summary.json"))
+  with open(os.path.join(target, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  rates = [r["images_per_sec"] for r in rows if "images_per_sec" in r]
+  return {"variant": name, "args": arg, "images_per_sec": sum(rates) / len(rates),
+          "final_loss": rows[-1]["loss"], **summary["evaluation"]}
+
+
+def random_encoder(workdir: str) -> dict:
+  """The probe and fine-tune of configs/mae.py's evaluation from a random encoder."""
+  out = {"variant": "none", "args": "-", "images_per_sec": None, "final_loss": None}
+  for name, probe in (("linear_probe", ",probe=True"), ("finetune", "")):
+    target = os.path.join(workdir, "none", name)
+    run([sys.executable, "-m", "wsss_jax.main",
+         f"--config=configs/classify.py:backbone=vit,epochs=2,image_size=112{probe}",
+         f"--workdir={target}"] + ([] if probe else ["--config.optim.lr_batch_scaling=False"]))
+    s = load(os.path.join(target, "summary.json"))
+    out[name] = {"mAP": s["val/mAP"], "mean_f1": s["val/mean_f1"], "steps": s["steps"]}
+  return out
+
+
+def markdown(rows: list) -> str:
+  base = next((r["images_per_sec"] for r in rows if r["variant"] == "mae"), None)
+  lines = ["| variant | arguments | images/s vs MAE | final loss (own objective) | "
+           "probe mAP | probe F1 | fine-tune mAP | fine-tune F1 |", "|---" * 8 + "|"]
+  for r in rows:
+    speed = f"{r['images_per_sec'] / base:.2f}x" if base and r["images_per_sec"] else "-"
+    loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
+    p, f = r["linear_probe"], r["finetune"]
+    lines.append(f"| {r['variant']} | {r['args']} | {speed} | {loss} | {p['mAP']:.3f} | "
+                 f"{p['mean_f1']:.3f} | {f['mAP']:.3f} | {f['mean_f1']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", default="runs/pretrain_variants")
+  parser.add_argument("--only", default=",".join(VARIANTS) + ",none")
+  parser.add_argument("--steps", type=int, default=200)
+  args = parser.parse_args()
+  names = args.only.split(",")
+  unknown = [n for n in names if n not in VARIANTS and n != "none"]
+  if unknown:
+    sys.exit(f"error: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}, none")
+  if "chained" in names and "mae" not in names:
+    names.insert(0, "mae")  # chained starts from it
+  workdir = os.path.abspath(args.workdir)
+  rows = [random_encoder(workdir) if n == "none" else pretrain_variant(n, workdir, args.steps)
+          for n in names]
+  text = markdown(rows)
+  print(text)
+  with open(os.path.join(workdir, "pretrain_variants.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "pretrain_variants.json"), "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -14,9 +14,12 @@ from wsss_jax.data import folders
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dataset="synthetic", root="", classifier="runs/cls", method="gradcam", split="train",
-                             background="white", palette="luad", batch=32, crf=False)
+                             background="white", palette="luad", batch=32, crf=False, erasing="")
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
+  # adversarial erasing: the rounds of this erasing run (configs/erasing.py) replace the
+  # classifier; each round's maps on its erased input, fused by a per-pixel maximum
+  config.erasing_workdir = arg.erasing
   config.batch_size = arg.batch
   config.split = arg.split
   config.method = arg.method     # any relevance method; lrp:<composite> as in the maps phase

@@ -136,3 +136,15 @@ def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
   if top > max_index:
     raise UserError(f"mask {path} has palette index {top}, outside the class range 0..{max_index}")
   return mask
+
+
+def write_binary(path: str, region: np.ndarray) -> None:
+  """A greyscale PNG, 255 inside `region` (bool), written then renamed."""
+  tmp = path + ".tmp"
+  Image.fromarray(np.asarray(region, np.uint8) * 255, mode="L").save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def read_binary(path: str, size: tuple[int, int]) -> np.ndarray:
+  """(H, W) bool of a region PNG written by `write_binary`, checked as `read_mask` checks."""
+  return read_mask(path, size, 255) > 0

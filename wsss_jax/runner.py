@@ -15,6 +15,7 @@ PHASES = {
     "segment": "wsss_jax.phases.segment",
     "pipeline": "wsss_jax.phases.pipeline",
     "dataset": "wsss_jax.phases.dataset",
+    "erasing": "wsss_jax.phases.erasing",
 }
 
 

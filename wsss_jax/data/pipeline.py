@@ -45,6 +45,8 @@ def build_source(data_cfg, split: str):
                                   folders.class_names(data_cfg))
   else:
     source = folders.folder_source(data_cfg, split)
+  if split == "train" and data_cfg.get("erase_dir"):  # adversarial erasing: regions mined before
+    source = ErasedSource(source, data_cfg.erase_dir, data_cfg.mean)
   if split == "train" and data_cfg.get("mask_layers"):
     source = MaskedSource(source, tuple(data_cfg.mask_layers), data_cfg.get("masks_dir", ""),
                           data_cfg.num_classes)
@@ -97,6 +99,37 @@ class MaskedSource:
 
   def __repr__(self) -> str:
     return f"MaskedSource({self.base!r}, layers={self.layers}, masks_dir={self.masks_dir!r})"
+
+
+class ErasedSource:
+  """A source whose tiles have the pixels of `<erase_dir>/<tile>.png` (nonzero = mined by an
+  earlier adversarial-erasing round) set to the dataset's mean colour, before any augmentation."""
+
+  def __init__(self, base, erase_dir: str, mean):
+    self.base, self.erase_dir = base, erase_dir
+    self.fill = np.round(np.asarray(mean) * 255).astype(np.uint8)
+    present = set(os.listdir(erase_dir)) if os.path.isdir(erase_dir) else set()
+    missing = [self._path(i) for i in range(len(base))
+               if os.path.basename(self._path(i)) not in present]
+    if missing:
+      raise UserError(f"{len(missing)} of {len(base)} erasure masks are missing, e.g. "
+                      f"{missing[0]} (data.erase_dir is written by the erasing phase for the "
+                      f"same training set)")
+
+  def _path(self, index: int) -> str:
+    return os.path.join(self.erase_dir, masks.file_stem(example_name(self.base, index)) + ".png")
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict:
+    example = dict(self.base[index])
+    region = masks.read_binary(self._path(index), example["image"].shape[:2])
+    example["image"] = np.where(region[..., None], self.fill, example["image"])
+    return example
+
+  def __repr__(self) -> str:
+    return f"ErasedSource({self.base!r}, erase_dir={self.erase_dir!r})"
 
 
 def _select(keys):

@@ -22,6 +22,7 @@ from wsss_jax import crf, masks, metrics, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
+from wsss_jax.phases import erasing as erasing_phase
 from wsss_jax.phases import maps as maps_phase
 from wsss_jax.phases.classify import prepare_images
 from wsss_jax.writers import MetricWriter
@@ -102,8 +103,14 @@ def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
   batch = parallel.eval_batch_size(config.batch_size, mesh)
+  plan = None
+  if config.get("erasing_workdir"):  # adversarial erasing: its rounds replace the classifier
+    plan = erasing_phase.load_plan(config.erasing_workdir)
+    if config.dilations:
+      raise UserError("dilations and erasing_workdir do not combine; use one or the other")
+  classifier_workdir = plan["rounds"][0] if plan else config.classifier_workdir
   model, variables, meta, step, classifier_data = maps_phase.load_classifier(
-      config.classifier_workdir, mesh)
+      classifier_workdir, mesh)
   data = maps_phase.data_config(config, classifier_data)
   if not config.data.num_train:  # 0: the classifier's own training set
     data.num_train = classifier_data.get("num_train", data.num_train)
@@ -123,6 +130,9 @@ def run(config, workdir: str) -> dict:
 
   fn = maps_fn(model)
   dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
+  if plan:  # the rounds in a chain, each on its erased input; maps fused by a maximum
+    rounds, round_variables = erasing_phase.load_rounds(plan["rounds"], mesh, plan, maps_fn)
+    erasing_chain = erasing_phase.chain(rounds, plan, erasing_phase.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]
@@ -160,6 +170,9 @@ def run(config, workdir: str) -> dict:
       scale_maps = []
       for key in inputs:
         x = prepare(parallel.shard_identical(b[key], mesh))
+        if plan:
+          scale_maps.append(erasing_chain(round_variables, x, labels)[0])
+          continue
         extra = [f.maps(variables, x, labels) for f in dilated]
         # multi-dilation (Wei et al. 2018): H_0 + mean_i H_i, i.e. H_0 weighs as all the others
         scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
@@ -188,7 +201,7 @@ def run(config, workdir: str) -> dict:
     pool.shutdown(wait=True)
   if not seen:
     raise UserError(f"split {config.split!r} of data.name={data.name!r} has no images")
-  summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(config.classifier_workdir),
+  summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(classifier_workdir),
              "classifier_step": int(step), "backbone": meta["model"]["backbone"],
              "method": config.method, "split": config.split, "num_images": seen,
              "scales": list(config.scales),
@@ -196,6 +209,8 @@ def run(config, workdir: str) -> dict:
              "background_rule": config.background.rule, "scoring": "stage1",
              "crf": dict(config.crf) if config.crf.enabled else None,
              "dilations": list(config.dilations),
+             "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
+                         "rounds": len(plan["rounds"])} if plan else None,
              "wall_seconds": time.perf_counter() - started,
              "images_per_sec": (seen - batch) / timed if timed else None,
              "layers": {k: metrics.iou_scores(c, names) for k, c in confusion.items()}}

@@ -1,0 +1,125 @@
+"""Adversarial erasing: the chain of rounds on device, erased training tiles, the phase, and the
+pseudo masks fused over its rounds."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from wsss_jax import erasing, masks
+from wsss_jax.errors import UserError
+from wsss_jax.phases import erasing as erasing_phase
+
+
+def channel_map(v, x, labels):
+  """A stand-in classifier's class map: `v` times the red channel, one class, full size."""
+  return v * x[..., 0][:, None]
+
+
+def test_chain_erases_each_rounds_region_before_the_next_and_fuses_by_maximum():
+  # red: 1.0 on the left half, 0.5 on the right; round 0 mines the left half (> 0.6 of its max)
+  red = np.concatenate([np.ones((4, 2)), np.full((4, 2), 0.5)], axis=1)
+  images = jnp.asarray(np.stack([red, red, red], -1)[None], jnp.float32)
+  labels = jnp.ones((1, 1))
+  rounds = [(lambda v, x, y: {"m": channel_map(v, x, y)}, channel_map)] * 2
+  fused, region = erasing.erasing_chain(rounds, [1.0, 2.0], images, labels, jnp.zeros(3), 0.6)
+  # round 1 sees the left half filled with 0: its map is 2 x (0 | 0.5), its region the right half
+  round0 = red
+  round1 = 2 * np.concatenate([np.zeros((4, 2)), np.full((4, 2), 0.5)], axis=1)
+  np.testing.assert_allclose(np.asarray(fused["m"])[0, 0], np.maximum(round0, round1))
+  assert np.asarray(region)[0].all()
+  # an absent class mines nothing; a region below the threshold neither
+  assert not np.asarray(erasing.mined_region(jnp.ones((1, 1, 2, 2)), jnp.zeros((1, 1)), (4, 4),
+                                             0.5)).any()
+  flat = erasing.mined_region(jnp.full((1, 1, 2, 2), 0.3), labels, (4, 4), 0.5)
+  assert np.asarray(flat).all()  # max-normalised: a flat map is 1 everywhere
+
+
+def test_erased_source_fills_the_mined_pixels_with_the_mean_colour(tmp_path):
+  from wsss_jax.data import pipeline, synthetic
+  base = synthetic.SyntheticHistology(3, "train", seed=0, size=16)
+  region = np.zeros((16, 16), bool)
+  region[4:8, 2:10] = True
+  for i in range(3):
+    masks.write_binary(str(tmp_path / (masks.file_stem(pipeline.example_name(base, i)) + ".png")),
+                       region if i == 1 else np.zeros_like(region))
+  source = pipeline.ErasedSource(base, str(tmp_path), (0.5, 0.25, 1.0))
+  got, orig = source[1]["image"], base[1]["image"]
+  np.testing.assert_array_equal(got[region], np.tile([128, 64, 255], (region.sum(), 1)))
+  np.testing.assert_array_equal(got[~region], orig[~region])
+  np.testing.assert_array_equal(source[0]["image"], base[0]["image"])
+  os.remove(tmp_path / (masks.file_stem(pipeline.example_name(base, 2)) + ".png"))
+  with pytest.raises(UserError, match="1 of 3 erasure masks are missing"):
+    pipeline.ErasedSource(base, str(tmp_path), (0.5, 0.25, 1.0))
+
+
+def test_stop_rule_and_bad_settings():
+  e = ml_collections.ConfigDict(dict(stop_ratio=0.8, max_erased=0.6))
+  assert erasing_phase.over_erased(0.85, 1.0, None, e) == ""
+  assert "over-erased" in erasing_phase.over_erased(0.7, 1.0, None, e)
+  assert erasing_phase.over_erased(None, None, 0.5, e) == ""
+  assert "max_erased 0.6" in erasing_phase.over_erased(None, None, 0.7, e)
+  from conftest import load_config
+  config = load_config("erasing")
+  config.erasing.threshold = 1.0
+  with pytest.raises(UserError, match=r"erasing.threshold=1.0 must lie in \(0, 1\)"):
+    erasing_phase.validate(config)
+  config.erasing.threshold, config.erasing.method = 0.5, "lrp"
+  with pytest.raises(UserError, match="erasing.method='lrp'"):
+    erasing_phase.validate(config)
+  with pytest.raises(UserError, match="no erasing.json there"):
+    erasing_phase.load_plan("/nonexistent")
+
+
+def test_erasing_rounds_then_fused_pseudo_masks(tmp_path):
+  """Two rounds of a tiny ResNet38: round 1 trains on tiles erased where round 0's maps were
+  high; pseudo masks of a one-round plan are exactly the plain classifier's."""
+  from conftest import load_config
+  from wsss_jax.data import pipeline
+  from wsss_jax.runner import run_phase
+  config = load_config("erasing", "rounds=2")
+  config.erasing.max_erased, config.erasing.stop_ratio = 0.99, 0.01
+  c = config.classify
+  c.batch_size, c.num_epochs, c.log_every, c.async_checkpointing = 8, 2, 4, False
+  c.data.update(num_train=32, num_val=8, tile_size=48, num_threads=1, image_size=32)
+  c.model.width = 0.0625
+  work = tmp_path / "ae"
+  summary = run_phase(config, str(work))
+  assert summary["rounds"] == [str(work / "round_0"), str(work / "round_1")]
+  assert json.load(open(work / "erasing.json"))["rounds"] == summary["rounds"]
+  fraction = summary["report"][0]["erased_fraction_next"]
+  assert 0 < fraction <= 0.99
+  # round 1 saw the mean colour exactly where erased/round_1 says
+  r1 = json.load(open(work / "round_1" / "config.json"))["data"]
+  assert r1["erase_dir"] == str(work / "erased" / "round_1")
+  data = ml_collections.ConfigDict(r1)
+  erased, plain = pipeline.build_source(data, "train"), pipeline.build_source(
+      ml_collections.ConfigDict(dict(r1, erase_dir="")), "train")
+  fill = np.round(np.asarray(data.mean) * 255).astype(np.uint8)
+  for i in range(4):
+    region = masks.read_binary(erased._path(i), (48, 48))
+    np.testing.assert_array_equal(erased[i]["image"][region], np.tile(fill, (region.sum(), 1)))
+    np.testing.assert_array_equal(erased[i]["image"][~region], plain[i]["image"][~region])
+
+  def pseudo(arg, out):
+    pm = load_config("pseudo_masks", arg)
+    pm.data.num_train = 8
+    return run_phase(pm, str(tmp_path / out))
+
+  fused = pseudo(f"erasing={work}", "pm2")
+  assert fused["erasing"]["rounds"] == 2 and fused["classifier"] == str(work / "round_0")
+  one = tmp_path / "one_round"
+  shutil.copytree(work, one, ignore=shutil.ignore_patterns("round_1", "erased"))
+  plan = json.load(open(one / "erasing.json"))
+  plan["rounds"] = [str(one / "round_0")]
+  json.dump(plan, open(one / "erasing.json", "w"))
+  pseudo(f"erasing={one}", "pm1")
+  pseudo(f"classifier={work / 'round_0'}", "pm0")
+  for layer in ("b4_5", "bn7"):
+    for name in os.listdir(tmp_path / "pm0" / "masks" / layer):
+      a = masks.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
+      b = masks.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
+      np.testing.assert_array_equal(a, b)

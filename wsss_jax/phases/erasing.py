@@ -1,0 +1,223 @@
+"""Erasing phase: adversarial erasing (Wei et al. 2017), rounds of classify runs in one workdir.
+
+  round_0/            the classify phase on the tiles as they are
+  erased/round_1/     one PNG per training tile: the regions round 0 mined (erased next)
+  round_1/            the classify phase on the tiles with those regions erased (mean colour)
+  erased/round_2/     the union of the regions of rounds 0 and 1, and so on
+  erasing.json        the accepted rounds, the region settings, each round's scores, why it stopped
+
+After each round its classifier is scored (mAP) on its own, erased, training tiles. The stop
+rule against over-erasing: a round whose mAP falls below `erasing.stop_ratio` x round 0's has
+lost the object (its classifier "cannot converge", in the paper's words) and is not used; and no
+new round is trained once the union covers more than `erasing.max_erased` of the labelled
+tiles. The pseudo-mask phase with `erasing_workdir` fuses the accepted rounds' maps (the union).
+Each classify run resumes, so a re-run continues where an interrupted one stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from wsss_jax import erasing, masks, metrics, parallel, relevance
+from wsss_jax.data import pipeline
+from wsss_jax.errors import UserError
+from wsss_jax.phases import maps as maps_phase
+from wsss_jax.phases.classify import prepare_images
+
+
+def round_dir(workdir: str, k: int) -> str:
+  return os.path.join(workdir, f"round_{k}")
+
+
+def erase_dir(workdir: str, k: int) -> str:
+  return os.path.join(workdir, "erased", f"round_{k}")
+
+
+def fill_value(data):
+  """The dataset's mean colour as the classifier sees it (uint8, then prepared as its input)."""
+  u8 = np.round(np.asarray(data.mean) * 255).astype(np.uint8).reshape(1, 1, 1, 3)
+  return prepare_images(jnp.asarray(u8), data, jnp.float32).reshape(3)
+
+
+def region_layer(settings: dict, backbone: str):
+  """The layer whose maps are thresholded: `erasing.layer`, else the backbone's last map layer."""
+  if settings["layer"]:
+    return [settings["layer"]]
+  default = maps_phase.DEFAULT_LAYERS.get(backbone, ())
+  return [default[-1]] if default else None
+
+
+def region_fn(settings: dict, model, backbone: str):
+  """(variables, x, labels) -> (B, K, h, w) maps of the region layer (raw: thresholded later)."""
+  fn = relevance.relevance_fn(settings["method"], model.apply,
+                              layers=region_layer(settings, backbone), target="logit",
+                              upsample=False, normalize="none", only_present=True, relu=True)
+
+  def maps(variables, x, labels):
+    out = fn.maps(variables, x, labels)
+    return next(iter(out.values())) if isinstance(out, dict) else out
+
+  return maps
+
+
+def load_rounds(round_dirs, mesh, settings: dict, maps_fn_for=None) -> tuple[list, list]:
+  """(per round (maps_fn, region_fn), per round variables) for `erasing.erasing_chain`.
+  maps_fn_for(model) -> a RelevanceFn for the fused output (default: the region maps)."""
+  rounds, variables = [], []
+  for directory in round_dirs:
+    model, v, meta, _, _ = maps_phase.load_classifier(directory, mesh)
+    region = region_fn(settings, model, meta["model"]["backbone"])
+    if maps_fn_for is None:
+      fused = lambda v, x, y, r=region: {"region": r(v, x, y)}  # noqa: E731
+    else:
+      fused = maps_fn_for(model).maps
+    rounds.append((fused, region))
+    variables.append(v)
+  return rounds, variables
+
+
+def chain(rounds, settings: dict, fill):
+  """Jitted (variables per round, prepared images, labels) -> (fused maps, union region)."""
+  return jax.jit(lambda variables, x, labels: erasing.erasing_chain(
+      rounds, variables, x, labels, fill, settings["threshold"]))
+
+
+def train_score(directory: str, data, batch: int, mesh) -> float:
+  """mAP of the classifier in `directory` on its own training tiles (as erased for it)."""
+  model, variables, _, _, _ = maps_phase.load_classifier(directory, mesh)
+  predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
+      variables, prepare_images(u8, data, jnp.float32), train=False)))
+  probs, labels = [], []
+  for b in pipeline.eval_batches(data, batch, "train"):
+    p = np.asarray(parallel.to_host(predict(parallel.shard_identical(b["image"], mesh))))
+    probs.append(p[b["valid"]])
+    labels.append(b["labels"][b["valid"]])
+  return metrics.multilabel_metrics(np.concatenate(probs), np.concatenate(labels),
+                                    tuple(data.class_names))["mAP"]
+
+
+def write_regions(loaded, settings: dict, data, batch: int, mesh, target: str) -> float:
+  """Runs the chain of `rounds` on the (unerased) training tiles and writes each tile's union
+  region to `target` (a PNG per tile at tile size; the folder appears whole, by renaming).
+  Returns the mean erased fraction of the labelled tiles."""
+  data = data.copy_and_resolve_references()
+  with data.unlocked():
+    data.erase_dir = ""
+  rounds, variables = loaded
+  run = chain(rounds, settings, fill_value(data))
+  tmp = target + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  fractions = []
+  keys = ("image", "labels", "name", "input")
+  for b in pipeline.tile_batches(data, "train", batch, {"input": data.image_size}, keys):
+    x = prepare_images(parallel.shard_identical(b["input"], mesh), data, jnp.float32)
+    _, region = run(variables, x, jnp.asarray(b["labels"]))
+    region = np.asarray(parallel.to_host(region))
+    for i in np.flatnonzero(b["valid"]):
+      h, w = b["image"][i].shape[:2]
+      full = np.asarray(Image.fromarray(region[i].astype(np.uint8)).resize((w, h), Image.NEAREST))
+      if parallel.is_main_process():
+        masks.write_binary(os.path.join(tmp, masks.file_stem(str(b["name"][i])) + ".png"),
+                           full > 0)
+      if b["labels"][i].any():
+        fractions.append(float(region[i].mean()))
+  if parallel.is_main_process():
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+  return float(np.mean(fractions)) if fractions else 0.0
+
+
+def over_erased(score, reference, erased_fraction, e) -> str:
+  """Why erasing stops here ("" to go on): a round's mAP on its own tiles below stop_ratio x
+  round 0's (the object is gone), or a union of regions above max_erased of the tiles."""
+  if score is not None and score < e.stop_ratio * reference:
+    return (f"mAP {score:.3f} < stop_ratio {e.stop_ratio} x round 0's {reference:.3f}: "
+            f"over-erased, round not used")
+  if erased_fraction is not None and erased_fraction > e.max_erased:
+    return (f"the regions cover {erased_fraction:.2f} of the labelled tiles > max_erased "
+            f"{e.max_erased}: no further round")
+  return ""
+
+
+def settings_of(config) -> dict:
+  e = config.erasing
+  return {"method": e.method, "layer": e.layer, "threshold": float(e.threshold)}
+
+
+def validate(config) -> None:
+  e = config.erasing
+  if e.rounds < 1:
+    raise UserError(f"erasing.rounds={e.rounds} must be at least 1")
+  if not 0 < e.threshold < 1:
+    raise UserError(f"erasing.threshold={e.threshold} must lie in (0, 1) (maps are max-normalised)")
+  if not 0 < e.stop_ratio <= 1 or not 0 < e.max_erased <= 1:
+    raise UserError(f"erasing.stop_ratio={e.stop_ratio} and erasing.max_erased={e.max_erased} "
+                    f"must lie in (0, 1]")
+  relevance.check_method(e.method)
+  if e.method not in ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"):
+    raise UserError(f"erasing.method={e.method!r}: the regions come from a class-activation "
+                    f"method (cam, gradcam, gradcam++, xgradcam, layercam, hirescam)")
+
+
+def load_plan(workdir: str) -> dict:
+  """erasing.json of a finished erasing run (read by the pseudo-mask phase)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "erasing.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      plan = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"erasing_workdir={workdir}: no erasing.json there; run the erasing phase "
+                    f"(configs/erasing.py) first") from None
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
+  return plan
+
+
+def run(config, workdir: str) -> dict:
+  from wsss_jax.runner import run_phase
+  validate(config)
+  mesh = parallel.mesh_from_config(config)
+  settings = settings_of(config)
+  e = config.erasing
+  accepted, report, stop = [], [], f"{e.rounds} rounds done"
+  reference = None
+  for k in range(e.rounds):
+    cls = config.classify.copy_and_resolve_references()
+    with cls.unlocked():
+      cls.seed, cls.num_devices = config.seed, config.num_devices
+      cls.data.erase_dir = erase_dir(workdir, k) if k else ""
+    run_phase(cls, round_dir(workdir, k))
+    batch = parallel.eval_batch_size(cls.batch_size, mesh)
+    score = train_score(round_dir(workdir, k), cls.data, batch, mesh)
+    reference = score if reference is None else reference
+    entry = {"round": k, "train_mAP_on_erased": score, "accepted": True}
+    report.append(entry)
+    print(f"erasing round {k}: mAP {score:.3f} on its own training tiles", flush=True)
+    stop_now = k and over_erased(score, reference, None, e)
+    if stop_now:
+      entry["accepted"], stop = False, f"round {k}: {stop_now}"
+      break
+    accepted.append(round_dir(workdir, k))
+    if k + 1 == e.rounds:
+      break
+    entry["erased_fraction_next"] = write_regions(load_rounds(accepted, mesh, settings), settings, cls.data, batch, mesh,
+                                                  erase_dir(workdir, k + 1))
+    stop_now = over_erased(None, None, entry["erased_fraction_next"], e)
+    if stop_now:
+      stop = f"after {len(accepted)} round(s): {stop_now}"
+      break
+  plan = {"rounds": accepted, **settings, "report": report, "stopped": stop}
+  if parallel.is_main_process():
+    path = os.path.join(workdir, "erasing.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(plan, f, indent=2)
+    os.replace(path + ".tmp", path)
+  print(f"erasing: {len(accepted)} round(s) used; {stop}", flush=True)
+  return {"phase": "erasing", **plan}

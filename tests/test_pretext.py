@@ -168,6 +168,14 @@ def test_bad_pretext_settings_are_refused(tiny_pretrain_config, tmp_path):
   config.exemplar.temperature, config.exemplar.blur_p = 0.1, 1.5
   with pytest.raises(UserError, match=r"exemplar.blur_p=1.5 must lie in \[0, 1\]"):
     pretrain.run(config, str(tmp_path))
+  config.objective, config.evaluation.runs = "mae", "always"
+  with pytest.raises(UserError, match="evaluation.runs='always' is not one of"):
+    pretrain.run(config, str(tmp_path))
+  config.evaluation.runs = "probe"  # the probe's config is checked before pretraining starts
+  config.evaluation.linear_probe.data.class_names = ("TE", "NEC")
+  with pytest.raises(UserError, match="data.class_names has 2 names but data.num_classes=4"):
+    pretrain.run(config, str(tmp_path / "never"))
+  assert not (tmp_path / "never" / "checkpoints").exists()
   config.objective = "colorization"
   with pytest.raises(UserError, match="objective='colorization' is not one of"):
     pretrain.run(config, str(tmp_path))

@@ -256,6 +256,10 @@ def validate(config) -> None:
   if evaluation and evaluation.runs not in EVALUATION_RUNS:
     raise UserError(f"evaluation.runs={evaluation.runs!r} is not one of "
                     f"{tuple(EVALUATION_RUNS)}")
+  if evaluation:  # fail before pretraining, not after it
+    from wsss_jax.phases import classify
+    for name in EVALUATION_RUNS[evaluation.runs]:
+      classify.validate(evaluation[name])
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "
@@ -301,6 +305,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
                                      total_steps=config.total_steps, save=save,
                                      step_callback=step_callback)
   summary = loop.summary("pretrain", job, state, metrics, timer, mesh, config.total_steps)
+  job.writer.summary(summary)  # written before the evaluation runs, and again with them
   if config.get("evaluation") and config.evaluation.runs != "none":
     summary["evaluation"] = evaluate_representation(config, workdir)
   job.writer.summary(summary)

@@ -13,7 +13,8 @@ TINY = ["--config.model.variant=mu/8", "--config.data.image_size=32", "--config.
         "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
         "--config.data.num_train=32", "--config.data.tile_size=48", "--config.num_figure_images=2",
         "--config.model.decoder_depth=1", "--config.model.decoder_width=32",
-        "--config.model.decoder_heads=2", "--config.optim.warmup_steps=1"]
+        "--config.model.decoder_heads=2", "--config.optim.warmup_steps=1",
+        "--config.evaluation.runs=none"]
 
 
 def _readme_main_command():

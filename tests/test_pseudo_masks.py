@@ -10,7 +10,7 @@ from conftest import load_config
 from PIL import Image
 
 from wsss_jax import masks
-from wsss_jax.data import synthetic
+from wsss_jax.data import synthetic, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
 
@@ -138,7 +138,6 @@ def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
 def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifier, tmp_path):
   """dilations=(8,): the masks are the argmax of H_4 + H_8 (each map computed with b7 at that
   rate on the same weights), checked against maps computed here with the maps API."""
-  import jax
   from wsss_jax import parallel, relevance
   from wsss_jax.phases import maps as maps_phase
   config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8")
@@ -152,10 +151,10 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
   images, labels, bg = [], [], []
   for i in range(8):
     image, _, lab = synthetic.generate_tile(0, "train", i, 48)
-    images.append(np.asarray(jax.image.resize(image.astype(np.float32), (32, 32, 3), "bilinear")))
+    images.append(transforms.Resize(32)({"image": image})["image"])  # the pipeline's own input
     labels.append(lab)
     bg.append(masks.background_mask(image))
-  x = jnp.asarray(np.stack(images).round().clip(0, 255) / 255.0, jnp.float32)
+  x = jnp.asarray(np.stack(images) / 255.0, jnp.float32)
   labels = jnp.asarray(np.stack(labels))
   fused = [relevance.relevance_fn("gradcam", m.apply, layers=["bn7"], upsample=False,
                                   normalize=config.normalize, only_present=True,
@@ -163,9 +162,9 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
                                   ).maps(variables, x, labels) for m in models]
   want = np.asarray(masks.pseudo_mask([f[next(iter(f))] for f in fused], labels,
                                       jnp.asarray(np.stack(bg)), (48, 48), 4))
-  for i in range(8):
-    got = masks.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"), (48, 48), 4)
-    assert np.mean(got == want[i]) > 0.98
+  got = np.stack([masks.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"),
+                                   (48, 48), 4) for i in range(8)])
+  assert np.mean(got == want) > 0.995  # float noise at argmax ties only
   config.dilations = (0,)
   with pytest.raises(UserError, match=r"dilations=\(0,\) must be positive"):
     pseudo_masks.run(config, str(tmp_path / "bad"))

@@ -83,7 +83,7 @@ def test_erasing_rounds_then_fused_pseudo_masks(tmp_path):
   config = load_config("erasing", "rounds=2")
   config.erasing.max_erased, config.erasing.stop_ratio = 0.99, 0.01
   c = config.classify
-  c.batch_size, c.num_epochs, c.log_every, c.async_checkpointing = 8, 2, 4, False
+  c.batch_size, c.num_epochs, c.log_every, c.async_checkpointing = 8, 1, 4, False
   c.data.update(num_train=32, num_val=8, tile_size=48, num_threads=1, image_size=32)
   c.model.width = 0.0625
   work = tmp_path / "ae"

@@ -34,15 +34,16 @@ def erasing_chain(rounds: Sequence, variables: Sequence, images, labels, fill, t
   """(fused maps {layer: (B, K, h, w)}, union region (B, H, W)) of the rounds in order.
 
   rounds: per round (maps_fn, region_fn), each (variables, x, labels) -> maps: maps_fn gives
-  {layer: maps} (what is fused), region_fn (B, K, h, w) maps whose thresholded part is erased
-  next; variables: per round, its checkpoint's. Round 0 sees the images; round t sees them with
+  {layer: maps} (what is fused; None: nothing is, and fused maps come back None), region_fn
+  (B, K, h, w) maps whose thresholded part is erased next; variables: per round, its checkpoint's. Round 0 sees the images; round t sees them with
   the union of the regions of rounds < t erased."""
   size = images.shape[1:3]
   region = jnp.zeros(images.shape[:3], bool)
   fused = None
   for (maps_fn, region_fn), v in zip(rounds, variables):
     x = erase(images, region, fill)
-    maps = maps_fn(v, x, labels)
-    fused = maps if fused is None else {k: jnp.maximum(fused[k], maps[k]) for k in maps}
+    if maps_fn is not None:
+      maps = maps_fn(v, x, labels)
+      fused = maps if fused is None else {k: jnp.maximum(fused[k], maps[k]) for k in maps}
     region = region | mined_region(region_fn(v, x, labels), labels, size, threshold)
   return fused, region

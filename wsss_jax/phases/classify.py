@@ -265,15 +265,19 @@ def _copy_matching(ours_tree, theirs_tree, prefix: tuple, where: str, required: 
 # --- Validation -----------------------------------------------------------------------------------
 def evaluate(t: Training, state, config, mesh) -> dict:
   """Multi-label metrics over the whole validation split."""
-  batch = parallel.eval_batch_size(config.batch_size, mesh)
+  return split_metrics(lambda images: t.predict(state.params, state.batch_stats, images),
+                       config.data, parallel.eval_batch_size(config.batch_size, mesh), mesh)
+
+
+def split_metrics(predict: Callable, data_cfg, batch: int, mesh, split: str = "val") -> dict:
+  """Multi-label metrics of `predict` (uint8 images -> probabilities) over a whole split."""
   probs, labels = [], []
-  for b in pipeline.eval_batches(config.data, batch):
-    p = parallel.to_host(t.predict(state.params, state.batch_stats,
-                                   parallel.shard_identical(b["image"], mesh)))
+  for b in pipeline.eval_batches(data_cfg, batch, split):
+    p = parallel.to_host(predict(parallel.shard_identical(b["image"], mesh)))
     probs.append(p[b["valid"]])
     labels.append(b["labels"][b["valid"]])
   return metrics.multilabel_metrics(np.concatenate(probs), np.concatenate(labels),
-                                    config.data.class_names)
+                                    data_cfg.class_names)
 
 
 def validate(config) -> None:

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from wsss_jax import erasing, masks, metrics, parallel, relevance
+from wsss_jax import erasing, masks, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import maps as maps_phase
-from wsss_jax.phases.classify import prepare_images
+from wsss_jax.phases.classify import prepare_images, split_metrics
 
 
 def round_dir(workdir: str, k: int) -> str:
@@ -59,25 +59,22 @@ def region_fn(settings: dict, model, backbone: str):
                               layers=region_layer(settings, backbone), target="logit",
                               upsample=False, normalize="none", only_present=True, relu=True)
 
-  def maps(variables, x, labels):
-    out = fn.maps(variables, x, labels)
-    return next(iter(out.values())) if isinstance(out, dict) else out
+  return lambda variables, x, labels: next(iter(fn.maps(variables, x, labels).values()))
 
-  return maps
+
+def round_fns(model, meta: dict, settings: dict, maps_fn_for=None) -> tuple:
+  """(maps_fn or None, region_fn) of one round's classifier for `erasing.erasing_chain`;
+  maps_fn_for(model) -> a RelevanceFn for the fused output (None: only the regions are wanted)."""
+  maps_fn = maps_fn_for(model).maps if maps_fn_for else None
+  return maps_fn, region_fn(settings, model, meta["model"]["backbone"])
 
 
 def load_rounds(round_dirs, mesh, settings: dict, maps_fn_for=None) -> tuple[list, list]:
-  """(per round (maps_fn, region_fn), per round variables) for `erasing.erasing_chain`.
-  maps_fn_for(model) -> a RelevanceFn for the fused output (default: the region maps)."""
+  """(per round (maps_fn, region_fn), per round variables) of the classifiers in `round_dirs`."""
   rounds, variables = [], []
   for directory in round_dirs:
     model, v, meta, _, _ = maps_phase.load_classifier(directory, mesh)
-    region = region_fn(settings, model, meta["model"]["backbone"])
-    if maps_fn_for is None:
-      fused = lambda v, x, y, r=region: {"region": r(v, x, y)}  # noqa: E731
-    else:
-      fused = maps_fn_for(model).maps
-    rounds.append((fused, region))
+    rounds.append(round_fns(model, meta, settings, maps_fn_for))
     variables.append(v)
   return rounds, variables
 
@@ -93,13 +90,7 @@ def train_score(directory: str, data, batch: int, mesh) -> float:
   model, variables, _, _, _ = maps_phase.load_classifier(directory, mesh)
   predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
       variables, prepare_images(u8, data, jnp.float32), train=False)))
-  probs, labels = [], []
-  for b in pipeline.eval_batches(data, batch, "train"):
-    p = np.asarray(parallel.to_host(predict(parallel.shard_identical(b["image"], mesh))))
-    probs.append(p[b["valid"]])
-    labels.append(b["labels"][b["valid"]])
-  return metrics.multilabel_metrics(np.concatenate(probs), np.concatenate(labels),
-                                    tuple(data.class_names))["mAP"]
+  return split_metrics(predict, data, batch, mesh, "train")["mAP"]
 
 
 def write_regions(loaded, settings: dict, data, batch: int, mesh, target: str) -> float:
@@ -207,7 +198,8 @@ def run(config, workdir: str) -> dict:
     accepted.append(round_dir(workdir, k))
     if k + 1 == e.rounds:
       break
-    entry["erased_fraction_next"] = write_regions(load_rounds(accepted, mesh, settings), settings, cls.data, batch, mesh,
+    loaded = load_rounds(accepted, mesh, settings)
+    entry["erased_fraction_next"] = write_regions(loaded, settings, cls.data, batch, mesh,
                                                   erase_dir(workdir, k + 1))
     stop_now = over_erased(None, None, entry["erased_fraction_next"], e)
     if stop_now:

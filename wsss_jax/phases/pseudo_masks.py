@@ -131,7 +131,9 @@ def run(config, workdir: str) -> dict:
   fn = maps_fn(model)
   dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
   if plan:  # the rounds in a chain, each on its erased input; maps fused by a maximum
-    rounds, round_variables = erasing_phase.load_rounds(plan["rounds"], mesh, plan, maps_fn)
+    rounds, round_variables = erasing_phase.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
+    rounds.insert(0, erasing_phase.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
+    round_variables.insert(0, variables)
     erasing_chain = erasing_phase.chain(rounds, plan, erasing_phase.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   source = pipeline.build_source(data, config.split)

@@ -98,7 +98,7 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path, fsdp):
       ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
        f"--workdir={tmp_path}", "--config.total_steps=4", "--config.data.log_seen=True"] + args,
       cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": ""})
+      env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"})  # 1 device each
   assert proc.returncode == 0, proc.stdout[-3000:]
   summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
                if l.startswith("[p") and '"phase"' in l]

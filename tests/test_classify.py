@@ -138,7 +138,7 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   config = _config("backbone=vit,variant=mu/8", **{"model.init_from": mae_dir})
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  state = classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh)
+  state = classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["encoder"]),
                {k: v for k, v in jax.device_get(mae_state.params["encoder"]).items()
                 if k in state.params["encoder"]})
@@ -148,11 +148,11 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   wrong = _config("backbone=vit,variant=mu/16", **{"model.init_from": mae_dir})
   t = classify.build_training(wrong, mesh)
   with pytest.raises(UserError, match="patch_embed/kernel has shape"):
-    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh)
+    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
   cnn = _config(**{"model.init_from": mae_dir})
   t = classify.build_training(cnn, mesh)
   with pytest.raises(UserError, match="initialises model.backbone='vit' only"):
-    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh)
+    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "resnet38")
 
 
 def test_linear_probe_trains_only_the_head():

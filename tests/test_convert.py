@@ -128,7 +128,8 @@ def _init_from(tmp_path, workdir, arg, **fields):
   config.model.update(fields)
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  return jax.device_get(classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh))
+  return jax.device_get(classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh,
+                                                config.model.backbone))
 
 
 def test_converted_workdirs_initialise_classifiers(tmp_path):

@@ -1,4 +1,4 @@
-"""Rotation and jigsaw pretext tasks on the MAE encoder."""
+"""Pretext tasks (rotation, jigsaw, exemplar) on the MAE encoder and on the ResNet trunks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +151,7 @@ def assert_initialises_a_vit_classifier(workdir: str):
   cls_cfg = load_config("classify", "backbone=vit,variant=mu/8,image_size=32")
   mesh = parallel.make_mesh(1)
   t = classify.build_training(cls_cfg, mesh)
-  state = classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh)
+  state = classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh, "vit")
   fresh = jax.jit(t.init_state)()
   assert not np.allclose(state.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                          fresh.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
@@ -179,3 +179,89 @@ def test_bad_pretext_settings_are_refused(tiny_pretrain_config, tmp_path):
   config.objective = "colorization"
   with pytest.raises(UserError, match="objective='colorization' is not one of"):
     pretrain.run(config, str(tmp_path))
+  config.objective, config.model.encoder = "mae", "resnet38"
+  with pytest.raises(UserError, match="model.encoder='resnet38': MAE pretrains a ViT"):
+    pretrain.run(config, str(tmp_path))
+  config.model.encoder = "vgg16"
+  with pytest.raises(UserError, match="model.encoder='vgg16' is not one of"):
+    pretrain.run(config, str(tmp_path))
+
+
+def test_context_free_network_sees_each_tile_alone():
+  """The CNN jigsaw network is the paper's siamese one: its logits equal a numpy-side assembly of
+  the shared encoder applied to every tile on its own, then fc6 per tile, fc7 on the tiles'
+  concatenation in puzzle order, and the head."""
+  from wsss_jax.models.resnet import ResNet
+  model = pretext.ContextFreeNetwork(ResNet(50, 32, width=1 / 16), 6, grid=2, tile_dim=8,
+                                     hidden=16)
+  puzzles = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (3, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), puzzles)
+  logits = np.asarray(jax.jit(model.apply)(variables, puzzles))
+  p = jax.device_get(variables["params"])
+  encoder = {"params": p["encoder"], "batch_stats": variables["batch_stats"]["encoder"]}
+  # the 12 tiles cut here with numpy, row-major; inference-mode BatchNorm treats each on its own
+  tiles = np.stack([puzzles[b, 16 * (i // 2):16 * (i // 2) + 16, 16 * (i % 2):16 * (i % 2) + 16]
+                    for b in range(3) for i in range(4)])
+  feats = np.asarray(jax.jit(model.encoder.apply)(encoder, tiles)).mean((1, 2))
+  relu = lambda x: np.maximum(x, 0)  # noqa: E731
+  fc6 = relu(feats @ p["fc6"]["kernel"] + p["fc6"]["bias"]).reshape(3, 4 * 8)  # puzzle order
+  h = relu(fc6 @ p["fc7"]["kernel"] + p["fc7"]["bias"])
+  want = h @ p["pretext_head"]["kernel"] + p["pretext_head"]["bias"]
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_pretext_run_initialises_a_resnet_classifier(tiny_pretrain_config, tmp_path):
+  """A ResNet38 trunk pretrained by jigsaw (BatchNorm statistics trained with it) starts
+  the classify phase's ResNet38: the parameters and statistics are the pretrain run's, the
+  evaluation probe trains only the head on the frozen trunk, and other backbones are refused."""
+  import json
+
+  from conftest import load_config
+  from wsss_jax import parallel
+  from wsss_jax.checkpoint import Checkpointer
+  from wsss_jax.phases import classify
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.objective, config.model.encoder, config.model.width = "jigsaw", "resnet38", 1 / 16
+  config.data.normalize = False
+  config.jigsaw.grid, config.jigsaw.permutations = 2, 24
+  config.total_steps, config.checkpoint_every, config.log_every = 3, 3, 1
+  config.evaluation.runs = "probe"
+  probe = config.evaluation.linear_probe = load_config(
+      "classify", "backbone=resnet38,width=0.0625,pda=off,probe=True,image_size=32,batch=8,"
+                  "epochs=1,num_train=16")
+  probe.data.num_val, probe.data.tile_size, probe.data.num_threads = 8, 48, 1
+  workdir = tmp_path / "pre"
+  summary = pretrain.run(config, str(workdir))
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert rows[0]["loss"] == pytest.approx(np.log(24), rel=0.1)  # a fresh head: chance
+  assert np.isfinite(summary["final_loss"])
+  assert set(summary["evaluation"]) == {"linear_probe"}
+  assert 0 <= summary["evaluation"]["linear_probe"]["mAP"] <= 1
+
+  mesh = parallel.make_mesh(1)
+  t = pretrain.build_training(config, mesh)
+  ck = Checkpointer(str(workdir / "checkpoints"))
+  saved, _ = ck.restore(3, t.abstract_state, t.state_sharding, pretrain.checkpoint_meta(config))
+  ck.close()
+  fresh = jax.jit(t.init_state)()
+  stats = jax.tree.leaves(jax.device_get(saved.batch_stats["encoder"]))
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(stats, jax.tree.leaves(jax.device_get(fresh.batch_stats["encoder"]))))
+  # the probe started from the pretrained trunk and left it (parameters and statistics) as it was
+  ck = Checkpointer(str(workdir / "eval" / "linear_probe" / "checkpoints"))
+  step = ck.latest_step()
+  cls = classify.build_training(probe, mesh)
+  probed, _ = ck.restore(step, cls.abstract_state, cls.state_sharding,
+                         classify.checkpoint_meta(probe))
+  ck.close()
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, *jax.device_get((a, b)))  # noqa: E731
+  same(probed.params["backbone"], saved.params["encoder"])
+  same(probed.batch_stats["backbone"], saved.batch_stats["encoder"])
+
+  for arg, match in (("backbone=resnet50,width=0.0625", "pretrained model.encoder='resnet38'"),
+                     ("backbone=vit,variant=mu/8", "initialises model.backbone='resnet38' only")):
+    other = load_config("classify", arg + ",image_size=32")
+    t = classify.build_training(other, mesh)
+    with pytest.raises(UserError, match=match):
+      classify.load_pretrained(jax.jit(t.init_state)(), str(workdir), t.model, mesh,
+                               other.model.backbone)

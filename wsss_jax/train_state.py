@@ -25,7 +25,12 @@ class TrainState:
 
 
 @flax.struct.dataclass
-class ClassifierState(TrainState):
-  """TrainState plus BatchNorm statistics and PDA's mu (so both are checkpointed with the rest)."""
+class BatchNormState(TrainState):
+  """TrainState plus BatchNorm statistics (a ResNet encoder's pretext pretraining)."""
   batch_stats: Any = None
+
+
+@flax.struct.dataclass
+class ClassifierState(BatchNormState):
+  """BatchNormState plus PDA's mu (so it is checkpointed with the rest)."""
   mu: jax.Array = None  # float32 scalar: PDA's drop threshold factor

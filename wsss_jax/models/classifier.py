@@ -24,15 +24,19 @@ POOLS = ("gap", "cls")
 
 
 class CNNClassifier(nn.Module):
-  """Backbone features -> (PDA during training) -> MultiLabelHead; returns logits (B, K)."""
+  """Backbone features -> (PDA during training) -> MultiLabelHead; returns logits (B, K).
+  `linear_probe`: the backbone frozen (inference-mode BatchNorm, no backward pass through it)."""
   backbone: nn.Module
   num_classes: int
   head_dropout: float = 0.5
+  linear_probe: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False, mu=None, pda_active=False):
-    features = self.backbone(images, train)
+    features = self.backbone(images, train and not self.linear_probe)
+    if self.linear_probe:
+      features = jax.lax.stop_gradient(features)
     return MultiLabelHead(self.num_classes, self.head_dropout, self.dtype, name="head")(
         features, train, mu if train else None, pda_active)  # PDA is off at inference
 
@@ -70,15 +74,22 @@ def build_classifier(model_cfg, image_size: int, num_classes: int, dtype=jnp.flo
         else model_cfg.drop_path, pos_embed_kind=model_cfg.get("pos_embed", "sincos"), dtype=dtype,
         attention=model_cfg.get("attention", "xla"), remat=model_cfg.get("remat", "none"))
     return ViTClassifier(encoder, num_classes, model_cfg.pool, model_cfg.linear_probe, dtype)
-  if model_cfg.width <= 0:
-    raise UserError(f"model.width={model_cfg.width} must be positive")
+  backbone = build_cnn_backbone(name, model_cfg.width, dtype, frozen_bn=model_cfg.freeze_bn,
+                                output_stride=model_cfg.output_stride,
+                                last_dilation=model_cfg.get("last_dilation", 4))
+  return CNNClassifier(backbone, num_classes, model_cfg.head_dropout,
+                       model_cfg.get("linear_probe", False), dtype)
+
+
+def build_cnn_backbone(name: str, width: float, dtype=jnp.float32, *, frozen_bn: bool = False,
+                       output_stride: int = 32, last_dilation: int = 4) -> nn.Module:
+  """ResNet38 (output stride 8) or ResNet-50 at `width` times the published channels (strides and
+  dilations change no parameter shape, so a trunk pretrained with one fine-tunes with another)."""
+  if width <= 0:
+    raise UserError(f"model.width={width} must be positive")
   if name == "resnet38":
-    backbone = ResNet38(model_cfg.width, model_cfg.freeze_bn, dtype,
-                        last_dilation=model_cfg.get("last_dilation", 4))
-  else:
-    backbone = ResNet(50, model_cfg.output_stride, width=model_cfg.width,
-                      frozen_bn=model_cfg.freeze_bn, dtype=dtype)
-  return CNNClassifier(backbone, num_classes, model_cfg.head_dropout, dtype)
+    return ResNet38(width, frozen_bn, dtype, last_dilation=last_dilation)
+  return ResNet(50, output_stride, width=width, frozen_bn=frozen_bn, dtype=dtype)
 
 
 def vit_layer_id(path: tuple, depth: int) -> int:
@@ -109,6 +120,8 @@ def param_labels(model: nn.Module, model_cfg, params):
     def label(path):
       if path[0] == "head":
         return "head"
+      if model.linear_probe:
+        return "frozen"
       if model_cfg.freeze_stem and path[1] in stem:
         return "frozen"
       if model_cfg.freeze_bn and _is_batch_norm_param(path):

@@ -1,16 +1,17 @@
-"""Pretext tasks that pretrain the same ViT encoder as MAE (its parameters stay under `encoder`, so
-the classify phase and chained pretraining take them as they take MAE's):
+"""Pretext tasks that pretrain the same ViT encoder as MAE, or a ResNet38 / ResNet-50 trunk of the
+classify phase (`model.encoder`). The encoder's parameters stay under `encoder`, so the classify
+phase and chained pretraining take them as they take MAE's:
 
   rotation (Gidaris et al. 2018): each image turned by k x 90 degrees, k uniform in 0..3; the
-    encoder's mean patch token -> 4-way softmax predicts k.
+    encoder's pooled features -> 4-way softmax predicts k.
   jigsaw (Noroozi & Favaro 2016): the image cut into grid x grid tiles, put back in the order of
-    one permutation of a fixed set, chosen by maximal Hamming distance; the encoder sees the
-    reassembled image and predicts which permutation (a ViT sees the whole puzzle at once instead
-    of the paper's per-tile siamese CNN).
+    one permutation of a fixed set, chosen by maximal Hamming distance, and the network predicts
+    which permutation. A CNN is the paper's context-free network (each tile through the shared
+    encoder alone); a ViT sees the whole reassembled puzzle at once.
   exemplar (instance discrimination, Dosovitskiy et al. 2014; Wu et al. 2018) in its in-batch form
     (SimCLR, Chen et al. 2020): every image is its own class; two strong augmentations of it
     (data/strong_augment.py) are the positives, the other 2B - 2 views of the global batch the
-    negatives; encoder -> mean patch token -> 2-layer projection -> unit sphere -> NT-Xent.
+    negatives; encoder -> pooled features -> 2-layer projection -> unit sphere -> NT-Xent.
 Inputs are made on device inside the jitted step, so the grain pipeline is MAE's.
 """
 from __future__ import annotations
@@ -28,33 +29,66 @@ from wsss_jax.errors import UserError
 from wsss_jax.models.vit import VisionTransformer
 
 OBJECTIVES = ("mae", "rotation", "jigsaw", "exemplar")
+ENCODERS = ("vit", "resnet38", "resnet50")
+
+
+def pooled_features(encoder: nn.Module, images, train: bool):
+  """(B, F): a ViT's mean patch token (after its final LayerNorm) or a CNN's global average pool
+  of its last feature map (BatchNorm in batch-statistics mode and dropout on when `train`)."""
+  if isinstance(encoder, VisionTransformer):
+    return encoder(images)[:, 1:].mean(1)
+  return encoder(images, train).mean((1, 2))
 
 
 class PretextClassifier(nn.Module):
-  """ViT encoder -> mean of the patch tokens (after the final LayerNorm) -> `pretext_head`."""
-  encoder: VisionTransformer
+  """encoder -> pooled features -> `pretext_head` (rotation; jigsaw with a ViT, which sees the
+  whole reassembled puzzle)."""
+  encoder: nn.Module
   num_outputs: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
-    tokens = self.encoder(images)
+  def __call__(self, images, train: bool = False):
     head = nn.Dense(self.num_outputs, dtype=self.dtype, name="pretext_head",
                     kernel_init=nn.initializers.truncated_normal(2e-5))  # starts at chance
-    return head(tokens[:, 1:].mean(1)).astype(jnp.float32)
+    return head(pooled_features(self.encoder, images, train)).astype(jnp.float32)
+
+
+class ContextFreeNetwork(nn.Module):
+  """Jigsaw for a CNN as Noroozi & Favaro built it: every tile of the puzzle goes through the
+  shared encoder alone (a siamese network of grid x grid branches); per tile pooled features ->
+  Dense(`tile_dim`), ReLU ("fc6"); the tiles' vectors concatenated in puzzle order -> Dense(
+  `hidden`), ReLU ("fc7") -> one logit per permutation ("fc8")."""
+  encoder: nn.Module
+  num_outputs: int
+  grid: int
+  tile_dim: int = 512
+  hidden: int = 1024
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, puzzles, train: bool = False):
+    b = puzzles.shape[0]
+    tiles = to_tiles(puzzles, self.grid)  # (B, T, h, w, C), row-major
+    f = pooled_features(self.encoder, tiles.reshape(-1, *tiles.shape[2:]), train)  # one branch each
+    f = nn.relu(nn.Dense(self.tile_dim, dtype=self.dtype, name="fc6")(f))
+    f = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc7")(f.reshape(b, -1)))
+    head = nn.Dense(self.num_outputs, dtype=self.dtype, name="pretext_head",
+                    kernel_init=nn.initializers.truncated_normal(2e-5))
+    return head(f).astype(jnp.float32)
 
 
 class InstanceEmbedder(nn.Module):
-  """ViT encoder -> mean patch token -> Dense(hidden), ReLU, Dense(dim) -> L2-normalised
-  embedding (SimCLR's projection head; the classifier later takes only `encoder`)."""
-  encoder: VisionTransformer
+  """encoder -> pooled features -> Dense(hidden), ReLU, Dense(dim) -> L2-normalised embedding
+  (SimCLR's projection head; the classifier later takes only `encoder`)."""
+  encoder: nn.Module
   hidden: int
   dim: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
-    pooled = self.encoder(images)[:, 1:].mean(1)
+  def __call__(self, images, train: bool = False):
+    pooled = pooled_features(self.encoder, images, train)
     h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="projection_hidden")(pooled))
     z = nn.Dense(self.dim, dtype=self.dtype, name="projection_out")(h).astype(jnp.float32)
     return z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-12)
@@ -123,15 +157,24 @@ def rotate_batch(rng, images):
   return jnp.take_along_axis(turns, k[None, :, None, None, None], 0)[0], k
 
 
+def to_tiles(images, grid: int):
+  """(B, H, W, C) -> (B, grid * grid, H / grid, W / grid, C), tiles in row-major order."""
+  b, h, w, c = images.shape
+  tiles = images.reshape(b, grid, h // grid, grid, w // grid, c).transpose(0, 1, 3, 2, 4, 5)
+  return tiles.reshape(b, grid * grid, h // grid, w // grid, c)
+
+
+def from_tiles(tiles, grid: int):
+  """The inverse of `to_tiles`."""
+  b, _, th, tw, c = tiles.shape
+  tiles = tiles.reshape(b, grid, grid, th, tw, c).transpose(0, 1, 3, 2, 4, 5)
+  return tiles.reshape(b, grid * th, grid * tw, c)
+
+
 def shuffle_tiles(images, permutation, grid: int):
   """Tile i of the output is tile permutation[i] of the input (row-major tiles)."""
-  b, h, w, c = images.shape
-  th, tw = h // grid, w // grid
-  tiles = images.reshape(b, grid, th, grid, tw, c).transpose(0, 1, 3, 2, 4, 5)
-  tiles = tiles.reshape(b, grid * grid, th, tw, c)
-  tiles = jnp.take_along_axis(tiles, permutation[:, :, None, None, None], 1)
-  tiles = tiles.reshape(b, grid, grid, th, tw, c).transpose(0, 1, 3, 2, 4, 5)
-  return tiles.reshape(b, h, w, c)
+  tiles = jnp.take_along_axis(to_tiles(images, grid), permutation[:, :, None, None, None], 1)
+  return from_tiles(tiles, grid)
 
 
 def jigsaw_batch(rng, images, permutations, grid: int):

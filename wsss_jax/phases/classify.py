@@ -213,19 +213,26 @@ def build_training(config, mesh) -> Training:
 
 
 # --- Pretrained initialisation --------------------------------------------------------------------
-def load_pretrained(state: ClassifierState, workdir: str, model, mesh) -> ClassifierState:
+def load_pretrained(state: ClassifierState, workdir: str, model, mesh,
+                    backbone: str) -> ClassifierState:
   """Copies the matching parameters (and BatchNorm statistics) of `workdir`'s latest checkpoint
   into `state`.
 
-  From an MAE run: the encoder (`params/encoder`) into the ViT. From a classify run: every
-  backbone parameter and statistic (into a classifier or a segmenter whose backbone is the
-  submodule `backbone`). Names and shapes must agree.
+  From a pretrain run: its encoder (`params/encoder`, and a CNN's `batch_stats/encoder`) into
+  the ViT or the CNN trunk it pretrained. From a classify run: every backbone parameter and
+  statistic (into a classifier or a segmenter whose backbone is the submodule `backbone`).
+  Names and shapes must agree.
   """
   saved, meta, step = restore_latest(workdir, parallel.replicated(mesh), flag="model.init_from")
   where = f"model.init_from={workdir} (step {step}, phase {meta.get('phase')})"
   prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
-  if meta.get("phase") == "pretrain" and not isinstance(model, ViTClassifier):
-    raise UserError(f"{where}: an MAE checkpoint initialises model.backbone='vit' only")
+  if meta.get("phase") == "pretrain":
+    pretrained = meta.get("model", {}).get("encoder", "vit")
+    if pretrained != backbone:
+      raise UserError(f"{where} pretrained model.encoder={pretrained!r}; it initialises "
+                      f"model.backbone={pretrained!r} only")
+    if prefix == ("backbone",):  # a pretext run keeps its CNN trunk under `encoder`
+      saved = {k: {"backbone": v["encoder"]} for k, v in saved.items() if v and "encoder" in v}
   # a run with model.scan_blocks stores stacked blocks: back to blocks_i first
   params = _copy_matching(state.params, unstack_blocks(saved["params"]), prefix, where,
                           required=True)
@@ -320,7 +327,8 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   meta = checkpoint_meta(config)
   initialize = None
   if config.model.init_from:
-    initialize = lambda state: load_pretrained(state, config.model.init_from, t.model, mesh)  # noqa: E731
+    initialize = lambda state: load_pretrained(  # noqa: E731
+        state, config.model.init_from, t.model, mesh, config.model.backbone)
   job = loop.start_run(config, workdir, t, meta, local_batch, keys=("image", "labels"),
                         initialize=initialize)
 

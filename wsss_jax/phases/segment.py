@@ -295,7 +295,8 @@ def run(config, workdir: str) -> dict:
   meta = checkpoint_meta(config)
   initialize = None
   if config.model.init_from:
-    initialize = lambda s: classify.load_pretrained(s, config.model.init_from, seg.model, mesh)  # noqa: E731
+    initialize = lambda s: classify.load_pretrained(  # noqa: E731
+        s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
       f"mask_{layer}" for layer in config.data.mask_layers)
   job = loop.start_run(config, workdir, seg, meta, local_batch, keys=keys, initialize=initialize)

@@ -41,9 +41,9 @@ def test_real_input_reports_the_wait_for_the_grain_pipeline(tmp_path):
   config = _config(8)
   config.real_input = True
   result = benchmark.run(config, str(tmp_path))
-  assert 0 <= result["data_wait_fraction"] < 1
-  # the same step, now also decoding and augmenting: not faster than on a resident batch
-  assert 0 < result["input_images_per_sec"] < 1.25 * result["images_per_sec"]
+  assert 0 < result["data_wait_fraction"] < 1 and result["input_images_per_sec"] > 0
+  assert result["input_threads"] == config.data.num_threads
+  # (how the fed step compares with the resident one is a speed figure: BENCHMARKS.md, not a test)
   with pytest.raises(UserError, match="real_input=True times the MAE and classifier steps"):
     _small_run("model=mrn,width=0.0625,batch=2,paper=False,real_input=True", tmp_path)
 

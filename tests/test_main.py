@@ -15,6 +15,7 @@ TINY = ["--config.model.variant=mu/8", "--config.data.image_size=32", "--config.
         "--config.model.decoder_depth=1", "--config.model.decoder_width=32",
         "--config.model.decoder_heads=2", "--config.optim.warmup_steps=1",
         "--config.evaluation.runs=none"]
+PHASE_DEVICES = ["--config.num_devices=2"]  # as conftest.load_config does (not multi-process)
 
 
 def _readme_main_command():
@@ -33,7 +34,8 @@ def _run(args, **kw):
 
 def test_readme_main_command_end_to_end_and_resume(tmp_path):
   cmd = _readme_main_command()[1:]  # drop "python"
-  cmd = [a for a in cmd if not a.startswith("--workdir")] + [f"--workdir={tmp_path}"] + TINY
+  cmd = ([a for a in cmd if not a.startswith("--workdir")] + [f"--workdir={tmp_path}"] + TINY
+         + PHASE_DEVICES)
   proc = _run(cmd)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "step 4/4" in proc.stdout
@@ -124,6 +126,7 @@ def test_sigkill_during_training_leaves_a_resumable_workdir(tmp_path):
   import signal
   import time
   args = [a for a in TINY if not a.startswith(("--config.total_steps", "--config.checkpoint"))]
+  args += PHASE_DEVICES
   cmd = [sys.executable, "-m", "wsss_jax.main", "--config=configs/mae.py",
          f"--workdir={tmp_path}", "--config.checkpoint_every=1"] + args
   proc = subprocess.Popen(cmd + ["--config.total_steps=1000"], cwd=ROOT,

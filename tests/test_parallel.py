@@ -44,6 +44,7 @@ def _abstract_state(config):
 
 def test_rules_override_and_unmatched_rules_are_refused(tiny_pretrain_config):
   config = tiny_pretrain_config.copy_and_resolve_references()
+  config.num_devices = -1  # all 8
   config.parallel.fsdp, config.parallel.fsdp_min_size = 8, 0
   mesh = parallel.mesh_from_config(config)
   abstract = _abstract_state(config)
@@ -76,7 +77,7 @@ def test_fsdp_training_equals_data_parallel_training(tiny_pretrain_config, tmp_p
   runs = {}
   for name, (data, fsdp) in {"dp": (-1, 1), "fsdp": (2, 4)}.items():
     config = tiny_pretrain_config.copy_and_resolve_references()
-    config.total_steps, config.checkpoint_every = 3, 3
+    config.total_steps, config.checkpoint_every, config.num_devices = 3, 3, -1  # all 8
     config.parallel.data, config.parallel.fsdp, config.parallel.fsdp_min_size = data, fsdp, 1024
     states = []
     pretrain.run(config, str(tmp_path / name), step_callback=lambda step, s: states.append(s))

@@ -159,7 +159,7 @@ def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
 
 def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
-  config.batch_size = 12
+  config.batch_size, config.num_devices = 12, -1  # all 8
   with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of .* 8"):
     pretrain.run(config, str(tmp_path))
 

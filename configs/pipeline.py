@@ -5,12 +5,15 @@ classify -> pseudo masks -> segment -> test evaluation (optionally MAE pretraini
   python -m wsss_jax.main --config=configs/pipeline.py:upper_bound=True --workdir=runs/wsss
   python -m wsss_jax.main --config=configs/pipeline.py:supervision=full --workdir=runs/full
   python -m wsss_jax.main --config=configs/pipeline.py:pretrain=True --workdir=runs/wsss_vit
+  python -m wsss_jax.main --config=configs/pipeline.py:erasing=3 --workdir=runs/wsss_ae
 
 Each phase works in its own sub-directory of the workdir (pretrain/, classify/, pseudo_masks/,
 segment/, segment_full/) and resumes from what is already there when re-run. The phases' own
 configs are sections of this one (`--config.classify.num_epochs=4`, `--config.segment.batch_size=8`).
 `supervision=full` trains the segmenter on the ground truth (the upper bound);
 `upper_bound=True` runs both and puts them side by side in table.md.
+`erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
+rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
 """
 import ml_collections
 
@@ -18,7 +21,8 @@ from wsss_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain=False)
+  arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain=False,
+                             erasing=0)
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
@@ -35,6 +39,9 @@ def get_config(arg=None):
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12"
       + (",image_size=112" if arg.pretrain else ""))
+  config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
+  config.erasing = config_lib.sibling_config(__file__, "erasing", f"rounds={arg.erasing or 3}")
+  del config.erasing.classify  # its rounds train the classify section's classifier
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks")
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
   config.segment = config_lib.sibling_config(__file__, "segment",

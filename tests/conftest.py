@@ -49,6 +49,22 @@ def _use_phase_devices(config):
       _use_phase_devices(value)
 
 
+def tiny_pipeline_config(arg=""):
+  """configs/pipeline.py:<arg> at CPU-test size: 1-epoch 1/16-width ResNet38s at 32 px."""
+  config = load_config("pipeline", arg)
+  cls = config.classify
+  cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 1
+  cls.data.num_train, cls.data.tile_size, cls.data.num_val = 32, 48, 8
+  cls.data.num_threads, cls.log_every, cls.async_checkpointing = 1, 4, False
+  config.pseudo_masks.batch_size = 8
+  config.pseudo_masks.scales = (1.0, 1.5)
+  seg = config.segment
+  seg.model.width, seg.data.image_size, seg.batch_size, seg.num_epochs = 0.0625, 32, 8, 1
+  seg.data.tile_size, seg.data.num_val, seg.data.num_test, seg.data.num_threads = 48, 4, 8, 1
+  seg.log_every, seg.async_checkpointing, seg.eval_batch_size = 2, False, 8
+  return config
+
+
 @pytest.fixture
 def tiny_pretrain_config():
   """A pretrain config small enough for a CPU test: 32 px images, a 2-block 64-wide ViT."""

@@ -2,7 +2,6 @@
 pseudo masks fused over its rounds."""
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import ml_collections
@@ -72,29 +71,42 @@ def test_stop_rule_and_bad_settings():
     erasing_phase.validate(config)
   with pytest.raises(UserError, match="no erasing.json there"):
     erasing_phase.load_plan("/nonexistent")
+  config = load_config("erasing", "round0=/nonexistent")
+  with pytest.raises(UserError, match="erasing.round0_workdir=/nonexistent: no classify"):
+    erasing_phase.validate(config)
+  from conftest import tiny_pipeline_config
+  from wsss_jax.phases import pipeline as pipeline_phase
+  config = tiny_pipeline_config("erasing=2")
+  config.pseudo_masks.dilations = (8, 12)
+  with pytest.raises(UserError, match="erasing and pseudo_masks.dilations do not combine"):
+    pipeline_phase.validate(config)
 
 
-def test_erasing_rounds_then_fused_pseudo_masks(tmp_path):
-  """Two rounds of a tiny ResNet38: round 1 trains on tiles erased where round 0's maps were
-  high; pseudo masks of a one-round plan are exactly the plain classifier's."""
-  from conftest import load_config
+def test_erasing_rounds_in_the_pipeline_then_fused_pseudo_masks(tmp_path):
+  """The pipeline with erasing=2 on a tiny ResNet38: its classifier is round 0, round 1 trains
+  on tiles erased where round 0's maps were high, and the pseudo masks fuse both; pseudo masks
+  of a one-round plan are exactly the plain classifier's."""
+  from conftest import load_config, tiny_pipeline_config
   from wsss_jax.data import pipeline
+  from wsss_jax.phases import pipeline as pipeline_phase
   from wsss_jax.runner import run_phase
-  config = load_config("erasing", "rounds=2")
-  config.erasing.max_erased, config.erasing.stop_ratio = 0.99, 0.01
-  c = config.classify
-  c.batch_size, c.num_epochs, c.log_every, c.async_checkpointing = 8, 1, 4, False
-  c.data.update(num_train=32, num_val=8, tile_size=48, num_threads=1, image_size=32)
-  c.model.width = 0.0625
-  work = tmp_path / "ae"
-  summary = run_phase(config, str(work))
-  assert summary["rounds"] == [str(work / "round_0"), str(work / "round_1")]
+  config = tiny_pipeline_config("erasing=2")
+  config.erasing.erasing.max_erased, config.erasing.erasing.stop_ratio = 0.99, 0.01
+  result = pipeline_phase.run(config, str(tmp_path))
+  work, classify = tmp_path / "erasing", str(tmp_path / "classify")
+  summary = result["erasing"]
+  assert summary["rounds"] == [classify, str(work / "round_1")]  # round 0: not trained again
+  assert not (work / "round_0").exists()
   assert json.load(open(work / "erasing.json"))["rounds"] == summary["rounds"]
-  fraction = summary["report"][0]["erased_fraction_next"]
-  assert 0 < fraction <= 0.99
+  assert 0 < summary["report"][0]["erased_fraction_next"] <= 0.99
+  assert result["pseudo_masks"]["erasing"] == {"workdir": str(work), "rounds": 2}
+  assert result["pseudo_masks"]["classifier"] == classify
+  assert result["pseudo_masks_test"]["erasing"]["rounds"] == 2
+  assert "Adversarial erasing: 2 round(s) fused" in open(tmp_path / "table.md").read()
   # round 1 saw the mean colour exactly where erased/round_1 says
   r1 = json.load(open(work / "round_1" / "config.json"))["data"]
   assert r1["erase_dir"] == str(work / "erased" / "round_1")
+  assert r1["report_dir"] == str(work / "round_1")
   data = ml_collections.ConfigDict(r1)
   erased, plain = pipeline.build_source(data, "train"), pipeline.build_source(
       ml_collections.ConfigDict(dict(r1, erase_dir="")), "train")
@@ -103,23 +115,27 @@ def test_erasing_rounds_then_fused_pseudo_masks(tmp_path):
     region = masks.read_binary(erased._path(i), (48, 48))
     np.testing.assert_array_equal(erased[i]["image"][region], np.tile(fill, (region.sum(), 1)))
     np.testing.assert_array_equal(erased[i]["image"][~region], plain[i]["image"][~region])
+  # a re-run finds the masks current: the same erasing rounds, nothing written again
+  mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
+  written = os.path.getmtime(mask)
+  pipeline_phase.run(tiny_pipeline_config("erasing=2"), str(tmp_path))
+  assert os.path.getmtime(mask) == written
 
   def pseudo(arg, out):
     pm = load_config("pseudo_masks", arg)
     pm.data.num_train = 8
     return run_phase(pm, str(tmp_path / out))
 
-  fused = pseudo(f"erasing={work}", "pm2")
-  assert fused["erasing"]["rounds"] == 2 and fused["classifier"] == str(work / "round_0")
   one = tmp_path / "one_round"
-  shutil.copytree(work, one, ignore=shutil.ignore_patterns("round_1", "erased"))
-  plan = json.load(open(one / "erasing.json"))
-  plan["rounds"] = [str(one / "round_0")]
+  one.mkdir()
+  plan = json.load(open(work / "erasing.json"))
+  plan["rounds"] = [classify]
   json.dump(plan, open(one / "erasing.json", "w"))
   pseudo(f"erasing={one}", "pm1")
-  pseudo(f"classifier={work / 'round_0'}", "pm0")
+  pseudo(f"classifier={classify}", "pm0")
   for layer in ("b4_5", "bn7"):
     for name in os.listdir(tmp_path / "pm0" / "masks" / layer):
       a = masks.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
       b = masks.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
       np.testing.assert_array_equal(a, b)
+

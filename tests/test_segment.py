@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import load_config, tiny_pipeline_config
 from PIL import Image
 
 from wsss_jax.data import transforms
@@ -170,23 +170,8 @@ def test_mrn_trains_on_pairs_and_tests_by_windows(pseudo_dir, tiny_classifier, t
   assert summary["model"] == "mrn" and 0 <= summary["test"]["off"]["mIoU"] <= 1
 
 
-def _tiny_pipeline(arg=""):
-  config = load_config("pipeline", arg)
-  cls = config.classify
-  cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 1
-  cls.data.num_train, cls.data.tile_size, cls.data.num_val = 32, 48, 8
-  cls.data.num_threads, cls.log_every, cls.async_checkpointing = 1, 4, False
-  config.pseudo_masks.batch_size = 8
-  config.pseudo_masks.scales = (1.0, 1.5)
-  seg = config.segment
-  seg.model.width, seg.data.image_size, seg.batch_size, seg.num_epochs = 0.0625, 32, 8, 1
-  seg.data.tile_size, seg.data.num_val, seg.data.num_test, seg.data.num_threads = 48, 4, 8, 1
-  seg.log_every, seg.async_checkpointing, seg.eval_batch_size = 2, False, 8
-  return config
-
-
 def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
-  result = pipeline.run(_tiny_pipeline("upper_bound=True"), str(tmp_path))
+  result = pipeline.run(tiny_pipeline_config("upper_bound=True"), str(tmp_path))
   text = open(tmp_path / "table.md").read()
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |"):
@@ -196,7 +181,7 @@ def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
   assert result["segment_full"]["supervision"] == "full"
   mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
   written = os.path.getmtime(mask)
-  again = pipeline.run(_tiny_pipeline("upper_bound=True"), str(tmp_path))
+  again = pipeline.run(tiny_pipeline_config("upper_bound=True"), str(tmp_path))
   assert os.path.getmtime(mask) == written  # pseudo masks current: not recomputed
   assert again["classify"]["resumed_from"] == again["classify"]["steps"]
   assert again["segment"]["resumed_from"] == again["segment"]["steps"]

@@ -11,7 +11,9 @@ rule against over-erasing: a round whose mAP falls below `erasing.stop_ratio` x 
 lost the object (its classifier "cannot converge", in the paper's words) and is not used; and no
 new round is trained once the union covers more than `erasing.max_erased` of the labelled
 tiles. The pseudo-mask phase with `erasing_workdir` fuses the accepted rounds' maps (the union).
-Each classify run resumes, so a re-run continues where an interrupted one stopped.
+Each classify run resumes, so a re-run continues where an interrupted one stopped. With
+`erasing.round0_workdir` a finished classify run elsewhere (the pipeline's classifier) is round 0:
+it is scored, not trained again, and there is no round_0/.
 """
 from __future__ import annotations
 
@@ -151,6 +153,10 @@ def validate(config) -> None:
   if not 0 < e.stop_ratio <= 1 or not 0 < e.max_erased <= 1:
     raise UserError(f"erasing.stop_ratio={e.stop_ratio} and erasing.max_erased={e.max_erased} "
                     f"must lie in (0, 1]")
+  first = e.get("round0_workdir")
+  if first and not os.path.isdir(os.path.join(os.path.expanduser(first), "checkpoints")):
+    raise UserError(f"erasing.round0_workdir={first}: no classify checkpoints there; run the "
+                    f"classify phase there first")
   relevance.check_method(e.method)
   if e.method not in ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"):
     raise UserError(f"erasing.method={e.method!r}: the regions come from a class-activation "
@@ -184,9 +190,13 @@ def run(config, workdir: str) -> dict:
     with cls.unlocked():
       cls.seed, cls.num_devices = config.seed, config.num_devices
       cls.data.erase_dir = erase_dir(workdir, k) if k else ""
-    run_phase(cls, round_dir(workdir, k))
+    directory = round_dir(workdir, k)
+    if k == 0 and e.get("round0_workdir"):
+      directory = os.path.abspath(os.path.expanduser(e.round0_workdir))  # trained already
+    else:
+      run_phase(cls, directory)
     batch = parallel.eval_batch_size(cls.batch_size, mesh)
-    score = train_score(round_dir(workdir, k), cls.data, batch, mesh)
+    score = train_score(directory, cls.data, batch, mesh)
     reference = score if reference is None else reference
     entry = {"round": k, "train_mAP_on_erased": score, "accepted": True}
     report.append(entry)
@@ -195,7 +205,7 @@ def run(config, workdir: str) -> dict:
     if stop_now:
       entry["accepted"], stop = False, f"round {k}: {stop_now}"
       break
-    accepted.append(round_dir(workdir, k))
+    accepted.append(directory)
     if k + 1 == e.rounds:
       break
     loaded = load_rounds(accepted, mesh, settings)

@@ -1,6 +1,6 @@
 """Pipeline phase: the weakly supervised pipeline end to end in sub-directories of one workdir.
 
-[pretrain ->] classify -> pseudo_masks -> segment (-> segment_full) -> pseudo masks of the test
+[pretrain ->] classify [-> erasing] -> pseudo_masks -> segment (-> segment_full) -> pseudo masks of the test
 tiles (scored, and drawn beside the segmenter's predictions in overlays.png) -> table.md. Each
 phase resumes:
 a finished training run only re-validates; pseudo masks are not recomputed when summary.json
@@ -34,15 +34,17 @@ def _classifier_step(classify_dir: str) -> int | None:
   return step
 
 
-def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int) -> dict | None:
-  """The pseudo-mask summary when the masks there are those of the current classifier."""
+def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
+                      erasing: dict | None = None) -> dict | None:
+  """The pseudo-mask summary when the masks there are those of the current classifier (and of
+  the same erasing rounds: `erasing` as the pseudo-mask summary records it, or None)."""
   try:
     with open(os.path.join(pm_dir, "summary.json"), encoding="utf-8") as f:
       summary = json.load(f)
   except (OSError, ValueError):
     return None
   if (summary.get("classifier_step") == _classifier_step(classify_dir)
-      and summary.get("num_images") == num_images):
+      and summary.get("num_images") == num_images and summary.get("erasing") == erasing):
     return summary
   return None
 
@@ -51,7 +53,10 @@ def table(result: dict) -> str:
   """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
   with and without the gate (and of the ground-truth-trained upper bound)."""
   names = result["class_names"]
-  lines = ["Pseudo masks (stage-1 scoring):", "",
+  erasing = result.get("erasing")
+  lines = ([f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; {erasing['stopped']}.",
+            ""] if erasing else [])
+  lines += ["Pseudo masks (stage-1 scoring):", "",
            "| split | layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|---|"]
   for key in ("pseudo_masks", "pseudo_masks_test"):
     for layer, s in result.get(key, {}).get("layers", {}).items():
@@ -73,15 +78,17 @@ def table(result: dict) -> str:
 def validate(config) -> None:
   if config.supervision not in ("pseudo", "full"):
     raise UserError(f"supervision={config.supervision!r} is not 'pseudo' or 'full'")
+  if config.run_erasing and config.pseudo_masks.dilations:
+    raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
 
 
 def run(config, workdir: str) -> dict:
   validate(config)
   dirs = {name: os.path.join(workdir, name) for name in
-          ("pretrain", "classify", "pseudo_masks", "segment", "segment_full",
+          ("pretrain", "classify", "erasing", "pseudo_masks", "segment", "segment_full",
            "pseudo_masks_test")}
   result = {"phase": "pipeline", "workdir": workdir}
-  for section in ("pretrain", "classify", "pseudo_masks", "segment"):
+  for section in ("pretrain", "classify", "erasing", "pseudo_masks", "segment"):
     with config[section].unlocked():
       config[section].seed, config[section].num_devices = config.seed, config.num_devices
 
@@ -96,10 +103,16 @@ def run(config, workdir: str) -> dict:
     if seg.model.init_from:
       seg.model.init_from = dirs["classify"]
     seg.data.num_train = config.classify.data.num_train  # the tiles that have pseudo masks
+  erasing = None
+  if config.run_erasing and config.supervision == "pseudo":
+    result["erasing"] = _run(erasing_config(config, dirs["classify"]), dirs["erasing"])
+    config.pseudo_masks.erasing_workdir = dirs["erasing"]
+    erasing = {"workdir": os.path.abspath(dirs["erasing"]),
+               "rounds": len(result["erasing"]["rounds"])}
   if config.supervision == "pseudo":
     config.pseudo_masks.classifier_workdir = dirs["classify"]
     done = pseudo_masks_done(dirs["pseudo_masks"], dirs["classify"],
-                             config.classify.data.num_train)
+                             config.classify.data.num_train, erasing)
     if done is not None:
       print(f"pseudo masks in {dirs['pseudo_masks']} are current; not recomputed", flush=True)
     result["pseudo_masks"] = done or _run(config.pseudo_masks, dirs["pseudo_masks"])
@@ -109,7 +122,8 @@ def run(config, workdir: str) -> dict:
     test_pm = config.pseudo_masks.copy_and_resolve_references()
     test_pm.split, test_pm.data.num_test = seg.test_split, seg.data.num_test
     result["pseudo_masks_test"] = (
-        pseudo_masks_done(dirs["pseudo_masks_test"], dirs["classify"], seg.data.num_test)
+        pseudo_masks_done(dirs["pseudo_masks_test"], dirs["classify"], seg.data.num_test,
+                          erasing)
         or _run(test_pm, dirs["pseudo_masks_test"]))
     if parallel.is_main_process():
       save_overlays(workdir, dirs, result["pseudo_masks_test"]["layers_written"][-1],
@@ -130,6 +144,17 @@ def run(config, workdir: str) -> dict:
   writer.summary(result)
   writer.close()
   return result
+
+
+def erasing_config(config, classify_dir: str):
+  """The erasing phase's config: its rounds train the pipeline's classifier on erased tiles,
+  and the classify run already done is round 0."""
+  er = config.erasing.copy_and_resolve_references()
+  with er.unlocked():
+    er.classify = config.classify.copy_and_resolve_references()
+    er.classify.data.report_dir = ""  # each round's own workdir
+    er.erasing.round0_workdir = classify_dir
+  return er
 
 
 def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,

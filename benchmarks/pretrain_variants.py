@@ -9,7 +9,9 @@ arguments and overrides (VARIANTS); `chained` starts from the `mae` run's weight
 `none` trains the same probe and fine-tune from a random encoder: the floor every variant should
 clear. Writes <workdir>/pretrain_variants.md (and .json): pretraining images/s relative to MAE
 (from the logged windows), the final pretraining loss of its own objective, and the validation
-mAP / mean F1 of the probe and of the fine-tune. Every number is from this run.
+mAP / mean F1 of the probe and of the fine-tune. Every number is from this run or, for a variant
+whose workdir already holds a finished run of the same steps (summary.json with its evaluation),
+from that earlier run: an interrupted table resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -45,12 +47,21 @@ def load(path: str) -> dict:
     return json.load(f)
 
 
+def _finished(summary_path: str, steps: int) -> bool:
+  """A run of `steps` steps whose end-of-run evaluation was written."""
+  if not os.path.exists(summary_path):
+    return False
+  summary = load(summary_path)
+  return summary.get("steps") == steps and "evaluation" in summary
+
+
 def pretrain_variant(name: str, workdir: str, steps: int) -> dict:
   arg, overrides = VARIANTS[name]
   arg = ",".join(a for a in (arg.format(workdir=workdir), f"steps={steps}") if a)
   target = os.path.join(workdir, name)
-  run([sys.executable, "-m", "wsss_jax.main", f"--config=configs/mae.py:{arg}",
-       f"--workdir={target}"] + overrides)
+  if not _finished(os.path.join(target, "summary.json"), steps):
+    run([sys.executable, "-m", "wsss_jax.main", f"--config=configs/mae.py:{arg}",
+         f"--workdir={target}"] + overrides)
   summary = load(os.path.join(target, "summary.json"))
   with open(os.path.join(target, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
@@ -64,9 +75,10 @@ def random_encoder(workdir: str) -> dict:
   out = {"variant": "none", "args": "-", "images_per_sec": None, "final_loss": None}
   for name, probe in (("linear_probe", ",probe=True"), ("finetune", "")):
     target = os.path.join(workdir, "none", name)
-    run([sys.executable, "-m", "wsss_jax.main",
-         f"--config=configs/classify.py:backbone=vit,epochs=2,image_size=112{probe}",
-         f"--workdir={target}"] + ([] if probe else ["--config.optim.lr_batch_scaling=False"]))
+    if not os.path.exists(os.path.join(target, "summary.json")):
+      run([sys.executable, "-m", "wsss_jax.main",
+           f"--config=configs/classify.py:backbone=vit,epochs=2,image_size=112{probe}",
+           f"--workdir={target}"] + ([] if probe else ["--config.optim.lr_batch_scaling=False"]))
     s = load(os.path.join(target, "summary.json"))
     out[name] = {"mAP": s["val/mAP"], "mean_f1": s["val/mean_f1"], "steps": s["steps"]}
   return out

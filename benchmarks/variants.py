@@ -29,6 +29,9 @@ VARIANTS = {
     "multi_dilation": (["--config.pseudo_masks.dilations=(8, 12)"], True),
     # the baseline's classifier is round 0; up to 2 more rounds train on erased tiles
     "erasing": (["--config.run_erasing=True", "--config.erasing.erasing.rounds=3"], True),
+    # smaller mined regions (max-normalised map > 0.8): fewer tiles hit the max_erased stop
+    "erasing_t0.8": (["--config.run_erasing=True", "--config.erasing.erasing.rounds=3",
+                      "--config.erasing.erasing.threshold=0.8"], True),
 }
 
 

@@ -116,7 +116,7 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path, fsdp):
   assert names[0] and names[1] and not names[0] & names[1]
   # the 2-process checkpoint continues in a single process
   proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py", f"--workdir={tmp_path}",
-               "--config.total_steps=6"] + args, )
+               "--config.total_steps=6"] + args + PHASE_DEVICES)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.load(open(tmp_path / "summary.json"))["resumed_from"] == 4
 

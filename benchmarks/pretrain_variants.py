@@ -12,6 +12,14 @@ clear. Writes <workdir>/pretrain_variants.md (and .json): pretraining images/s r
 mAP / mean F1 of the probe and of the fine-tune. Every number is from this run or, for a variant
 whose workdir already holds a finished run of the same steps (summary.json with its evaluation),
 from that earlier run: an interrupted table resumes where it stopped.
+
+  python -m benchmarks.pretrain_variants --workdir=runs/pretrain_variants --pipeline
+
+also runs the weakly supervised pipeline from each variant's encoder
+(`configs/pipeline.py:pretrain=<its workdir>`, in <workdir>/pipeline/<variant>; `none`:
+`pretrain=scratch`, a ViT from random weights) and adds the ViT classifier's validation mAP, the
+pseudo masks' stage-1 mIoU (training tiles / test tiles) and the segmenter's test mIoU with the
+classification gate ("exclude"): what a pretraining is for in this project.
 """
 from __future__ import annotations
 
@@ -84,16 +92,43 @@ def random_encoder(workdir: str) -> dict:
   return out
 
 
+def pipeline_scores(name: str, workdir: str) -> dict:
+  """The pipeline from the variant's encoder (a finished pipeline run is read, not re-run)."""
+  target = os.path.join(workdir, "pipeline", name)
+  summary_path = os.path.join(target, "summary.json")
+  if not os.path.exists(summary_path):
+    start = "scratch" if name == "none" else os.path.join(workdir, name)
+    run([sys.executable, "-m", "wsss_jax.main", f"--config=configs/pipeline.py:pretrain={start}",
+         f"--workdir={target}"])
+  result = load(summary_path)
+  (layer, train), = result["pseudo_masks"]["layers"].items()  # a ViT: one token layer
+  return {"classifier_mAP": result["classify"]["val/mAP"], "pseudo_layer": layer,
+          "pseudo_mIoU_train": train["mIoU"],
+          "pseudo_mIoU_test": result["pseudo_masks_test"]["layers"][layer]["mIoU"],
+          "segment_mIoU": result["segment"]["test"]["exclude"]["mIoU"]}
+
+
 def markdown(rows: list) -> str:
   base = next((r["images_per_sec"] for r in rows if r["variant"] == "mae"), None)
-  lines = ["| variant | arguments | images/s vs MAE | final loss (own objective) | "
-           "probe mAP | probe F1 | fine-tune mAP | fine-tune F1 |", "|---" * 8 + "|"]
+  scored = all("pipeline" in r for r in rows)
+  head = ["variant", "arguments", "images/s vs MAE", "final loss (own objective)", "probe mAP",
+          "probe F1", "fine-tune mAP", "fine-tune F1"]
+  if scored:
+    head += ["pipeline classifier mAP", "pseudo mIoU (train / test)",
+             "segmentation mIoU (test, gated)"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     speed = f"{r['images_per_sec'] / base:.2f}x" if base and r["images_per_sec"] else "-"
     loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
     p, f = r["linear_probe"], r["finetune"]
-    lines.append(f"| {r['variant']} | {r['args']} | {speed} | {loss} | {p['mAP']:.3f} | "
-                 f"{p['mean_f1']:.3f} | {f['mAP']:.3f} | {f['mean_f1']:.3f} |")
+    cells = [r["variant"], r["args"], speed, loss, f"{p['mAP']:.3f}", f"{p['mean_f1']:.3f}",
+             f"{f['mAP']:.3f}", f"{f['mean_f1']:.3f}"]
+    if scored:
+      q = r["pipeline"]
+      cells += [f"{q['classifier_mAP']:.3f}",
+                f"{q['pseudo_mIoU_train']:.3f} / {q['pseudo_mIoU_test']:.3f}",
+                f"{q['segment_mIoU']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -102,6 +137,8 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/pretrain_variants")
   parser.add_argument("--only", default=",".join(VARIANTS) + ",none")
   parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--pipeline", action="store_true",
+                      help="also score each encoder by the pipeline's pseudo masks and segmenter")
   args = parser.parse_args()
   names = args.only.split(",")
   unknown = [n for n in names if n not in VARIANTS and n != "none"]
@@ -112,6 +149,9 @@ def main() -> None:
   workdir = os.path.abspath(args.workdir)
   rows = [random_encoder(workdir) if n == "none" else pretrain_variant(n, workdir, args.steps)
           for n in names]
+  if args.pipeline:
+    for r in rows:
+      r["pipeline"] = pipeline_scores(r["variant"], workdir)
   text = markdown(rows)
   print(text)
   with open(os.path.join(workdir, "pretrain_variants.md"), "w", encoding="utf-8") as f:

@@ -6,12 +6,16 @@ classify -> pseudo masks -> segment -> test evaluation (optionally MAE pretraini
   python -m wsss_jax.main --config=configs/pipeline.py:supervision=full --workdir=runs/full
   python -m wsss_jax.main --config=configs/pipeline.py:pretrain=True --workdir=runs/wsss_vit
   python -m wsss_jax.main --config=configs/pipeline.py:erasing=3 --workdir=runs/wsss_ae
+  python -m wsss_jax.main --config=configs/pipeline.py:pretrain=runs/mae_block --workdir=runs/wsss_b
 
 Each phase works in its own sub-directory of the workdir (pretrain/, classify/, pseudo_masks/,
 segment/, segment_full/) and resumes from what is already there when re-run. The phases' own
 configs are sections of this one (`--config.classify.num_epochs=4`, `--config.segment.batch_size=8`).
 `supervision=full` trains the segmenter on the ground truth (the upper bound);
 `upper_bound=True` runs both and puts them side by side in table.md.
+`pretrain=<workdir>` starts the ViT classifier from a finished pretrain run (any MAE variant or
+pretext task of configs/mae.py) instead of running one; `pretrain=scratch` trains the same ViT
+from random weights (the floor a pretraining should clear).
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
 """
@@ -20,25 +24,39 @@ import ml_collections
 from wsss_jax import config_lib
 
 
+def _pretrain_mode(text: str) -> str:
+  """'' (no ViT), 'true' (pretrain here), 'scratch' (random ViT) or a pretrain workdir."""
+  word = text.lower()
+  if word in ("", "0", "no", "false"):
+    return ""
+  if word in ("1", "yes", "true"):
+    return "true"
+  return "scratch" if word == "scratch" else text
+
+
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain=False,
+  arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain="",
                              erasing=0)
+  pretrain = _pretrain_mode(arg.pretrain)
+  vit = bool(pretrain)  # true, scratch or a pretrain workdir: a ViT classifier
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
   config.num_devices = -1
   config.supervision = arg.supervision   # pseudo (weakly supervised) or full (ground truth)
   config.upper_bound = arg.upper_bound   # also train on the ground truth, for comparison
-  config.run_pretrain = arg.pretrain     # MAE first, then a ViT classifier initialised from it
+  config.run_pretrain = pretrain == "true"  # MAE first, then a ViT classifier from it
+  # a finished pretrain run whose encoder starts the classifier (nothing is pretrained here)
+  config.pretrain_workdir = "" if pretrain in ("", "true", "scratch") else pretrain
   config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none")  # the pipeline's
   # own classifier is the evaluation
-  backbone = "vit" if arg.pretrain else "resnet38"
+  backbone = "vit" if vit else "resnet38"
   # PDA off and 12 epochs: on the embedded data the from-scratch 1/8-width ResNet38 with PDA
   # (paper schedule) can collapse once the attention starts (loss stuck at ln 2), and without it
   # reaches val mAP 0.97 and pseudo masks of mIoU 0.63 (README, measured).
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12"
-      + (",image_size=112" if arg.pretrain else ""))
+      + (",image_size=112" if vit else ""))
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
   config.erasing = config_lib.sibling_config(__file__, "erasing", f"rounds={arg.erasing or 3}")
   del config.erasing.classify  # its rounds train the classify section's classifier
@@ -46,7 +64,7 @@ def get_config(arg=None):
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
   config.segment = config_lib.sibling_config(__file__, "segment",
                                              f"supervision={arg.supervision}")
-  if arg.pretrain:  # a ViT's maps come from one token layer at its own input size (fixed
+  if vit:  # a ViT's maps come from one token layer at its own input size (fixed
     # position embeddings: no multi-scale maps); the segmenter starts from scratch
     config.pseudo_masks.scales = (1.0,)
     config.segment.data.mask_layers = ("norm1",)

@@ -186,3 +186,24 @@ def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
   assert again["classify"]["resumed_from"] == again["classify"]["steps"]
   assert again["segment"]["resumed_from"] == again["segment"]["steps"]
   assert again["segment"]["test"] == result["segment"]["test"]
+
+
+def test_pipeline_pretrain_argument_and_a_workdir_without_checkpoints(tmp_path):
+  modes = {arg: load_config("pipeline", f"pretrain={arg}") for arg in
+           ("False", "True", "scratch", str(tmp_path))}
+  assert modes["False"].classify.model.backbone == "resnet38"
+  assert not modes["False"].run_pretrain and not modes["False"].pretrain_workdir
+  assert modes["True"].run_pretrain and not modes["True"].pretrain_workdir
+  assert not modes["scratch"].run_pretrain and not modes["scratch"].pretrain_workdir
+  assert modes[str(tmp_path)].pretrain_workdir == str(tmp_path)
+  for arg in ("True", "scratch", str(tmp_path)):
+    assert modes[arg].classify.model.backbone == "vit"
+    assert modes[arg].pseudo_masks.scales == (1.0,)
+  with pytest.raises(UserError, match=f"pretrain_workdir={tmp_path}: no pretrain checkpoints"):
+    pipeline.run(modes[str(tmp_path)], str(tmp_path / "run"))
+  (tmp_path / "checkpoints").mkdir()
+  both = modes[str(tmp_path)]
+  both.run_pretrain = True
+  with pytest.raises(UserError, match="run_pretrain and pretrain_workdir"):
+    pipeline.run(both, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -78,6 +78,13 @@ def table(result: dict) -> str:
 def validate(config) -> None:
   if config.supervision not in ("pseudo", "full"):
     raise UserError(f"supervision={config.supervision!r} is not 'pseudo' or 'full'")
+  found = config.get("pretrain_workdir")
+  if found and not os.path.isdir(os.path.join(os.path.expanduser(found), "checkpoints")):
+    raise UserError(f"pretrain_workdir={found}: no pretrain checkpoints there; run "
+                    f"configs/mae.py there first")
+  if found and config.run_pretrain:
+    raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
+                    f"start from that run, not both")
   if config.run_erasing and config.pseudo_masks.dilations:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
 
@@ -95,6 +102,10 @@ def run(config, workdir: str) -> dict:
   if config.run_pretrain:
     result["pretrain"] = _summary(_run(config.pretrain, dirs["pretrain"]))
     config.classify.model.init_from = dirs["pretrain"]
+  elif config.get("pretrain_workdir"):  # a finished run: its summary, not a new run
+    config.classify.model.init_from = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
+    result["pretrain"] = {"workdir": config.classify.model.init_from,
+                          **_summary(_read_summary(config.classify.model.init_from))}
   result["classify"] = _summary(_run(config.classify, dirs["classify"]))
 
   seg = config.segment
@@ -176,6 +187,14 @@ def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
                          num_classes)
     rows.append([image, colour(truth, palette), colour(pm, palette), colour(pred, palette)])
   save_overlay(os.path.join(workdir, "overlays.png"), rows, palette)
+
+
+def _read_summary(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def _summary(s: dict) -> dict:

@@ -26,6 +26,8 @@ VARIANTS = {
     "mixup": (["--config.classify.mixup_alpha=0.8"], False),
     "crf": (["--config.pseudo_masks.crf.enabled=True"], True),
     "seam": (["--config.classify.equivariance.weight=1.0"], False),
+    "seam_crf": (["--config.classify.equivariance.weight=1.0",  # the two that helped, together
+                  "--config.pseudo_masks.crf.enabled=True"], False),
     "multi_dilation": (["--config.pseudo_masks.dilations=(8, 12)"], True),
     # the baseline's classifier is round 0; up to 2 more rounds train on erased tiles
     "erasing": (["--config.run_erasing=True", "--config.erasing.erasing.rounds=3"], True),

@@ -16,7 +16,7 @@ from that earlier run: an interrupted table resumes where it stopped.
   python -m benchmarks.pretrain_variants --workdir=runs/pretrain_variants --pipeline
 
 also runs the weakly supervised pipeline from each variant's encoder
-(`configs/pipeline.py:pretrain=<its workdir>`, in <workdir>/pipeline/<variant>; `none`:
+(`configs/pipeline.py:pretrain=<its workdir>,paper=True`: no CRF, in <workdir>/pipeline/<variant>; `none`:
 `pretrain=scratch`, a ViT from random weights) and adds the ViT classifier's validation mAP, the
 pseudo masks' stage-1 mIoU (training tiles / test tiles) and the segmenter's test mIoU with the
 classification gate ("exclude"): what a pretraining is for in this project.
@@ -98,7 +98,8 @@ def pipeline_scores(name: str, workdir: str) -> dict:
   summary_path = os.path.join(target, "summary.json")
   if not os.path.exists(summary_path):
     start = "scratch" if name == "none" else os.path.join(workdir, name)
-    run([sys.executable, "-m", "wsss_jax.main", f"--config=configs/pipeline.py:pretrain={start}",
+    run([sys.executable, "-m", "wsss_jax.main",
+         f"--config=configs/pipeline.py:pretrain={start},paper=True",
          f"--workdir={target}"])
   result = load(summary_path)
   (layer, train), = result["pseudo_masks"]["layers"].items()  # a ViT: one token layer

@@ -3,7 +3,8 @@
   python -m benchmarks.variants --workdir=runs/variants                 # every variant
   python -m benchmarks.variants --workdir=runs/variants --only=baseline,crf
 
-Each variant is `configs/pipeline.py` plus config overrides (VARIANTS). A variant that changes
+Each variant is `configs/pipeline.py:paper=True` (the authors' method alone: the baseline) plus
+config overrides (VARIANTS); `seam_crf_b4_5` is the pipeline's default. A variant that changes
 only the pseudo masks starts from a copy of the baseline's classifier, so the difference is its
 own. Writes <workdir>/variants.md (and .json): the classifier's training images/s relative to the
 baseline, the pseudo masks' stage-1 mIoU per layer (training tiles, then test tiles), and the
@@ -28,6 +29,11 @@ VARIANTS = {
     "seam": (["--config.classify.equivariance.weight=1.0"], False),
     "seam_crf": (["--config.classify.equivariance.weight=1.0",  # the two that helped, together
                   "--config.pseudo_masks.crf.enabled=True"], False),
+    # configs/pipeline.py's default: as seam_crf, the segmenter on the b4_5 masks alone
+    "seam_crf_b4_5": (["--config.classify.equivariance.weight=1.0",
+                       "--config.pseudo_masks.crf.enabled=True",
+                       "--config.segment.data.mask_layers=('b4_5',)",
+                       "--config.segment.loss_weights=(1.0,)"], False),
     "multi_dilation": (["--config.pseudo_masks.dilations=(8, 12)"], True),
     # the baseline's classifier is round 0; up to 2 more rounds train on erased tiles
     "erasing": (["--config.run_erasing=True", "--config.erasing.erasing.rounds=3"], True),
@@ -42,7 +48,7 @@ def run_variant(name: str, workdir: str, base: str) -> dict:
   target = os.path.join(workdir, name)
   if reuse and not os.path.exists(os.path.join(target, "classify")):
     shutil.copytree(os.path.join(base, "classify"), os.path.join(target, "classify"))
-  cmd = [sys.executable, "-m", "wsss_jax.main", "--config=configs/pipeline.py",
+  cmd = [sys.executable, "-m", "wsss_jax.main", "--config=configs/pipeline.py:paper=True",
          f"--workdir={target}"] + overrides
   print("==", " ".join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=os.path.join(os.path.dirname(__file__), ".."))

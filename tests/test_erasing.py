@@ -76,7 +76,7 @@ def test_stop_rule_and_bad_settings():
     erasing_phase.validate(config)
   from conftest import tiny_pipeline_config
   from wsss_jax.phases import pipeline as pipeline_phase
-  config = tiny_pipeline_config("erasing=2")
+  config = tiny_pipeline_config("erasing=2,paper=True")
   config.pseudo_masks.dilations = (8, 12)
   with pytest.raises(UserError, match="erasing and pseudo_masks.dilations do not combine"):
     pipeline_phase.validate(config)
@@ -90,7 +90,7 @@ def test_erasing_rounds_in_the_pipeline_then_fused_pseudo_masks(tmp_path):
   from wsss_jax.data import pipeline
   from wsss_jax.phases import pipeline as pipeline_phase
   from wsss_jax.runner import run_phase
-  config = tiny_pipeline_config("erasing=2")
+  config = tiny_pipeline_config("erasing=2,paper=True")
   config.erasing.erasing.max_erased, config.erasing.erasing.stop_ratio = 0.99, 0.01
   result = pipeline_phase.run(config, str(tmp_path))
   work, classify = tmp_path / "erasing", str(tmp_path / "classify")
@@ -118,7 +118,7 @@ def test_erasing_rounds_in_the_pipeline_then_fused_pseudo_masks(tmp_path):
   # a re-run finds the masks current: the same erasing rounds, nothing written again
   mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
   written = os.path.getmtime(mask)
-  pipeline_phase.run(tiny_pipeline_config("erasing=2"), str(tmp_path))
+  pipeline_phase.run(tiny_pipeline_config("erasing=2,paper=True"), str(tmp_path))
   assert os.path.getmtime(mask) == written
 
   def pseudo(arg, out):

@@ -171,7 +171,9 @@ def test_mrn_trains_on_pairs_and_tests_by_windows(pseudo_dir, tiny_classifier, t
 
 
 def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
-  result = pipeline.run(tiny_pipeline_config("upper_bound=True"), str(tmp_path))
+  # paper=True: the default adds SEAM and the CRF, each tested in its phase, and costs this
+  # test 75 s more (under load)
+  result = pipeline.run(tiny_pipeline_config("upper_bound=True,paper=True"), str(tmp_path))
   text = open(tmp_path / "table.md").read()
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |"):
@@ -181,7 +183,7 @@ def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
   assert result["segment_full"]["supervision"] == "full"
   mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
   written = os.path.getmtime(mask)
-  again = pipeline.run(tiny_pipeline_config("upper_bound=True"), str(tmp_path))
+  again = pipeline.run(tiny_pipeline_config("upper_bound=True,paper=True"), str(tmp_path))
   assert os.path.getmtime(mask) == written  # pseudo masks current: not recomputed
   assert again["classify"]["resumed_from"] == again["classify"]["steps"]
   assert again["segment"]["resumed_from"] == again["segment"]["steps"]
@@ -192,6 +194,13 @@ def test_pipeline_pretrain_argument_and_a_workdir_without_checkpoints(tmp_path):
   modes = {arg: load_config("pipeline", f"pretrain={arg}") for arg in
            ("False", "True", "scratch", str(tmp_path))}
   assert modes["False"].classify.model.backbone == "resnet38"
+  paper = load_config("pipeline", "paper=True")
+  assert paper.classify.equivariance.weight == 0 and not paper.pseudo_masks.crf.enabled
+  assert paper.segment.loss_weights == (0.2, 0.2, 0.6)
+  assert modes["False"].classify.equivariance.weight == 1.0  # the default: SEAM, CRF, b4_5
+  assert modes["False"].pseudo_masks.crf.enabled
+  assert modes["False"].segment.data.mask_layers == ("b4_5",)
+  assert modes["False"].segment.loss_weights == (1.0,)
   assert not modes["False"].run_pretrain and not modes["False"].pretrain_workdir
   assert modes["True"].run_pretrain and not modes["True"].pretrain_workdir
   assert not modes["scratch"].run_pretrain and not modes["scratch"].pretrain_workdir
@@ -199,6 +208,7 @@ def test_pipeline_pretrain_argument_and_a_workdir_without_checkpoints(tmp_path):
   for arg in ("True", "scratch", str(tmp_path)):
     assert modes[arg].classify.model.backbone == "vit"
     assert modes[arg].pseudo_masks.scales == (1.0,)
+    assert modes[arg].classify.equivariance.weight == 0  # SEAM needs a CNN's class maps
   with pytest.raises(UserError, match=f"pretrain_workdir={tmp_path}: no pretrain checkpoints"):
     pipeline.run(modes[str(tmp_path)], str(tmp_path / "run"))
   (tmp_path / "checkpoints").mkdir()

@@ -190,7 +190,7 @@ def test_pipeline_end_to_end_with_upper_bound_and_resume(tmp_path):
   assert again["segment"]["test"] == result["segment"]["test"]
 
 
-def test_pipeline_pretrain_argument_and_a_workdir_without_checkpoints(tmp_path):
+def test_pipeline_paper_and_pretrain_arguments_and_a_workdir_without_checkpoints(tmp_path):
   modes = {arg: load_config("pipeline", f"pretrain={arg}") for arg in
            ("False", "True", "scratch", str(tmp_path))}
   assert modes["False"].classify.model.backbone == "resnet38"

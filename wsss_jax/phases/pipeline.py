@@ -38,12 +38,8 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
                       erasing: dict | None = None) -> dict | None:
   """The pseudo-mask summary when the masks there are those of the current classifier (and of
   the same erasing rounds: `erasing` as the pseudo-mask summary records it, or None)."""
-  try:
-    with open(os.path.join(pm_dir, "summary.json"), encoding="utf-8") as f:
-      summary = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if (summary.get("classifier_step") == _classifier_step(classify_dir)
+  summary = _read_summary(pm_dir)
+  if summary and (summary.get("classifier_step") == _classifier_step(classify_dir)
       and summary.get("num_images") == num_images and summary.get("erasing") == erasing):
     return summary
   return None
@@ -190,6 +186,7 @@ def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
 
 
 def _read_summary(workdir: str) -> dict:
+  """The run's summary.json, or {} when there is none (or it cannot be read)."""
   try:
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
       return json.load(f)

@@ -14,9 +14,10 @@ segment/, segment_full/) and resumes from what is already there when re-run. The
 configs are sections of this one (`--config.classify.num_epochs=4`, `--config.segment.batch_size=8`).
 `supervision=full` trains the segmenter on the ground truth (the upper bound);
 `upper_bound=True` runs both and puts them side by side in table.md.
-`pretrain=<workdir>` starts the ViT classifier from a finished pretrain run (any MAE variant or
-pretext task of configs/mae.py) instead of running one; `pretrain=scratch` trains the same ViT
-from random weights (the floor a pretraining should clear).
+`pretrain=<workdir>` starts the classifier from a finished pretrain run of configs/mae.py instead
+of running one: a ViT from any MAE variant or pretext task, the ResNet38 from a pretext task on it
+(`encoder=resnet38`); `pretrain=scratch` trains the same ViT from random weights (the floor a
+ViT pretraining should clear; the CNN's is the default run).
 `paper=True` is the authors' method alone: no SEAM loss, no CRF, the segmenter on the 0.2/0.2/0.6
 mix of the three layers' masks (the default adds SEAM and the CRF and learns from b4_5's masks).
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
@@ -41,7 +42,11 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain="",
                              erasing=0, paper=False)
   pretrain = _pretrain_mode(arg.pretrain)
-  vit = bool(pretrain)  # true, scratch or a pretrain workdir: a ViT classifier
+  # a pretext run of a CNN trunk (configs/mae.py:encoder=resnet38) starts the CNN classifier;
+  # any other pretraining (true, scratch, a ViT's workdir) a ViT classifier
+  pretrained = config_lib.run_model(pretrain) if pretrain not in ("", "true", "scratch") else {}
+  cnn_width = pretrained.get("width") if pretrained.get("encoder", "vit") != "vit" else None
+  vit = bool(pretrain) and cnn_width is None
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
@@ -62,15 +67,16 @@ def get_config(arg=None):
   seam = not (arg.paper or vit)  # class maps of a CNN only
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12,seam={seam}"
-      + (",image_size=112" if vit else ""))
+      + (",image_size=112" if vit else "") + (f",width={cnn_width}" if cnn_width else ""))
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
   config.erasing = config_lib.sibling_config(__file__, "erasing", f"rounds={arg.erasing or 3}")
   del config.erasing.classify  # its rounds train the classify section's classifier
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks",
                                                   f"crf={not arg.paper}")
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
-  config.segment = config_lib.sibling_config(__file__, "segment",
-                                             f"supervision={arg.supervision}")
+  config.segment = config_lib.sibling_config(  # its backbone starts from the classifier's
+      __file__, "segment", f"supervision={arg.supervision}"
+      + (f",width={cnn_width}" if cnn_width else ""))
   if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
     # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; README), not
     # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)

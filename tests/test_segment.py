@@ -217,3 +217,22 @@ def test_pipeline_paper_and_pretrain_arguments_and_a_workdir_without_checkpoints
   with pytest.raises(UserError, match="run_pretrain and pretrain_workdir"):
     pipeline.run(both, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_pipeline_from_a_cnn_pretext_run_takes_its_encoder_and_width(tmp_path):
+  def pretext_run(name, model):
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+    (tmp_path / name / "config.json").write_text(json.dumps({"phase": "pretrain", "model": model}))
+    return str(tmp_path / name)
+
+  cnn = load_config("pipeline", "pretrain=" + pretext_run("r38", {"encoder": "resnet38",
+                                                                  "width": 0.25}))
+  assert cnn.classify.model.backbone == "resnet38" and cnn.classify.model.width == 0.25
+  assert cnn.segment.model.width == 0.25  # the segmenter starts from that classifier
+  assert cnn.classify.equivariance.weight == 1.0 and cnn.pseudo_masks.scales == (1.0, 1.5, 2.0)
+  r50 = load_config("pipeline", "pretrain=" + pretext_run("r50", {"encoder": "resnet50",
+                                                                  "width": 0.125}))
+  with pytest.raises(UserError, match="pretrained model.encoder='resnet50'; the pipeline's "
+                                      "classifier is 'resnet38'"):
+    pipeline.run(r50, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

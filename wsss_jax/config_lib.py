@@ -5,6 +5,9 @@ Config files follow big_vision: `get_config(arg)` where `arg` is the text after 
 """
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
 from wsss_jax.errors import UserError
@@ -51,6 +54,16 @@ def sibling_config(config_file: str, name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def run_model(workdir: str) -> dict:
+  """The `model` section of the config.json a run wrote to `workdir` ({} when there is none or
+  it cannot be read: the caller's own check names the missing run)."""
+  try:
+    with open(os.path.join(os.path.expanduser(workdir), "config.json"), encoding="utf-8") as f:
+      return json.load(f).get("model") or {}
+  except (OSError, ValueError, AttributeError):
+    return {}
 
 
 def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:

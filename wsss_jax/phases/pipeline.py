@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from wsss_jax import parallel
+from wsss_jax import config_lib, parallel
 from wsss_jax.errors import UserError
 from wsss_jax.writers import MetricWriter
 
@@ -78,6 +78,12 @@ def validate(config) -> None:
   if found and not os.path.isdir(os.path.join(os.path.expanduser(found), "checkpoints")):
     raise UserError(f"pretrain_workdir={found}: no pretrain checkpoints there; run "
                     f"configs/mae.py there first")
+  encoder = config_lib.run_model(found).get("encoder", "vit") if found else None
+  wanted = config.classify.model.backbone
+  if encoder and encoder != wanted:
+    raise UserError(f"pretrain_workdir={found} pretrained model.encoder={encoder!r}; the "
+                    f"pipeline's classifier is {wanted!r} (a pretext run on the ResNet38 or "
+                    f"any ViT run starts it)")
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")

@@ -7,6 +7,7 @@ import pytest
 from wsss_jax.data import mixing
 from wsss_jax.models.classifier import ViTClassifier, vit_layer_id
 from wsss_jax.models.heads import MultiLabelHead, progressive_dropout_attention
+from wsss_jax.models import layers
 from wsss_jax.models.layers import feature_key
 from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.resnet38 import ResNet38
@@ -99,6 +100,30 @@ def _pda_numpy(features, kernel, mu):
     beta = mu * m.reshape(b, -1).max(1)[:, None, None]                   # mu * max_hw M_k
     acc += np.where(m > beta, 0.0, m)                                     # drop above beta
   return features * (acc / k)[..., None]                                  # feature * A
+
+
+@pytest.mark.parametrize("stride,size", [(1, 9), (2, 9), (2, 8), (3, 7)])
+def test_pointwise_convolution_as_a_dot_matches_the_convolution_and_its_gradients(stride, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+  w = jax.random.normal(jax.random.key(1), (1, 1, 8, 16))
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def ref(x, w):  # XLA's convolution, as nn.Conv calls it with layers.conv's padding
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)),
+                                        dimension_numbers=dn)
+
+  def ours(x, w):
+    return layers.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)),
+                                       lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+                                       dimension_numbers=dn)
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # a dot on the CPU
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  ct = jax.random.normal(jax.random.key(2), ref(x, w).shape)
+  for a, b in zip(jax.vjp(ours, x, w)[1](ct), jax.vjp(ref, x, w)[1](ct)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  m = layers.conv(16, 3, stride)  # other kernels stay convolutions
+  v = m.init(jax.random.key(3), x)
+  assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: m.apply(v, x))(x))
 
 
 @pytest.mark.parametrize("mu", [1.0, 0.8, 0.65])

@@ -5,6 +5,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # PyTorch's BatchNorm2d: running stats updated with weight 0.1 (flax momentum 0.9), eps 1e-5.
@@ -19,13 +20,47 @@ def batch_norm(use_running_average: bool, dtype: Any = jnp.float32):
                            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)
 
 
+# 1x1 convolutions as matmuls on the CPU (read when a model is traced; benchmarks/pointwise.py
+# compares both settings in one process)
+POINTWISE_AS_DOT = True
+_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                     out_spec=(0, 3, 1, 2))
+
+
+def _pointwise(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+               feature_group_count) -> bool:
+  """A 1x1 kernel without padding, dilation or groups, in NHWC / HWIO: a strided matmul."""
+  unpadded = padding in ("VALID", "SAME") or all(tuple(p) == (0, 0) for p in padding)
+  return (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and unpadded and feature_group_count == 1
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+          and dimension_numbers == _NHWC)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None):
+  """lax.conv_general_dilated, except that on the CPU a 1x1 convolution runs as a strided slice
+  and a matmul: XLA:CPU's convolution kernel ran ResNet-50's 1x1 layers at 28-67 GFLOP/s and
+  their input gradients at 28-47 on the 2-core machine, the same products as a dot at 52-114
+  (BENCHMARKS.md). Same parameters, same values; GPUs and TPUs keep the convolution."""
+  if POINTWISE_AS_DOT and jax.default_backend() == "cpu" and _pointwise(rhs, padding, lhs_dilation, rhs_dilation,
+                                                   dimension_numbers, feature_group_count):
+    sh, sw = window_strides
+    return jnp.einsum("nhwc,co->nhwo", lhs[:, ::sh, ::sw], rhs[0, 0], precision=precision)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision)
+
+
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype=jnp.float32,
          name: str | None = None) -> nn.Conv:
   """Bias-free convolution with PyTorch's symmetric padding (dilation * (kernel - 1) / 2)."""
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def feature_key(name: str) -> str:

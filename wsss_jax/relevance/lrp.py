@@ -241,10 +241,12 @@ def bn_affine(variables, path: str, eps: float):
 
 
 # --- Applying rules ----------------------------------------------------------------------------------
-def linear_fn(module, interceptor: core.Interceptor):
-  """lin(x, W, b): the layer's own operation (padding, strides, dilation) with other weights."""
+def linear_fn(module, interceptor: core.Interceptor, features: int | None = None):
+  """lin(x, W, b): the layer's own operation (padding, strides, dilation) with other weights
+  (of `features` outputs when given)."""
   def lin(x, w, b=None):
-    clone = module.clone(parent=None, use_bias=b is not None)
+    clone = module.clone(parent=None, use_bias=b is not None,
+                         **({} if features is None else {"features": features}))
     params = {"kernel": w} | ({} if b is None else {"bias": b})
     with interceptor.own_calls():
       return clone.apply({"params": params}, x.astype(jnp.float32))
@@ -264,10 +266,18 @@ def modified_output(rule, lin, x, y, w, b):
   return out
 
 
-def input_relevance(rule, lin, x, w, b, relevance):
-  """R at the first layer's input from R at its output, by the layer's rule."""
+def input_relevance(rule, lin, x, w, b, relevance, lin_one=None):
+  """R at the first layer's input from R at its output, by the layer's rule (`lin_one`: the
+  layer's operation with one output)."""
   def pull(fn, at, r):
     return jax.vjp(fn, at)[1](r)[0]
+  if isinstance(rule, Flat) and lin_one is not None:
+    # a kernel of ones gives every output channel the same z_j = n_j: the channels' relevance
+    # is summed first and pulled back through one channel (exact; C_out times fewer products)
+    ones, w1 = jnp.ones_like(x), jnp.ones(w.shape[:-1] + (1,), jnp.float32)
+    z = lin_one(ones, w1)
+    r = (relevance / stabilize(z, rule.epsilon)).sum(-1, keepdims=True)
+    return pull(lambda v: lin_one(v, w1), ones, r)
   if isinstance(rule, (Flat, WSquare)):
     wm = jnp.ones_like(w) if isinstance(rule, Flat) else w * w
     ones = jnp.ones_like(x)
@@ -296,7 +306,7 @@ class RuleInterceptor(core.Interceptor):
     super().__init__()
     self.plan, self.variables, self.rules, self.vit = plan, variables, rules, vit
     self.patterns, self.attribution = patterns, attribution
-    self.first_lin = None
+    self.first_lin = self.first_lin_one = None
 
   def intercept(self, next_fun, args, kwargs, context):
     mod, path = context.module, "/".join(context.module.path)
@@ -336,7 +346,7 @@ class RuleInterceptor(core.Interceptor):
       d = out.shape[-1] // 3
       out = jnp.where(jnp.arange(out.shape[-1]) >= 2 * d, out, sg(out))
     if path == self.plan.first:  # tap: the relevance at its output, for the explicit input step
-      self.first_lin = lin
+      self.first_lin, self.first_lin_one = lin, linear_fn(mod, self, features=1)
       self.records["first"] = {"x": x, "w": w, "b": b, "y": y}
       out = out + self.deltas[FIRST]
     return out
@@ -413,7 +423,7 @@ def propagate(ctx: core.Context, interceptor: RuleInterceptor, times_input: bool
     else:
       r1 = first["y"][None] * c1
       r_in = jax.vmap(lambda r: input_relevance(first_rule, lin, first["x"], first["w"],
-                                                first["b"], r))(r1)
+                                                first["b"], r, interceptor.first_lin_one))(r1)
     if r_in.shape[1:] != ctx.images.shape and r_in[0].size == ctx.images.size:
       r_in = r_in.reshape((r_in.shape[0],) + ctx.images.shape)  # a model that flattens first
     out[core.INPUT] = jnp.moveaxis(reduce_channels(r_in, reduce), 0, 1)

@@ -126,6 +126,26 @@ def test_pointwise_convolution_as_a_dot_matches_the_convolution_and_its_gradient
   assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: m.apply(v, x))(x))
 
 
+@pytest.mark.parametrize("kernel,stride,pad,size", [(7, 2, (3, 3), 16), (3, 2, (1, 1), 9),
+                                                    (5, 3, (1, 2), 11), (4, 2, (0, 0), 10)])
+def test_space_to_depth_input_gradient_matches_the_strided_convolutions(kernel, stride, pad, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 5))
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), (pad, pad),  # noqa: E731
+                                                  dimension_numbers=dn)
+  ours = lambda x, w: layers.conv_blocked_input_grad(  # noqa: E731
+      x, w, (stride, stride), (pad, pad), (1, 1), (1, 1), dn)
+  blocks = lambda x, w: layers.space_to_depth_conv(x, w, (stride, stride), (pad, pad))  # noqa: E731
+  ct = jax.random.normal(jax.random.key(2), ref(x, w).shape)
+  for fn in (ours, blocks):
+    np.testing.assert_allclose(fn(x, w), ref(x, w), rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.vjp(fn, x, w)[1](ct), jax.vjp(ref, x, w)[1](ct)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  backward = str(jax.make_jaxpr(lambda x: jax.vjp(lambda v: ours(v, w), x)[1](ct))(x))
+  assert "lhs_dilation=(2, 2)" not in backward and "lhs_dilation=(3, 3)" not in backward
+
+
 @pytest.mark.parametrize("mu", [1.0, 0.8, 0.65])
 def test_pda_matches_numpy_formula(mu):
   rng = np.random.default_rng(0)

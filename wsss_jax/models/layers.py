@@ -20,9 +20,9 @@ def batch_norm(use_running_average: bool, dtype: Any = jnp.float32):
                            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)
 
 
-# 1x1 convolutions as matmuls on the CPU (read when a model is traced; benchmarks/pointwise.py
-# compares both settings in one process)
-POINTWISE_AS_DOT = True
+# On the CPU: 1x1 convolutions as matmuls, strided ones over space-to-depth blocks (read when a
+# model is traced; benchmarks/cpu_convs.py compares both settings in one process)
+CPU_CONV_REWRITES = True
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                      out_spec=(0, 3, 1, 2))
 
@@ -36,6 +36,35 @@ def _pointwise(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           and dimension_numbers == _NHWC)
 
 
+def _strided(rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count) -> bool:
+  """A strided convolution with explicit padding, no dilation or groups, in NHWC / HWIO."""
+  return (rhs.ndim == 4 and any(st > 1 for st in window_strides) and not isinstance(padding, str)
+          and feature_group_count == 1 and dimension_numbers == _NHWC
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+
+
+def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
+  """A stride-s convolution as a stride-1 one: blocks of s x s pixels become channels and the
+  kernel, padded with zeros to a multiple of s, is cut the same way (y[o] = sum_a sum_i
+  x[(o + a) s + i] w[a s + i]). Its input gradient is then an ordinary convolution, not one over
+  a zero-dilated input."""
+  (pt, pb), (pl, pr) = padding
+  sh, sw = window_strides
+  kh, kw = rhs.shape[:2]
+  b, h, w, c = lhs.shape
+  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  ah, aw = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
+  hb, wb = oh + ah - 1, ow + aw - 1    # input size in blocks that the output reads
+  x = jnp.pad(lhs, ((0, 0), (pt, max(hb * sh - h - pt, 0)), (pl, max(wb * sw - w - pl, 0)),
+                    (0, 0)))[:, :hb * sh, :wb * sw]
+  x = x.reshape(b, hb, sh, wb, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hb, wb, sh * sw * c)
+  k = jnp.pad(rhs, ((0, ah * sh - kh), (0, aw * sw - kw), (0, 0), (0, 0)))
+  k = k.reshape(ah, sh, aw, sw, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(ah, aw, sh * sw * c, -1)
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC,
+                                      precision=precision)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None):
@@ -43,8 +72,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   and a matmul: XLA:CPU's convolution kernel ran ResNet-50's 1x1 layers at 28-67 GFLOP/s and
   their input gradients at 28-47 on the 2-core machine, the same products as a dot at 52-114
   (BENCHMARKS.md). Same parameters, same values; GPUs and TPUs keep the convolution."""
-  if POINTWISE_AS_DOT and jax.default_backend() == "cpu" and _pointwise(rhs, padding, lhs_dilation, rhs_dilation,
-                                                   dimension_numbers, feature_group_count):
+  if CPU_CONV_REWRITES and jax.default_backend() == "cpu" and _pointwise(
+      rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count):
     sh, sw = window_strides
     return jnp.einsum("nhwc,co->nhwo", lhs[:, ::sh, ::sw], rhs[0, 0], precision=precision)
   return jax.lax.conv_general_dilated(
@@ -78,3 +107,34 @@ def named_feature(module: nn.Module, name: str, x):
     x = module.perturb(feature_key(name), x)
   module.sow("intermediates", feature_key(name), x)
   return x
+
+
+def conv_blocked_input_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                            precision=None):
+  """conv_general_dilated whose input gradient, for a strided convolution on the CPU, is taken
+  through `space_to_depth_conv` (an ordinary convolution) instead of XLA's convolution over a
+  zero-dilated input, which ran ResNet-50's 7x7 stride-2 stem backwards at 0.2x the rate (LRP's
+  pull to the pixels; BENCHMARKS.md). The forward pass and the kernel gradient are XLA's."""
+  if not (CPU_CONV_REWRITES and jax.default_backend() == "cpu" and _strided(
+      rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count)):
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision)
+  strides, pad = tuple(window_strides), tuple(tuple(p) for p in padding)
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=_NHWC,
+                                        precision=precision)
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return xla(x, w)
+
+  def backward(saved, ct):
+    x, w = saved
+    dx = jax.vjp(lambda v: space_to_depth_conv(v, w, strides, pad, precision), x)[1](ct)[0]
+    return dx, jax.vjp(lambda u: xla(x, u), w)[1](ct)[0]
+
+  conv.defvjp(lambda x, w: (xla(x, w), (x, w)), backward)
+  return conv(lhs, rhs)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from wsss_jax.errors import UserError
+from wsss_jax.models import layers
 from wsss_jax.relevance import core
 
 sg = jax.lax.stop_gradient
@@ -241,12 +242,17 @@ def bn_affine(variables, path: str, eps: float):
 
 
 # --- Applying rules ----------------------------------------------------------------------------------
-def linear_fn(module, interceptor: core.Interceptor, features: int | None = None):
+def linear_fn(module, interceptor: core.Interceptor, features: int | None = None,
+              first: bool = False):
   """lin(x, W, b): the layer's own operation (padding, strides, dilation) with other weights
-  (of `features` outputs when given)."""
+  (of `features` outputs when given). At the `first` layer, whose rules pull relevance back to
+  the pixels, a strided convolution's input gradient is taken over space-to-depth blocks."""
+  changes = {} if features is None else {"features": features}
+  if first and isinstance(module, nn.Conv):
+    changes["conv_general_dilated"] = layers.conv_blocked_input_grad
+
   def lin(x, w, b=None):
-    clone = module.clone(parent=None, use_bias=b is not None,
-                         **({} if features is None else {"features": features}))
+    clone = module.clone(parent=None, use_bias=b is not None, **changes)
     params = {"kernel": w} | ({} if b is None else {"bias": b})
     with interceptor.own_calls():
       return clone.apply({"params": params}, x.astype(jnp.float32))
@@ -332,7 +338,7 @@ class RuleInterceptor(core.Interceptor):
       return next_fun(*args, **kwargs)
     x = args[0].astype(jnp.float32)
     w, b = linear_params(self.variables, self.plan, path)
-    lin = linear_fn(mod, self)
+    lin = linear_fn(mod, self, first=path == self.plan.first)
     y = lin(x, w, b)
     if self.patterns is not None:
       kernel = self.patterns[path] * (w if self.attribution else 1.0)
@@ -346,7 +352,7 @@ class RuleInterceptor(core.Interceptor):
       d = out.shape[-1] // 3
       out = jnp.where(jnp.arange(out.shape[-1]) >= 2 * d, out, sg(out))
     if path == self.plan.first:  # tap: the relevance at its output, for the explicit input step
-      self.first_lin, self.first_lin_one = lin, linear_fn(mod, self, features=1)
+      self.first_lin, self.first_lin_one = lin, linear_fn(mod, self, features=1, first=True)
       self.records["first"] = {"x": x, "w": w, "b": b, "y": y}
       out = out + self.deltas[FIRST]
     return out

@@ -1,8 +1,8 @@
-"""1x1 convolutions as XLA convolutions or as matmuls (`layers.POINTWISE_AS_DOT`), compared in
-one process with the two compiled programs timed in alternation, so that a noisy machine moves
-both alike:
+"""XLA:CPU's own convolutions against this project's CPU rewrites (`layers.CPU_CONV_REWRITES`:
+1x1 convolutions as matmuls, strided ones over space-to-depth blocks), compared in one process
+with the two compiled programs timed in alternation, so that a noisy machine moves both alike:
 
-  python -m benchmarks.pointwise --batch=8 --rounds=6
+  python -m benchmarks.cpu_convs --batch=8 --rounds=6
 
 Times ResNet-50 at 224 (4 classes, random weights): Grad-CAM maps, LRP EpsilonPlusFlat maps and
 the classifier's train step, and prints the median call time of each setting and their ratio.
@@ -34,8 +34,8 @@ def programs(kind: str, batch: int):
   config = _config(arg)
   mesh = parallel.mesh_from_config(config)
   out = {}
-  for as_dot in (True, False):
-    layers.POINTWISE_AS_DOT = as_dot
+  for rewrite in (True, False):
+    layers.CPU_CONV_REWRITES = rewrite
     t, data, _ = benchmark._training(config, mesh)
     state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
     if kind == "train":
@@ -53,8 +53,8 @@ def programs(kind: str, batch: int):
       fn = relevance.relevance_fn(name, t.model.apply, **options)
       compiled = fn.jitted(variables, images).lower(variables, images, None).compile()
       call = lambda c=compiled, v=variables, x=images: c(v, x, None)  # noqa: E731
-    out["dot" if as_dot else "conv"] = call
-  layers.POINTWISE_AS_DOT = True
+    out["rewritten" if rewrite else "xla"] = call
+  layers.CPU_CONV_REWRITES = True
   return out
 
 
@@ -78,8 +78,8 @@ def main() -> None:
   args = parser.parse_args()
   for kind in args.only.split(","):
     med = alternate(programs(kind, args.batch), args.rounds)
-    print(f"{kind:20s} conv {med['conv']:.3f} s   dot {med['dot']:.3f} s   "
-          f"speed-up {med['conv'] / med['dot']:.2f}x", flush=True)
+    print(f"{kind:20s} xla {med['xla']:.3f} s   rewritten {med['rewritten']:.3f} s   "
+          f"speed-up {med['xla'] / med['rewritten']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,18 +97,23 @@ def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = Fals
   return step
 
 
-def time_torch(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
-  torch.set_num_threads(os.cpu_count())
-  torch.backends.cudnn.benchmark = True
-  step = torch_step(name, batch, size, variant, bf16)
+def median_seconds(call, steps: int, warmup: int) -> float:
+  """Median wall time of `steps` calls after `warmup` untimed ones (each call ends with its
+  results on the host or, on a GPU, after a synchronisation)."""
   for _ in range(warmup):
-    step()
+    call()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    step()
+    call()
     times.append(time.perf_counter() - t)
-  median = statistics.median(times)
+  return statistics.median(times)
+
+
+def time_torch(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
+  torch.set_num_threads(os.cpu_count())
+  torch.backends.cudnn.benchmark = True
+  median = median_seconds(torch_step(name, batch, size, variant, bf16), steps, warmup)
   return {"step_time_median": median, "images_per_sec": batch / median}
 
 
@@ -132,22 +137,17 @@ def torch_maps_call(method: str, batch: int, size: int, classes: int = 4):
 
     def call():
       with attributor:
-        return [attributor(x, eye[[k] * batch])[1].sum(1) for k in range(classes)]
+        maps = [attributor(x, eye[[k] * batch])[1].sum(1) for k in range(classes)]
+      if x.is_cuda:
+        torch.cuda.synchronize()
+      return maps
     return call
   raise SystemExit(f"--maps: {method!r} is not one of {MAPS}")
 
 
 def time_torch_maps(method, batch, size, steps, warmup, classes: int = 4) -> dict:
   torch.set_num_threads(os.cpu_count())
-  call = torch_maps_call(method, batch, size, classes)
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t)
-  median = statistics.median(times)
+  median = median_seconds(torch_maps_call(method, batch, size, classes), steps, warmup)
   return {"call_time_median": median, "maps_per_sec": batch * classes / median}
 
 

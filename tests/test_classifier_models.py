@@ -1,4 +1,5 @@
 """Classification networks: shapes, named features, parameter counts, PDA, heads, mixing."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,3 +266,14 @@ def test_sown_class_maps_are_the_classifiers_cams():
   assert cam.shape == (2, 4, 4, 4)  # output stride 8
   np.testing.assert_allclose(np.asarray(cam).mean((1, 2)), np.asarray(logits), rtol=1e-4,
                              atol=1e-5)
+
+
+def test_max_pool_derivative_from_window_winners_matches_xlas_with_ties_and_under_vmap():
+  x = jnp.round(jax.random.normal(jax.random.key(0), (2, 9, 10, 3)) * 2) / 2  # many ties
+  ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+  ours = lambda x: layers.max_pool(x, 3, 2, 1)  # noqa: E731
+  np.testing.assert_array_equal(ours(x), ref(x))
+  cts = jax.random.normal(jax.random.key(1), (4,) + ref(x).shape)  # one cotangent per class
+  pull = lambda f: jax.vmap(lambda c: jax.vjp(f, x)[1](c)[0])  # noqa: E731
+  np.testing.assert_array_equal(pull(ours)(cts), pull(ref)(cts))
+  assert "iota" not in str(jax.make_jaxpr(pull(ours))(cts))  # no argmax per cotangent

@@ -138,3 +138,40 @@ def conv_blocked_input_grad(lhs, rhs, window_strides, padding, lhs_dilation=None
 
   conv.defvjp(lambda x, w: (xla(x, w), (x, w)), backward)
   return conv(lhs, rhs)
+
+
+def max_pool(x, window: int, stride: int, pad: int):
+  """nn.max_pool (NHWC, -inf padding) whose derivative is built from the window's winners (the
+  first maximum, as XLA's select-and-scatter picks) found once from the input. The same
+  derivative as XLA's, but a backward pass vmapped over many cotangents (relevance maps: one per
+  class) then costs a few strided slices each. XLA's own batched rule recomputes the argmax per
+  cotangent with five index arrays of the input's size."""
+  return _max_pool(x, window, stride, pad)
+
+
+def _pool_windows(x, window, stride, pad, fill):
+  """The window's offsets as strided views of the input padded with `fill`: [(dy, dx, view)]."""
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+  oh = (x.shape[1] + 2 * pad - window) // stride + 1
+  ow = (x.shape[2] + 2 * pad - window) // stride + 1
+  return [(dy, dx, xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride])
+          for dy in range(window) for dx in range(window)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, pad):
+  return nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad)))
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, stride, pad, primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = _max_pool(x, window, stride, pad)
+  taken = jnp.zeros(y.shape, bool)
+  out = jnp.zeros(y.shape, t.dtype)
+  for (_, _, view), (_, _, t_view) in zip(_pool_windows(x, window, stride, pad, -jnp.inf),
+                                          _pool_windows(t, window, stride, pad, 0)):
+    winner = (view == y) & ~taken  # the first offset that holds the maximum
+    taken = taken | winner
+    out = out + jnp.where(winner, t_view, 0)
+  return y, out

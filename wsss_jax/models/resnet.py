@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wsss_jax.errors import UserError
-from wsss_jax.models.layers import batch_norm, conv, named_feature
+from wsss_jax.models.layers import batch_norm, conv, max_pool, named_feature
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -76,7 +76,7 @@ class ResNet(nn.Module):
     x = nn.relu(norm(name="bn1")(x))
     x = named_feature(self, "stem", x)
     out = {"stem": x}
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, 1)  # its derivative: the window winners, found once
     previous_dilation = 1
     for s, (blocks, (stride, dilation)) in enumerate(zip(DEPTHS[self.depth],
                                                          stage_plan(self.output_stride))):

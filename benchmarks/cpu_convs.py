@@ -1,6 +1,7 @@
 """XLA:CPU's own convolutions against this project's CPU rewrites (`layers.CPU_CONV_REWRITES`:
-1x1 convolutions as matmuls, strided ones over space-to-depth blocks), compared in one process
-with the two compiled programs timed in alternation, so that a noisy machine moves both alike:
+1x1 convolutions as matmuls, LRP's pull to the pixels over space-to-depth blocks), compared in
+one process with the two compiled programs timed in alternation, so that a noisy machine moves
+both alike:
 
   python -m benchmarks.cpu_convs --batch=8 --rounds=6
 
@@ -10,28 +11,23 @@ the classifier's train step, and prints the median call time of each setting and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from wsss_jax import config_lib, parallel, relevance
+from benchmarks import benchmark_config
+from wsss_jax import parallel, relevance
 from wsss_jax.models import layers
 from wsss_jax.phases import benchmark, maps
-
-
-def _config(arg: str):
-  return config_lib.sibling_config(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                "x.py"), "benchmark", arg)
 
 
 def programs(kind: str, batch: int):
   """{setting: a call running one compiled step} for one workload, each traced under its
   setting."""
   arg = f"model=resnet50,batch={batch}" + ("" if kind == "train" else f",relevance={kind}")
-  config = _config(arg)
+  config = benchmark_config(arg)
   mesh = parallel.mesh_from_config(config)
   out = {}
   for rewrite in (True, False):

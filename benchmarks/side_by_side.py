@@ -33,7 +33,7 @@ import numpy as np
 
 import torch
 
-from benchmarks import torch_models
+from benchmarks import benchmark_config, torch_models
 
 MODELS = ("mae", "vit", "resnet50", "resnet38")
 MAPS = ("gradcam", "lrp:EpsilonPlusFlat")
@@ -153,21 +153,15 @@ def time_torch_maps(method, batch, size, steps, warmup, classes: int = 4) -> dic
 
 def time_jax_maps(method, batch, size, steps, warmup) -> dict:
   from wsss_jax.phases import benchmark
-  result = benchmark.benchmark_maps(_benchmark_config(
+  result = benchmark.benchmark_maps(benchmark_config(
       f"model=resnet50,relevance={method},batch={batch},image_size={size},steps={steps},"
       f"warmup={warmup}"))
   return {k: result[k] for k in ("call_time_median", "maps_per_sec", "gflops_per_call")}
 
 
-def _benchmark_config(arg: str):
-  from wsss_jax import config_lib
-  return config_lib.sibling_config(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                "x.py"), "benchmark", arg)
-
-
 def time_jax(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
   from wsss_jax.phases import benchmark
-  config = _benchmark_config(f"model={name},variant={variant},batch={batch},image_size={size},"
+  config = benchmark_config(f"model={name},variant={variant},batch={batch},image_size={size},"
                              f"steps={steps},warmup={warmup},bf16={bf16},"
                              f"matmul={8192 if torch.cuda.is_available() else 2048}")
   result = benchmark.benchmark_step(config)

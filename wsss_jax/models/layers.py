@@ -20,28 +20,24 @@ def batch_norm(use_running_average: bool, dtype: Any = jnp.float32):
                            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)
 
 
-# On the CPU: 1x1 convolutions as matmuls, strided ones over space-to-depth blocks (read when a
-# model is traced; benchmarks/cpu_convs.py compares both settings in one process)
+# On the CPU: 1x1 convolutions as matmuls, and LRP's pull to the pixels over space-to-depth
+# blocks (read when a model is traced; benchmarks/cpu_convs.py compares both settings)
 CPU_CONV_REWRITES = True
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                      out_spec=(0, 3, 1, 2))
 
 
-def _pointwise(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-               feature_group_count) -> bool:
-  """A 1x1 kernel without padding, dilation or groups, in NHWC / HWIO: a strided matmul."""
-  unpadded = padding in ("VALID", "SAME") or all(tuple(p) == (0, 0) for p in padding)
-  return (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and unpadded and feature_group_count == 1
-          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-          and dimension_numbers == _NHWC)
-
-
-def _strided(rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-             feature_group_count) -> bool:
-  """A strided convolution with explicit padding, no dilation or groups, in NHWC / HWIO."""
-  return (rhs.ndim == 4 and any(st > 1 for st in window_strides) and not isinstance(padding, str)
+def _rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
+  """On the CPU with the rewrites on: a 2-D NHWC / HWIO convolution without dilation or groups."""
+  return (CPU_CONV_REWRITES and jax.default_backend() == "cpu" and rhs.ndim == 4
           and feature_group_count == 1 and dimension_numbers == _NHWC
           and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+
+
+def _unpadded_1x1(rhs, padding) -> bool:
+  """A 1x1 kernel without padding: a strided matmul."""
+  return rhs.shape[:2] == (1, 1) and (padding in ("VALID", "SAME")
+                                      or all(tuple(p) == (0, 0) for p in padding))
 
 
 def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
@@ -72,8 +68,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   and a matmul: XLA:CPU's convolution kernel ran ResNet-50's 1x1 layers at 28-67 GFLOP/s and
   their input gradients at 28-47 on the 2-core machine, the same products as a dot at 52-114
   (BENCHMARKS.md). Same parameters, same values; GPUs and TPUs keep the convolution."""
-  if CPU_CONV_REWRITES and jax.default_backend() == "cpu" and _pointwise(
-      rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count):
+  if _rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count) and _unpadded_1x1(rhs, padding):
     sh, sw = window_strides
     return jnp.einsum("nhwc,co->nhwo", lhs[:, ::sh, ::sw], rhs[0, 0], precision=precision)
   return jax.lax.conv_general_dilated(
@@ -116,9 +112,8 @@ def conv_blocked_input_grad(lhs, rhs, window_strides, padding, lhs_dilation=None
   through `space_to_depth_conv` (an ordinary convolution) instead of XLA's convolution over a
   zero-dilated input, which ran ResNet-50's 7x7 stride-2 stem backwards at 0.2x the rate (LRP's
   pull to the pixels; BENCHMARKS.md). The forward pass and the kernel gradient are XLA's."""
-  if not (CPU_CONV_REWRITES and jax.default_backend() == "cpu" and _strided(
-      rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count)):
+  if not (_rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+          and any(st > 1 for st in window_strides) and not isinstance(padding, str)):
     return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                 dimension_numbers, feature_group_count, precision)
   strides, pad = tuple(window_strides), tuple(tuple(p) for p in padding)
@@ -140,37 +135,33 @@ def conv_blocked_input_grad(lhs, rhs, window_strides, padding, lhs_dilation=None
   return conv(lhs, rhs)
 
 
+def _pool_windows(x, window, stride, pad, fill):
+  """The window's offsets as strided views of the input padded with `fill`."""
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+  oh = (x.shape[1] + 2 * pad - window) // stride + 1
+  ow = (x.shape[2] + 2 * pad - window) // stride + 1
+  return [xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+          for dy in range(window) for dx in range(window)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, pad: int):
   """nn.max_pool (NHWC, -inf padding) whose derivative is built from the window's winners (the
   first maximum, as XLA's select-and-scatter picks) found once from the input. The same
   derivative as XLA's, but a backward pass vmapped over many cotangents (relevance maps: one per
   class) then costs a few strided slices each. XLA's own batched rule recomputes the argmax per
   cotangent with five index arrays of the input's size."""
-  return _max_pool(x, window, stride, pad)
-
-
-def _pool_windows(x, window, stride, pad, fill):
-  """The window's offsets as strided views of the input padded with `fill`: [(dy, dx, view)]."""
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
-  oh = (x.shape[1] + 2 * pad - window) // stride + 1
-  ow = (x.shape[2] + 2 * pad - window) // stride + 1
-  return [(dy, dx, xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride])
-          for dy in range(window) for dx in range(window)]
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, stride, pad):
   return nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad)))
 
 
-@_max_pool.defjvp
+@max_pool.defjvp
 def _max_pool_jvp(window, stride, pad, primals, tangents):
   (x,), (t,) = primals, tangents
-  y = _max_pool(x, window, stride, pad)
+  y = max_pool(x, window, stride, pad)
   taken = jnp.zeros(y.shape, bool)
   out = jnp.zeros(y.shape, t.dtype)
-  for (_, _, view), (_, _, t_view) in zip(_pool_windows(x, window, stride, pad, -jnp.inf),
-                                          _pool_windows(t, window, stride, pad, 0)):
+  for view, t_view in zip(_pool_windows(x, window, stride, pad, -jnp.inf),
+                          _pool_windows(t, window, stride, pad, 0)):
     winner = (view == y) & ~taken  # the first offset that holds the maximum
     taken = taken | winner
     out = out + jnp.where(winner, t_view, 0)

@@ -272,23 +272,19 @@ def modified_output(rule, lin, x, y, w, b):
   return out
 
 
-def input_relevance(rule, lin, x, w, b, relevance, lin_one=None):
+def input_relevance(rule, lin, lin_one, x, w, b, relevance):
   """R at the first layer's input from R at its output, by the layer's rule (`lin_one`: the
   layer's operation with one output)."""
   def pull(fn, at, r):
     return jax.vjp(fn, at)[1](r)[0]
-  if isinstance(rule, Flat) and lin_one is not None:
-    # a kernel of ones gives every output channel the same z_j = n_j: the channels' relevance
-    # is summed first and pulled back through one channel (exact; C_out times fewer products)
-    ones, w1 = jnp.ones_like(x), jnp.ones(w.shape[:-1] + (1,), jnp.float32)
-    z = lin_one(ones, w1)
-    r = (relevance / stabilize(z, rule.epsilon)).sum(-1, keepdims=True)
-    return pull(lambda v: lin_one(v, w1), ones, r)
   if isinstance(rule, (Flat, WSquare)):
-    wm = jnp.ones_like(w) if isinstance(rule, Flat) else w * w
+    # flat: a kernel of ones gives every output channel the same z_j = n_j, so the channels'
+    # relevance is summed and pulled back through one channel (exact; C_out times fewer products)
+    flat = isinstance(rule, Flat)
+    op, wm = (lin_one, jnp.ones(w.shape[:-1] + (1,), jnp.float32)) if flat else (lin, w * w)
+    r = relevance.sum(-1, keepdims=True) if flat else relevance
     ones = jnp.ones_like(x)
-    z = lin(ones, wm)
-    return pull(lambda v: lin(v, wm), ones, relevance / stabilize(z, rule.epsilon))
+    return pull(lambda v: op(v, wm), ones, r / stabilize(op(ones, wm), rule.epsilon))
   if isinstance(rule, ZBox):
     low = jnp.broadcast_to(jnp.asarray(rule.low, jnp.float32), x.shape)
     high = jnp.broadcast_to(jnp.asarray(rule.high, jnp.float32), x.shape)
@@ -428,8 +424,8 @@ def propagate(ctx: core.Context, interceptor: RuleInterceptor, times_input: bool
       r_in = jax.vmap(lambda c: jax.vjp(lambda v: lin(v, kernel), first["x"])[1](c)[0])(c1)
     else:
       r1 = first["y"][None] * c1
-      r_in = jax.vmap(lambda r: input_relevance(first_rule, lin, first["x"], first["w"],
-                                                first["b"], r, interceptor.first_lin_one))(r1)
+      r_in = jax.vmap(lambda r: input_relevance(first_rule, lin, interceptor.first_lin_one,
+                                                first["x"], first["w"], first["b"], r))(r1)
     if r_in.shape[1:] != ctx.images.shape and r_in[0].size == ctx.images.size:
       r_in = r_in.reshape((r_in.shape[0],) + ctx.images.shape)  # a model that flattens first
     out[core.INPUT] = jnp.moveaxis(reduce_channels(r_in, reduce), 0, 1)

@@ -1,13 +1,16 @@
 """Every test process sees 8 host CPU devices, so sharded and 1-device runs can be compared."""
 import os
 
-# LLVM at -O0: the tests' programs are tiny and compile-bound (a DeepLabV3+ train step compiles
-# in 14 instead of 19 s, its benchmark test runs in half the time); the flag changes code speed,
-# not results. Set XLA_FLAGS yourself to test with another level.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8" +
-                           ("" if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
-                            else " --xla_backend_optimization_level=0")).strip()
+# The tests' programs are tiny and compile-bound (XLA compilation was 97% of the suite's time
+# in session 13), so they are compiled cheaply: LLVM at -O0 (a DeepLabV3+ train step compiles in
+# 14 instead of 19 s) and XLA:CPU's elemental fusion emitter instead of its MLIR fusion emitters
+# (tests/test_classify.py in 73-91 instead of 95-113 s). Both change code speed, not what is
+# computed. A flag set in XLA_FLAGS yourself wins.
+TEST_COMPILE_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+    + [f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items()
+       if k not in os.environ.get("XLA_FLAGS", "")]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session's workers and the subprocesses they start:
 # the resume, sharding and phase tests compile the same tiny programs many times (with it the

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_COMPILE_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.variant=mu/8", "--config.data.image_size=32", "--config.batch_size=8",
@@ -100,7 +101,8 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path, fsdp):
       ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
        f"--workdir={tmp_path}", "--config.total_steps=4", "--config.data.log_seen=True"] + args,
       cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"})  # 1 device each
+      env={**os.environ, "XLA_FLAGS": " ".join(  # 1 device each, compiled as in conftest
+          f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items())})
   assert proc.returncode == 0, proc.stdout[-3000:]
   summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
                if l.startswith("[p") and '"phase"' in l]

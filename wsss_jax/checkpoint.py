@@ -19,6 +19,17 @@ from wsss_jax.errors import UserError
 
 
 
+def _register_array_handler() -> None:
+  """Replica-parallel saving (each replica of a replicated array writes a slice of it) only
+  across processes: within one, it buys no parallel writes and compiles a slice program per
+  parameter shape and device at the first save (54 of them, 2.2 s, for a tiny ResNet38 on 2 CPU
+  devices). Orbax already turns it off on GPUs."""
+  from orbax.checkpoint._src.metadata import array_metadata_store  # as orbax's default handler
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=jax.process_count() > 1,
+      array_metadata_store=array_metadata_store.Store()), override=True)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
@@ -26,6 +37,7 @@ class Checkpointer:
     """best_metric: keep the `max_to_keep` steps with the highest value of this metric (passed
     to `save`) instead of the latest ones."""
     self.directory = os.path.abspath(directory)
+    _register_array_handler()
     best = {} if best_metric is None else dict(best_fn=lambda m: m[best_metric], best_mode="max")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save, **best)

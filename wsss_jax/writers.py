@@ -35,6 +35,21 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter (TensorBoard event files without TensorFlow), imported with
+  torch hidden: tensorboardX imports torch when it is installed (2.4 s here) only to accept torch
+  tensors, and every value this project logs is numpy. A torch imported before stays visible."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout,
@@ -49,8 +64,7 @@ class MetricWriter:
       path = os.path.join(workdir, "metrics.jsonl")
       _truncate_jsonl(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

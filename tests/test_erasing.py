@@ -1,6 +1,5 @@
 """Adversarial erasing: the chain of rounds on device, erased training tiles, the phase, and the
-pseudo masks fused over its rounds."""
-import json
+pseudo masks fused over its rounds (in the pipeline: tests/test_segment.py)."""
 import os
 
 import jax.numpy as jnp
@@ -80,62 +79,3 @@ def test_stop_rule_and_bad_settings():
   config.pseudo_masks.dilations = (8, 12)
   with pytest.raises(UserError, match="erasing and pseudo_masks.dilations do not combine"):
     pipeline_phase.validate(config)
-
-
-def test_erasing_rounds_in_the_pipeline_then_fused_pseudo_masks(tmp_path):
-  """The pipeline with erasing=2 on a tiny ResNet38: its classifier is round 0, round 1 trains
-  on tiles erased where round 0's maps were high, and the pseudo masks fuse both; pseudo masks
-  of a one-round plan are exactly the plain classifier's."""
-  from conftest import load_config, tiny_pipeline_config
-  from wsss_jax.data import pipeline
-  from wsss_jax.phases import pipeline as pipeline_phase
-  from wsss_jax.runner import run_phase
-  config = tiny_pipeline_config("erasing=2,paper=True")
-  config.erasing.erasing.max_erased, config.erasing.erasing.stop_ratio = 0.99, 0.01
-  result = pipeline_phase.run(config, str(tmp_path))
-  work, classify = tmp_path / "erasing", str(tmp_path / "classify")
-  summary = result["erasing"]
-  assert summary["rounds"] == [classify, str(work / "round_1")]  # round 0: not trained again
-  assert not (work / "round_0").exists()
-  assert json.load(open(work / "erasing.json"))["rounds"] == summary["rounds"]
-  assert 0 < summary["report"][0]["erased_fraction_next"] <= 0.99
-  assert result["pseudo_masks"]["erasing"] == {"workdir": str(work), "rounds": 2}
-  assert result["pseudo_masks"]["classifier"] == classify
-  assert result["pseudo_masks_test"]["erasing"]["rounds"] == 2
-  assert "Adversarial erasing: 2 round(s) fused" in open(tmp_path / "table.md").read()
-  # round 1 saw the mean colour exactly where erased/round_1 says
-  r1 = json.load(open(work / "round_1" / "config.json"))["data"]
-  assert r1["erase_dir"] == str(work / "erased" / "round_1")
-  assert r1["report_dir"] == str(work / "round_1")
-  data = ml_collections.ConfigDict(r1)
-  erased, plain = pipeline.build_source(data, "train"), pipeline.build_source(
-      ml_collections.ConfigDict(dict(r1, erase_dir="")), "train")
-  fill = np.round(np.asarray(data.mean) * 255).astype(np.uint8)
-  for i in range(4):
-    region = masks.read_binary(erased._path(i), (48, 48))
-    np.testing.assert_array_equal(erased[i]["image"][region], np.tile(fill, (region.sum(), 1)))
-    np.testing.assert_array_equal(erased[i]["image"][~region], plain[i]["image"][~region])
-  # a re-run finds the masks current: the same erasing rounds, nothing written again
-  mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
-  written = os.path.getmtime(mask)
-  pipeline_phase.run(tiny_pipeline_config("erasing=2,paper=True"), str(tmp_path))
-  assert os.path.getmtime(mask) == written
-
-  def pseudo(arg, out):
-    pm = load_config("pseudo_masks", arg)
-    pm.data.num_train = 8
-    return run_phase(pm, str(tmp_path / out))
-
-  one = tmp_path / "one_round"
-  one.mkdir()
-  plan = json.load(open(work / "erasing.json"))
-  plan["rounds"] = [classify]
-  json.dump(plan, open(one / "erasing.json", "w"))
-  pseudo(f"erasing={one}", "pm1")
-  pseudo(f"classifier={classify}", "pm0")
-  for layer in ("b4_5", "bn7"):
-    for name in os.listdir(tmp_path / "pm0" / "masks" / layer):
-      a = masks.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
-      b = masks.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
-      np.testing.assert_array_equal(a, b)
-

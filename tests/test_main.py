@@ -91,36 +91,44 @@ def test_bad_workdirs(tmp_path):
   assert "--workdir is required" in _error_line(proc)
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
-def test_two_processes_on_localhost_then_resume_on_one(tmp_path, fsdp):
+def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
   """launch/local_multiprocess.sh: 2 JAX processes (CPU collectives) train one model together,
-  replicated (fsdp=1) or with every parameter split across the two processes (fsdp=2)."""
+  replicated (fsdp=1) for 4 steps, then resume with every parameter split across the two
+  (fsdp=2) for 2 more; a single process then continues that checkpoint."""
   args = [a for a in TINY if not a.startswith("--config.total_steps")]
-  args += [f"--config.parallel.fsdp={fsdp}", "--config.parallel.fsdp_min_size=0"]
-  proc = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
-       f"--workdir={tmp_path}", "--config.total_steps=4", "--config.data.log_seen=True"] + args,
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": " ".join(  # 1 device each, compiled as in conftest
-          f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items())})
-  assert proc.returncode == 0, proc.stdout[-3000:]
-  summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
-               if l.startswith("[p") and '"phase"' in l]
-  assert len(summaries) == 2
-  assert all(s["num_processes"] == 2 and s["num_devices"] == 2 for s in summaries)
-  assert summaries[0]["final_loss"] == summaries[1]["final_loss"]  # one model, one loss
-  # both processes hold bit-identical parameters, and each fed its own half of the data
-  assert summaries[0]["params_checksum"] == summaries[1]["params_checksum"]
+  args += ["--config.parallel.fsdp_min_size=0"]
+
+  def two_processes(steps, fsdp):
+    proc = subprocess.run(
+        ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/mae.py",
+         f"--workdir={tmp_path}", f"--config.total_steps={steps}", "--config.data.log_seen=True",
+         f"--config.parallel.fsdp={fsdp}"] + args,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": " ".join(  # 1 device each, compiled as in conftest
+            f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items())})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
+                 if l.startswith("[p") and '"phase"' in l]
+    assert len(summaries) == 2
+    assert all(s["num_processes"] == 2 and s["num_devices"] == 2 for s in summaries)
+    assert summaries[0]["final_loss"] == summaries[1]["final_loss"]  # one model, one loss
+    # both processes hold bit-identical parameters
+    assert summaries[0]["params_checksum"] == summaries[1]["params_checksum"]
+    return summaries[0]
+
+  assert two_processes(4, fsdp=1)["resumed_from"] == 0
+  assert two_processes(6, fsdp=2)["resumed_from"] == 4
+  # each process fed its own half of the data, before and after the resume
   seen = [[json.loads(l) for l in open(tmp_path / f"seen_process_{i}.jsonl")] for i in (0, 1)]
-  assert all([r["step"] for r in rows] == [1, 2, 3, 4] for rows in seen)
+  assert all([r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] for rows in seen)
   names = [{n for r in rows for n in r["names"]} for rows in seen]
   assert all(len(r["names"]) == 4 for rows in seen for r in rows)  # global batch 8, 2 processes
   assert names[0] and names[1] and not names[0] & names[1]
   # the 2-process checkpoint continues in a single process
   proc = _run(["-m", "wsss_jax.main", "--config=configs/mae.py", f"--workdir={tmp_path}",
-               "--config.total_steps=6"] + args + PHASE_DEVICES)
+               "--config.total_steps=8"] + args + PHASE_DEVICES)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert json.load(open(tmp_path / "summary.json"))["resumed_from"] == 4
+  assert json.load(open(tmp_path / "summary.json"))["resumed_from"] == 6
 
 
 def test_sigkill_during_training_leaves_a_resumable_workdir(tmp_path):

@@ -148,11 +148,11 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   wrong = _config("backbone=vit,variant=mu/16", **{"model.init_from": mae_dir})
   t = classify.build_training(wrong, mesh)
   with pytest.raises(UserError, match="patch_embed/kernel has shape"):
-    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
+    classify.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "vit")
   cnn = _config(**{"model.init_from": mae_dir})
   t = classify.build_training(cnn, mesh)
   with pytest.raises(UserError, match="initialises model.backbone='vit' only"):
-    classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "resnet38")
+    classify.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "resnet38")
 
 
 def test_linear_probe_trains_only_the_head():

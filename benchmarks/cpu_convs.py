@@ -4,9 +4,11 @@ one process with the two compiled programs timed in alternation, so that a noisy
 both alike:
 
   python -m benchmarks.cpu_convs --batch=8 --rounds=6
+  python -m benchmarks.cpu_convs --model=resnet38 --only=train --batch=2 --rounds=4
 
-Times ResNet-50 at 224 (4 classes, random weights): Grad-CAM maps, LRP EpsilonPlusFlat maps and
-the classifier's train step, and prints the median call time of each setting and their ratio.
+Times a classifier at 224 (ResNet-50 by default; 4 classes, random weights): Grad-CAM maps, LRP
+EpsilonPlusFlat maps and the train step, and prints the median call time of each setting and
+their ratio.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from wsss_jax.models import layers
 from wsss_jax.phases import benchmark, maps
 
 
-def programs(kind: str, batch: int):
+def programs(kind: str, batch: int, model: str = "resnet50"):
   """{setting: a call running one compiled step} for one workload, each traced under its
   setting."""
-  arg = f"model=resnet50,batch={batch}" + ("" if kind == "train" else f",relevance={kind}")
+  arg = f"model={model},batch={batch}" + ("" if kind == "train" else f",relevance={kind}")
   config = benchmark_config(arg)
   mesh = parallel.mesh_from_config(config)
   out = {}
@@ -71,10 +73,11 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--only", default="gradcam,lrp:EpsilonPlusFlat,train")
+  parser.add_argument("--model", default="resnet50", choices=("resnet50", "resnet38"))
   args = parser.parse_args()
   for kind in args.only.split(","):
-    med = alternate(programs(kind, args.batch), args.rounds)
-    print(f"{kind:20s} xla {med['xla']:.3f} s   rewritten {med['rewritten']:.3f} s   "
+    med = alternate(programs(kind, args.batch, args.model), args.rounds)
+    print(f"{args.model} {kind:20s} xla {med['xla']:.3f} s   rewritten {med['rewritten']:.3f} s   "
           f"speed-up {med['xla'] / med['rewritten']:.2f}x", flush=True)
 
 

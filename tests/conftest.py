@@ -6,11 +6,18 @@ import os
 # 14 instead of 19 s) and XLA:CPU's elemental fusion emitter instead of its MLIR fusion emitters
 # (tests/test_classify.py in 73-91 instead of 95-113 s). Both change code speed, not what is
 # computed. A flag set in XLA_FLAGS yourself wins.
-TEST_COMPILE_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-    + [f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items()
-       if k not in os.environ.get("XLA_FLAGS", "")]).strip()
+TEST_COMPILE_FLAGS = {"xla_backend_optimization_level": "0",
+                      "xla_cpu_use_fusion_emitters": "false"}
+
+
+def compile_flags(existing: str = "") -> str:
+  """TEST_COMPILE_FLAGS as XLA_FLAGS text, less those `existing` sets already."""
+  return " ".join(f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items() if k not in existing)
+
+
+_user_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_user_flags, "--xla_force_host_platform_device_count=8",
+                                    compile_flags(_user_flags)]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session's workers and the subprocesses they start:
 # the resume, sharding and phase tests compile the same tiny programs many times (with it the

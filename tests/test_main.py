@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TEST_COMPILE_FLAGS
+from conftest import compile_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.variant=mu/8", "--config.data.image_size=32", "--config.batch_size=8",
@@ -104,8 +104,7 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
          f"--workdir={tmp_path}", f"--config.total_steps={steps}", "--config.data.log_seen=True",
          f"--config.parallel.fsdp={fsdp}"] + args,
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "XLA_FLAGS": " ".join(  # 1 device each, compiled as in conftest
-            f"--{k}={v}" for k, v in TEST_COMPILE_FLAGS.items())})
+        env={**os.environ, "XLA_FLAGS": compile_flags()})  # 1 device each, as conftest compiles
     assert proc.returncode == 0, proc.stdout[-3000:]
     summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
                  if l.startswith("[p") and '"phase"' in l]

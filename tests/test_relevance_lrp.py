@@ -8,7 +8,8 @@ import pytest
 from tiny_models import MLP, ConvBN, GapLinear, SmallCNN
 from wsss_jax import relevance as R
 from wsss_jax.errors import UserError
-from wsss_jax.models.classifier import ViTClassifier
+from wsss_jax.models.classifier import CNNClassifier, ViTClassifier
+from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.vit import VisionTransformer
 from wsss_jax.relevance import core, lrp
 
@@ -174,6 +175,32 @@ def test_bias_free_relevance_is_conserved(composite):
   for layer in ("input", "pool", "feat"):
     np.testing.assert_allclose(np.asarray(got[layer]).sum(axis=(2, 3)), logits, rtol=2e-3,
                                atol=1e-5)
+
+
+def test_relevance_is_conserved_through_resnet50_residual_blocks():
+  """A fresh ResNet-50 (1/16 width) has no biases (BatchNorm shift and mean 0): epsilon-rule
+  relevance at the pixels and at two stages' outputs sums to the logit, through the residual
+  sums, the max pool and the block outputs that `core.computed_once` marks."""
+  model = CNNClassifier(ResNet(50, width=1 / 16), 3)
+  x = jax.random.uniform(jax.random.PRNGKey(16), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(17), x)
+  got = R.relevance("lrp", model.apply, variables, x, layers=["input", "layer1", "layer3"],
+                    rule="epsilon", epsilon=1e-9, **RAW)
+  logits = np.asarray(model.apply(variables, x))
+  assert np.abs(logits).min() > 1e-3
+  assert sorted(got) == ["backbone/layer1", "backbone/layer3", "input"]
+  for maps in got.values():
+    np.testing.assert_allclose(np.asarray(maps).sum(axis=(2, 3)), logits, rtol=1e-4, atol=1e-6)
+
+
+def test_computed_once_is_the_identity_in_value_and_derivative():
+  x = jnp.array([[[np.nan, np.inf], [-2.5, 0.0]], [[1e-30, -np.inf], [3.0, 7.0]]])
+  np.testing.assert_array_equal(core.computed_once(x), x)
+  y = x.at[0, 0, 0].set(1.0)  # finite corner: the derivative of sum(w * f(y)) is w
+  w = jnp.arange(8.0).reshape(x.shape)
+  grads = jax.vmap(lambda w: jax.grad(lambda v: jnp.sum(w * core.computed_once(v)))(y))(
+      jnp.stack([w, -w]))
+  np.testing.assert_array_equal(grads, jnp.stack([w, -w]))
 
 
 def test_alpha1beta0_relevance_is_non_negative_and_alpha2beta1_splits_two_to_one():

@@ -259,6 +259,11 @@ def linear_fn(module, interceptor: core.Interceptor, features: int | None = None
   return lin
 
 
+def _is_feature(value) -> bool:
+  """A (B, H, W, C) map or (B, N, C) tokens, not logits or a tuple."""
+  return isinstance(value, jax.Array) and value.ndim >= 3
+
+
 def _group_output(lin, parts):
   return sum(lin(xi, wi, bi) for xi, wi, bi in parts)
 
@@ -282,7 +287,10 @@ def input_relevance(rule, lin, lin_one, x, w, b, relevance):
     # relevance is summed and pulled back through one channel (exact; C_out times fewer products)
     flat = isinstance(rule, Flat)
     op, wm = (lin_one, jnp.ones(w.shape[:-1] + (1,), jnp.float32)) if flat else (lin, w * w)
-    r = relevance.sum(-1, keepdims=True) if flat else relevance
+    # the channel sum as a matvec: XLA:CPU ran it as a fused multiply-reduce in 229 ms of
+    # ResNet-50's LRP call (batch 8, 4 classes), this in about 50
+    r = jnp.matmul(relevance, jnp.ones((relevance.shape[-1], 1), jnp.float32),
+                   precision="highest") if flat else relevance
     ones = jnp.ones_like(x)
     return pull(lambda v: op(v, wm), ones, r / stabilize(op(ones, wm), rule.epsilon))
   if isinstance(rule, ZBox):
@@ -318,6 +326,9 @@ class RuleInterceptor(core.Interceptor):
       return sg(y) + (x - sg(x)) * sg(y / stabilize(x, 1e-6))
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    if not isinstance(mod, (nn.Conv, nn.Dense, nn.BatchNorm, nn.LayerNorm)):
+      out = next_fun(*args, **kwargs)  # a block, whose output every class's backward reads
+      return core.computed_once(out) if _is_feature(out) else out
     if isinstance(mod, nn.BatchNorm):
       if path in self.plan.folded_bns:
         return args[0]  # folded into the preceding convolution

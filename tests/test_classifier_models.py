@@ -127,6 +127,33 @@ def test_pointwise_convolution_as_a_dot_matches_the_convolution_and_its_gradient
   assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: m.apply(v, x))(x))
 
 
+@pytest.mark.parametrize("kernel,dilation,pad", [(3, 1, ((1, 1), (1, 1))), (3, 4, ((4, 4), (4, 4))),
+                                                 (3, 2, ((1, 3), (2, 0))), (5, 2, ((4, 4), (4, 4)))])
+def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
+    monkeypatch, kernel, dilation, pad):
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_CHANNELS", 4)
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 60)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 10, 4))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ref = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)
+  ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), pad, lhs_dilation=(1, 1), rhs_dilation=(dilation, dilation),
+      dimension_numbers=dn)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  cts = jax.random.normal(jax.random.key(2), (3,) + ref(x, w).shape)  # vmapped, as LRP does
+  got = jax.vmap(lambda ct: jax.vjp(ours, x, w)[1](ct))(cts)
+  want = jax.vmap(lambda ct: jax.vjp(ref, x, w)[1](ct))(cts)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 91)  # a 9x10 map is too small
+  small = lambda x, w: layers.conv_general_dilated(  # noqa: E731  (a new trace)
+      x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(small)(x, w))
+
+
 @pytest.mark.parametrize("kernel,stride,pad,size", [(7, 2, (3, 3), 16), (3, 2, (1, 1), 9),
                                                     (5, 3, (1, 2), 11), (4, 2, (0, 0), 10)])
 def test_space_to_depth_input_gradient_matches_the_strided_convolutions(kernel, stride, pad, size):

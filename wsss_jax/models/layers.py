@@ -61,6 +61,62 @@ def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
                                       precision=precision)
 
 
+# On the CPU: the kernel gradient of wide stride-1 convolutions over large maps as one matmul
+# (kernel_grad_matmul). XLA:CPU's ran ResNet38's b7 3x3 (1024 -> 2048, dilation 4, 28x28) at
+# 36-55 GFLOP/s, the matmul at 126-129; ResNet38's train step 1.12x (BENCHMARKS.md). Narrower
+# layers or smaller maps were slower as a matmul (ResNet-50's 7x7 layer4: step 0.97x).
+CPU_KERNEL_GRAD_MATMUL = True
+KERNEL_GRAD_MIN_CHANNELS = 512
+KERNEL_GRAD_MIN_PIXELS = 28 * 28
+
+
+def _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
+                  feature_group_count) -> bool:
+  """On the CPU: a stride-1 NHWC / HWIO k x k convolution (k > 1, any dilation) with explicit
+  padding, reading at least KERNEL_GRAD_MIN_CHANNELS channels on KERNEL_GRAD_MIN_PIXELS."""
+  return (CPU_CONV_REWRITES and CPU_KERNEL_GRAD_MATMUL and jax.default_backend() == "cpu"
+          and rhs.ndim == 4 and rhs.shape[:2] != (1, 1) and feature_group_count == 1
+          and dimension_numbers == _NHWC and all(s == 1 for s in window_strides)
+          and all(d == 1 for d in (lhs_dilation or ())) and not isinstance(padding, str)
+          and rhs.shape[2] >= KERNEL_GRAD_MIN_CHANNELS
+          and lhs.ndim == 4 and lhs.shape[1] * lhs.shape[2] >= KERNEL_GRAD_MIN_PIXELS)
+
+
+def kernel_grad_matmul(lhs, g, kernel_shape, padding, rhs_dilation):
+  """dW[i, j, c, o] = sum over pixels of x_pad[n, y + i d, x + j d, c] g[n, y, x, o], as one
+  matmul of the channel-major shifted inputs (k k C, N H W) with g (N H W, O)."""
+  kh, kw, c, o = kernel_shape
+  n, h, w, _ = g.shape
+  dh, dw = rhs_dilation
+  x = jnp.transpose(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (3, 0, 1, 2))  # (C, N, Hp, Wp)
+  cols = jnp.stack([x[:, :, i * dh:i * dh + h, j * dw:j * dw + w]
+                    for i in range(kh) for j in range(kw)])
+  return jnp.dot(cols.reshape(kh * kw * c, n * h * w), g.reshape(n * h * w, o),
+                 precision=jax.lax.Precision.HIGHEST).reshape(kh, kw, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_kernel_grad(lhs, rhs, padding, rhs_dilation, precision):
+  return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding, rhs_dilation=rhs_dilation,
+                                      dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_matmul_kernel_grad_fwd(lhs, rhs, padding, rhs_dilation, precision):
+  return _conv_matmul_kernel_grad(lhs, rhs, padding, rhs_dilation, precision), (lhs, rhs)
+
+
+def _conv_matmul_kernel_grad_bwd(padding, rhs_dilation, precision, residuals, g):
+  lhs, rhs = residuals
+  conv = lambda x: jax.lax.conv_general_dilated(  # noqa: E731
+      x, rhs, (1, 1), padding, rhs_dilation=rhs_dilation, dimension_numbers=_NHWC,
+      precision=precision)
+  dx = jax.vjp(conv, lhs)[1](g)[0]  # XLA's input gradient
+  return dx, kernel_grad_matmul(lhs, g, rhs.shape, padding, rhs_dilation).astype(rhs.dtype)
+
+
+_conv_matmul_kernel_grad.defvjp(_conv_matmul_kernel_grad_fwd, _conv_matmul_kernel_grad_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None):
@@ -68,6 +124,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   and a matmul: XLA:CPU's convolution kernel ran ResNet-50's 1x1 layers at 28-67 GFLOP/s and
   their input gradients at 28-47 on the 2-core machine, the same products as a dot at 52-114
   (BENCHMARKS.md). Same parameters, same values; GPUs and TPUs keep the convolution."""
+  if _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
+                   feature_group_count):
+    return _conv_matmul_kernel_grad(lhs, rhs, tuple(tuple(p) for p in padding),
+                                    tuple(rhs_dilation or (1, 1)), precision)
   if _rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count) and _unpadded_1x1(rhs, padding):
     sh, sw = window_strides

@@ -134,7 +134,7 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
   monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_CHANNELS", 4)
   monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 60)
   x = jax.random.normal(jax.random.key(0), (2, 9, 10, 4))
-  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 5))
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   ref = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)

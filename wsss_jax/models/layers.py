@@ -64,7 +64,8 @@ def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
 # On the CPU: the kernel gradient of wide stride-1 convolutions over large maps as one matmul
 # (kernel_grad_matmul). XLA:CPU's ran ResNet38's b7 3x3 (1024 -> 2048, dilation 4, 28x28) at
 # 36-55 GFLOP/s, the matmul at 126-129; ResNet38's train step 1.12x (BENCHMARKS.md). Narrower
-# layers or smaller maps were slower as a matmul (ResNet-50's 7x7 layer4: step 0.97x).
+# layers or smaller maps were slower as a matmul (ResNet-50's 7x7 layer4: step 0.97x; an ASPP
+# branch 2048 -> 256 at dilation 12: 200 -> 243 ms).
 CPU_KERNEL_GRAD_MATMUL = True
 KERNEL_GRAD_MIN_CHANNELS = 512
 KERNEL_GRAD_MIN_PIXELS = 28 * 28
@@ -73,12 +74,12 @@ KERNEL_GRAD_MIN_PIXELS = 28 * 28
 def _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
                   feature_group_count) -> bool:
   """On the CPU: a stride-1 NHWC / HWIO k x k convolution (k > 1, any dilation) with explicit
-  padding, reading at least KERNEL_GRAD_MIN_CHANNELS channels on KERNEL_GRAD_MIN_PIXELS."""
+  padding, at least KERNEL_GRAD_MIN_CHANNELS channels in and out, on KERNEL_GRAD_MIN_PIXELS."""
   return (CPU_CONV_REWRITES and CPU_KERNEL_GRAD_MATMUL and jax.default_backend() == "cpu"
           and rhs.ndim == 4 and rhs.shape[:2] != (1, 1) and feature_group_count == 1
           and dimension_numbers == _NHWC and all(s == 1 for s in window_strides)
           and all(d == 1 for d in (lhs_dilation or ())) and not isinstance(padding, str)
-          and rhs.shape[2] >= KERNEL_GRAD_MIN_CHANNELS
+          and min(rhs.shape[2:]) >= KERNEL_GRAD_MIN_CHANNELS
           and lhs.ndim == 4 and lhs.shape[1] * lhs.shape[2] >= KERNEL_GRAD_MIN_PIXELS)
 
 

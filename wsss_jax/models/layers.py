@@ -27,11 +27,18 @@ _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1
                                      out_spec=(0, 3, 1, 2))
 
 
-def _rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
-  """On the CPU with the rewrites on: a 2-D NHWC / HWIO convolution without dilation or groups."""
+def _cpu_nhwc(rhs, lhs_dilation, dimension_numbers, feature_group_count) -> bool:
+  """On the CPU with the rewrites on: a 2-D NHWC / HWIO convolution without input dilation or
+  groups."""
   return (CPU_CONV_REWRITES and jax.default_backend() == "cpu" and rhs.ndim == 4
           and feature_group_count == 1 and dimension_numbers == _NHWC
-          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+          and all(d == 1 for d in (lhs_dilation or ())))
+
+
+def _rewritable(rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
+  """As _cpu_nhwc, and without kernel dilation."""
+  return (_cpu_nhwc(rhs, lhs_dilation, dimension_numbers, feature_group_count)
+          and all(d == 1 for d in (rhs_dilation or ())))
 
 
 def _unpadded_1x1(rhs, padding) -> bool:
@@ -75,10 +82,10 @@ def _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_num
                   feature_group_count) -> bool:
   """On the CPU: a stride-1 NHWC / HWIO k x k convolution (k > 1, any dilation) with explicit
   padding, at least KERNEL_GRAD_MIN_CHANNELS channels in and out, on KERNEL_GRAD_MIN_PIXELS."""
-  return (CPU_CONV_REWRITES and CPU_KERNEL_GRAD_MATMUL and jax.default_backend() == "cpu"
-          and rhs.ndim == 4 and rhs.shape[:2] != (1, 1) and feature_group_count == 1
-          and dimension_numbers == _NHWC and all(s == 1 for s in window_strides)
-          and all(d == 1 for d in (lhs_dilation or ())) and not isinstance(padding, str)
+  return (CPU_KERNEL_GRAD_MATMUL
+          and _cpu_nhwc(rhs, lhs_dilation, dimension_numbers, feature_group_count)
+          and rhs.shape[:2] != (1, 1) and all(s == 1 for s in window_strides)
+          and not isinstance(padding, str)
           and min(rhs.shape[2:]) >= KERNEL_GRAD_MIN_CHANNELS
           and lhs.ndim == 4 and lhs.shape[1] * lhs.shape[2] >= KERNEL_GRAD_MIN_PIXELS)
 

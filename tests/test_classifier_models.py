@@ -13,6 +13,7 @@ from wsss_jax.models.layers import feature_key
 from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.resnet38 import ResNet38
 from wsss_jax.models.vit import VisionTransformer
+from wsss_jax.phases import benchmark
 
 
 def _shapes(model, size, batch=2):
@@ -141,8 +142,16 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
   ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), pad, lhs_dilation=(1, 1), rhs_dilation=(dilation, dilation),
       dimension_numbers=dn)
-  assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))
+  assert "custom_jvp_call" in str(jax.make_jaxpr(ours)(x, w))
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  tangents = jax.random.normal(jax.random.key(3), x.shape), jax.random.normal(jax.random.key(4), w.shape)
+  np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(ref, (x, w), tangents)[1],
+                             rtol=1e-4, atol=1e-4)  # forward mode, as jacfwd and HVPs use it
+  loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
+  grad_jaxpr = jax.make_jaxpr(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+  assert "dot_general" in str(grad_jaxpr)  # the kernel gradient is the matmul ...
+  assert benchmark.jaxpr_flops(grad_jaxpr) == benchmark.jaxpr_flops(  # ... counted once
+      jax.make_jaxpr(jax.grad(loss(ref), argnums=(0, 1)))(x, w))
   cts = jax.random.normal(jax.random.key(2), (3,) + ref(x, w).shape)  # vmapped, as LRP does
   got = jax.vmap(lambda ct: jax.vjp(ours, x, w)[1](ct))(cts)
   want = jax.vmap(lambda ct: jax.vjp(ref, x, w)[1](ct))(cts)
@@ -151,7 +160,7 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
   monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 91)  # a 9x10 map is too small
   small = lambda x, w: layers.conv_general_dilated(  # noqa: E731  (a new trace)
       x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(small)(x, w))
+  assert "custom_jvp_call" not in str(jax.make_jaxpr(small)(x, w))
 
 
 @pytest.mark.parametrize("kernel,stride,pad,size", [(7, 2, (3, 3), 16), (3, 2, (1, 1), 9),

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 # PyTorch's BatchNorm2d: running stats updated with weight 0.1 (flax momentum 0.9), eps 1e-5.
 BN_MOMENTUM = 0.9
@@ -90,39 +91,62 @@ def _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_num
           and lhs.ndim == 4 and lhs.shape[1] * lhs.shape[2] >= KERNEL_GRAD_MIN_PIXELS)
 
 
+def shifted_columns(lhs, kernel_shape, padding, rhs_dilation):
+  """The padded input's k x k shifted views of a stride-1 convolution, channel-major:
+  (k k C, N H W) for an H x W output (im2col, transposed), and (N, H, W)."""
+  kh, kw, c, _ = kernel_shape
+  dh, dw = rhs_dilation
+  x = jnp.transpose(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (3, 0, 1, 2))  # (C, N, Hp, Wp)
+  n, h, w = x.shape[1], x.shape[2] - dh * (kh - 1), x.shape[3] - dw * (kw - 1)
+  cols = jnp.stack([x[:, :, i * dh:i * dh + h, j * dw:j * dw + w]
+                    for i in range(kh) for j in range(kw)])
+  return cols.reshape(kh * kw * c, n * h * w), (n, h, w)
+
+
 def kernel_grad_matmul(lhs, g, kernel_shape, padding, rhs_dilation):
   """dW[i, j, c, o] = sum over pixels of x_pad[n, y + i d, x + j d, c] g[n, y, x, o], as one
   matmul of the channel-major shifted inputs (k k C, N H W) with g (N H W, O)."""
-  kh, kw, c, o = kernel_shape
-  n, h, w, _ = g.shape
-  dh, dw = rhs_dilation
-  x = jnp.transpose(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (3, 0, 1, 2))  # (C, N, Hp, Wp)
-  cols = jnp.stack([x[:, :, i * dh:i * dh + h, j * dw:j * dw + w]
-                    for i in range(kh) for j in range(kw)])
-  return jnp.dot(cols.reshape(kh * kw * c, n * h * w), g.reshape(n * h * w, o),
-                 precision=jax.lax.Precision.HIGHEST).reshape(kh, kw, c, o)
+  cols, (n, h, w) = shifted_columns(lhs, kernel_shape, padding, rhs_dilation)
+  return jnp.dot(cols, g.reshape(n * h * w, g.shape[-1]),
+                 precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_kernel_grad(lhs, rhs, padding, rhs_dilation, precision):
+def _stride1_conv(lhs, rhs, padding, rhs_dilation, precision):
   return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding, rhs_dilation=rhs_dilation,
                                       dimension_numbers=_NHWC, precision=precision)
 
 
-def _conv_matmul_kernel_grad_fwd(lhs, rhs, padding, rhs_dilation, precision):
-  return _conv_matmul_kernel_grad(lhs, rhs, padding, rhs_dilation, precision), (lhs, rhs)
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))  # columns rebuilt in the backward pass
+def _kernel_tangent(lhs, drhs, padding, rhs_dilation):
+  """conv(x, dW) as the shifted columns times dW: linear in dW, and its transpose is
+  kernel_grad_matmul's product, (k k C, N H W) x (N H W, O)."""
+  cols, (n, h, w) = shifted_columns(lhs, drhs.shape, padding, rhs_dilation)
+  out = jnp.einsum("kp,ko->po", cols, drhs.reshape(-1, drhs.shape[-1]),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(n, h, w, drhs.shape[-1])
 
 
-def _conv_matmul_kernel_grad_bwd(padding, rhs_dilation, precision, residuals, g):
-  lhs, rhs = residuals
-  conv = lambda x: jax.lax.conv_general_dilated(  # noqa: E731
-      x, rhs, (1, 1), padding, rhs_dilation=rhs_dilation, dimension_numbers=_NHWC,
-      precision=precision)
-  dx = jax.vjp(conv, lhs)[1](g)[0]  # XLA's input gradient
-  return dx, kernel_grad_matmul(lhs, g, rhs.shape, padding, rhs_dilation).astype(rhs.dtype)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_kernel_grad(lhs, rhs, padding, rhs_dilation, precision):
+  return _stride1_conv(lhs, rhs, padding, rhs_dilation, precision)
 
 
-_conv_matmul_kernel_grad.defvjp(_conv_matmul_kernel_grad_fwd, _conv_matmul_kernel_grad_bwd)
+def _conv_matmul_kernel_grad_jvp(padding, rhs_dilation, precision, primals, tangents):
+  """d conv = conv(dx, W) + conv(x, dW). The first term transposes to XLA's input gradient, the
+  second (_kernel_tangent) to the kernel-gradient matmul. Forward mode (jvp, jacfwd) works too.
+  A zero tangent (symbolic) adds no term, so a vjp in x alone (LRP) computes no kernel term."""
+  lhs, rhs = primals
+  dlhs, drhs = tangents
+  out = _stride1_conv(lhs, rhs, padding, rhs_dilation, precision)
+  terms = []
+  if not isinstance(dlhs, SymbolicZero):
+    terms.append(_stride1_conv(dlhs, rhs, padding, rhs_dilation, precision))
+  if not isinstance(drhs, SymbolicZero):
+    terms.append(_kernel_tangent(lhs, drhs, padding, rhs_dilation))
+  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+_conv_matmul_kernel_grad.defjvp(_conv_matmul_kernel_grad_jvp, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -13,14 +13,13 @@ shapes are slower than PyTorch's, no fusion of the rest makes the step 1.5x PyTo
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import statistics
 import subprocess
 import tempfile
-import time
 
 import numpy as np
+
+from benchmarks import isolated, median_seconds
 
 # (batch, pixels per side, channels in, channels out, kernel, dilation)
 CONV_SHAPES = (
@@ -31,17 +30,6 @@ CONV_SHAPES = (
     (2, 28, 512, 512, 3, 2),      # ResNet38 b5 (dilated)
     (2, 28, 1024, 1024, 3, 4),    # ResNet38 b6/b7 width (dilated)
 )
-
-
-def median_seconds(call, reps: int = 5) -> float:
-  call()
-  call()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def torch_rates(matmul: int) -> dict:
@@ -100,11 +88,6 @@ def fma_peak() -> float:
                    check=True)
     out = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
   return float(out.split()[-1])
-
-
-def isolated(fn, *args):
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(fn, args)
 
 
 def main() -> None:

@@ -24,27 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import statistics
-import time
 
 import numpy as np
 
 import torch
 
-from benchmarks import benchmark_config, torch_models
+from benchmarks import benchmark_config, isolated, median_seconds, torch_models
 
 MODELS = ("mae", "vit", "resnet50", "resnet38")
 MAPS = ("gradcam", "lrp:EpsilonPlusFlat")
-
-
-def isolated(fn, *args):
-  """fn(*args) in a fresh process: PyTorch's idle OpenMP threads keep spinning on the cores
-  after its work (measured: JAX's Grad-CAM at 38 maps/s after PyTorch in the same process, 50
-  alone), and each framework's GPU memory is handed back when its process ends."""
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(fn, args)
 
 
 def torch_device() -> torch.device:
@@ -95,19 +84,6 @@ def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = Fals
     opt.step()
     return float(loss.detach())
   return step
-
-
-def median_seconds(call, steps: int, warmup: int) -> float:
-  """Median wall time of `steps` calls after `warmup` untimed ones (each call ends with its
-  results on the host or, on a GPU, after a synchronisation)."""
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def time_torch(name, batch, size, variant, steps, warmup, bf16=False) -> dict:

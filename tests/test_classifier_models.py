@@ -144,7 +144,8 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
       dimension_numbers=dn)
   assert "custom_jvp_call" in str(jax.make_jaxpr(ours)(x, w))
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  tangents = jax.random.normal(jax.random.key(3), x.shape), jax.random.normal(jax.random.key(4), w.shape)
+  tangents = (jax.random.normal(jax.random.key(3), x.shape),
+              jax.random.normal(jax.random.key(4), w.shape))
   np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(ref, (x, w), tangents)[1],
                              rtol=1e-4, atol=1e-4)  # forward mode, as jacfwd and HVPs use it
   loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731

@@ -1,5 +1,6 @@
 """Training-loop behaviour: sharding, resume, restore on other meshes, checkpoint checks."""
 import json
+import logging
 import os
 
 import jax
@@ -182,3 +183,15 @@ def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config
     losses[dtype] = float(metrics["loss"])
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
   assert {x.dtype for x in jax.tree.leaves(states[jnp.bfloat16].params)} == {jnp.dtype("float32")}
+
+
+def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, caplog):
+  import orbax.checkpoint as ocp
+  from wsss_jax import checkpoint
+  checkpoint._array_handler_processes = None  # as in a fresh process
+  with caplog.at_level(logging.WARNING):
+    for name in ("a", "b"):
+      checkpoint.Checkpointer(str(tmp_path / name))
+  assert not [r for r in caplog.records if "overriding" in r.getMessage()]
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert handler._use_replica_parallel is False  # one process: no replica-parallel slices

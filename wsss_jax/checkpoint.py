@@ -13,21 +13,35 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 from wsss_jax.errors import UserError
 
 
 
+_array_handler_processes: int | None = None  # the process count it was registered for
+
+
 def _register_array_handler() -> None:
   """Replica-parallel saving (each replica of a replicated array writes a slice of it) only
   across processes: within one, it buys no parallel writes and compiles a slice program per
   parameter shape and device at the first save (54 of them, 2.2 s, for a tiny ResNet38 on 2 CPU
-  devices). Orbax already turns it off on GPUs."""
+  devices). Orbax already turns it off on GPUs. Registered once per process, quietly: orbax
+  logs a warning each time its default handler is overridden."""
+  global _array_handler_processes
+  if _array_handler_processes == jax.process_count():
+    return
   from orbax.checkpoint._src.metadata import array_metadata_store  # as orbax's default handler
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      use_replica_parallel=jax.process_count() > 1,
-      array_metadata_store=array_metadata_store.Store()), override=True)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        array_metadata_store=array_metadata_store.Store()), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  _array_handler_processes = jax.process_count()
 
 
 class Checkpointer:

@@ -70,10 +70,10 @@ def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
 
 
 # On the CPU: the kernel gradient of wide stride-1 convolutions over large maps as one matmul
-# (kernel_grad_matmul). XLA:CPU's ran ResNet38's b7 3x3 (1024 -> 2048, dilation 4, 28x28) at
-# 36-55 GFLOP/s, the matmul at 126-129; ResNet38's train step 1.12x (BENCHMARKS.md). Narrower
-# layers or smaller maps were slower as a matmul (ResNet-50's 7x7 layer4: step 0.97x; an ASPP
-# branch 2048 -> 256 at dilation 12: 200 -> 243 ms).
+# (the transpose of _kernel_tangent). XLA:CPU's ran ResNet38's b7 3x3 (1024 -> 2048, dilation
+# 4, 28x28) at 36-55 GFLOP/s, the matmul at 126-129; ResNet38's train step 1.12x
+# (BENCHMARKS.md). Narrower layers or smaller maps were slower as a matmul (ResNet-50's 7x7
+# layer4: step 0.97x; an ASPP branch 2048 -> 256 at dilation 12: 200 -> 243 ms).
 CPU_KERNEL_GRAD_MATMUL = True
 KERNEL_GRAD_MIN_CHANNELS = 512
 KERNEL_GRAD_MIN_PIXELS = 28 * 28
@@ -103,14 +103,6 @@ def shifted_columns(lhs, kernel_shape, padding, rhs_dilation):
   return cols.reshape(kh * kw * c, n * h * w), (n, h, w)
 
 
-def kernel_grad_matmul(lhs, g, kernel_shape, padding, rhs_dilation):
-  """dW[i, j, c, o] = sum over pixels of x_pad[n, y + i d, x + j d, c] g[n, y, x, o], as one
-  matmul of the channel-major shifted inputs (k k C, N H W) with g (N H W, O)."""
-  cols, (n, h, w) = shifted_columns(lhs, kernel_shape, padding, rhs_dilation)
-  return jnp.dot(cols, g.reshape(n * h * w, g.shape[-1]),
-                 precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
-
-
 def _stride1_conv(lhs, rhs, padding, rhs_dilation, precision):
   return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding, rhs_dilation=rhs_dilation,
                                       dimension_numbers=_NHWC, precision=precision)
@@ -118,8 +110,9 @@ def _stride1_conv(lhs, rhs, padding, rhs_dilation, precision):
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3))  # columns rebuilt in the backward pass
 def _kernel_tangent(lhs, drhs, padding, rhs_dilation):
-  """conv(x, dW) as the shifted columns times dW: linear in dW, and its transpose is
-  kernel_grad_matmul's product, (k k C, N H W) x (N H W, O)."""
+  """conv(x, dW) as the shifted columns times dW. It is linear in dW, and its transpose is the
+  kernel gradient as one matmul of the columns (k k C, N H W) with the output cotangent g
+  (N H W, O): dW[i, j, c, o] = sum over pixels of x_pad[n, y + i d, x + j d, c] g[n, y, x, o]."""
   cols, (n, h, w) = shifted_columns(lhs, drhs.shape, padding, rhs_dilation)
   out = jnp.einsum("kp,ko->po", cols, drhs.reshape(-1, drhs.shape[-1]),
                    precision=jax.lax.Precision.HIGHEST)
@@ -155,7 +148,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """lax.conv_general_dilated, except that on the CPU a 1x1 convolution runs as a strided slice
   and a matmul: XLA:CPU's convolution kernel ran ResNet-50's 1x1 layers at 28-67 GFLOP/s and
   their input gradients at 28-47 on the 2-core machine, the same products as a dot at 52-114
-  (BENCHMARKS.md). Same parameters, same values; GPUs and TPUs keep the convolution."""
+  (BENCHMARKS.md). Wide stride-1 k x k convolutions on large maps keep XLA's forward and input
+  gradient and take their kernel gradient as one matmul (_conv_matmul_kernel_grad). Same
+  parameters, same values; GPUs and TPUs keep the convolution."""
   if _wide_stride1(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
                    feature_group_count):
     return _conv_matmul_kernel_grad(lhs, rhs, tuple(tuple(p) for p in padding),

@@ -15,7 +15,7 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", backbone="resnet38", variant="S/16", width=0.125,
+  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, backbone="resnet38", variant="S/16", width=0.125,
                              image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False, hide=False, hide_grid=4,
                              seam=False)
@@ -52,5 +52,5 @@ def get_config(arg=None):
   config.hide_and_seek = dict(prob=0.5 if arg.hide else 0.0, grid=arg.hide_grid)
   # SEAM's equivariant regularisation: L1 between A(CAM(I)) and CAM(A(I)), A = rescale + flip
   config.equivariance = dict(weight=1.0 if arg.seam else 0.0, scale=0.5)
-  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
+  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

@@ -14,7 +14,7 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, action="stats", dataset="synthetic", root="", image_size=224,
+  arg = config_lib.parse_arg(arg, action="stats", **config_lib.DATASET_ARGS, image_size=224,
                              threads=2, batch=32)
   config = config_lib.common("dataset")
   config.action = arg.action
@@ -29,5 +29,5 @@ def get_config(arg=None):
   config.data.crop_scale = (1.0, 1.0)  # the classifier recipe: resize, flips
   config.data.vflip = True
   config.data.num_threads = arg.threads
-  folders.use_dataset(config, arg.dataset, arg.root)
+  folders.use_dataset(config, arg)
   return config

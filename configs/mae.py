@@ -19,7 +19,7 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", variant="S/16", image_size=112, batch=32, steps=200,
+  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, variant="S/16", image_size=112, batch=32, steps=200,
                              mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="",
                              objective="mae", jigsaw_grid=3, eval="both", eval_epochs=2,
                              encoder="vit", width=0.125)
@@ -46,7 +46,7 @@ def get_config(arg=None):
   config.exemplar = dict(temperature=0.1, hidden=1024, dim=128, crop_min=0.08,
                          colour_strength=0.5, colour_p=0.8, grayscale_p=0.2, blur_p=0.5)
   config.optim = config_lib.mae_optim(arg.steps)
-  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
+  folders.use_dataset(config, arg)  # a release on disk: names, stats
   # The representation check at the end of the run (so variants meet on one table): a classifier
   # started from this run's encoder, trained as a linear probe (frozen encoder) and fine-tuned,
   # on the labelled tiles; their val mAP lands in summary.json. The encoder (ViT variant or CNN

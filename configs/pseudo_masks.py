@@ -13,8 +13,8 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", classifier="runs/cls", method="gradcam", split="train",
-                             background="white", palette="luad", batch=32, crf=False, erasing="")
+  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, classifier="runs/cls", method="gradcam", split="train",
+                             background="", palette="", batch=32, crf=False, erasing="")
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
   # adversarial erasing: the rounds of this erasing run (configs/erasing.py) replace the
@@ -26,15 +26,22 @@ def get_config(arg=None):
   config.layers = ()             # (): b4_5, b5_2, bn7 (ResNet38); layer3, layer4 (ResNet-50)
   config.target = "logit"
   config.normalize = "joint"     # min-max over the present classes jointly (the authors' rule)
-  config.relu = 0                # Grad-CAM without ReLU, as the authors; -1 = method default
+  config.relu = -2               # -2: by setting (tissue: Grad-CAM without ReLU, as the authors;
+                                 # finding: with); -1: the method's default; 0 off; 1 on
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
-  config.background = dict(rule=arg.background, threshold=200, min_size=50)
+  # rule "": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for BCSS-WSSS
+  # and tissue folders, threshold for findings); white / none / threshold / power / otsu /
+  # negatives or white+<map rule> (wsss_jax/masks.py). alpha: "" the rule's default, a number,
+  # or "auto": swept on the val split's ground truth (alpha_sweep.md / .png), without it the
+  # negatives rule. threshold / min_size: the white-glass rule's grey level and smallest region.
+  config.background = dict(rule=arg.background, alpha="", threshold=200, min_size=50,
+                           negatives_images=512)
   # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings)
   config.crf = dict(enabled=arg.crf, **crf.DEFAULTS)
   # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as
   # H_trained + mean_r H_r (the dilated-convolution paper's weighting); () = off
   config.dilations = ()
-  config.palette = arg.palette   # luad or bcss colours
+  config.palette = arg.palette   # luad, bcss or finding colours ("": the dataset's)
   config.writer_threads = 4      # PNG encoding and writing overlap the next batch
   config.overlays = 6
 
@@ -42,5 +49,5 @@ def get_config(arg=None):
   config.data = config_lib.data("synthetic", 0)
   config.data.num_train = 0
   config_lib.relevance_options(config)
-  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
+  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

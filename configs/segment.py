@@ -17,7 +17,7 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dataset="synthetic", root="", pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
+  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
                              model="deeplabv3plus", backbone="resnet38", width=0.125,
                              image_size=64, batch=16, epochs=6, num_train=512, init=True,
                              paper=False)
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.eval_batch_size = 32
   config.test_split = "test"
   config.loss_weights = (0.2, 0.2, 0.6)  # per data.mask_layers
-  config.palette = "luad"
+  config.palette = ""                   # luad, bcss, finding ("": the dataset's)
   config.overlays = 6
 
   config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
@@ -60,5 +60,5 @@ def get_config(arg=None):
   config.optim = config_lib.classify_optim("resnet38")  # SGD 0.9, lr 0.01 poly 0.9, wd 5e-4, head x10
   config.gate = dict(classifier_workdir=arg.classifier, epsilon=0.1,
                      modes=("off", "exclude", "multiply"))
-  folders.use_dataset(config, arg.dataset, arg.root)  # a release on disk: names, stats
+  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

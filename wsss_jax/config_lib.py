@@ -27,9 +27,15 @@ def _convert(text: str, default):
   return type(default)(text) if default is not None else text
 
 
+SETTINGS = ("tissue", "finding")
+# The config arguments every phase file accepts to point it at a dataset (folders.use_dataset).
+DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'a=1,b=x' -> ConfigDict with the defaults' keys and types; unknown keys are refused."""
-  out = dict(defaults)
+  """'a=1,b=x' -> ConfigDict with the defaults' keys and types; unknown keys are refused.
+  `given_args` lists the keys the text set, so that a dataset preset never overwrites them."""
+  out, given = dict(defaults), []
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep:
@@ -41,7 +47,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     except ValueError:
       raise UserError(f"config argument {key}={value!r} is not a valid "
                       f"{type(defaults[key]).__name__}") from None
-  return ml_collections.ConfigDict(out)
+    given.append(key)
+  return ml_collections.ConfigDict(out | {"given_args": tuple(given)})
 
 
 def sibling_config(config_file: str, name: str, arg: str | None = None):
@@ -106,6 +113,9 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.slide_stride = 0          # slides: tile grid step in tile pixels (0: the tile side)
   d.min_tissue = 0.5          # slides: tissue share a tile needs to be kept
   d.slide_context_scale = 0   # slides: > 1 adds the MRN context at slide_downsample * this
+  d.setting = ""              # tissue: every pixel is a labelled class; finding: findings on an
+                              # unlabelled background (index K), negatives with all-zero labels;
+                              # "": the dataset's (phases reading a classifier: the classifier's)
   d.seed = 0                  # the embedded dataset's generator seed
   d.num_train = 4096
   d.num_val = 64

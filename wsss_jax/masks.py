@@ -7,6 +7,16 @@ background rule says so; the mask is the argmax. Background rules:
   white (LUAD-HistoSeg): grey = 0.299 R + 0.587 G + 0.114 B > 200, then connected white regions
     smaller than 50 px (4-connectivity) removed, as the authors' OpenCV + scikit-image code;
   none (BCSS-WSSS): no background channel (white there is fat, a tissue).
+In the finding setting (findings on an unlabelled background, negatives with no label) the
+class maps are max-normalised per image over the present classes, M_c in [0, 1], and the
+background gets a score map bg(x) from one of the map rules (REFERENCE.md section 8):
+  threshold  bg = alpha                       (the CAM / VOC practice; alpha in (0, 1])
+  power      bg = (1 - max_c M_c)^alpha       (AffinityNet / PSA; alpha > 0)
+  otsu       bg = Otsu's threshold of max_c M_c, per image
+  negatives  bg = t / peak, t the `alpha`-quantile of the raw maps of the negative training
+             images and peak the image's raw maximum: "more than a normal image shows"
+and a pixel is finding c where M_c > bg and M_c is the largest present class, else background.
+An image rule combines with a map rule as 'white+threshold' (white glass AND the map rule).
 Departures from the authors' code, on purpose: an absent class never wins the argmax (theirs lets a
 zeroed absent class win ties at 0), and a tile whose label vector is empty is all background
 (ignored by the segmentation loss) instead of class 0.
@@ -24,11 +34,17 @@ from scipy import ndimage
 
 from wsss_jax.errors import UserError
 
-BACKGROUND_RULES = ("white", "none")
-# Mask palettes of the public releases, index 4 = background (white).
+IMAGE_RULES = ("white", "none")
+MAP_RULES = ("threshold", "power", "otsu", "negatives")
+BACKGROUND_RULES = IMAGE_RULES + MAP_RULES + tuple(f"white+{m}" for m in MAP_RULES)
+# the map rules' alpha when none is given (negatives: the quantile of the negatives' maps)
+DEFAULT_ALPHA = {"threshold": 0.3, "power": 8.0, "otsu": 0.0, "negatives": 0.99}
+# Mask palettes of the public releases, index 4 = background (white). `finding`: up to four
+# finding colours; its background (index K, whatever K is) is black.
 PALETTES = {
     "luad": ((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255)),
     "bcss": ((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255)),
+    "finding": ((255, 48, 48), (255, 214, 0), (0, 200, 255), (200, 80, 255), (0, 0, 0)),
 }
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
@@ -51,10 +67,20 @@ def remove_small_objects(binary: np.ndarray, min_size: int) -> np.ndarray:
   return keep[labels]
 
 
+def split_rule(rule: str) -> tuple[str, str | None]:
+  """'white+threshold' -> ('white', 'threshold'); 'otsu' -> ('none', 'otsu'); 'white' ->
+  ('white', None)."""
+  check_rule(rule)
+  image_rule, _, map_rule = rule.rpartition("+")
+  if not image_rule:
+    return (map_rule, None) if map_rule in IMAGE_RULES else ("none", map_rule)
+  return image_rule, map_rule
+
+
 def background_mask(image_u8: np.ndarray, rule: str = "white", threshold: int = 200,
                     min_size: int = 50) -> np.ndarray:
-  """(H, W) bool: the pixels the background rule assigns to background."""
-  if rule == "none":
+  """(H, W) bool: the pixels the rule's image part (white glass) assigns to background."""
+  if split_rule(rule)[0] == "none":
     return np.zeros(image_u8.shape[:2], bool)
   return remove_small_objects(grey(image_u8) > threshold, min_size)
 
@@ -77,7 +103,26 @@ def check_rule(rule: str) -> None:
     raise UserError(f"background.rule={rule!r} is not one of {BACKGROUND_RULES}")
 
 
+def check_alpha(map_rule: str, alpha: float) -> None:
+  """alpha of a map rule: in (0, 1] for threshold and negatives (a score, a quantile), > 0 for
+  power (an exponent)."""
+  if map_rule in ("threshold", "negatives") and not 0 < alpha <= 1:
+    raise UserError(f"background.alpha={alpha} is outside (0, 1]: the {map_rule} rule's alpha is "
+                    f"{'a map score' if map_rule == 'threshold' else 'a quantile'}")
+  if map_rule == "power" and not alpha > 0:
+    raise UserError(f"background.alpha={alpha} must be positive (the power rule's exponent)")
+
+
 # --- Masks from maps (on device) ------------------------------------------------------------------
+def fuse_maps(maps, size):
+  """(B, K, h, w) maps, or a list of them (one per input scale), resized bilinearly to `size`
+  and averaged."""
+  maps_list = list(maps) if isinstance(maps, (list, tuple)) else [maps]
+  b, k = maps_list[0].shape[:2]
+  return sum(jax.image.resize(m.astype(jnp.float32), (b, k) + tuple(size), "bilinear")
+             for m in maps_list) / len(maps_list)
+
+
 def pseudo_mask(maps, labels, background, size, background_index: int):
   """(B, K, h, w) maps (or a list of them, e.g. one per input scale) -> (B, H, W) uint8 mask at
   `size` = (H, W).
@@ -85,14 +130,85 @@ def pseudo_mask(maps, labels, background, size, background_index: int):
   maps are resized bilinearly (and averaged over the list); classes with label 0 cannot win;
   `background` (B, H, W) bool pixels and tiles without any positive label take
   `background_index`."""
-  maps_list = list(maps) if isinstance(maps, (list, tuple)) else [maps]
-  b, k = maps_list[0].shape[:2]
-  maps = sum(jax.image.resize(m.astype(jnp.float32), (b, k) + tuple(size), "bilinear")
-             for m in maps_list) / len(maps_list)
+  maps = fuse_maps(maps, size)
   present = labels > 0
   cls = jnp.argmax(jnp.where(present[:, :, None, None], maps, -jnp.inf), axis=1)
   empty = ~present.any(axis=1)
   return jnp.where(background | empty[:, None, None], background_index, cls).astype(jnp.uint8)
+
+
+# --- Findings against a background (on device) -----------------------------------------------------
+def max_normalize(maps, present):
+  """(ReLU(M_c) / peak, peak): maps (B, K, H, W) of the present classes (B, K) over their joint
+  per-image maximum `peak` (B,); absent classes 0, a map-less image's scores 0."""
+  maps = jnp.where(present[:, :, None, None], jax.nn.relu(maps), 0.0)
+  peak = maps.max(axis=(1, 2, 3))
+  return maps / jnp.where(peak > 0, peak, 1.0)[:, None, None, None], peak
+
+
+def threshold_background(scores, alpha):
+  """bg(x) = alpha."""
+  return jnp.full(scores.shape[:1] + scores.shape[2:], alpha, jnp.float32)
+
+
+def power_background(scores, alpha):
+  """bg(x) = (1 - max_c M_c(x))^alpha."""
+  return (1.0 - scores.max(axis=1)) ** alpha
+
+
+def otsu_threshold(values, bins: int = 256):
+  """Per row of `values` (B, N) in [0, 1]: Otsu's threshold, the bin edge t maximising the
+  between-class variance w0(t) w1(t) (mu0(t) - mu1(t))^2 of the histogram."""
+  index = jnp.clip((values * bins).astype(jnp.int32), 0, bins - 1)
+  hist = jax.vmap(lambda i: jnp.zeros(bins, jnp.float32).at[i].add(1.0))(index)
+  p = hist / hist.sum(axis=1, keepdims=True)
+  centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins
+  w0 = jnp.cumsum(p, axis=1)
+  m0 = jnp.cumsum(p * centres, axis=1)
+  w1, total = 1.0 - w0, m0[:, -1:]
+  between = (total * w0 - m0) ** 2 / jnp.maximum(w0 * w1, 1e-12)  # = w0 w1 (mu0 - mu1)^2
+  between = jnp.where((w0 > 0) & (w1 > 0), between, -1.0)
+  return (jnp.argmax(between, axis=1) + 1).astype(jnp.float32) / bins
+
+
+def otsu_background(scores):
+  """bg(x) = Otsu's threshold of max_c M_c over the image's pixels."""
+  peak_map = scores.max(axis=1)
+  t = otsu_threshold(peak_map.reshape(peak_map.shape[0], -1))
+  return jnp.broadcast_to(t[:, None, None], peak_map.shape)
+
+
+def negatives_background(scores, peak, level):
+  """bg(x) = level / peak: the raw level the negative images reach, in this image's units."""
+  bg = level / jnp.where(peak > 0, peak, 1.0)
+  return jnp.broadcast_to(jnp.where(peak > 0, bg, 2.0)[:, None, None], scores.shape[:1] +
+                          scores.shape[2:])
+
+
+def background_score(map_rule: str, scores, peak, alpha, level=None):
+  if map_rule == "threshold":
+    return threshold_background(scores, alpha)
+  if map_rule == "power":
+    return power_background(scores, alpha)
+  if map_rule == "otsu":
+    return otsu_background(scores)
+  if map_rule == "negatives":
+    return negatives_background(scores, peak, level)
+  raise UserError(f"{map_rule!r} is not a map background rule {MAP_RULES}")
+
+
+def finding_mask(maps, labels, background, size, background_index: int, map_rule: str, alpha,
+                 level=None):
+  """(B, H, W) uint8 mask of findings against a background: maps (or a list over scales) fused
+  at `size`, max-normalised over the present classes, then each pixel the largest present class
+  where it beats the rule's background score, else `background_index`; `background` (B, H, W)
+  bool pixels (white glass) and negative images (no label) are background."""
+  scores, peak = max_normalize(fuse_maps(maps, size), labels > 0)
+  bg = background_score(map_rule, scores, peak, alpha, level)
+  best, cls = scores.max(axis=1), jnp.argmax(scores, axis=1)
+  empty = ~(labels > 0).any(axis=1)
+  found = (best > bg) & ~background & ~empty[:, None, None]
+  return jnp.where(found, cls, background_index).astype(jnp.uint8)
 
 
 # --- Palette PNG files --------------------------------------------------------------------------------
@@ -105,6 +221,8 @@ def palette_bytes(palette: str, num_colours: int) -> list:
   if palette not in PALETTES:
     raise UserError(f"palette={palette!r} is not one of {sorted(PALETTES)}")
   colours = list(PALETTES[palette])[:num_colours]
+  if palette == "finding":  # the background (last index) is black whatever K is
+    colours = colours[:-1] + [PALETTES[palette][-1]]
   return [c for rgb in colours for c in rgb]
 
 

@@ -8,7 +8,11 @@ name (`CONVENTIONS`), both over the tissue classes 0..K-1 with K = the backgroun
     prediction on tissue stays in the matrix and counts as a miss of that tissue class.
   stage2: the authors' segmentation scoring: ground-truth background pixels dropped, a K x K
     matrix; a prediction outside the K classes (background) is dropped too.
-They agree whenever the prediction never says background (a K-class segmenter); they differ on
+  finding: findings against a background: background is a class like the others, a
+    (K+1) x (K+1) matrix over every pixel (background last), scored with the class names plus
+    'background' so that mIoU averages the findings and the background (the VOC and lesion
+    convention).
+stage1 and stage2 agree whenever the prediction never says background (a K-class segmenter); they differ on
 pseudo masks with a background channel, where stage1 is the stricter one.
 The confusion matrix of a batch is computed on device (`device_confusion`: one scatter-add over
 the sharded batch, summed over devices and hosts by XLA) and accumulated on the host in int64.
@@ -100,7 +104,7 @@ def _nanmean(x) -> float:
   return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-CONVENTIONS = ("stage1", "stage2")
+CONVENTIONS = ("stage1", "stage2", "finding")
 
 
 def check_convention(convention: str) -> None:
@@ -112,7 +116,7 @@ def check_convention(convention: str) -> None:
 def device_confusion(pred, truth, num_classes: int, background: int, convention: str,
                      valid=None):
   """The confusion matrix of a batch under `convention`, on device: (M, M) int32 with
-  M = num_classes + 1 for stage1 (background last) and num_classes for stage2.
+  M = num_classes + 1 for stage1 and finding (background last) and num_classes for stage2.
 
   pred, truth: integer arrays of the same shape (B, H, W), possibly sharded along B; `valid` (B,)
   marks real rows of a padded batch. Truth values outside [0, num_classes] are ignored.
@@ -122,7 +126,11 @@ def device_confusion(pred, truth, num_classes: int, background: int, convention:
   keep = (truth >= 0) & (truth <= num_classes) & (pred >= 0) & (pred <= num_classes)
   if valid is not None:
     keep &= valid.reshape((-1,) + (1,) * (truth.ndim - 1))
-  if convention == "stage1":
+  if convention == "finding":
+    m = num_classes + 1
+    truth = jnp.where(truth == background, num_classes, truth)
+    pred = jnp.where(pred == background, num_classes, pred)
+  elif convention == "stage1":
     m = num_classes + 1
     # background truth and prediction both map to index num_classes; the forced cell is dropped.
     truth = jnp.where(truth == background, num_classes, truth)

@@ -306,29 +306,85 @@ class FolderSource:
     return f"FolderSource({self.spec.name}, {self.image_dir!r}, {len(self)} images)"
 
 
-def use_dataset(config, name: str, root: str) -> None:
-  """Points a phase config at a release: data.name/root, class names and count, channel
-  statistics, and (where the config has them) the mask palette and background rule."""
-  if name == "synthetic":
-    return
+# What a dataset preset fills in where the user gave nothing: setting, background rule, palette.
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  class_names: tuple | None
+  setting: str
+  background: str
+  palette: str
+  mean: tuple | None = None
+  std: tuple | None = None
+
+
+GREY_MEAN, GREY_STD = (0.25, 0.25, 0.25), (0.2, 0.2, 0.2)  # ultrasound-like: mostly dark
+EMBEDDED = {
+    "synthetic": Preset(("TE", "NEC", "LYM", "TAS"), "tissue", "white", "luad"),
+    "synthetic_lesions": Preset(("lesion",), "finding", "threshold", "finding", GREY_MEAN,
+                                GREY_STD),
+}
+
+
+def preset(name: str, setting: str) -> Preset:
+  """The defaults of dataset `name` in `setting` ("" = the dataset's own). A folder assumes no
+  white glass: its tissue default is no background rule, its finding default the map threshold."""
+  if name in EMBEDDED:
+    return dataclasses.replace(EMBEDDED[name], setting=setting or EMBEDDED[name].setting)
+  if name not in SPECS:  # slides: unlabelled tiles
+    return Preset((), setting or "tissue", "none", "luad")
+  spec = SPECS[name]
+  setting = setting or "tissue"
+  background = "threshold" if setting == "finding" else (
+      spec.background if spec.class_names else "none")
+  palette = "finding" if setting == "finding" else spec.palette
+  return Preset(spec.class_names, setting, background, palette, spec.mean, spec.std)
+
+
+def resolve(data_cfg, field: str, value: str = ""):
+  """A preset-backed field's value: `value` when the user gave one, else the preset of
+  data.name in data.setting (field: setting, background, palette)."""
+  return value or getattr(preset(data_cfg.name, data_cfg.get("setting", "")), field)
+
+
+def use_dataset(config, arg) -> None:
+  """Points a phase config at a dataset from its config arguments (`dataset`, `root`,
+  `classes` joined by '+', `setting`): data.name/root, class names and count, setting, channel
+  statistics, and where the config has them the mask palette and background rule. A field
+  whose config argument the user gave (`arg.given_args`) keeps the user's value."""
+  from wsss_jax import config_lib
+  name, root, given = arg.dataset, arg.root, set(arg.get("given_args", ()))
   if name == "slides":  # tiles cut from large images (wsss_jax.data.slides): unlabelled
     config.data.name, config.data.root = name, root
     return
-  if name not in SPECS:
-    raise UserError(f"dataset={name!r} is not one of {('synthetic', 'slides') + tuple(SPECS)}")
-  spec, data = SPECS[name], config.data
+  known = ("slides",) + tuple(EMBEDDED) + tuple(SPECS)
+  if name not in known:
+    raise UserError(f"dataset={name!r} is not one of {known}")
+  if arg.get("setting") and arg.setting not in config_lib.SETTINGS:
+    raise UserError(f"setting={arg.setting!r} is not one of {config_lib.SETTINGS}")
+  p, data = preset(name, arg.get("setting", "")), config.data
   data.name, data.root = name, root
-  if spec.class_names:
+  names = tuple(n for n in arg.get("classes", "").split("+") if n)
+  if "classes" in given and p.class_names and names != p.class_names:
+    raise UserError(f"classes={arg.classes} but {name} has classes {'+'.join(p.class_names)}")
+  names = names or p.class_names
+  if names:
     if "class_names" in data:
-      data.class_names = spec.class_names
+      data.class_names = names
     if "num_classes" in data:
-      data.num_classes = len(spec.class_names)
-  if spec.mean:
-    data.mean, data.std = spec.mean, spec.std
-  if "palette" in config:
-    config.palette = spec.palette
-  if "background" in config:
-    config.background.rule = spec.background
+      data.num_classes = len(names)
+  if "setting" in given or "dataset" in given:  # else "": a later phase takes its classifier's
+    data.setting = p.setting
+  if p.mean:
+    data.mean, data.std = p.mean, p.std
+  if "dataset" in given or "setting" in given:  # else "": the phase resolves it (`resolve`)
+    if "palette" in config and "palette" not in given:
+      config.palette = p.palette
+    if "background" in config and "background" not in given:
+      config.background.rule = p.background
+  if data.get("setting") == "finding" and any(n.lower() == "background" for n in names):
+    raise UserError(f"classes={'+'.join(names)}: in the finding setting background is not a "
+                    f"class (index {len(names)}, after the findings); name only "
+                    f"the findings, e.g. classes=nucleus")
 
 
 def folder_source(data_cfg, split: str) -> FolderSource:

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import masks
-from wsss_jax.data import folders, randaugment, synthetic, transforms
+from wsss_jax.data import folders, lesions, randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
 
-DATASETS = ("synthetic", "slides") + tuple(folders.SPECS)
+DATASETS = ("synthetic", "synthetic_lesions", "slides") + tuple(folders.SPECS)
 
 
 def check_dataset_name(name: str) -> None:
@@ -31,11 +31,12 @@ def build_source(data_cfg, split: str):
   """The random-access source named by `data.name` for one split; for segmentation training
   (`data.mask_layers` set) with the per-layer masks attached (`MaskedSource`)."""
   check_dataset_name(data_cfg.name)
-  if data_cfg.name == "synthetic":
+  if data_cfg.name in ("synthetic", "synthetic_lesions"):
     num = {"train": data_cfg.num_train, "val": data_cfg.num_val,
            "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
-    source = synthetic.SyntheticHistology(num, split, seed=data_cfg.seed,
-                                          size=data_cfg.tile_size)
+    kind = (synthetic.SyntheticHistology if data_cfg.name == "synthetic"
+            else lesions.SyntheticLesions)
+    source = kind(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
   elif data_cfg.name == "slides":  # tissue tiles cut from large TIFF/PNG images
     from wsss_jax.data import slides
     source = slides.slide_source(data_cfg, split)

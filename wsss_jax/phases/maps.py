@@ -34,7 +34,7 @@ DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "l
                   "vit": ()}
 DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size", "normalize",
                "mean", "std",
-               "num_classes", "class_names")
+               "num_classes", "class_names", "setting")
 
 
 # --- The classifier ---------------------------------------------------------------------------------
@@ -62,7 +62,8 @@ def data_config(config, classifier_data: dict):
   """The maps phase's data section: the classifier's input fields, this config's split sizes."""
   data = ml_collections.ConfigDict(config.data.to_dict())
   for field in DATA_FIELDS:
-    if field in classifier_data and not (field == "image_size" and config.data.image_size):
+    own = field in ("image_size", "setting") and config.data.get(field)
+    if field in classifier_data and not own:
       value = classifier_data[field]
       data[field] = tuple(value) if isinstance(value, list) else value
   return data

@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from wsss_jax import crf, masks, metrics, parallel, relevance
-from wsss_jax.data import pipeline
+from wsss_jax import crf, masks, metrics, overlays, parallel, relevance
+from wsss_jax.data import folders, pipeline
+from wsss_jax.progress import Progress
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
 from wsss_jax.phases import erasing as erasing_phase
@@ -71,6 +72,79 @@ def table(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+# alpha values `background.alpha=auto` tries, per map rule (negatives: quantiles)
+ALPHA_GRID = {"threshold": tuple(round(0.05 * i, 2) for i in range(1, 20)),
+              "power": (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0),
+              "negatives": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
+              "otsu": (0.0,)}
+
+
+def parse_alpha(text, map_rule: str):
+  """background.alpha: "" (the rule's default), "auto", or a number (checked for the rule)."""
+  text = str(text).strip().lower()
+  if text == "auto":
+    return "auto"
+  try:
+    alpha = float(text) if text else masks.DEFAULT_ALPHA[map_rule]
+  except ValueError:
+    raise UserError(f"background.alpha={text!r} is not a number, '' or 'auto'") from None
+  masks.check_alpha(map_rule, alpha)
+  return alpha
+
+
+def sweep_table(sweep: dict, rule: str) -> str:
+  """Markdown: pseudo-mask mIoU on the validation split for each alpha (rows) and layer."""
+  layers = list(sweep)
+  lines = [f"background.rule={rule}: pseudo-mask mIoU (findings and background) on the "
+           f"validation split per alpha", "", "| alpha | " + " | ".join(layers) + " |",
+           "|---" * (1 + len(layers)) + "|"]
+  for i, alpha in enumerate(next(iter(sweep.values()))["alpha"]):
+    lines.append(f"| {alpha:g} | " + " | ".join(f"{sweep[l]['mIoU'][i]:.3f}" for l in layers)
+                 + " |")
+  best = ", ".join(f"{l}: {sweep[l]['best']:g}" for l in layers)
+  return "\n".join(lines) + f"\n\nChosen (best mIoU): {best}\n"
+
+
+LINE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
+
+
+def save_sweep_plot(path: str, sweep: dict, rule: str) -> None:
+  """alpha_sweep.png: mIoU against alpha (x), one line per layer, the chosen alpha circled."""
+  from PIL import ImageDraw
+  w, h, left, right, top, bottom = 640, 420, 70, 150, 40, 60
+  image = Image.new("RGB", (w, h), "white")
+  draw = ImageDraw.Draw(image)
+  alphas = next(iter(sweep.values()))["alpha"]
+  lo, hi = min(alphas), max(alphas)
+  span = (hi - lo) or 1.0
+  def xy(a, v):
+    return (left + (a - lo) / span * (w - left - right), top + (1 - v) * (h - top - bottom))
+  draw.rectangle([left, top, w - right, h - bottom], outline="black")
+  for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+    y = xy(lo, v)[1]
+    draw.line([left - 4, y, left, y], fill="black")
+    draw.text((left - 36, y - 6), f"{v:.2f}", fill="black")
+  for a in alphas[::max(1, len(alphas) // 8)]:
+    x = xy(a, 0)[0]
+    draw.line([x, h - bottom, x, h - bottom + 4], fill="black")
+    draw.text((x - 10, h - bottom + 8), f"{a:g}", fill="black")
+  draw.text((left, 12), f"background.alpha sweep, rule '{rule}': pseudo-mask mIoU (val)",
+            fill="black")
+  draw.text(((w - right + left) // 2 - 20, h - 24), "alpha", fill="black")
+  draw.text((6, top - 16), "mIoU", fill="black")
+  for i, (layer, s) in enumerate(sweep.items()):
+    colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+    points = [xy(a, v) for a, v in zip(s["alpha"], s["mIoU"])]
+    draw.line(points, fill=colour, width=2)
+    bx, by = xy(s["best"], s["mIoU"][list(s["alpha"]).index(s["best"])])
+    draw.ellipse([bx - 5, by - 5, bx + 5, by + 5], outline=colour, width=2)
+    ly = top + 18 * i
+    draw.line([w - right + 12, ly + 6, w - right + 36, ly + 6], fill=colour, width=3)
+    draw.text((w - right + 42, ly), f"{layer} (best {s['best']:g})", fill="black")
+  image.save(path + ".tmp.png")
+  os.replace(path + ".tmp.png", path)
+
+
 def dilated_models(meta: dict, dilations) -> list:
   """The classifier rebuilt with its last block at each rate of `dilations` (same weights)."""
   if not dilations:
@@ -92,11 +166,21 @@ def validate(config) -> None:
     raise UserError(f"split={config.split!r} is not one of {SPLITS}")
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
-  masks.check_rule(config.background.rule)
-  masks.palette_bytes(config.palette, 1)
+  if config.background.rule:
+    masks.check_rule(config.background.rule)
+  if config.palette:
+    masks.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
   if config.crf.enabled:
     crf.check_settings(dict(config.crf))
+
+
+def relu_choice(relu: int, setting: str):
+  """config.relu: -2 by setting (tissue: off, the authors' Grad-CAM; finding: on, evidence
+  against a finding is not a finding), -1 the method's default, 0 off, 1 on."""
+  if relu == -2:
+    return setting == "finding"
+  return None if relu < 0 else bool(relu)
 
 
 def run(config, workdir: str) -> dict:
@@ -116,17 +200,29 @@ def run(config, workdir: str) -> dict:
     data.num_train = classifier_data.get("num_train", data.num_train)
   num_classes, names = data.num_classes, tuple(data.class_names)
   background_index = num_classes  # palette index after the classes (4 in both releases)
-  palette = masks.palette_bytes(config.palette, num_classes + 1)
+  setting = folders.resolve(data, "setting")
+  rule = folders.resolve(data, "background", config.background.rule)
+  masks.check_rule(rule)
+  image_rule, map_rule = masks.split_rule(rule)
+  if setting == "finding" and map_rule is None:
+    raise UserError(f"background.rule={rule!r}: findings against a background need a map rule "
+                    f"({', '.join(masks.MAP_RULES)}, or white+<one of them>)")
+  alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
+  palette_name = folders.resolve(data, "palette", config.palette)
+  palette = masks.palette_bytes(palette_name, num_classes + 1)
   if meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
     raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
                     f"size (fixed position embeddings); use scales=(1.0,)")
   method, options = maps_phase.method_options(config.method, config, data)
   layers = tuple(config.layers) or maps_phase.DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
+  # map rules normalise by the per-image maximum themselves (masks.max_normalize)
+  normalize = "none" if map_rule else config.normalize
+  relu = relu_choice(config.relu, setting)
+
   def maps_fn(classifier):
     return relevance.relevance_fn(method, classifier.apply, layers=list(layers) or None,
                                   target=config.target, upsample=False,
-                                  normalize=config.normalize, only_present=True,
-                                  relu=None if config.relu < 0 else bool(config.relu), **options)
+                                  normalize=normalize, only_present=True, relu=relu, **options)
 
   fn = maps_fn(model)
   dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
@@ -136,52 +232,106 @@ def run(config, workdir: str) -> dict:
     round_variables.insert(0, variables)
     erasing_chain = erasing_phase.chain(rounds, plan, erasing_phase.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
-  source = pipeline.build_source(data, config.split)
-  has_truth = "mask" in source[0]
   sizes = input_sizes(data.image_size, config.scales)
   inputs = {f"input_{i}": size for i, size in enumerate(sizes)}
+
+  def batch_maps(b, labels) -> list:
+    """The maps of every input scale (and dilation or erasing round) of a batch."""
+    scale_maps = []
+    for key in inputs:
+      x = prepare(parallel.shard_identical(b[key], mesh))
+      if plan:
+        scale_maps.append(erasing_chain(round_variables, x, labels)[0])
+        continue
+      extra = [f.maps(variables, x, labels) for f in dilated]
+      # multi-dilation (Wei et al. 2018): H_0 + mean_i H_i, i.e. H_0 weighs as all the others
+      scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
+    return scale_maps
+
+  levels = {}
+  if map_rule == "negatives" or alpha == "auto":
+    negatives = negative_map_values(data, config, batch, inputs, batch_maps)
+    if map_rule == "negatives" or (alpha == "auto" and negatives):
+      if not negatives:
+        raise UserError(f"background.rule=negatives but the training split of "
+                        f"data.name={data.name!r} has no negative image (all-zero labels); use "
+                        f"threshold, power or otsu")
+  sweep = None
+  if alpha == "auto":
+    val_truth = "mask" in pipeline.build_source(data, "val")[0]
+    if val_truth:
+      sweep = sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule,
+                          negatives if map_rule == "negatives" else None, background_index, mesh)
+      alpha = {layer: s["best"] for layer, s in sweep.items()}
+      if parallel.is_main_process():
+        with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
+          f.write(sweep_table(sweep, rule))
+        save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
+    elif negatives:  # no ground truth: what the negatives show bounds "no finding"
+      print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
+            f"(quantile {masks.DEFAULT_ALPHA['negatives']})", flush=True)
+      map_rule, alpha = "negatives", masks.DEFAULT_ALPHA["negatives"]
+    else:
+      raise UserError("background.alpha=auto needs ground-truth masks on the val split or "
+                      "negative training images (all-zero labels); give alpha a number")
+  if map_rule == "negatives":
+    quantile = alpha if not isinstance(alpha, dict) else None
+    levels = {layer: (np.quantile(v, alpha[layer] if quantile is None else quantile))
+              for layer, v in negatives.items()}
+  def alpha_of(layer):
+    return alpha[layer] if isinstance(alpha, dict) else alpha
+
+  source = pipeline.build_source(data, config.split)
+  has_truth = "mask" in source[0]
   keys = ("image", "labels", "name", "background") + tuple(inputs) + (
       ("mask",) if has_truth else ())
 
   crf_cfg = dict(config.crf) if config.crf.enabled else None
+  convention = "finding" if setting == "finding" else "stage1"
 
   @jax.jit
-  def masks_and_scores(scale_maps, labels, background, truth, valid, images):
+  def masks_and_scores(scale_maps, labels, background, truth, valid, images, alphas, lvls):
     out, conf = {}, {}
     for layer in scale_maps[0]:
       m = [maps_at_scale[layer] for maps_at_scale in scale_maps]
-      out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:], background_index)
+      if map_rule:
+        out[layer] = masks.finding_mask(m, labels, background, background.shape[1:],
+                                        background_index, map_rule, alphas.get(layer),
+                                        lvls.get(layer))
+      else:
+        out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:],
+                                       background_index)
       if crf_cfg is not None:  # dense-CRF refinement against the tile's colours
         out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
                                        crf_cfg)
       if truth is not None:
         conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
-                                               "stage1", valid)
+                                               convention, valid)
     return out, conf
 
   directory = os.path.join(workdir, "masks")
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.writer_threads)
   pending, confusion, overlay, seen = [], {}, [], 0
   started, timed, first = time.perf_counter(), 0.0, True
+  total = len(source)
+  progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
   try:
-    background = masks.BackgroundMask(config.background.rule, config.background.threshold,
+    background = masks.BackgroundMask(rule, config.background.threshold,
                                       config.background.min_size)
+    alphas = levels_arg = None
     for b in pipeline.tile_batches(data, config.split, batch, inputs, keys, extra=[background]):
       t0 = time.perf_counter()
       labels = jnp.asarray(b["labels"])
-      scale_maps = []
-      for key in inputs:
-        x = prepare(parallel.shard_identical(b[key], mesh))
-        if plan:
-          scale_maps.append(erasing_chain(round_variables, x, labels)[0])
-          continue
-        extra = [f.maps(variables, x, labels) for f in dilated]
-        # multi-dilation (Wei et al. 2018): H_0 + mean_i H_i, i.e. H_0 weighs as all the others
-        scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
+      scale_maps = batch_maps(b, labels)
+      if alphas is None:
+        alphas = {layer: jnp.float32(alpha_of(layer.split("/")[-1]) or 0.0)
+                  for layer in scale_maps[0]} if map_rule else {}
+        levels_arg = {layer: jnp.float32(levels[layer.split("/")[-1]])
+                      for layer in scale_maps[0]} if levels else {}
       truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
       out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),
                                    truth, jnp.asarray(b["valid"]),
-                                   parallel.shard_identical(b["image"], mesh))
+                                   parallel.shard_identical(b["image"], mesh), alphas, levels_arg)
       valid = b["valid"]
       host = {layer_name(k): np.asarray(v)[valid] for k, v in out.items()}  # waits for this batch
       if not first:
@@ -194,32 +344,41 @@ def run(config, workdir: str) -> dict:
           pending.pop(0).result()
         pending.append(pool.submit(write_batch, directory, list(b["name"][valid]), host, palette))
       for i in range(min(int(valid.sum()), config.overlays - len(overlay))):
-        row = [b["image"][i]] + ([colour(b["mask"][i], palette)] if has_truth else [])
-        overlay.append(row + [colour(m[i], palette) for m in host.values()])
+        overlay.append((b["image"][i], b["mask"][i] if has_truth else None,
+                        {layer: m[i] for layer, m in host.items()}))
       seen += int(valid.sum())
+      progress.update(seen)
     for p in pending:
       p.result()
   finally:
     pool.shutdown(wait=True)
   if not seen:
     raise UserError(f"split {config.split!r} of data.name={data.name!r} has no images")
+  scored_names = names + (("background",) if convention == "finding" else ())
   summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(classifier_workdir),
              "classifier_step": int(step), "backbone": meta["model"]["backbone"],
              "method": config.method, "split": config.split, "num_images": seen,
-             "scales": list(config.scales),
+             "scales": list(config.scales), "setting": setting,
              "layers_written": [layer_name(k) for k in out], "class_names": list(names),
-             "background_rule": config.background.rule, "scoring": "stage1",
+             "background_rule": rule, "scoring": convention,
+             "background_alpha": ({layer_name(k): alpha_of(layer_name(k)) for k in out}
+                                  if map_rule else None),
+             "negatives_level": {k: float(v) for k, v in levels.items()} or None,
+             "alpha_sweep": sweep, "palette": palette_name,
              "crf": dict(config.crf) if config.crf.enabled else None,
              "dilations": list(config.dilations),
              "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
                          "rounds": len(plan["rounds"])} if plan else None,
              "wall_seconds": time.perf_counter() - started,
              "images_per_sec": (seen - batch) / timed if timed else None,
-             "layers": {k: metrics.iou_scores(c, names) for k, c in confusion.items()}}
+             "layers": {k: metrics.iou_scores(c, scored_names) for k, c in confusion.items()}}
   writer = MetricWriter(workdir, parallel.is_main_process())
   if parallel.is_main_process():
     if overlay:
-      save_overlay(os.path.join(workdir, "overlays", "pseudo_masks.png"), overlay, palette)
+      figure = overlays.mask_figure(overlay, palette, scored_names,
+                                    f"pseudo masks: {config.method}, background {rule}")
+      overlays.save(os.path.join(workdir, "overlays", "pseudo_masks.png"), figure)
+      writer.image("pseudo_masks", 0, figure)
     if has_truth:
       with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
         f.write(table(summary))
@@ -229,3 +388,61 @@ def run(config, workdir: str) -> dict:
   writer.summary(summary)
   writer.close()
   return summary
+
+
+def negative_map_values(data, config, batch, inputs, batch_maps) -> dict:
+  """{layer: raw max_c M_c values} over the pixels (at 56 x 56) of up to
+  `background.negatives_images` negative training images, each class's map taken as if present."""
+  values, count = {}, 0
+  limit = config.background.negatives_images
+  for b in pipeline.tile_batches(data, "train", batch, inputs, ("labels",) + tuple(inputs)):
+    negative = b["valid"] & ~(b["labels"] > 0).any(axis=1)
+    if not negative.any():
+      continue
+    everything = jnp.ones(b["labels"].shape, jnp.float32)
+    for layer in (scale_maps := batch_maps(b, everything))[0]:
+      fused = masks.fuse_maps([m[layer] for m in scale_maps], (56, 56))
+      peak = np.asarray(jax.nn.relu(fused).max(axis=1))[negative]
+      values.setdefault(layer_name(layer), []).append(peak.ravel())
+    count += int(negative.sum())
+    if count >= limit:
+      break
+  return {layer: np.concatenate(v) for layer, v in values.items()}
+
+
+def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, negatives,
+                background_index, mesh) -> dict:
+  """{layer: {alpha: [...], mIoU: [...], best}}: the pseudo-mask mIoU (finding scoring) of the
+  val split for every alpha of ALPHA_GRID[map_rule]."""
+  grid = ALPHA_GRID[map_rule]
+  k = data.num_classes
+  names = tuple(data.class_names) + ("background",)
+  keys = ("image", "labels", "mask", "background") + tuple(inputs)
+  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
+
+  @jax.jit
+  def confusions(maps, labels, background, truth, valid, settings):
+    def one(a, level):
+      m = masks.finding_mask(maps, labels, background, background.shape[1:], background_index,
+                             map_rule, a, level)
+      return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
+    return jax.vmap(one)(*settings)
+
+  totals = {}
+  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
+    labels = jnp.asarray(b["labels"])
+    scale_maps = batch_maps(b, labels)
+    for layer in scale_maps[0]:
+      name = layer_name(layer)
+      levels = (np.quantile(negatives[name], grid) if negatives is not None
+                else np.zeros(len(grid)))
+      settings = (jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
+      c = confusions([m[layer] for m in scale_maps], labels,
+                     parallel.shard_identical(b["background"], mesh),
+                     parallel.shard_identical(b["mask"], mesh), jnp.asarray(b["valid"]), settings)
+      totals[name] = totals.get(name, 0) + np.asarray(c, np.int64)
+  out = {}
+  for name, c in totals.items():
+    miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
+    out[name] = {"alpha": list(grid), "mIoU": miou, "best": grid[int(np.nanargmax(miou))]}
+  return out

@@ -1,0 +1,79 @@
+"""Figures people read: masks alpha-blended over the image at a legible size, each column
+named, the classes in a legend with their colours, the method in the title."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MIN_SIDE = 192     # small tiles are enlarged (nearest) to at least this many pixels
+ALPHA = 0.45       # mask opacity over the image
+HEADER, GAP = 22, 6
+
+
+def blend(image: np.ndarray, mask: np.ndarray, palette: list, background_index: int,
+          alpha: float = ALPHA) -> np.ndarray:
+  """The image with each class's colour blended in at `alpha`; background left as it is."""
+  colours = np.asarray(palette, np.float32).reshape(-1, 3)
+  index = np.minimum(mask, len(colours) - 1)
+  painted = (1 - alpha) * image.astype(np.float32) + alpha * colours[index]
+  keep = (mask == background_index)[..., None]
+  return np.where(keep, image, painted).clip(0, 255).astype(np.uint8)
+
+
+def _enlarge(a: np.ndarray) -> np.ndarray:
+  factor = max(1, -(-MIN_SIDE // max(a.shape[:2])))
+  return np.repeat(np.repeat(a, factor, 0), factor, 1)
+
+
+def grid_figure(rows, column_names, title: str, legend=()) -> np.ndarray:
+  """rows of equal-size RGB panels -> one RGB figure with a title, column headers and a legend
+  (`legend`: (name, rgb) pairs)."""
+  rows = [[_enlarge(p) for p in row] for row in rows]
+  h, w = rows[0][0].shape[:2]
+  ncol = max(len(r) for r in rows)
+  legend_h = 20 if legend else 0
+  width = ncol * w + (ncol + 1) * GAP
+  height = HEADER * 2 + legend_h + len(rows) * (h + GAP) + GAP
+  canvas = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(canvas)
+  draw.text((GAP, 4), title, fill="black")
+  x = GAP
+  for name, rgb in legend:
+    draw.rectangle([x, HEADER + 2, x + 14, HEADER + 16], fill=tuple(int(c) for c in rgb),
+                   outline="black")
+    draw.text((x + 18, HEADER + 3), name, fill="black")
+    x += 24 + 7 * len(name)
+  top = HEADER + legend_h + HEADER
+  for j, name in enumerate(column_names[:ncol]):
+    draw.text((GAP + j * (w + GAP), top - 16), name, fill="black")
+  for i, row in enumerate(rows):
+    for j, panel in enumerate(row):
+      canvas.paste(Image.fromarray(panel), (GAP + j * (w + GAP), top + i * (h + GAP)))
+  return np.asarray(canvas)
+
+
+def mask_figure(items, palette: list, class_names, title: str) -> np.ndarray:
+  """items: (image, truth or None, {layer: mask}) -> rows image | ground truth | each layer,
+  masks blended over the image; the legend names the classes (the last one the background)."""
+  k = len(palette) // 3 - 1
+  colours = np.asarray(palette, np.uint8).reshape(-1, 3)
+  has_truth = items[0][1] is not None
+  layers = list(items[0][2])
+  columns = ["image"] + (["ground truth"] if has_truth else []) + layers
+  rows = []
+  for image, truth, by_layer in items:
+    row = [image] + ([blend(image, truth, palette, k)] if has_truth else [])
+    rows.append(row + [blend(image, by_layer[l], palette, k) for l in layers])
+  names = list(class_names)[:k]
+  legend = [(n, colours[i]) for i, n in enumerate(names)] + [("background: unpainted",
+                                                              (255, 255, 255))]
+  return grid_figure(rows, columns, title, legend)
+
+
+def save(path: str, figure: np.ndarray) -> None:
+  """A PNG written to a temporary name and renamed."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(figure).save(path + ".tmp.png")
+  os.replace(path + ".tmp.png", path)

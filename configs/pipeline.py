@@ -20,6 +20,13 @@ of running one: a ViT from any MAE variant or pretext task, the ResNet38 from a 
 ViT pretraining should clear; the CNN's is the default run).
 `paper=True` is the authors' method alone: no SEAM loss, no CRF, the segmenter on the 0.2/0.2/0.6
 mix of the three layers' masks (the default adds SEAM and the CRF and learns from b4_5's masks).
+`dataset=<name>,root=<path>` (and `classes=a+b` for a folder) points every phase at a dataset;
+`setting=tissue|finding` picks the recipe: tissue maps (every pixel one of the classes; the
+dataset's white-glass rule or none) or findings against a background (one or a few finding
+classes, normal images with no label; `data.name=synthetic_lesions` is the embedded example):
+the finding recipe keeps ReLU on the maps, takes the background from the maps with the
+threshold rule and alpha swept on the validation masks (`background.alpha=auto`, without masks
+the negatives rule), trains the segmenter's background as a class and scores it as one.
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
 """
@@ -39,8 +46,10 @@ def _pretrain_mode(text: str) -> str:
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, supervision="pseudo", upper_bound=False, pretrain="",
-                             erasing=0, paper=False)
+  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, supervision="pseudo",
+                             upper_bound=False, pretrain="", erasing=0, paper=False)
+  # the dataset arguments the user gave reach every section, which applies its dataset preset
+  data_arg = "".join(f",{k}={arg[k]}" for k in config_lib.DATASET_ARGS if k in arg.given_args)
   pretrain = _pretrain_mode(arg.pretrain)
   # a pretext run of a CNN trunk (configs/mae.py:encoder=resnet38) starts the CNN classifier;
   # any other pretraining (true, scratch, a ViT's workdir) a ViT classifier
@@ -56,7 +65,7 @@ def get_config(arg=None):
   config.run_pretrain = pretrain == "true"  # MAE first, then a ViT classifier from it
   # a finished pretrain run whose encoder starts the classifier (nothing is pretrained here)
   config.pretrain_workdir = "" if pretrain in ("", "true", "scratch") else pretrain
-  config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none")  # the pipeline's
+  config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none" + data_arg)  # the pipeline's
   # own classifier is the evaluation
   backbone = "vit" if vit else "resnet38"
   # PDA off and 12 epochs: on the embedded data the from-scratch 1/8-width ResNet38 with PDA
@@ -67,16 +76,20 @@ def get_config(arg=None):
   seam = not (arg.paper or vit)  # class maps of a CNN only
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12,seam={seam}"
-      + (",image_size=112" if vit else "") + (f",width={cnn_width}" if cnn_width else ""))
+      + (",image_size=112" if vit else "") + (f",width={cnn_width}" if cnn_width else "")
+      + data_arg)
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
   config.erasing = config_lib.sibling_config(__file__, "erasing", f"rounds={arg.erasing or 3}")
   del config.erasing.classify  # its rounds train the classify section's classifier
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks",
-                                                  f"crf={not arg.paper}")
+                                                  f"crf={not arg.paper}" + data_arg)
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
   config.segment = config_lib.sibling_config(  # its backbone starts from the classifier's
       __file__, "segment", f"supervision={arg.supervision}"
-      + (f",width={cnn_width}" if cnn_width else ""))
+      + (f",width={cnn_width}" if cnn_width else "") + data_arg)
+  finding = config.classify.data.setting == "finding"
+  if finding:  # the map threshold, alpha chosen on the validation masks (else the negatives)
+    config.pseudo_masks.background.alpha = "auto"
   if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
     # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; README), not
     # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)

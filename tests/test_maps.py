@@ -23,7 +23,7 @@ def classifier(tiny_classifier):
 
 def _maps_config(classifier, methods="gradcam+lrp:EpsilonPlusFlat+patternattribution"):
   config = load_config("maps", f"classifier={classifier},methods={methods},batch=8")
-  config.data.num_val = 12
+  config.data.num_val = 8  # one batch: its maps/s must come from a timed call, not be nan
   config.quality.num_images, config.quality.steps = 8, 4
   config.patterns.num_images = 16
   config.overlays = 2
@@ -37,7 +37,7 @@ def test_maps_phase_writes_maps_overlays_and_a_scored_summary(classifier, tmp_pa
   gradcam = summary["methods"]["gradcam"]
   assert [l.split("/")[-1] for l in gradcam["layers"]] == ["b4_5", "b5_2", "bn7"]
   for s in summary["methods"].values():
-    assert s["num_images"] == 12 and s["maps_per_sec"] > 0
+    assert s["num_images"] == 8 and s["maps_per_sec"] > 0
     assert 0 <= s["deletion_auc"] <= 1 and 0 <= s["insertion_auc"] <= 1
     assert 0 <= s["average_drop"] <= 1 and 0 <= s["increase_in_confidence"] <= 1
   assert json.load(open(tmp_path / "summary.json"))["methods"].keys() == summary["methods"].keys()
@@ -50,8 +50,8 @@ def test_maps_phase_writes_maps_overlays_and_a_scored_summary(classifier, tmp_pa
   data = maps.data_config(config, json.load(open(os.path.join(classifier, "config.json")))["data"])
   confusion = 0
   files = sorted(glob.glob(str(tmp_path / "maps" / "gradcam" / "*.npz")))
-  assert len(files) == 12
-  for b in pipeline.eval_batches(data, 12, "val", keys=("labels", "mask", "name")):
+  assert len(files) == 8
+  for b in pipeline.eval_batches(data, 8, "val", keys=("labels", "mask", "name")):
     for i, name in enumerate(b["name"]):
       saved = np.load(tmp_path / "maps" / "gradcam" / maps._file_name(name))
       bn7 = saved["backbone.bn7"].astype(np.float32)

@@ -159,7 +159,13 @@ def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palett
   except (OSError, SyntaxError, ValueError):
     rgb = None  # read_mask names the problem
   if rgb is None:
-    return masks.read_mask(path, size, num_classes)
+    mask = masks.read_mask(path, size, 255)
+    top = int(mask.max()) if mask.size else 0
+    if top > num_classes:
+      raise UserError(f"mask {path} has index {top}; masks hold the class indices 0..{num_classes - 1} "
+                      f"and {num_classes} = background (one finding: 0 = finding, 1 = background), "
+                      f"so a 0/255 mask must be rewritten as 1 - mask / 255")
+    return mask
   if num_classes + 1 > len(masks.PALETTES[palette]):
     raise UserError(f"mask {path} is an RGB image; with {num_classes} classes masks must be "
                     f"indexed PNGs of class indices")
@@ -366,7 +372,7 @@ def use_dataset(config, arg) -> None:
   names = tuple(n for n in arg.get("classes", "").split("+") if n)
   if "classes" in given and p.class_names and names != p.class_names:
     raise UserError(f"classes={arg.classes} but {name} has classes {'+'.join(p.class_names)}")
-  names = names or p.class_names
+  names = names or p.class_names or ()
   if names:
     if "class_names" in data:
       data.class_names = names

@@ -130,8 +130,8 @@ def generate_image(seed: int, split: str, index: int, size: int = 224):
   image = np.where(inside, image, 0.0)
   image = np.where(border, rng.uniform(0.85, 1.0), image)
   for _ in range(int(rng.integers(1, 4))):  # calibration marks / text beside the fan
-    my, mx = int(rng.integers(2, size - 6)), int(rng.choice([rng.integers(2, size // 8),
-                                                              rng.integers(size * 7 // 8, size - 4)]))
+    side = rng.uniform(0, size / 8) if rng.random() < 0.5 else rng.uniform(size * 7 / 8, size)
+    my, mx = int(rng.uniform(0, size * 0.95)), min(int(side), size - 2)
     mark = (slice(my, my + max(2, size // 60)), slice(mx, mx + max(2, size // 60)))
     if not inside[mark].any():
       image[mark] = 1.0

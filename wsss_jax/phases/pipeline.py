@@ -48,7 +48,7 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
 def table(result: dict) -> str:
   """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
   with and without the gate (and of the ground-truth-trained upper bound)."""
-  names = result["class_names"]
+  names = result["class_names"] + (["background"] if result.get("setting") == "finding" else [])
   erasing = result.get("erasing")
   lines = ([f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; {erasing['stopped']}.",
             ""] if erasing else [])
@@ -139,14 +139,16 @@ def run(config, workdir: str) -> dict:
                           erasing)
         or _run(test_pm, dirs["pseudo_masks_test"]))
     if parallel.is_main_process():
-      save_overlays(workdir, dirs, result["pseudo_masks_test"]["layers_written"][-1],
-                    test_pm.palette, seg.data.num_classes)
+      save_overlays(workdir, dirs, seg.data.mask_layers[-1],
+                    result["pseudo_masks_test"].get("palette") or "luad", seg.data.num_classes,
+                    result["pseudo_masks_test"])
   if config.upper_bound and config.supervision == "pseudo":
     full = seg.copy_and_resolve_references()
     full.supervision = "full"
     result["segment_full"] = _run(full, dirs["segment_full"])
 
   result["class_names"] = list(seg.data.class_names)
+  result["setting"] = result["segment"].get("setting", "tissue")
   result["test_split"] = seg.test_split
   text = table(result)
   print(text, flush=True)
@@ -171,24 +173,26 @@ def erasing_config(config, classify_dir: str):
 
 
 def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
-                  num_classes: int) -> None:
+                  num_classes: int, pm_summary: dict) -> None:
   """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
-  the segment phase kept."""
-  from wsss_jax import masks
-  from wsss_jax.phases.pseudo_masks import colour, save_overlay
+  the segment phase kept, blended over the image, with a legend."""
+  from wsss_jax import masks, overlays
   path = os.path.join(dirs["segment"], "overlays", "test.npz")
   if not os.path.exists(path):
     return
   shown = np.load(path)
   palette = masks.palette_bytes(palette_name, num_classes + 1)
-  rows = []
+  items = []
   for image, truth, pred, name in zip(shown["image"], shown["truth"], shown["prediction"],
                                       shown["name"]):
     pm = masks.read_mask(os.path.join(dirs["pseudo_masks_test"], "masks", layer,
                                       masks.file_stem(str(name)) + ".png"), truth.shape,
                          num_classes)
-    rows.append([image, colour(truth, palette), colour(pm, palette), colour(pred, palette)])
-  save_overlay(os.path.join(workdir, "overlays.png"), rows, palette)
+    items.append((image, truth, {f"pseudo mask {layer}": pm, "segmenter": pred}))
+  figure = overlays.mask_figure(items, palette, pm_summary["class_names"],
+                                f"test tiles: {pm_summary['method']} pseudo masks "
+                                f"(background {pm_summary['background_rule']}) and the segmenter")
+  overlays.save(os.path.join(workdir, "overlays.png"), figure)
 
 
 def _read_summary(workdir: str) -> dict:

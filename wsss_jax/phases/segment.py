@@ -12,6 +12,11 @@ mask is a class (background and out-of-image pixels are ignored). The authors in
 constant logit of 100 at background pixels, which gives those pixels a near-zero loss but keeps
 them in the average: their loss is ours scaled by the tissue fraction of each batch.
 
+Findings against a background (`data.setting=finding`): background is the segmenter's own
+output channel K, trained like the findings (every pixel counts in the loss), the gate never
+excludes it (a negative image whose findings all fail is all background), and scoring is the
+`finding` convention (background a scored class).
+
 Classification gate at test time: classes whose classifier probability is <= epsilon (0.1) are
 excluded from the argmax (`gate.mode="exclude"`: logit -> -inf; a tile whose classes all fail
 keeps its ungated logits). The authors multiply the logits by the 0/1 gate (`"multiply"`), which
@@ -29,7 +34,7 @@ import optax
 
 from wsss_jax import loop, masks, metrics, optim, parallel
 from wsss_jax.checkpoint import Checkpointer, model_meta
-from wsss_jax.data import pipeline, transforms
+from wsss_jax.data import folders, pipeline, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
 from wsss_jax.phases import classify, maps as maps_phase
@@ -57,10 +62,23 @@ def multilayer_loss(logits, batch, weights: dict, num_classes: int):
   return sum(w * parts[layer] for layer, w in weights.items()), parts
 
 
+def output_classes(config) -> int:
+  """Segmenter outputs: the K classes, plus the background channel in the finding setting."""
+  return config.data.num_classes + (setting(config) == "finding")
+
+
+def setting(config) -> str:
+  return folders.resolve(config.data, "setting")
+
+
 def gate(logits, probs, mode: str, epsilon: float):
-  """Classification gate on (B, H, W, K) logits with (B, K) classifier probabilities."""
+  """Classification gate on (B, H, W, K') logits with (B, K) classifier probabilities; output
+  channels past K (the background of the finding setting) always pass."""
   if mode == "off":
     return logits
+  extra = logits.shape[-1] - probs.shape[-1]
+  if extra:
+    probs = jnp.concatenate([probs, jnp.ones(probs.shape[:1] + (extra,), probs.dtype)], axis=1)
   keep = probs > epsilon
   if mode == "multiply":  # the authors' form
     return logits * keep[:, None, None, :]
@@ -71,7 +89,8 @@ def gate(logits, probs, mode: str, epsilon: float):
 # --- Model, optimiser, steps -------------------------------------------------------------------------
 def checkpoint_meta(config) -> dict:
   return {"phase": "segment", "model": model_meta(config.model),
-          "image_size": config.data.image_size, "num_classes": config.data.num_classes}
+          "image_size": config.data.image_size, "num_classes": output_classes(config),
+          "setting": setting(config)}
 
 
 def param_labels(params):
@@ -97,7 +116,7 @@ def make_init_fn(model, tx, config):
 
 
 def make_train_step(model, tx, schedule, config):
-  dtype, weights, k = compute_dtype(config), layer_weights(config), config.data.num_classes
+  dtype, weights, k = compute_dtype(config), layer_weights(config), output_classes(config)
 
   def train_step(state, batch):
     images = prepare_images(batch["image"], config.data, dtype)
@@ -135,7 +154,7 @@ class Segmentation:
   """Model, optimiser, jitted steps and the numbers of steps."""
 
   def __init__(self, config, mesh):
-    self.model = build_segmenter(config.model, config.data.num_classes, compute_dtype(config))
+    self.model = build_segmenter(config.model, output_classes(config), compute_dtype(config))
     self.steps_per_epoch = classify.steps_per_epoch(config)
     self.total_steps = classify.total_steps(config, self.steps_per_epoch)
     tx, schedule = optim.classifier_optimizer(
@@ -161,14 +180,15 @@ class Segmentation:
 
 
 # --- Evaluation ----------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _scores(logits, probs, truth_valid, num_classes, modes, epsilon):
-  """Tile-size logits -> per gate mode: prediction (B, H, W) and stage-2 confusion matrix."""
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _scores(logits, probs, truth_valid, num_classes, modes, epsilon, convention):
+  """Tile-size logits -> per gate mode: prediction (B, H, W) and confusion matrix (stage2, or
+  finding with background a class)."""
   truth, valid = truth_valid
   out = {}
   for mode in modes:
     pred = jnp.argmax(gate(logits, probs, mode, epsilon), -1)
-    out[mode] = (pred, metrics.device_confusion(pred, truth, num_classes, num_classes, "stage2",
+    out[mode] = (pred, metrics.device_confusion(pred, truth, num_classes, num_classes, convention,
                                                 valid))
   return out
 
@@ -206,6 +226,9 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
   """Stage-2 scores of `split` for each gate mode ('off' only without a classifier); the first
   `overlays` tiles' (image, truth, prediction) kept for figures."""
   k, names = config.data.num_classes, tuple(config.data.class_names)
+  convention = "finding" if setting(config) == "finding" else "stage2"
+  if convention == "finding":
+    names += ("background",)
   batch = parallel.eval_batch_size(config.eval_batch_size, mesh)
   inputs = {} if isinstance(seg.model, MRN) else {"input": config.data.image_size}
   keys = ["image", "mask", "labels", "name"] + list(inputs)
@@ -220,7 +243,8 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
     probs = (classifier["predict"](parallel.shard_identical(b["cls_input"], mesh))
              if classifier is not None else jnp.ones((batch, k)))
     truth = parallel.shard_identical(b["mask"], mesh)
-    out = _scores(logits, probs, (truth, jnp.asarray(b["valid"])), k, modes, config.gate.epsilon)
+    out = _scores(logits, probs, (truth, jnp.asarray(b["valid"])), k, modes, config.gate.epsilon,
+                  convention)
     for m in modes:
       confusion[m] = confusion[m] + np.asarray(out[m][1], np.int64)
     for i in range(min(int(b["valid"].sum()), overlays - len(shown))):
@@ -325,11 +349,13 @@ def run(config, workdir: str) -> dict:
   best_state = state.replace(**fields)
   test, shown = evaluate(seg, best_state, config, mesh, config.test_split, classifier,
                          config.overlays)
-  palette = masks.palette_bytes(config.palette, config.data.num_classes + 1)
+  palette = masks.palette_bytes(folders.resolve(config.data, "palette", config.palette),
+                                config.data.num_classes + 1)
   if parallel.is_main_process():
     save_overlays(os.path.join(workdir, "overlays"), shown, palette)
   summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
+      "setting": setting(config),
       "steps_per_epoch": seg.steps_per_epoch, "scoring": "stage2",
       "test_split": config.test_split, "test": test}
   for mode, s in test.items():

@@ -1,0 +1,314 @@
+"""Findings against a background: the background rules against numpy, maps that point at the
+finding of a trained classifier, the embedded lesion dataset, finding folders, and dataset
+presets that never overwrite what the user gave."""
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from conftest import load_config
+from tiny_models import SmallCNN
+from wsss_jax import masks, metrics
+from wsss_jax import relevance as R
+from wsss_jax.data import folders, lesions, pipeline
+from wsss_jax.errors import UserError
+from wsss_jax.phases import pseudo_masks, segment
+from wsss_jax.progress import Progress
+
+
+# --- Background rules against numpy ---------------------------------------------------------------
+def np_otsu(values, bins=256):
+  """Otsu by brute force: every bin edge t, the between-class variance of the pixels themselves."""
+  v = np.clip((values * bins).astype(int), 0, bins - 1)
+  best, best_t = -1.0, None
+  for t in range(1, bins):
+    lo, hi = v < t, v >= t
+    if not lo.any() or not hi.any():
+      continue
+    c = (v + 0.5) / bins
+    between = lo.mean() * hi.mean() * (c[lo].mean() - c[hi].mean()) ** 2
+    if between > best + 1e-12:
+      best, best_t = between, t
+  return (best_t or 1) / bins  # a constant image: the first edge, as masks.otsu_threshold
+
+
+def np_finding_mask(maps, labels, rule, alpha, level=None):
+  """The finding rule written out per pixel for one image: maps (K, H, W) at mask size."""
+  k = maps.shape[0]
+  present = labels > 0
+  m = np.where(present[:, None, None], np.maximum(maps, 0), 0.0)
+  peak = m.max()
+  s = m / peak if peak > 0 else m
+  top = s.max(axis=0)
+  bg = {"threshold": lambda: np.full(top.shape, alpha),
+        "power": lambda: (1 - top) ** alpha,
+        "otsu": lambda: np.full(top.shape, np_otsu(top.ravel())),
+        "negatives": lambda: np.full(top.shape, level / peak)}[rule]()
+  out = np.where(top > bg, s.argmax(axis=0), k)
+  return out if present.any() else np.full(top.shape, k)
+
+
+@pytest.mark.parametrize("rule,alpha,level", [("threshold", 0.35, None), ("power", 3.0, None),
+                                              ("otsu", 0.0, None), ("negatives", 0.0, 0.8)])
+def test_finding_rules_match_numpy(rule, alpha, level):
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(3, 2, 16, 16)).astype(np.float32) * 2  # signed, as raw Grad-CAM
+  maps[0, 1, 4:9, 5:11] += 6  # a clear finding in the first image
+  labels = np.array([[1, 1], [0, 1], [0, 0]], np.float32)  # a negative image last
+  out = masks.finding_mask(jnp.asarray(maps), jnp.asarray(labels), jnp.zeros((3, 16, 16), bool),
+                           (16, 16), 2, rule, alpha, level)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(out[i]), np_finding_mask(maps[i], labels[i], rule,
+                                                                       alpha, level))
+  assert (np.asarray(out[2]) == 2).all()  # the negative image is all background
+
+
+def test_otsu_threshold_matches_brute_force_on_bimodal_and_skewed_data():
+  rng = np.random.default_rng(1)
+  rows = [np.concatenate([rng.normal(0.2, 0.05, 300), rng.normal(0.7, 0.1, 100)]),
+          rng.beta(2, 8, 400)]
+  rows = np.clip(np.stack(rows), 0, 1).astype(np.float32)
+  got = np.asarray(masks.otsu_threshold(jnp.asarray(rows)))
+  for row, t in zip(rows, got):
+    assert t == pytest.approx(np_otsu(row), abs=1e-6)
+  assert 0.35 < got[0] < 0.55  # between the two modes
+
+
+def test_white_glass_combines_with_a_map_rule():
+  assert masks.split_rule("white+otsu") == ("white", "otsu")
+  assert masks.split_rule("threshold") == ("none", "threshold")
+  assert masks.split_rule("white") == ("white", None)
+  maps = jnp.ones((1, 1, 4, 4))
+  white = jnp.zeros((1, 4, 4), bool).at[0, 0, :].set(True)
+  out = np.asarray(masks.finding_mask(maps, jnp.ones((1, 1)), white, (4, 4), 1, "threshold", 0.5))
+  assert (out[0, 0] == 1).all() and (out[0, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("rule,alpha", [("threshold", 0.0), ("threshold", 1.5),
+                                        ("negatives", 2.0), ("power", -1.0)])
+def test_alpha_outside_its_range_is_one_clear_error(rule, alpha):
+  with pytest.raises(UserError, match=r"background.alpha=.*(outside \(0, 1\]|must be positive)"):
+    pseudo_masks.parse_alpha(str(alpha), rule)
+  assert pseudo_masks.parse_alpha("", rule) == masks.DEFAULT_ALPHA[rule]
+  assert pseudo_masks.parse_alpha("auto", rule) == "auto"
+
+
+def test_finding_scoring_counts_background_as_a_class():
+  truth = np.array([[[0, 0, 1, 1]]])
+  pred = np.array([[[0, 1, 1, 1]]])
+  conf = np.asarray(metrics.device_confusion(jnp.asarray(pred), jnp.asarray(truth), 1, 1,
+                                             "finding"))
+  np.testing.assert_array_equal(conf, [[1, 1], [0, 2]])
+  s = metrics.iou_scores(conf, ("lesion", "background"))
+  assert s["IoU/lesion"] == pytest.approx(1 / 2) and s["IoU/background"] == pytest.approx(2 / 3)
+  assert s["mIoU"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_gate_never_excludes_the_background_channel():
+  logits = jnp.zeros((2, 1, 1, 2)).at[:, :, :, 0].set(1.0)  # the finding wins ungated
+  probs = jnp.array([[0.9], [0.05]])  # the second image's finding fails the gate
+  pred = np.asarray(jnp.argmax(segment.gate(logits, probs, "exclude", 0.1), -1))
+  np.testing.assert_array_equal(pred.ravel(), [0, 1])
+
+
+# --- Maps of a trained classifier point at the finding ---------------------------------------------
+def blob_images(rng, n, size=24):
+  """Noise images, half with one bright Gaussian blob (label 1), half without (label 0)."""
+  y, x = np.mgrid[0:size, 0:size]
+  images = rng.normal(0.3, 0.1, (n, size, size, 3)).astype(np.float32)
+  labels = (np.arange(n) % 2 == 0).astype(np.float32)[:, None]
+  centres = rng.integers(5, size - 5, (n, 2))
+  for i in range(0, n, 2):
+    blob = np.exp(-((y - centres[i, 0]) ** 2 + (x - centres[i, 1]) ** 2) / (2 * 2.0**2))
+    images[i] += 0.8 * blob[..., None]
+  return images, labels, centres
+
+
+@pytest.fixture(scope="module")
+def blob_classifier():
+  model = SmallCNN(classes=1, use_bias=True)
+  rng = np.random.default_rng(0)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))
+  tx = optax.adam(1e-2)
+  opt = tx.init(variables["params"])
+
+  @jax.jit
+  def step(params, opt, x, y):
+    loss, g = jax.value_and_grad(lambda p: optax.sigmoid_binary_cross_entropy(
+        model.apply({"params": p}, x), y).mean())(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  params = variables["params"]
+  for _ in range(150):
+    x, y, _ = blob_images(rng, 32)
+    params, opt, loss = step(params, opt, x, y)
+  assert float(loss) < 0.1  # it has learned the blob
+  return model, {"params": params}
+
+
+@pytest.mark.parametrize("method,layers", [
+    ("cam", "feat"), ("gradcam", "feat"), ("layercam", "feat"), ("lrp", "input"),
+    ("patternattribution", "input")])
+def test_maps_of_a_trained_classifier_peak_on_the_blob(blob_classifier, method, layers):
+  model, variables = blob_classifier
+  x, _, centres = blob_images(np.random.default_rng(7), 16)
+  x, centres = x[::2], centres[::2]  # the images with a blob
+  options = {"cam_head": "head"} if method == "cam" else {}
+  if method == "patternattribution":
+    train = [blob_images(np.random.default_rng(s), 32)[0] for s in range(4)]
+    options["patterns"] = R.fit_patterns(model.apply, variables, train)
+  # the finding recipe of the pseudo-mask phase: ReLU on, raw maps, the blob's class present
+  maps = R.relevance(method, model.apply, variables, jnp.asarray(x), layers=layers,
+                     labels=jnp.ones((8, 1)), only_present=True, normalize="none",
+                     relu=pseudo_masks.relu_choice(-2, "finding"), **options)
+  maps = np.asarray(maps)[:, 0]
+  if method in ("lrp", "patternattribution"):  # pixel relevance: smoothed as a mask is
+    maps = np.asarray(jax.image.resize(jax.image.resize(maps, (8, 6, 6), "linear"),
+                                       (8, 24, 24), "linear"))
+  peaks = np.array([np.unravel_index(np.argmax(m), m.shape) for m in maps])
+  distance = np.hypot(*(peaks - centres).T)
+  assert (distance <= 4).mean() >= 0.75, (method, distance)
+
+
+# --- The embedded lesion dataset ---------------------------------------------------------------------
+def test_synthetic_lesions_is_deterministic_and_labels_follow_the_masks():
+  a = lesions.generate_image(3, "val", 5, 64)
+  b = lesions.generate_image(3, "val", 5, 64)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+  kinds = []
+  for i in range(24):
+    image, mask, labels = lesions.generate_image(0, "train", i, 64)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, lesions.BACKGROUND}
+    assert labels[0] == float((mask == 0).any())
+    kinds.append(labels[0])
+  assert 0.25 < np.mean(kinds) < 0.75  # malignant and normal images both present
+
+
+def test_intensity_threshold_does_not_solve_synthetic_lesions():
+  """The lesion is dark, but so are the outside of the fan, shadows and fat lobules: the better
+  polarity of an Otsu threshold on the image stays far from the lesion."""
+  ious = []
+  for i in range(16):
+    image, mask, labels = lesions.generate_image(0, "test", i, 96)
+    grey = image.mean(-1) / 255.0
+    t = np_otsu(grey.ravel())
+    truth = mask == 0
+    best = 0.0
+    for pred in (grey < t, grey >= t):
+      union = (pred | truth).sum()
+      best = max(best, (pred & truth).sum() / union if union else 1.0)
+    ious.append(best)
+  assert np.mean(ious) < 0.3
+
+
+def test_pipeline_reads_synthetic_lesions_through_a_phase_config():
+  config = load_config("segment", "dataset=synthetic_lesions")
+  assert config.data.class_names == ("lesion",) and config.data.num_classes == 1
+  assert config.data.setting == "finding" and config.palette == "finding"
+  config.data.num_test, config.data.tile_size = 3, 32
+  source = pipeline.build_source(config.data, "test")
+  assert len(source) == 3 and source[1]["labels"].shape == (1,)
+  assert segment.output_classes(config) == 2
+
+
+# --- Presets never overwrite what the user gave ---------------------------------------------------
+@pytest.mark.parametrize("phase,arg,field,value", [
+    ("pseudo_masks", "dataset=bcss_wsss,background=white", "background.rule", "white"),
+    ("pseudo_masks", "dataset=luad_histoseg,background=none", "background.rule", "none"),
+    ("pseudo_masks", "dataset=folder,background=otsu", "background.rule", "otsu"),
+    ("pseudo_masks", "dataset=bcss_wsss,palette=luad", "palette", "luad"),
+    ("pseudo_masks", "dataset=synthetic_lesions,palette=bcss", "palette", "bcss"),
+    ("segment", "dataset=folder,classes=nucleus,setting=finding", "data.class_names",
+     ("nucleus",)),
+    ("classify", "dataset=folder,classes=a+b+c", "data.num_classes", 3),
+    ("classify", "dataset=synthetic_lesions,setting=tissue", "data.setting", "tissue"),
+    ("pseudo_masks", "dataset=folder,setting=finding,background=white+power",
+     "background.rule", "white+power"),
+])
+def test_a_given_argument_survives_the_dataset_preset(phase, arg, field, value):
+  config = load_config(phase, arg)
+  node = config
+  for key in field.split("."):
+    node = node[key]
+  assert (tuple(node) if isinstance(node, (list, tuple)) else node) == value
+
+
+def test_presets_fill_what_was_not_given():
+  pm = load_config("pseudo_masks", "dataset=folder,classes=nucleus,setting=finding")
+  assert pm.background.rule == "threshold" and pm.palette == "finding"
+  assert load_config("pseudo_masks", "dataset=folder,classes=a+b").background.rule == "none"
+  assert load_config("pseudo_masks", "dataset=luad_histoseg").background.rule == "white"
+  pipe = load_config("pipeline", "dataset=synthetic_lesions")
+  for section in ("classify", "pseudo_masks", "segment"):
+    assert pipe[section].data.name == "synthetic_lesions"
+    assert pipe[section].data.setting == "finding"
+  assert pipe.pseudo_masks.background.alpha == "auto"
+  with pytest.raises(UserError, match="background is not a class"):
+    load_config("classify", "dataset=folder,classes=nucleus+background,setting=finding")
+  with pytest.raises(UserError, match="setting='lesion' is not one of"):
+    load_config("classify", "dataset=folder,setting=lesion")
+
+
+# --- Finding folders ---------------------------------------------------------------------------------
+def write_finding_folder(root, background_index=1):
+  """A one-class folder: `[1]` / `[0]` training names, val masks with index K = background."""
+  rng = np.random.default_rng(0)
+  os.makedirs(root / "train")
+  os.makedirs(root / "val" / "img")
+  os.makedirs(root / "val" / "mask")
+  for i, name in enumerate(["a+0[1]", "b+1[0]", "c-[1]", "d-[0]"]):
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(root / "train" / f"{name}.png")
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(root / "val" / "img" / f"v{i}.png")
+    mask = np.full((16, 16), background_index, np.uint8)
+    mask[4:8, 4:8] = 0 if i == 0 else background_index
+    Image.fromarray(mask, mode="L").save(root / "val" / "mask" / f"v{i}.png")
+
+
+def test_a_finding_folder_reads_negatives_and_index_k_background(tmp_path):
+  write_finding_folder(tmp_path)
+  config = load_config("classify", f"dataset=folder,root={tmp_path},classes=nucleus,setting=finding")
+  train = pipeline.build_source(config.data, "train")
+  labels = {train.name(i): train[i]["labels"][0] for i in range(len(train))}
+  assert labels == {"a+0[1]": 1.0, "b+1[0]": 0.0, "c-[1]": 1.0, "d-[0]": 0.0}
+  val = pipeline.build_source(config.data, "val")
+  assert [val[i]["labels"][0] for i in range(2)] == [1.0, 0.0]  # a mask of only K is negative
+
+
+def test_a_finding_folder_whose_masks_use_another_background_index_is_named(tmp_path):
+  write_finding_folder(tmp_path, background_index=255)
+  config = load_config("classify", f"dataset=folder,root={tmp_path},classes=nucleus,setting=finding")
+  with pytest.raises(UserError, match=r"v0.png.*index 255.*1 = background"):
+    pipeline.build_source(config.data, "val")
+
+
+def test_negatives_rule_without_negative_images_is_one_clear_error(tiny_classifier, tmp_path):
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},background=negatives")
+  config.data.num_train = 16
+  with pytest.raises(UserError, match="has no negative image"):
+    pseudo_masks.run(config, str(tmp_path))
+
+
+# --- Progress --------------------------------------------------------------------------------------
+def test_progress_line_reports_done_rate_and_eta():
+  now = [0.0]
+  out = io.StringIO()
+  p = Progress("pseudo masks", 100, every_s=5.0, stream=out, clock=lambda: now[0])
+  p.update(10)       # the first update starts the clock (compilation before it is not counted)
+  now[0] = 2.0
+  p.update(20)       # too soon: nothing printed
+  now[0] = 6.0
+  p.update(40)       # 30 items in 6 s: 5/s, 60 left: 12 s
+  now[0] = 8.0
+  p.update(100)      # the end is always printed
+  lines = out.getvalue().splitlines()
+  assert lines == ["pseudo masks: 40/100 (40%) | 5.0/s | eta 12s",
+                   "pseudo masks: 100/100 (100%) | 11.2/s"]

@@ -286,7 +286,7 @@ def test_a_finding_folder_reads_negatives_and_index_k_background(tmp_path):
 def test_a_finding_folder_whose_masks_use_another_background_index_is_named(tmp_path):
   write_finding_folder(tmp_path, background_index=255)
   config = load_config("classify", f"dataset=folder,root={tmp_path},classes=nucleus,setting=finding")
-  with pytest.raises(UserError, match=r"v0.png.*index 255.*1 = background"):
+  with pytest.raises(UserError, match=r"v0.png has palette index 255.*1 = background"):
     pipeline.build_source(config.data, "val")
 
 
@@ -312,3 +312,18 @@ def test_progress_line_reports_done_rate_and_eta():
   lines = out.getvalue().splitlines()
   assert lines == ["pseudo masks: 40/100 (40%) | 5.0/s | eta 12s",
                    "pseudo masks: 100/100 (100%) | 11.2/s"]
+
+
+def test_crf_lets_the_background_of_a_finding_mask_stay_background():
+  """Without a white-glass region the CRF had no pixel where background was allowed, so every
+  positive image's pseudo mask became all finding."""
+  from wsss_jax import crf
+  mask = np.ones((1, 16, 16), np.uint8)
+  mask[0, :, :8] = 0  # left half the finding, right half background (index K = 1)
+  image = np.zeros((1, 16, 16, 3), np.uint8)
+  image[0, :, :8] = 200
+  args = (jnp.asarray(mask), jnp.asarray(image), jnp.ones((1, 1)), jnp.zeros((1, 16, 16), bool), 1,
+          dict(crf.DEFAULTS))
+  refined = np.asarray(crf.refine_labels(*args, free_background=True))
+  np.testing.assert_array_equal(refined, mask)
+  assert (np.asarray(crf.refine_labels(*args)) == 0).all()  # the tissue rule: no free background

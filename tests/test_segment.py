@@ -190,7 +190,10 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |", "Adversarial erasing: 2 round(s) fused"):
     assert row in text
-  assert Image.open(tmp_path / "overlays.png").size == (4 * 48, 6 * 48)  # 4 columns, 6 tiles
+  from wsss_jax import overlays  # 48 px tiles drawn at a legible 192 px, with headers and a legend
+  width, height = Image.open(tmp_path / "overlays.png").size
+  assert width == 4 * overlays.MIN_SIDE + 5 * overlays.GAP  # image, truth, pseudo mask, segmenter
+  assert 6 * overlays.MIN_SIDE < height < 6 * overlays.MIN_SIDE + 200  # 6 tiles
   assert result["segment"]["supervision"] == "pseudo"
   assert result["segment_full"]["supervision"] == "full"
   # erasing: round 0 is the pipeline's classifier, not trained again; the masks fuse both rounds

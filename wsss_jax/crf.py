@@ -125,10 +125,13 @@ def label_unary(mask, num_labels: int, gt_prob: float, allowed):
   return jnp.where(allowed, unary, _FORBIDDEN)
 
 
-def refine_labels(masks, images, labels, background, background_index: int, cfg):
+def refine_labels(masks, images, labels, background, background_index: int, cfg,
+                  free_background: bool = False):
   """Batched pseudo-mask refinement: masks (B, H, W) uint8 with classes 0..K-1 and
   `background_index` (= K), images (B, H, W, 3) uint8, labels (B, K), background (B, H, W) bool.
-  Absent classes stay absent; the background rule's pixels stay background."""
+  Absent classes stay absent; the background rule's pixels stay background. Background may
+  win elsewhere only with `free_background` (findings against a background, where it is a
+  label like the findings); otherwise only the image rule's pixels are background."""
   k = labels.shape[1]
   if background_index != k:
     raise ValueError(f"background_index={background_index} must follow the {k} classes")
@@ -136,7 +139,7 @@ def refine_labels(masks, images, labels, background, background_index: int, cfg)
 
   def one(mask, image, present_i, bg):
     allowed = present_i[:, None, None] & jnp.concatenate(
-        [jnp.broadcast_to(~bg, (k,) + bg.shape), bg[None]], 0)
+        [jnp.broadcast_to(~bg, (k,) + bg.shape), bg[None] | free_background], 0)
     allowed = jnp.where(allowed.any(0, keepdims=True), allowed, True)
     unary = label_unary(mask.astype(jnp.int32), k + 1, cfg["gt_prob"], allowed)
     q = mean_field(unary, image, iterations=cfg["iterations"], pos_sxy=cfg["pos_sxy"],

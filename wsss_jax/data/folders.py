@@ -162,9 +162,10 @@ def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palett
     mask = masks.read_mask(path, size, 255)
     top = int(mask.max()) if mask.size else 0
     if top > num_classes:
-      raise UserError(f"mask {path} has index {top}; masks hold the class indices 0..{num_classes - 1} "
-                      f"and {num_classes} = background (one finding: 0 = finding, 1 = background), "
-                      f"so a 0/255 mask must be rewritten as 1 - mask / 255")
+      hint = (" (one finding: 0 = finding, 1 = background; a 0/255 mask must be rewritten as "
+              "1 - mask / 255)" if num_classes == 1 else "")
+      raise UserError(f"mask {path} has palette index {top}, outside the class range "
+                      f"0..{num_classes} ({num_classes} = background){hint}")
     return mask
   if num_classes + 1 > len(masks.PALETTES[palette]):
     raise UserError(f"mask {path} is an RGB image; with {num_classes} classes masks must be "

@@ -303,7 +303,7 @@ def run(config, workdir: str) -> dict:
                                        background_index)
       if crf_cfg is not None:  # dense-CRF refinement against the tile's colours
         out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
-                                       crf_cfg)
+                                       crf_cfg, free_background=bool(map_rule))
       if truth is not None:
         conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
                                                convention, valid)

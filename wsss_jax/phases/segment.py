@@ -356,7 +356,8 @@ def run(config, workdir: str) -> dict:
   summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config),
-      "steps_per_epoch": seg.steps_per_epoch, "scoring": "stage2",
+      "steps_per_epoch": seg.steps_per_epoch,
+      "scoring": "finding" if setting(config) == "finding" else "stage2",
       "test_split": config.test_split, "test": test}
   for mode, s in test.items():
     print(f"test ({mode} gate): mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "

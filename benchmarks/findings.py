@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -53,7 +52,6 @@ def main() -> None:
   parser.add_argument("--split", default="test")
   parser.add_argument("--num_test", type=int, default=128)
   args = parser.parse_args()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
   from wsss_jax import config_lib
   from wsss_jax.phases import maps as maps_phase, pseudo_masks
   os.makedirs(args.workdir, exist_ok=True)

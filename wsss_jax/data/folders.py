@@ -379,11 +379,12 @@ def use_dataset(config, arg) -> None:
       data.class_names = names
     if "num_classes" in data:
       data.num_classes = len(names)
-  if "setting" in given or "dataset" in given:  # else "": a later phase takes its classifier's
-    data.setting = p.setting
   if p.mean:
     data.mean, data.std = p.mean, p.std
-  if "dataset" in given or "setting" in given:  # else "": the phase resolves it (`resolve`)
+  # without a dataset or setting argument these stay "": a phase reading a classifier takes its
+  # setting, and `resolve` gives the rest from the data the phase ends up with
+  if "dataset" in given or "setting" in given:
+    data.setting = p.setting
     if "palette" in config and "palette" not in given:
       config.palette = p.palette
     if "background" in config and "background" not in given:

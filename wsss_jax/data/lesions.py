@@ -18,9 +18,9 @@ An image is a pure function of (seed, split, index), like the histology generato
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from wsss_jax.data import synthetic
 
 CLASS_NAMES = ("lesion",)
 BACKGROUND = 1
@@ -142,31 +142,10 @@ def generate_image(seed: int, split: str, index: int, size: int = 224):
   return rgb, mask, labels
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_image(seed: int, split: str, index: int, size: int):
-  """`generate_image`, memoised per process (read-only arrays, as `synthetic.cached_tile`)."""
-  out = generate_image(seed, split, index, size)
-  for a in out:
-    a.flags.writeable = False
-  return out
+cached_image = synthetic.memoised(generate_image)
 
 
-class SyntheticLesions:
+class SyntheticLesions(synthetic.SyntheticHistology):
   """Random-access source of ultrasound-like images (a grain RandomAccessDataSource)."""
-
-  def __init__(self, num_images: int, split: str = "train", seed: int = 0, size: int = 224):
-    self.num_images, self.split, self.seed, self.size = num_images, split, seed, size
-
-  def __len__(self) -> int:
-    return self.num_images
-
-  def __getitem__(self, index: int) -> dict:
-    image, mask, labels = cached_image(self.seed, self.split, int(index), self.size)
-    return {"image": image, "mask": mask, "labels": labels, "name": self.name(index)}
-
-  def name(self, index: int) -> str:
-    return f"synthetic_lesions/{self.split}/{int(index)}"
-
-  def __repr__(self) -> str:
-    return (f"SyntheticLesions(num_images={self.num_images}, split={self.split!r}, "
-            f"seed={self.seed}, size={self.size})")
+  cached = staticmethod(cached_image)
+  prefix = "synthetic_lesions"

@@ -108,19 +108,27 @@ def generate_tile(seed: int, split: str, index: int, size: int = 224,
   return image, mask, labels
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_tile(seed: int, split: str, index: int, size: int):
-  """`generate_tile`, memoised per process (about 200 KB a 224 px tile): the phases of one
-  pipeline and the epochs of one run read the same tiles, and generating them dominated the
-  input time. The arrays are read-only: transforms make new ones."""
-  out = generate_tile(seed, split, index, size)
-  for a in out:
-    a.flags.writeable = False
-  return out
+def memoised(generate):
+  """`generate(seed, split, index, size)` memoised per process (about 200 KB a 224 px image):
+  the phases of one pipeline and the epochs of one run read the same images, and generating
+  them dominated the input time. The arrays are read-only: transforms make new ones."""
+  @functools.lru_cache(maxsize=4096)
+  def cached(seed: int, split: str, index: int, size: int):
+    out = generate(seed, split, index, size)
+    for a in out:
+      a.flags.writeable = False
+    return out
+  return cached
+
+
+cached_tile = memoised(generate_tile)
 
 
 class SyntheticHistology:
-  """Random-access source of procedural tiles (a grain RandomAccessDataSource)."""
+  """Random-access source of procedural tiles (a grain RandomAccessDataSource). Subclasses
+  name another generator (`cached`) and name prefix."""
+  cached = staticmethod(cached_tile)
+  prefix = "synthetic"
 
   def __init__(self, num_images: int, split: str = "train", seed: int = 0, size: int = 224):
     self.num_images, self.split, self.seed, self.size = num_images, split, seed, size
@@ -129,13 +137,13 @@ class SyntheticHistology:
     return self.num_images
 
   def __getitem__(self, index: int) -> dict:
-    image, mask, labels = cached_tile(self.seed, self.split, int(index), self.size)
+    image, mask, labels = self.cached(self.seed, self.split, int(index), self.size)
     return {"image": image, "mask": mask, "labels": labels, "name": self.name(index)}
 
   def name(self, index: int) -> str:
     """The example's name without generating it."""
-    return f"synthetic/{self.split}/{int(index)}"
+    return f"{self.prefix}/{self.split}/{int(index)}"
 
   def __repr__(self) -> str:
-    return (f"SyntheticHistology(num_images={self.num_images}, split={self.split!r}, "
+    return (f"{type(self).__name__}(num_images={self.num_images}, split={self.split!r}, "
             f"seed={self.seed}, size={self.size})")

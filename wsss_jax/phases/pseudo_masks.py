@@ -202,8 +202,7 @@ def run(config, workdir: str) -> dict:
   background_index = num_classes  # palette index after the classes (4 in both releases)
   setting = folders.resolve(data, "setting")
   rule = folders.resolve(data, "background", config.background.rule)
-  masks.check_rule(rule)
-  image_rule, map_rule = masks.split_rule(rule)
+  image_rule, map_rule = masks.split_rule(rule)  # checks the rule
   if setting == "finding" and map_rule is None:
     raise UserError(f"background.rule={rule!r}: findings against a background need a map rule "
                     f"({', '.join(masks.MAP_RULES)}, or white+<one of them>)")
@@ -248,38 +247,37 @@ def run(config, workdir: str) -> dict:
       scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
     return scale_maps
 
-  levels = {}
-  if map_rule == "negatives" or alpha == "auto":
+  # the negatives' maps: for the negatives rule, or as alpha=auto's fallback without val masks
+  val_truth = alpha == "auto" and "mask" in pipeline.build_source(data, "val")[0]
+  negatives = {}
+  if map_rule == "negatives" or (alpha == "auto" and not val_truth):
     negatives = negative_map_values(data, config, batch, inputs, batch_maps)
-    if map_rule == "negatives" or (alpha == "auto" and negatives):
-      if not negatives:
-        raise UserError(f"background.rule=negatives but the training split of "
-                        f"data.name={data.name!r} has no negative image (all-zero labels); use "
-                        f"threshold, power or otsu")
+  if map_rule == "negatives" and not negatives:
+    raise UserError(f"background.rule=negatives but the training split of "
+                    f"data.name={data.name!r} has no negative image (all-zero labels); use "
+                    f"threshold, power or otsu")
   sweep = None
-  if alpha == "auto":
-    val_truth = "mask" in pipeline.build_source(data, "val")[0]
-    if val_truth:
-      sweep = sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule,
-                          negatives if map_rule == "negatives" else None, background_index, mesh)
-      alpha = {layer: s["best"] for layer, s in sweep.items()}
-      if parallel.is_main_process():
-        with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
-          f.write(sweep_table(sweep, rule))
-        save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
-    elif negatives:  # no ground truth: what the negatives show bounds "no finding"
-      print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
-            f"(quantile {masks.DEFAULT_ALPHA['negatives']})", flush=True)
-      map_rule, alpha = "negatives", masks.DEFAULT_ALPHA["negatives"]
-    else:
-      raise UserError("background.alpha=auto needs ground-truth masks on the val split or "
-                      "negative training images (all-zero labels); give alpha a number")
-  if map_rule == "negatives":
-    quantile = alpha if not isinstance(alpha, dict) else None
-    levels = {layer: (np.quantile(v, alpha[layer] if quantile is None else quantile))
-              for layer, v in negatives.items()}
+  if val_truth:
+    sweep = sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule,
+                        negatives if map_rule == "negatives" else None, background_index, mesh)
+    alpha = {layer: s["best"] for layer, s in sweep.items()}
+    if parallel.is_main_process():
+      with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
+        f.write(sweep_table(sweep, rule))
+      save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
+  elif alpha == "auto" and negatives:  # no ground truth: what the negatives show bounds it
+    print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
+          f"(quantile {masks.DEFAULT_ALPHA['negatives']})", flush=True)
+    map_rule, alpha = "negatives", masks.DEFAULT_ALPHA["negatives"]
+  elif alpha == "auto":
+    raise UserError("background.alpha=auto needs ground-truth masks on the val split or "
+                    "negative training images (all-zero labels); give alpha a number")
+
   def alpha_of(layer):
     return alpha[layer] if isinstance(alpha, dict) else alpha
+
+  levels = ({layer: np.quantile(v, alpha_of(layer)) for layer, v in negatives.items()}
+            if map_rule == "negatives" else {})
 
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]
@@ -324,9 +322,9 @@ def run(config, workdir: str) -> dict:
       labels = jnp.asarray(b["labels"])
       scale_maps = batch_maps(b, labels)
       if alphas is None:
-        alphas = {layer: jnp.float32(alpha_of(layer.split("/")[-1]) or 0.0)
+        alphas = {layer: jnp.float32(alpha_of(layer_name(layer)) or 0.0)
                   for layer in scale_maps[0]} if map_rule else {}
-        levels_arg = {layer: jnp.float32(levels[layer.split("/")[-1]])
+        levels_arg = {layer: jnp.float32(levels[layer_name(layer)])
                       for layer in scale_maps[0]} if levels else {}
       truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
       out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),

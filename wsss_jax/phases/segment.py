@@ -71,6 +71,11 @@ def setting(config) -> str:
   return folders.resolve(config.data, "setting")
 
 
+def scoring(config) -> str:
+  """The metrics convention: finding (background a class) or the authors' stage 2."""
+  return "finding" if setting(config) == "finding" else "stage2"
+
+
 def gate(logits, probs, mode: str, epsilon: float):
   """Classification gate on (B, H, W, K') logits with (B, K) classifier probabilities; output
   channels past K (the background of the finding setting) always pass."""
@@ -226,7 +231,7 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
   """Stage-2 scores of `split` for each gate mode ('off' only without a classifier); the first
   `overlays` tiles' (image, truth, prediction) kept for figures."""
   k, names = config.data.num_classes, tuple(config.data.class_names)
-  convention = "finding" if setting(config) == "finding" else "stage2"
+  convention = scoring(config)
   if convention == "finding":
     names += ("background",)
   batch = parallel.eval_batch_size(config.eval_batch_size, mesh)
@@ -357,7 +362,7 @@ def run(config, workdir: str) -> dict:
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config),
       "steps_per_epoch": seg.steps_per_epoch,
-      "scoring": "finding" if setting(config) == "finding" else "stage2",
+      "scoring": scoring(config),
       "test_split": config.test_split, "test": test}
   for mode, s in test.items():
     print(f"test ({mode} gate): mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "

@@ -90,6 +90,9 @@ def get_config(arg=None):
   finding = config.classify.data.setting == "finding"
   if finding:  # the map threshold, alpha chosen on the validation masks (else the negatives)
     config.pseudo_masks.background.alpha = "auto"
+    # speckle and shadows can pull the CRF off a finding: keep it per layer only where the
+    # val masks show it helps
+    config.pseudo_masks.crf.validate = True
   if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
     # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; README), not
     # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)

@@ -36,8 +36,9 @@ def get_config(arg=None):
   # negatives rule. threshold / min_size: the white-glass rule's grey level and smallest region.
   config.background = dict(rule=arg.background, alpha="", threshold=200, min_size=50,
                            negatives_images=512)
-  # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings)
-  config.crf = dict(enabled=arg.crf, **crf.DEFAULTS)
+  # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings).
+  # validate=True (with alpha=auto's val masks): refine only the layers whose val mIoU it raises
+  config.crf = dict(enabled=arg.crf, validate=False, **crf.DEFAULTS)
   # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as
   # H_trained + mean_r H_r (the dilated-convolution paper's weighting); () = off
   config.dilations = ()

@@ -32,6 +32,7 @@ def get_config(arg=None):
   config.eval_batch_size = 32
   config.test_split = "test"
   config.loss_weights = (0.2, 0.2, 0.6)  # per data.mask_layers
+  config.loss = ""                      # ce, ce+dice ("": ce for tissue maps, ce+dice for findings)
   config.palette = ""                   # luad, bcss, finding ("": the dataset's)
   config.overlays = 6
 

@@ -297,6 +297,30 @@ def test_negatives_rule_without_negative_images_is_one_clear_error(tiny_classifi
     pseudo_masks.run(config, str(tmp_path))
 
 
+def test_alpha_auto_picks_the_best_swept_alpha_and_the_crf_only_where_it_helps(tiny_classifier,
+                                                                             tmp_path):
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},setting=finding,"
+                       "background=threshold,crf=True")
+  config.background.alpha, config.crf.validate, config.split = "auto", True, "val"
+  config.crf.iterations = 2
+  config.data.num_val = 8
+  summary = pseudo_masks.run(config, str(tmp_path))
+  sweep = summary["alpha_sweep"]
+  assert set(sweep) == set(summary["layers"]) and os.path.exists(tmp_path / "alpha_sweep.png")
+  text = (tmp_path / "alpha_sweep.md").read_text()
+  for layer, s in sweep.items():
+    assert s["alpha"] == list(pseudo_masks.ALPHA_GRID["threshold"])
+    assert s["best"] == s["alpha"][int(np.nanargmax(s["mIoU"]))]
+    assert summary["background_alpha"][layer] == s["best"]
+    assert s["crf"] == (s["crf_mIoU"] > max(s["mIoU"]))
+    assert (layer in summary["crf_layers"]) == s["crf"]
+    assert f"{layer}: {s['crf_mIoU']:.3f}" in text
+    # the phase's own scoring of the val masks (written with the chosen alpha and CRF choice)
+    # agrees with what the sweep measured for that choice
+    want = s["crf_mIoU"] if s["crf"] else max(s["mIoU"])
+    assert summary["layers"][layer]["mIoU"] == pytest.approx(want, abs=1e-6)
+
+
 # --- Progress --------------------------------------------------------------------------------------
 def test_progress_line_reports_done_rate_and_eta():
   now = [0.0]

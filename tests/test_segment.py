@@ -45,6 +45,53 @@ def test_multilayer_loss_is_the_weighted_ce_with_background_ignored():
   assert float(segment.multilayer_loss(jnp.asarray(logits), empty, weights, 4)[0]) == 0.0
 
 
+def _numpy_dice_loss(logits, labels, k, dice_classes):
+  """Per-pixel loops: 1 - mean over the first dice_classes of (2 TP + 1) / (P + Y + 1)."""
+  total = []
+  for c in range(dice_classes):
+    overlap = predicted = present = 0.0
+    for index in np.ndindex(labels.shape):
+      if labels[index] >= k:
+        continue
+      z = np.exp(logits[index] - logits[index].max())
+      p = z[c] / z.sum()
+      predicted += p
+      present += labels[index] == c
+      overlap += p * (labels[index] == c)
+    total.append((2 * overlap + 1) / (predicted + present + 1))
+  return 1 - np.mean(total)
+
+
+def test_ce_plus_dice_matches_a_per_pixel_reimplementation_and_weighs_a_rare_finding():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 6, 6, 2)).astype(np.float32)  # one finding + background (K=1)
+  labels = rng.choice([0, 1, 255], size=(2, 6, 6), p=[0.1, 0.8, 0.1])
+  batch = {"mask_a": labels}
+  loss, _ = segment.multilayer_loss(jnp.asarray(logits), batch, {"a": 1.0}, 2, "ce+dice", 1)
+  want = _numpy_ce(logits, labels, 2) + _numpy_dice_loss(logits, labels, 2, 1)
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  # all-background prediction on a rare finding: CE alone is small, the Dice term is near 1
+  rare = np.ones((1, 20, 20), np.int64)
+  rare[0, :2, :2] = 0
+  background = np.zeros((1, 20, 20, 2), np.float32)
+  background[..., 1] = 5.0
+  ce = float(segment.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2)[0])
+  both = float(segment.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2,
+                                       "ce+dice", 1)[0])
+  assert ce < 0.1 and both - ce > 0.8
+
+
+def test_loss_follows_the_setting_unless_given():
+  cfg = load_config("segment", "dataset=synthetic_lesions")
+  assert segment.loss_kind(cfg) == "ce+dice"
+  assert segment.loss_kind(load_config("segment")) == "ce"
+  cfg.loss = "ce"
+  assert segment.loss_kind(cfg) == "ce"
+  cfg.loss = "dice"
+  with pytest.raises(UserError, match="loss='dice'"):
+    segment.validate(cfg)
+
+
 def test_gate_excludes_classes_where_the_authors_multiplication_does_not():
   logits = jnp.array([3.0, -1.0, -2.0]).reshape(1, 1, 1, 3)
   probs = jnp.array([[0.05, 0.5, 0.9]])

@@ -102,7 +102,12 @@ def sweep_table(sweep: dict, rule: str) -> str:
     lines.append(f"| {alpha:g} | " + " | ".join(f"{sweep[l]['mIoU'][i]:.3f}" for l in layers)
                  + " |")
   best = ", ".join(f"{l}: {sweep[l]['best']:g}" for l in layers)
-  return "\n".join(lines) + f"\n\nChosen (best mIoU): {best}\n"
+  text = "\n".join(lines) + f"\n\nChosen (best mIoU): {best}\n"
+  if any("crf_mIoU" in s for s in sweep.values()):
+    text += "\nDense CRF at the chosen alpha (crf.validate): " + ", ".join(
+        f"{l}: {sweep[l]['crf_mIoU']:.3f} ({'kept' if sweep[l]['crf'] else 'dropped'})"
+        for l in layers) + "\n"
+  return text
 
 
 LINE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
@@ -261,10 +266,6 @@ def run(config, workdir: str) -> dict:
     sweep = sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule,
                         negatives if map_rule == "negatives" else None, background_index, mesh)
     alpha = {layer: s["best"] for layer, s in sweep.items()}
-    if parallel.is_main_process():
-      with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
-        f.write(sweep_table(sweep, rule))
-      save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
   elif alpha == "auto" and negatives:  # no ground truth: what the negatives show bounds it
     print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
           f"(quantile {masks.DEFAULT_ALPHA['negatives']})", flush=True)
@@ -279,12 +280,28 @@ def run(config, workdir: str) -> dict:
   levels = ({layer: np.quantile(v, alpha_of(layer)) for layer, v in negatives.items()}
             if map_rule == "negatives" else {})
 
+  crf_cfg = dict(config.crf) if config.crf.enabled else None
+  crf_layers = None  # None: every layer
+  if crf_cfg is not None and config.crf.get("validate") and sweep:
+    crf_scores = crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule,
+                                {l: s["best"] for l, s in sweep.items()}, levels, background_index,
+                                mesh)
+    crf_layers = set()
+    for layer, score in crf_scores.items():
+      sweep[layer].update(crf_mIoU=score, crf=score > max(sweep[layer]["mIoU"]))
+      crf_layers |= {layer} if sweep[layer]["crf"] else set()
+      print(f"crf.validate {layer}: val mIoU {max(sweep[layer]['mIoU']):.3f} without the CRF, "
+            f"{score:.3f} with it: {'kept' if sweep[layer]['crf'] else 'dropped'}", flush=True)
+  if sweep and parallel.is_main_process():
+    with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
+      f.write(sweep_table(sweep, rule))
+    save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
+
   source = pipeline.build_source(data, config.split)
   has_truth = "mask" in source[0]
   keys = ("image", "labels", "name", "background") + tuple(inputs) + (
       ("mask",) if has_truth else ())
 
-  crf_cfg = dict(config.crf) if config.crf.enabled else None
   convention = "finding" if setting == "finding" else "stage1"
 
   @jax.jit
@@ -299,7 +316,7 @@ def run(config, workdir: str) -> dict:
       else:
         out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:],
                                        background_index)
-      if crf_cfg is not None:  # dense-CRF refinement against the tile's colours
+      if crf_cfg is not None and (crf_layers is None or layer_name(layer) in crf_layers):
         out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
                                        crf_cfg, free_background=bool(map_rule))
       if truth is not None:
@@ -364,6 +381,8 @@ def run(config, workdir: str) -> dict:
              "negatives_level": {k: float(v) for k, v in levels.items()} or None,
              "alpha_sweep": sweep, "palette": palette_name,
              "crf": dict(config.crf) if config.crf.enabled else None,
+             "crf_layers": (sorted(crf_layers) if crf_layers is not None else
+                            [layer_name(k) for k in out]) if crf_cfg else [],
              "dilations": list(config.dilations),
              "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
                          "rounds": len(plan["rounds"])} if plan else None,
@@ -444,3 +463,35 @@ def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, n
     miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
     out[name] = {"alpha": list(grid), "mIoU": miou, "best": grid[int(np.nanargmax(miou))]}
   return out
+
+
+def crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule, alpha: dict,
+                   levels: dict, background_index, mesh) -> dict:
+  """{layer: val pseudo-mask mIoU (finding scoring) with the dense CRF at the layer's alpha}."""
+  k = data.num_classes
+  names = tuple(data.class_names) + ("background",)
+  keys = ("image", "labels", "mask", "background") + tuple(inputs)
+  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
+  crf_cfg = dict(config.crf)
+
+  @jax.jit
+  def confusion(maps, labels, background, truth, valid, images, a, level):
+    m = masks.finding_mask(maps, labels, background, background.shape[1:], background_index,
+                           map_rule, a, level)
+    m = crf.refine_labels(m, images, labels, background, background_index, crf_cfg,
+                          free_background=True)
+    return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
+
+  totals = {}
+  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
+    labels = jnp.asarray(b["labels"])
+    scale_maps = batch_maps(b, labels)
+    for layer in scale_maps[0]:
+      name = layer_name(layer)
+      c = confusion([m[layer] for m in scale_maps], labels,
+                    parallel.shard_identical(b["background"], mesh),
+                    parallel.shard_identical(b["mask"], mesh), jnp.asarray(b["valid"]),
+                    parallel.shard_identical(b["image"], mesh), jnp.float32(alpha[name]),
+                    jnp.float32(levels.get(name, 0.0)))
+      totals[name] = totals.get(name, 0) + np.asarray(c, np.int64)
+  return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

@@ -55,11 +55,44 @@ def masked_cross_entropy(logits, labels, num_classes: int):
   return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def multilayer_loss(logits, batch, weights: dict, num_classes: int):
-  """(sum_l w_l CE(logits, mask_l), {layer: CE}) over the pseudo masks of the layers."""
-  parts = {layer: masked_cross_entropy(logits, batch[f"mask_{layer}"], num_classes)
+def soft_dice_loss(logits, labels, num_classes: int, dice_classes: int):
+  """1 - mean_c 2 sum_i p_ic y_ic / (sum_i p_ic + sum_i y_ic) over the first `dice_classes`
+  output channels (Milletari et al. 2016, summed over the whole batch as nnU-Net's batch Dice),
+  pixels whose label is a class only. Each class weighs the same whatever its pixel share,
+  so a finding on 3% of the pixels is not drowned by the background; a batch without the
+  class gives that class a loss that only pushes its probabilities down (the +1 smoothing)."""
+  valid = (labels < num_classes)[..., None]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :dice_classes] * valid
+  onehot = jax.nn.one_hot(labels, dice_classes, dtype=jnp.float32) * valid
+  axes = tuple(range(logits.ndim - 1))
+  overlap = jnp.sum(probs * onehot, axis=axes)
+  dice = (2 * overlap + 1.0) / (jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes) + 1.0)
+  return 1.0 - jnp.mean(dice)
+
+
+LOSSES = ("ce", "ce+dice")
+
+
+def mask_loss(logits, labels, num_classes: int, kind: str, dice_classes: int):
+  """The per-mask loss: CE, or CE + soft Dice (the nnU-Net default for imbalanced findings)."""
+  ce = masked_cross_entropy(logits, labels, num_classes)
+  if kind == "ce":
+    return ce
+  return ce + soft_dice_loss(logits, labels, num_classes, dice_classes)
+
+
+def multilayer_loss(logits, batch, weights: dict, num_classes: int, kind: str = "ce",
+                    dice_classes: int = 0):
+  """(sum_l w_l L(logits, mask_l), {layer: L}) over the pseudo masks of the layers."""
+  parts = {layer: mask_loss(logits, batch[f"mask_{layer}"], num_classes, kind,
+                            dice_classes or num_classes)
            for layer in weights}
   return sum(w * parts[layer] for layer, w in weights.items()), parts
+
+
+def loss_kind(config) -> str:
+  """config.loss, or by setting when "": CE for tissue maps, CE + Dice for findings."""
+  return config.get("loss") or ("ce+dice" if setting(config) == "finding" else "ce")
 
 
 def output_classes(config) -> int:
@@ -122,6 +155,9 @@ def make_init_fn(model, tx, config):
 
 def make_train_step(model, tx, schedule, config):
   dtype, weights, k = compute_dtype(config), layer_weights(config), output_classes(config)
+  kind = loss_kind(config)
+  # the Dice term weighs the findings; background (channel K of the finding setting) is left to CE
+  dice_classes = config.data.num_classes
 
   def train_step(state, batch):
     images = prepare_images(batch["image"], config.data, dtype)
@@ -131,7 +167,7 @@ def make_train_step(model, tx, schedule, config):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                     train=True, context=context, mutable=["batch_stats"],
                                     rngs={"dropout": state.step_rng()})
-      loss, parts = multilayer_loss(logits, batch, weights, k)
+      loss, parts = multilayer_loss(logits, batch, weights, k, kind, dice_classes)
       return loss, (logits, parts, updates)
 
     (loss, (logits, parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -302,6 +338,8 @@ def validate(config) -> None:
   if len(config.loss_weights) != len(config.data.mask_layers):
     raise UserError(f"loss_weights {tuple(config.loss_weights)} and data.mask_layers "
                     f"{tuple(config.data.mask_layers)} differ in length")
+  if config.get("loss") and config.loss not in LOSSES:
+    raise UserError(f"loss={config.loss!r} is not one of {LOSSES} (or '' for the setting's)")
   for mode in config.gate.modes:
     if mode not in GATE_MODES:
       raise UserError(f"gate.modes: {mode!r} is not one of {GATE_MODES}")
@@ -360,7 +398,7 @@ def run(config, workdir: str) -> dict:
     save_overlays(os.path.join(workdir, "overlays"), shown, palette)
   summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
-      "setting": setting(config),
+      "setting": setting(config), "loss": loss_kind(config),
       "steps_per_epoch": seg.steps_per_epoch,
       "scoring": scoring(config),
       "test_split": config.test_split, "test": test}

@@ -22,6 +22,7 @@ import numpy as np
 METHODS = ("cam", "gradcam", "layercam", "lrp:EpsilonPlusFlat", "lrp:EpsilonGammaBox",
            "patternattribution")
 RULES = ("threshold", "power", "otsu", "negatives")
+CAM_LAYER = {"resnet38": ("bn7",), "resnet50": ("layer4",)}
 
 
 def otsu_baseline(data_cfg, split: str) -> dict:
@@ -53,8 +54,11 @@ def main() -> None:
   parser.add_argument("--num_test", type=int, default=128)
   args = parser.parse_args()
   from wsss_jax import config_lib
-  from wsss_jax.phases import maps as maps_phase, pseudo_masks
+  from wsss_jax.errors import UserError
+  from wsss_jax.phases import maps as maps_phase
+  from wsss_jax.runner import run_phase
   os.makedirs(args.workdir, exist_ok=True)
+  backbone = json.load(open(os.path.join(args.classifier, "config.json")))["model"]["backbone"]
   results = {"classifier": os.path.abspath(args.classifier), "split": args.split, "runs": {}}
   config_file = os.path.join(os.path.dirname(__file__), "..", "configs", "pseudo_masks.py")
   for method in args.methods.split(","):
@@ -65,8 +69,14 @@ def main() -> None:
       config.background.alpha = "" if rule == "otsu" else "auto"
       config.data.num_test = args.num_test
       config.overlays = 4
+      if method == "cam":  # CAM reads only the layer the head pools
+        config.layers = CAM_LAYER.get(backbone, ())
       out = os.path.join(args.workdir, f"{method.replace(':', '_')}_{rule}")
-      summary = pseudo_masks.run(config, out)
+      try:
+        summary = run_phase(config, out)
+      except UserError as e:  # a method that does not apply to this classifier: say so
+        print(f"{method} {rule}: not run ({e})", flush=True)
+        continue
       results["runs"][f"{method}|{rule}"] = {
           layer: {"mIoU": s["mIoU"], "alpha": summary["background_alpha"][layer]}
           for layer, s in summary["layers"].items()}
@@ -79,14 +89,15 @@ def main() -> None:
   results["otsu_on_image"] = otsu_baseline(data, args.split)
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:
     json.dump(results, f, indent=2, default=float)
+  layers = list(dict.fromkeys(l for by_layer in results["runs"].values() for l in by_layer))
   lines = [f"Pseudo-mask mIoU (findings and background) on the {args.split} split; alpha chosen "
-           f"on val", "", "| method | rule | " + " | ".join(
-               next(iter(results["runs"].values()))) + " |",
-           "|---|---|" + "---|" * len(next(iter(results["runs"].values())))]
+           f"on val", "", "| method | rule | " + " | ".join(layers) + " |",
+           "|---|---|" + "---|" * len(layers)]
   for key, by_layer in results["runs"].items():
     method, rule = key.split("|")
-    lines.append(f"| {method} | {rule} | " + " | ".join(
-        f"{v['mIoU']:.3f} (alpha {v['alpha']:g})" for v in by_layer.values()) + " |")
+    cells = [f"{by_layer[l]['mIoU']:.3f} (alpha {by_layer[l]['alpha']:g})" if l in by_layer
+             else "-" for l in layers]
+    lines.append(f"| {method} | {rule} | " + " | ".join(cells) + " |")
   for polarity, s in results["otsu_on_image"].items():
     lines.append(f"| Otsu on the image ({polarity}) | - | {s['mIoU']:.3f} |")
   text = "\n".join(lines) + "\n"

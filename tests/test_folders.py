@@ -143,7 +143,7 @@ def test_bad_files_and_folders_are_named(tmp_path):
 def test_unlabelled_folder_for_pretraining(tmp_path):
   os.makedirs(tmp_path / "train")
   for i in range(3):
-    Image.fromarray(synthetic.generate_tile(1, "train", i, 24)[0]).save(
+    Image.fromarray(synthetic.generate_tile(1, "train", i, 40)[0]).save(
         tmp_path / "train" / f"slide_{i}.png")
   source = pipeline.build_source(_cfg(str(tmp_path), "folder", num_classes=None), "train")
   assert len(source) == 3 and set(source[2]) == {"image", "name"}

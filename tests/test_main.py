@@ -104,7 +104,8 @@ def test_two_processes_on_localhost_then_resume_on_one(tmp_path):
          f"--workdir={tmp_path}", f"--config.total_steps={steps}", "--config.data.log_seen=True",
          f"--config.parallel.fsdp={fsdp}"] + args,
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "XLA_FLAGS": compile_flags()})  # 1 device each, as conftest compiles
+        # 1 device each, as conftest compiles; this interpreter, whatever PATH says
+        env={**os.environ, "XLA_FLAGS": compile_flags(), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:]
     summaries = [json.loads(l.split("] ", 1)[1]) for l in proc.stdout.splitlines()
                  if l.startswith("[p") and '"phase"' in l]

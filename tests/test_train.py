@@ -117,9 +117,13 @@ def test_checkpoint_of_another_model_is_refused(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.total_steps = 3
   pretrain.run(config, str(tmp_path))
+  record = (tmp_path / "config.json").read_text()
   config.model.decoder_depth = 2
-  with pytest.raises(UserError, match=r"written with model=.*decoder_depth.*--workdir"):
+  with pytest.raises(UserError, match=r"pretrain phase.*model.decoder_depth 1 -> 2.*--workdir"
+                     ) as refused:
     pretrain.run(config, str(tmp_path))
+  assert len(str(refused.value)) < 300 and "\n" not in str(refused.value)
+  assert (tmp_path / "config.json").read_text() == record  # the refused run changed nothing
 
 
 def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):

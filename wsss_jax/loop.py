@@ -15,9 +15,11 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import optim, parallel
+from wsss_jax import workdir as run_record
 from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
@@ -60,19 +62,41 @@ class Throughput:
     return self.batch_size * self.timed_steps / self.timed_seconds if self.timed_seconds else None
 
 
+@jax.jit
+def _first_non_finite(first, loss: jax.Array, grad_norm: jax.Array, step: jax.Array):
+  """The first step whose loss or global gradient norm was not finite (0: none yet)."""
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jnp.where((first == 0) & ~ok, step, first)
+
+
+def _refuse_non_finite(step: int, last_saved: int | None, checkpoint_dir: str | None):
+  kept = (f"the last good checkpoint is {checkpoint_dir}/{last_saved}" if last_saved
+          else "no checkpoint was written")
+  raise UserError(f"the loss or the gradient norm became non-finite at step {step}: nothing "
+                  f"after it was saved ({kept}); lower optim.base_lr or check the input")
+
+
 def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
                total_steps: int, log_every: int, checkpoint_every: int, batch_size: int,
                writer, save: Callable, extra_metrics: Callable | None = None,
-               step_callback: Callable | None = None, seen_path: str | None = None):
+               step_callback: Callable | None = None, seen_path: str | None = None,
+               checkpoint_dir: str | None = None, check_saves: Callable | None = None):
   """Runs the steps; returns (state, last logged metrics, Throughput).
+
+  Every step's loss and gradient norm are checked on device (one small jitted reduction, no
+  host sync); the flag is read where the loop syncs anyway (log lines) and before every save,
+  so a non-finite state is never written over the last good checkpoint.
 
   save(step, state): writes a checkpoint (and whatever else the phase keeps with it).
   extra_metrics(step, state) -> dict: added to the log row of `step` (e.g. validation metrics).
   step_callback(step, state): called after every step (tests use it to interrupt a run).
   seen_path: a file to which each step appends the names of the examples this process fed
   (`data.log_seen`: an audit of what each host read).
+  check_saves(): raises if a background checkpoint save has failed (called every step).
   """
   timer, metrics = Throughput(batch_size), {}
+  # a Python 0 to start: the flag then lives wherever the step's metrics do (any process count)
+  first_bad, last_saved = 0, (start_step or None)
   for step in range(start_step + 1, total_steps + 1):
     t_data = time.perf_counter()
     local = next(data_iter)
@@ -83,18 +107,26 @@ def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
         with open(seen_path, "a", encoding="utf-8") as f:
           f.write(json.dumps({"step": step, "names": [str(n) for n in names]}) + "\n")
     state, metrics = train_step(state, parallel.global_batch(local, mesh))
+    first_bad = _first_non_finite(first_bad, metrics["loss"],
+                                  metrics.get("grad_norm", metrics["loss"]), step)
     timer.stepped(step == start_step + 1, metrics)
+    if check_saves is not None:
+      check_saves()
+    saving = step % checkpoint_every == 0 or step == total_steps
+    if step % log_every == 0 or step == total_steps or saving:
+      bad = int(parallel.to_host(first_bad))
+      if bad:
+        _refuse_non_finite(bad, last_saved, checkpoint_dir)
     if step % log_every == 0 or step == total_steps:
       metrics = parallel.to_host(metrics) | timer.window()
-      if not np.isfinite(metrics["loss"]):
-        raise UserError(f"loss became {metrics['loss']} at step {step}; lower optim.base_lr")
       if extra_metrics is not None:
         metrics |= extra_metrics(step, state)
       writer.write(step, metrics)
       writer.progress(step, total_steps, metrics,
                       (total_steps - step) * metrics.get("step_time", 0.0))
-    if step % checkpoint_every == 0 or step == total_steps:
+    if saving:
       save(step, state)
+      last_saved = step
     if step_callback is not None:
       step_callback(step, state)
   return state, metrics, timer
@@ -119,20 +151,24 @@ class Run(NamedTuple):
 
 
 def start_run(config, workdir: str, training, meta: dict, local_batch: int, *,
-              keys=("image",), initialize: Callable | None = None) -> Run:
+              keys=("image",), initialize: Callable | None = None, eval_splits=()) -> Run:
   """Restores the latest checkpoint in `workdir` (refused if `meta` differs) or builds a fresh
-  state (`training.init_state`, then `initialize(state)` if given: pretrained weights)."""
+  state (`training.init_state`, then `initialize(state)` if given: pretrained weights).
+  The training split and `eval_splits` are scanned first, so that a bad file in any of them
+  stops (or, with data.bad_files=skip, is listed) before the first step, not at the first
+  evaluation."""
+  for split in ("train",) + tuple(eval_splits):
+    pipeline.build_source(config.data, split)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                       async_save=config.async_checkpointing)
-  latest, data_state = ckpt.latest_step(), None
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, training.abstract_state, training.state_sharding,
-                                     meta)
-  else:
+  state, data_state, latest = ckpt.restore_usable(training.abstract_state,
+                                                  training.state_sharding, meta)
+  if latest is None:
     state = jax.jit(training.init_state, out_shardings=training.state_sharding)()
     if initialize is not None:
       state = initialize(state)
   start_step = int(parallel.to_host(state.step))
+  run_record.write_config(config, workdir)  # accepted: this run's record replaces any older one
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), resume_step=start_step)
   if latest is not None and writer.enabled:
     print(f"resumed from {ckpt.directory}/{latest}", flush=True)
@@ -153,15 +189,22 @@ def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, sav
   if config.data.get("log_seen"):
     seen_path = os.path.join(run.writer.workdir, f"seen_process_{jax.process_index()}.jsonl")
   try:
-    return train_loop(
+    result = train_loop(
         run.state, train_step=train_step, data_iter=run.data_iter, mesh=mesh,
         start_step=run.start_step, total_steps=total_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, batch_size=config.batch_size,
         writer=run.writer, save=save, extra_metrics=extra_metrics, step_callback=step_callback,
-        seen_path=seen_path)
-  finally:
-    run.ckpt.wait()
-    run.ckpt.close()
+        seen_path=seen_path, checkpoint_dir=run.ckpt.directory, check_saves=run.ckpt.check)
+  except BaseException:
+    try:  # the error in flight is the one to report; a failing save in flight is secondary
+      run.ckpt.wait()
+      run.ckpt.close()
+    except Exception:  # noqa: BLE001
+      pass
+    raise
+  run.ckpt.wait()  # a failed final save: one line
+  run.ckpt.close()
+  return result
 
 
 def summary(phase: str, run: Run, state, last: dict, timer: Throughput, mesh,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 
+from wsss_jax import workdir as run_record
 from wsss_jax.errors import UserError
 
 PHASES = {
@@ -17,6 +18,9 @@ PHASES = {
     "dataset": "wsss_jax.phases.dataset",
     "erasing": "wsss_jax.phases.erasing",
 }
+# phases that resume from checkpoints: they record their config once those are accepted
+# (loop.start_run); the others record it before they start
+RESUMING = ("pretrain", "classify", "segment")
 
 
 def prepare_workdir(workdir: str | None) -> str:
@@ -43,8 +47,7 @@ def run_phase(config, workdir: str) -> dict:
   workdir = prepare_workdir(workdir)
   if "data" in config and "report_dir" in config.data and not config.data.report_dir:
     config.data.report_dir = workdir  # lists of skipped bad files land in the run's workdir
-  import jax  # after flags: XLA_FLAGS and distributed init must come first
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  run_record.check_phase(config, workdir)
+  if phase not in RESUMING:
+    run_record.write_config(config, workdir)
   return importlib.import_module(PHASES[phase]).run(config, workdir)

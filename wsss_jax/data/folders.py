@@ -193,8 +193,26 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
 BAD_FILES = ("strict", "skip")
 
 
-def _check_file(source: "FolderSource", filename: str) -> str | None:
-  """Why a tile is unusable (decoding, mask size and indices), or None."""
+def _check_size(path: str, min_side: int) -> str | None:
+  """Why a tile is too small for the model input (read from its header, not decoded), or None."""
+  try:
+    with Image.open(path) as image:
+      w, h = image.size
+  except (OSError, SyntaxError, ValueError):
+    return None  # the decode check (or the first read) names an unreadable file
+  if min(h, w) < min_side:
+    return (f"{path} is {h}x{w} pixels, smaller than data.image_size={min_side}; lower "
+            f"data.image_size or drop the image")
+  return None
+
+
+def _check_file(source: "FolderSource", filename: str, decode: bool, min_side: int
+                ) -> str | None:
+  """Why a tile is unusable (too small; with `decode` also decoding, mask size and indices),
+  or None."""
+  why = _check_size(os.path.join(source.image_dir, filename), min_side) if min_side else None
+  if why or not decode:
+    return why
   try:
     source.read(filename, None)
   except UserError as e:
@@ -204,12 +222,14 @@ def _check_file(source: "FolderSource", filename: str) -> str | None:
 
 @functools.lru_cache(maxsize=32)
 def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, split: str,
-          decode: bool, threads: int, stamp: tuple) -> tuple:
+          decode: bool, threads: int, stamp: tuple, min_side: int = 0) -> tuple:
   """(files, labels, problems) of one split, memoised per process (`stamp`: the folders' mtimes,
   so an edited folder is scanned again). Problems: a name without a parsable label vector or with
   the wrong length, names that collide once made file-safe (`masks.file_stem`: the pseudo masks
   of both would be one file), an image without its mask, and with `decode` every tile decoded
-  (truncated or unreadable PNGs, masks of another size or with an index out of range)."""
+  (truncated or unreadable PNGs, masks of another size or with an index out of range); every
+  tile's size (from its header) against `min_side`, the model input, so that no tile stops a run
+  part-way."""
   del stamp
   spec, k = SPECS[spec_name], len(names)
   files = list_images(image_dir, spec.extensions)
@@ -232,13 +252,13 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
     for f in files:
       if FolderSource.mask_name(f) not in present:
         problems.setdefault(f, f"{os.path.join(image_dir, f)} has no mask in {mask_dir}")
-  if decode:
+  if decode or min_side:
     probe = FolderSource.__new__(FolderSource)
     probe.image_dir, probe.mask_dir, probe.spec, probe.num_classes = image_dir, mask_dir, spec, k
     probe.labels = labels
     todo = [f for f in files if f not in problems]
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      for f, why in zip(todo, pool.map(lambda f: _check_file(probe, f), todo)):
+      for f, why in zip(todo, pool.map(lambda f: _check_file(probe, f, decode, min_side), todo)):
         if why:
           problems[f] = why
   return tuple(files), labels, tuple((f, problems[f]) for f in files if f in problems)
@@ -252,7 +272,7 @@ class FolderSource:
 
   def __init__(self, root: str, split: str, spec: DatasetSpec, names: tuple,
                bad_files: str = "strict", decode_check: bool = True, threads: int = 4,
-               report_dir: str = ""):
+               report_dir: str = "", min_side: int = 0):
     if bad_files not in BAD_FILES:
       raise UserError(f"data.bad_files={bad_files!r} is not one of {BAD_FILES}")
     self.split, self.spec, self.class_names = split, spec, tuple(names)
@@ -267,7 +287,8 @@ class FolderSource:
         self.mask_dir = None  # training tiles without (complete) ground truth
     stamp = tuple(os.stat(d).st_mtime_ns for d in (self.image_dir, self.mask_dir) if d)
     files, self.labels, problems = _scan(self.image_dir, self.mask_dir, spec.name,
-                                         self.class_names, split, decode_check, threads, stamp)
+                                         self.class_names, split, decode_check, threads, stamp,
+                                         min_side)
     self.skipped = list(problems)
     if problems and bad_files == "strict":
       listing = "\n  ".join(why for _, why in problems)
@@ -398,4 +419,5 @@ def use_dataset(config, arg) -> None:
 def folder_source(data_cfg, split: str) -> FolderSource:
   return FolderSource(data_cfg.root, split, SPECS[data_cfg.name], class_names(data_cfg),
                       data_cfg.get("bad_files", "strict"), data_cfg.get("decode_check", True),
-                      max(1, data_cfg.get("num_threads", 4)), data_cfg.get("report_dir", ""))
+                      max(1, data_cfg.get("num_threads", 4)), data_cfg.get("report_dir", ""),
+                      data_cfg.get("image_size", 0))

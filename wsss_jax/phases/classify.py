@@ -330,7 +330,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
     initialize = lambda state: load_pretrained(  # noqa: E731
         state, config.model.init_from, t.model, mesh, config.model.backbone)
   job = loop.start_run(config, workdir, t, meta, local_batch, keys=("image", "labels"),
-                        initialize=initialize)
+                       initialize=initialize, eval_splits=("val",))
 
   # --- Validation and checkpoints ---------------------------------------------------------------
   eval_every = config.eval_every if config.eval_every > 0 else t.steps_per_epoch

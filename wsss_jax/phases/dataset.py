@@ -69,6 +69,7 @@ def run_stats(config, workdir: str, data) -> dict:
   result, hashes = {"name": data.name, "root": data.root, "splits": {}}, {}
   data = data.copy_and_resolve_references()
   data.bad_files, data.report_dir = "skip", ""  # every problem goes into the report
+  data.image_size = 0  # every tile is counted, whatever a model's input size would need
   for split in ("train", "val", "test"):
     if data.name == "slides" and split != "train" and not os.path.isdir(
         os.path.join(data.root, split)):

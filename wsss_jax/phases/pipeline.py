@@ -52,13 +52,15 @@ def table(result: dict) -> str:
   erasing = result.get("erasing")
   lines = ([f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; {erasing['stopped']}.",
             ""] if erasing else [])
-  lines += ["Pseudo masks (stage-1 scoring):", "",
+  finding = result.get("setting") == "finding"
+  scored = ("finding scoring: background a class" if finding else "{} scoring")
+  lines += [f"Pseudo masks ({scored.format('stage-1')}):", "",
            "| split | layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|---|"]
   for key in ("pseudo_masks", "pseudo_masks_test"):
     for layer, s in result.get(key, {}).get("layers", {}).items():
       lines.append(f"| {result[key]['split']} | {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | "
                    f"{s['accuracy']:.3f} |")
-  lines += ["", f"Segmentation ({result['test_split']} split, stage-2 scoring):", "",
+  lines += ["", f"Segmentation ({result['test_split']} split, {scored.format('stage-2')}):", "",
             "| supervision | gate | mIoU | FwIoU | accuracy | " + " | ".join(names) + " |",
             "|---" * (5 + len(names)) + "|"]
   for key in ("segment", "segment_full"):

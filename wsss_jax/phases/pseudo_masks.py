@@ -50,18 +50,6 @@ def write_batch(directory: str, names, layer_masks: dict, palette: list) -> None
                        palette)
 
 
-def colour(mask: np.ndarray, palette: list) -> np.ndarray:
-  return np.asarray(palette, np.uint8).reshape(-1, 3)[np.minimum(mask, len(palette) // 3 - 1)]
-
-
-def save_overlay(path: str, rows, palette: list) -> None:
-  """Each row: the tile, its ground truth (if any), then the pseudo mask of each layer."""
-  grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path + ".tmp.png")
-  os.replace(path + ".tmp.png", path)
-
-
 def table(summary: dict) -> str:
   lines = ["| layer | mIoU | FwIoU | accuracy | " + " | ".join(summary["class_names"]) + " |",
            "|---" * (4 + len(summary["class_names"])) + "|"]

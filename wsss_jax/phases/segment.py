@@ -32,14 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wsss_jax import loop, masks, metrics, optim, parallel
+from wsss_jax import loop, masks, metrics, optim, overlays, parallel
 from wsss_jax.checkpoint import Checkpointer, model_meta
 from wsss_jax.data import folders, pipeline, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
 from wsss_jax.phases import classify, maps as maps_phase
 from wsss_jax.phases.classify import compute_dtype, prepare_images
-from wsss_jax.phases.pseudo_masks import colour, save_overlay
 from wsss_jax.train_state import ClassifierState
 
 SUPERVISION = ("pseudo", "full")
@@ -312,14 +311,18 @@ def load_gate_classifier(config, mesh):
   return {"predict": predict, "image_size": meta["image_size"]}
 
 
-def save_overlays(directory: str, shown, palette: list) -> None:
-  """overlays/test.png: rows of (image, ground truth, prediction) for the first test tiles, and
-  test.npz with the same arrays and the tiles' names (the pipeline adds their pseudo masks)."""
+def overlay_figure(shown, palette: list, class_names, title: str) -> np.ndarray:
+  """Rows of image | ground truth | prediction, blended and labelled (wsss_jax/overlays.py)."""
+  items = [(image, truth, {"prediction": pred}) for image, truth, pred, _, _ in shown]
+  return overlays.mask_figure(items, palette, class_names, title)
+
+
+def save_overlays(directory: str, shown, figure) -> None:
+  """overlays/test.png (the figure) and test.npz: the first test tiles' image, ground truth,
+  prediction, labels and names (the pipeline adds their pseudo masks)."""
   if not shown:
     return
-  rows = [[image, colour(truth, palette), colour(pred, palette)]
-          for image, truth, pred, _, _ in shown]
-  save_overlay(os.path.join(directory, "test.png"), rows, palette)
+  overlays.save(os.path.join(directory, "test.png"), figure)
   arrays = {k: np.stack([row[i] for row in shown]) for i, k in enumerate(
       ("image", "truth", "prediction", "labels", "name"))}
   np.savez_compressed(os.path.join(directory, "test.tmp.npz"), **arrays)
@@ -366,7 +369,8 @@ def run(config, workdir: str) -> dict:
         s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
       f"mask_{layer}" for layer in config.data.mask_layers)
-  job = loop.start_run(config, workdir, seg, meta, local_batch, keys=keys, initialize=initialize)
+  job = loop.start_run(config, workdir, seg, meta, local_batch, keys=keys, initialize=initialize,
+                       eval_splits=("val", config.test_split))
   best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False,
                       best_metric="mIoU")
   eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
@@ -394,8 +398,12 @@ def run(config, workdir: str) -> dict:
                          config.overlays)
   palette = masks.palette_bytes(folders.resolve(config.data, "palette", config.palette),
                                 config.data.num_classes + 1)
-  if parallel.is_main_process():
-    save_overlays(os.path.join(workdir, "overlays"), shown, palette)
+  if parallel.is_main_process() and shown:
+    names = tuple(config.data.class_names) + ("background",)
+    figure = overlay_figure(shown, palette, names, f"segmenter {config.model.name} "
+                            f"({config.supervision} supervision), {config.test_split} split")
+    save_overlays(os.path.join(workdir, "overlays"), shown, figure)
+    job.writer.image("segment/test", best_step, figure)
   summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config), "loss": loss_kind(config),

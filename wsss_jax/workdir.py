@@ -1,0 +1,45 @@
+"""A run's record in its workdir: which phase owns it, and its config.json.
+
+config.json is written only once the run is accepted (the config valid, the workdir's checkpoints
+of this phase and model), so a refused run leaves another run's record as it found it. It is
+written to a temporary name and renamed: a crash never leaves half a config.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from wsss_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+
+
+def recorded_phase(workdir: str) -> str | None:
+  """The phase named in the workdir's config.json, or None when there is none (or unreadable)."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+      return json.load(f).get("phase")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def check_phase(config, workdir: str) -> None:
+  """Refuses a workdir that holds another phase's run (its config.json says so)."""
+  found, phase = recorded_phase(workdir), config.get("phase")
+  if found is not None and found != phase:
+    raise UserError(f"--workdir={workdir} holds a {found} run (its {CONFIG_FILE} says "
+                    f"phase={found}); this is a {phase} run: use another --workdir")
+
+
+def write_config(config, workdir: str) -> None:
+  """config.json of the run (main process only), atomically."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    raise UserError(f"{path} cannot be written: {e.strerror}") from None

@@ -264,12 +264,15 @@ def write_finding_folder(root, background_index=1):
   os.makedirs(root / "train")
   os.makedirs(root / "val" / "img")
   os.makedirs(root / "val" / "mask")
+  size = 64  # classify's default input: a smaller tile would be a bad file
   for i, name in enumerate(["a+0[1]", "b+1[0]", "c-[1]", "d-[0]"]):
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(root / "train" / f"{name}.png")
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(
+        root / "train" / f"{name}.png")
   for i in range(2):
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(root / "val" / "img" / f"v{i}.png")
-    mask = np.full((16, 16), background_index, np.uint8)
-    mask[4:8, 4:8] = 0 if i == 0 else background_index
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(
+        root / "val" / "img" / f"v{i}.png")
+    mask = np.full((size, size), background_index, np.uint8)
+    mask[4:20, 4:20] = 0 if i == 0 else background_index
     Image.fromarray(mask, mode="L").save(root / "val" / "mask" / f"v{i}.png")
 
 

@@ -134,12 +134,17 @@ def test_patchify_layout_and_roundtrip():
   np.testing.assert_array_equal(mae.unpatchify(mae.patchify(square, p), p), square)
 
 
-def test_norm_pix_targets():
+def test_norm_pix_targets_use_the_unbiased_variance_of_the_reference():
   img = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 3)) * 3 + 1
   t = np.asarray(mae.pixel_targets(img, 4, True))
   raw = np.asarray(mae.patchify(img, 4))
-  want = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-6)
+  n = raw.shape[-1]  # 4 x 4 x 3 values per patch
+  mean = raw.sum(-1, keepdims=True) / n
+  unbiased = ((raw - mean) ** 2).sum(-1, keepdims=True) / (n - 1)  # torch.var's default
+  want = (raw - mean) / np.sqrt(unbiased + 1e-6)
   np.testing.assert_allclose(t, want, atol=1e-5)
+  population = (raw - mean) / np.sqrt(((raw - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+  assert np.abs(t - population).max() > 1e-3  # the ddof-0 form would not pass
   np.testing.assert_allclose(mae.pixel_targets(img, 4, False), raw)
 
 

@@ -38,8 +38,9 @@ def np_rule(rule, a, w, b, r_out, support=None):
   if rule == "gamma":
     wg, bg = w + 0.25 * pos(w), b + 0.25 * pos(b)
     return a * ((r_out / stab(a @ wg + bg)) @ wg.T)
-  if rule == "zplus":
-    return pos(a) * ((r_out / stab(pos(a) @ pos(w))) @ pos(w).T)
+  if rule in ("zplus", "zplus_bias"):
+    bias = pos(b) if rule == "zplus_bias" else 0
+    return pos(a) * ((r_out / stab(pos(a) @ pos(w) + bias)) @ pos(w).T)
   if rule.startswith("alpha"):
     alpha, beta = (1.0, 0.0) if rule.startswith("alpha1") else (2.0, 1.0)
     bias = rule.endswith("_bias")
@@ -95,7 +96,8 @@ def mlp():
 
 
 @pytest.mark.parametrize("rule,first", [
-    ("epsilon", None), ("gamma", None), ("zplus", None), ("alpha1beta0", None),
+    ("epsilon", None), ("gamma", None), ("zplus", None), ("zplus_bias", None),
+    ("alpha1beta0", None),
     ("alpha2beta1", None), ("alpha1beta0_bias", None), ("alpha2beta1_bias", None),
     ("epsilon", "flat"), ("epsilon", "wsquare"), ("epsilon", "zbox")])
 def test_rules_match_textbook_numpy_lrp(mlp, rule, first):

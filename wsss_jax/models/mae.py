@@ -153,11 +153,12 @@ def unpatchify(patches, p: int, channels: int = 3):
 
 
 def pixel_targets(images, p: int, norm_pix_loss: bool):
-  """Patchified targets; with norm_pix_loss each patch is normalised by its mean and variance."""
+  """Patchified targets; with norm_pix_loss each patch is normalised by its mean and its
+  unbiased variance (n - 1, as the reference MAE's torch `var` computes it)."""
   target = patchify(images.astype(jnp.float32), p)
   if norm_pix_loss:
     mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
   return target
 

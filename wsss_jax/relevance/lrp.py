@@ -15,6 +15,15 @@ Canonisation: a BatchNorm that reads a convolution's output directly is folded i
 the identity. A BatchNorm after a residual sum (pre-activation ResNet38) stays a per-channel
 linear layer, whose gradient is the z-rule with bias.
 
+Biases, per rule: epsilon, gamma (b + gamma b^+) and the z-rule of a standalone BatchNorm keep
+the bias in the denominator, so the relevance it explains is absorbed there (not conserved);
+zplus and alpha-beta drop it (all relevance reaches the inputs), zplus_bias and alpha-beta
+`_bias` keep its positive (and for beta its negative) part. The first-layer rules flat, w-square
+and z-box ignore it. Per composite: EpsilonPlus / EpsilonPlusFlat use zplus (bias dropped) on
+the convolutions, EpsilonPlusBias / EpsilonPlusFlatBias zplus_bias (as zennit's EpsilonPlus /
+EpsilonPlusFlat); all use epsilon (bias kept) on dense layers. With BatchNorm folded into the
+convolutions the biases can be large, and the two forms then give visibly different maps.
+
 Rules are attached by intercepting linen module calls (`nn.intercept_methods`), so models carry
 no LRP code. AttnLRP (for ViTs) also freezes the attention weights (stop-gradient on q and k),
 the LayerNorm's standard deviation, and treats the MLP's non-linearity with the identity rule
@@ -77,11 +86,14 @@ class Gamma:
 
 @dataclasses.dataclass(frozen=True)
 class ZPlus:
-  """Positive weights on positive inputs only: z = W^+ x^+ (no bias)."""
+  """Positive weights on positive inputs only: z = W^+ x^+ (`zplus`: the bias dropped, so all
+  relevance reaches the inputs), or z = W^+ x^+ + b^+ (`zplus_bias`, zennit's ZPlus: the
+  positive bias joins the denominator and keeps its share of the relevance, which is lost)."""
   epsilon: float = 1e-6
+  bias: bool = False
 
   def groups(self, x, w, b):
-    return [(1.0, [(jnp.maximum(x, 0), _pos(w), None)])]
+    return [(1.0, [(jnp.maximum(x, 0), _pos(w), _pos(b) if self.bias else None)])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +143,7 @@ def parse_rule(name: str, *, epsilon: float = 1e-6, gamma: float = 0.25, low=0.0
   wsquare, zbox."""
   rules = {
       "epsilon": lambda: Epsilon(epsilon), "gamma": lambda: Gamma(gamma, epsilon),
-      "zplus": lambda: ZPlus(), "alpha1beta0": lambda: AlphaBeta(1.0, 0.0),
+      "zplus": lambda: ZPlus(), "zplus_bias": lambda: ZPlus(bias=True), "alpha1beta0": lambda: AlphaBeta(1.0, 0.0),
       "alpha2beta1": lambda: AlphaBeta(2.0, 1.0), "alpha1beta0_bias": lambda: AlphaBeta(
           1.0, 0.0, True), "alpha2beta1_bias": lambda: AlphaBeta(2.0, 1.0, True),
       "flat": lambda: Flat(), "wsquare": lambda: WSquare(), "zbox": lambda: ZBox(low, high)}
@@ -140,12 +152,14 @@ def parse_rule(name: str, *, epsilon: float = 1e-6, gamma: float = 0.25, low=0.0
   return rules[name]()
 
 
-RULES = ("epsilon", "gamma", "zplus", "alpha1beta0", "alpha2beta1", "alpha1beta0_bias",
-         "alpha2beta1_bias", "flat", "wsquare", "zbox")
+RULES = ("epsilon", "gamma", "zplus", "zplus_bias", "alpha1beta0", "alpha2beta1",
+         "alpha1beta0_bias", "alpha2beta1_bias", "flat", "wsquare", "zbox")
 # composite -> (first layer, other convolutions, dense layers); None: as the layer's type says.
 COMPOSITES = {
     "EpsilonPlus": (None, "zplus", "epsilon"),
     "EpsilonPlusFlat": ("flat", "zplus", "epsilon"),
+    "EpsilonPlusBias": (None, "zplus_bias", "epsilon"),  # zennit's EpsilonPlus
+    "EpsilonPlusFlatBias": ("flat", "zplus_bias", "epsilon"),  # zennit's EpsilonPlusFlat
     "EpsilonGammaBox": ("zbox", "gamma", "epsilon"),
     "EpsilonAlpha2Beta1": (None, "alpha2beta1", "epsilon"),
     "AttnLRP": ("epsilon", "epsilon", "epsilon"),

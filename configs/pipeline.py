@@ -19,7 +19,9 @@ of running one: a ViT from any MAE variant or pretext task, the ResNet38 from a 
 (`encoder=resnet38`); `pretrain=scratch` trains the same ViT from random weights (the floor a
 ViT pretraining should clear; the CNN's is the default run).
 `paper=True` is the authors' method alone: no SEAM loss, no CRF, the segmenter on the 0.2/0.2/0.6
-mix of the three layers' masks (the default adds SEAM and the CRF and learns from b4_5's masks).
+mix of the three layers' masks (the default adds SEAM and the CRF and learns from b4_5's masks,
+or, where the pseudo-mask phase swept alpha on validation masks, from the layer that scored best
+there: `--config.segment_layer=auto`, or a layer name).
 `dataset=<name>,root=<path>` (and `classes=a+b` for a folder) points every phase at a dataset;
 `setting=tissue|finding` picks the recipe: tissue maps (every pixel one of the classes; the
 dataset's white-glass rule or none) or findings against a background (one or a few finding
@@ -93,6 +95,10 @@ def get_config(arg=None):
     # speckle and shadows can pull the CRF off a finding: keep it per layer only where the
     # val masks show it helps
     config.pseudo_masks.crf.validate = True
+  # "auto": where the pseudo-mask phase swept alpha on validation masks, the segmenter learns
+  # from the layer that scored best there; otherwise (and with a layer name) from
+  # segment.data.mask_layers as set below. "": always the section's layers.
+  config.segment_layer = "" if arg.paper else "auto"
   if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
     # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; README), not
     # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)

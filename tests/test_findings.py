@@ -324,6 +324,21 @@ def test_alpha_auto_picks_the_best_swept_alpha_and_the_crf_only_where_it_helps(t
     assert summary["layers"][layer]["mIoU"] == pytest.approx(want, abs=1e-6)
 
 
+def test_segment_layer_auto_takes_the_best_validated_layer():
+  from wsss_jax.phases import pipeline as pipeline_phase
+  sweep = {"b4_5": {"mIoU": [0.5, 0.64], "crf_mIoU": 0.70, "crf": True},  # the CRF raised it
+           "b5_2": {"mIoU": [0.66, 0.6], "crf_mIoU": 0.5, "crf": False}}
+  summary = {"layers_written": ["b4_5", "b5_2"], "alpha_sweep": sweep}
+  assert pipeline_phase.segment_layer("auto", summary) == "b4_5"
+  sweep["b4_5"]["crf"] = False  # without its CRF b4_5 scores 0.64 < 0.66
+  assert pipeline_phase.segment_layer("auto", summary) == "b5_2"
+  assert pipeline_phase.segment_layer("auto", {"layers_written": ["b4_5"]}) is None
+  assert pipeline_phase.segment_layer("", summary) is None
+  assert pipeline_phase.segment_layer("b4_5", summary) == "b4_5"
+  with pytest.raises(UserError, match="segment_layer='bn7'"):
+    pipeline_phase.segment_layer("bn7", summary)
+
+
 # --- Progress --------------------------------------------------------------------------------------
 def test_progress_line_reports_done_rate_and_eta():
   now = [0.0]

@@ -132,6 +132,9 @@ def run(config, workdir: str) -> dict:
       print(f"pseudo masks in {dirs['pseudo_masks']} are current; not recomputed", flush=True)
     result["pseudo_masks"] = done or _run(config.pseudo_masks, dirs["pseudo_masks"])
     seg.data.masks_dir = os.path.join(dirs["pseudo_masks"], "masks")
+    layer = segment_layer(config.get("segment_layer", ""), result["pseudo_masks"])
+    if layer:
+      seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
   result["segment"] = _run(seg, dirs["segment"])
   if config.supervision == "pseudo":  # the test tiles' own pseudo masks: scores and overlays
     test_pm = config.pseudo_masks.copy_and_resolve_references()
@@ -161,6 +164,26 @@ def run(config, workdir: str) -> dict:
   writer.summary(result)
   writer.close()
   return result
+
+
+def segment_layer(choice: str, pm_summary: dict) -> str | None:
+  """The one pseudo-mask layer the segmenter learns from: `choice` when it names a layer the
+  pseudo-mask run wrote; for "auto" the layer of the best validation mIoU where the run swept
+  alpha on validation masks (with the CRF where crf.validate kept it); None: leave the config's."""
+  written = pm_summary.get("layers_written", [])
+  if choice not in ("", "auto"):
+    if choice not in written:
+      raise UserError(f"segment_layer={choice!r}: the pseudo-mask run wrote {written}")
+    return choice
+  sweep = pm_summary.get("alpha_sweep") or {}
+  if choice != "auto" or not sweep:
+    return None
+  def val_score(s):
+    return s["crf_mIoU"] if s.get("crf") else max(s["mIoU"])
+  best = max(sweep, key=lambda layer: val_score(sweep[layer]))
+  print(f"segment_layer=auto: the segmenter learns from {best} (val pseudo-mask mIoU "
+        f"{val_score(sweep[best]):.3f})", flush=True)
+  return best
 
 
 def erasing_config(config, classify_dir: str):

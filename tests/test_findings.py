@@ -339,6 +339,17 @@ def test_segment_layer_auto_takes_the_best_validated_layer():
     pipeline_phase.segment_layer("bn7", summary)
 
 
+def test_pipeline_table_names_the_finding_scoring():
+  from wsss_jax.phases import pipeline as pipeline_phase
+  scores = {"mIoU": 0.6, "FwIoU": 0.9, "accuracy": 0.95, "IoU/lesion": 0.3,
+            "IoU/background": 0.9}
+  result = {"class_names": ["lesion"], "setting": "finding", "test_split": "test",
+            "segment": {"supervision": "pseudo", "test": {"off": scores}}}
+  text = pipeline_phase.table(result)
+  assert "stage-2" not in text and "finding scoring: background a class" in text
+  assert "| pseudo | off | 0.600 | 0.900 | 0.950 | 0.300 | 0.900 |" in text
+
+
 # --- Progress --------------------------------------------------------------------------------------
 def test_progress_line_reports_done_rate_and_eta():
   now = [0.0]

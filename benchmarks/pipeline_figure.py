@@ -1,0 +1,89 @@
+"""A figure of a finished pipeline run (configs/pipeline.py): for the test tiles the segment phase
+kept, the tile | the classifier's relevance map of the first present class (blended heat map) |
+the pseudo mask | the segmenter's prediction | the ground truth. The README's figure comes from it.
+
+  python -m benchmarks.pipeline_figure --workdir=runs/les3 --out=docs/figure.png --rows=3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a finished pipeline run")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--rows", type=int, default=3)
+  parser.add_argument("--method", default="gradcam")
+  args = parser.parse_args()
+  import jax.numpy as jnp
+  from PIL import Image
+
+  from wsss_jax import masks, overlays, parallel, relevance
+  from wsss_jax.phases import maps as maps_phase
+  from wsss_jax.phases.classify import prepare_images
+
+  summary = json.load(open(os.path.join(args.workdir, "summary.json")))
+  seg_config = json.load(open(os.path.join(args.workdir, "segment", "config.json")))
+  layer = seg_config["data"]["mask_layers"][-1]
+  pm = summary["pseudo_masks_test"]
+  names = list(summary["class_names"])
+  k = len(names)
+  shown = np.load(os.path.join(args.workdir, "segment", "overlays", "test.npz"))
+  mesh = parallel.make_mesh(1)
+  model, variables, meta, _, data = maps_phase.load_classifier(
+      os.path.join(args.workdir, "classify"), mesh)
+  size = meta["image_size"]
+  palette = masks.palette_bytes(pm["palette"], k + 1)
+
+  rows = []
+  for i in range(min(args.rows, len(shown["image"]))):
+    image, truth, pred, labels = (shown[key][i] for key in ("image", "truth", "prediction",
+                                                            "labels"))
+    small = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    x = prepare_images(jnp.asarray(small[None]), _Data(data), jnp.float32)
+    present = int(np.argmax(labels)) if labels.any() else 0
+    maps = relevance.relevance(args.method, model.apply, variables, x, layers=[layer],
+                               labels=jnp.asarray(labels[None]), upsample=True, relu=True,
+                               normalize="class")
+    heat = np.asarray(next(iter(maps.values()))[0, present])  # keyed by the full layer path
+    heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(
+        image.shape[1::-1], Image.BILINEAR)) / 255.0
+    blended = (0.5 * image / 255.0 + 0.5 * maps_phase.heat(heat)) * 255
+    stem = masks.file_stem(str(shown["name"][i]))
+    pseudo = masks.read_mask(os.path.join(args.workdir, "pseudo_masks_test", "masks", layer,
+                                          stem + ".png"), truth.shape, k)
+    rows.append([image, blended.round().astype(np.uint8),
+                 overlays.blend(image, pseudo, palette, k),
+                 overlays.blend(image, pred, palette, k), overlays.blend(image, truth, palette, k)])
+  colours = np.asarray(palette, np.uint8).reshape(-1, 3)
+  legend = [(n, colours[i]) for i, n in enumerate(names)]
+  figure = overlays.grid_figure(
+      rows, ["tile", f"{args.method} map ({layer})", f"pseudo mask ({layer})", "segmenter",
+             "ground truth"],
+      f"{os.path.basename(os.path.abspath(args.workdir))}: test tiles through the pipeline",
+      legend)
+  overlays.save(os.path.abspath(args.out), figure)
+  print(f"wrote {args.out} ({figure.shape[1]}x{figure.shape[0]})")
+
+
+class _Data:
+  """A data section read from config.json, with the attribute access prepare_images uses
+  (the classifier's input normalisation)."""
+
+  def __init__(self, fields: dict):
+    self._fields = fields
+
+  def __getattr__(self, name):
+    return self._fields[name]
+
+  def get(self, name, default=None):
+    return self._fields.get(name, default)
+
+
+if __name__ == "__main__":
+  main()

@@ -72,9 +72,9 @@ def get_config(arg=None):
   backbone = "vit" if vit else "resnet38"
   # PDA off and 12 epochs: on the embedded data the from-scratch 1/8-width ResNet38 with PDA
   # (paper schedule) can collapse once the attention starts (loss stuck at ln 2), and without it
-  # reaches val mAP 0.97 and pseudo masks of mIoU 0.63 (README, measured).
+  # reaches val mAP 0.97 and pseudo masks of mIoU 0.63 (BENCHMARKS.md).
   # SEAM's equivariance loss and the dense CRF are on unless paper=True (the authors' method
-  # alone): on the embedded data they took the segmenter from 0.776 to 0.805 mIoU (README)
+  # alone): on the embedded data they took the segmenter from 0.776 to 0.805 mIoU (BENCHMARKS.md)
   seam = not (arg.paper or vit)  # class maps of a CNN only
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12,seam={seam}"
@@ -85,7 +85,7 @@ def get_config(arg=None):
   del config.erasing.classify  # its rounds train the classify section's classifier
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks",
                                                   f"crf={not arg.paper}" + data_arg)
-  config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, README)
+  config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, BENCHMARKS.md)
   config.segment = config_lib.sibling_config(  # its backbone starts from the classifier's
       __file__, "segment", f"supervision={arg.supervision}"
       + (f",width={cnn_width}" if cnn_width else "") + data_arg)
@@ -100,7 +100,7 @@ def get_config(arg=None):
   # segment.data.mask_layers as set below. "": always the section's layers.
   config.segment_layer = "" if arg.paper else "auto"
   if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
-    # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; README), not
+    # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; BENCHMARKS.md), not
     # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)
     config.segment.data.mask_layers = ("b4_5",)
     config.segment.loss_weights = (1.0,)

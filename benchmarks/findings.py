@@ -55,7 +55,7 @@ def main() -> None:
   args = parser.parse_args()
   from wsss_jax import config_lib
   from wsss_jax.errors import UserError
-  from wsss_jax.phases import maps as maps_phase
+  from wsss_jax import runs
   from wsss_jax.runner import run_phase
   os.makedirs(args.workdir, exist_ok=True)
   backbone = json.load(open(os.path.join(args.classifier, "config.json")))["model"]["backbone"]
@@ -84,7 +84,7 @@ def main() -> None:
                                              results["runs"][f"{method}|{rule}"].items()),
             flush=True)
   model_data = json.load(open(os.path.join(args.classifier, "config.json")))["data"]
-  data = maps_phase.data_config(config, model_data)
+  data = runs.data_config(config, model_data)
   data.num_test = args.num_test
   results["otsu_on_image"] = otsu_baseline(data, args.split)
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:

@@ -24,8 +24,9 @@ def main() -> None:
   from PIL import Image
 
   from wsss_jax import masks, overlays, parallel, relevance
+  from wsss_jax import runs
   from wsss_jax.phases import maps as maps_phase
-  from wsss_jax.phases.classify import prepare_images
+  from wsss_jax.tasks.common import prepare_images
 
   summary = json.load(open(os.path.join(args.workdir, "summary.json")))
   seg_config = json.load(open(os.path.join(args.workdir, "segment", "config.json")))
@@ -35,7 +36,7 @@ def main() -> None:
   k = len(names)
   shown = np.load(os.path.join(args.workdir, "segment", "overlays", "test.npz"))
   mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = maps_phase.load_classifier(
+  model, variables, meta, _, data = runs.load_classifier(
       os.path.join(args.workdir, "classify"), mesh)
   size = meta["image_size"]
   palette = masks.palette_bytes(pm["palette"], k + 1)

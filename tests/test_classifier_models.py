@@ -14,6 +14,7 @@ from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.resnet38 import ResNet38
 from wsss_jax.models.vit import VisionTransformer
 from wsss_jax.phases import benchmark
+from wsss_jax.tasks import classify as classify_task
 
 
 def _shapes(model, size, batch=2):
@@ -272,20 +273,19 @@ def test_hide_and_seek_hides_whole_grid_cells_with_the_mean():
 def test_seam_equivariance_loss_vanishes_on_equivariant_maps_and_matches_numpy():
   import jax.numpy as jnp
   import numpy as np
-  from wsss_jax.phases import classify
   rng = np.random.default_rng(0)
   cams = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   # maps of the flipped image that are the flipped maps: no loss (scale 1: A is the flip)
-  assert float(classify.equivariance_loss(cams, cams[:, :, ::-1], 1.0)) == pytest.approx(0, abs=1e-7)
-  assert float(classify.equivariance_loss(cams, cams, 1.0)) > 0.1
+  assert float(classify_task.equivariance_loss(cams, cams[:, :, ::-1], 1.0)) == pytest.approx(0, abs=1e-7)
+  assert float(classify_task.equivariance_loss(cams, cams, 1.0)) > 0.1
   # A downscales first: the target is resized to the transformed maps' size
-  assert classify.equivariant_transform(jnp.asarray(cams), 0.5).shape == (2, 4, 4, 3)
-  assert np.isfinite(float(classify.equivariance_loss(cams, cams[:, :4, :4], 0.5)))
+  assert classify_task.equivariant_transform(jnp.asarray(cams), 0.5).shape == (2, 4, 4, 3)
+  assert np.isfinite(float(classify_task.equivariance_loss(cams, cams[:, :4, :4], 0.5)))
   # scale 1: the formula written out in numpy
   other = rng.normal(size=cams.shape).astype(np.float32)
   norm = lambda c: np.maximum(c, 0) / (np.maximum(c, 0).max(axis=(1, 2), keepdims=True) + 1e-5)  # noqa: E731
   want = np.mean(np.abs(norm(cams)[:, :, ::-1] - norm(other)))
-  assert float(classify.equivariance_loss(cams, other, 1.0)) == pytest.approx(want, rel=1e-5)
+  assert float(classify_task.equivariance_loss(cams, other, 1.0)) == pytest.approx(want, rel=1e-5)
 
 
 def test_sown_class_maps_are_the_classifiers_cams():

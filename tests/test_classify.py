@@ -14,6 +14,8 @@ from wsss_jax import metrics, optim, parallel
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import classify, pretrain
+from wsss_jax.tasks import classify as classify_task
+from wsss_jax import runs
 
 def _config(arg="", **fields):
   config = load_config("classify", "width=0.0625,image_size=32,batch=8,epochs=2,num_train=32" +
@@ -50,11 +52,11 @@ def test_mu_schedule_closed_form(preset):
     want = _mu_closed_form(epoch, p.sigma, p.lower_bound, p.warmup_epochs, p.bound == "check",
                            p.decay_in_warmup)
     assert float(mu) == pytest.approx(want, rel=1e-5), epoch
-    mu = classify.mu_after_epoch(mu, epoch, p)
+    mu = classify_task.mu_after_epoch(mu, epoch, p)
   floor = 0.65 if preset == "paper" else 0.98**22  # released: the first value <= 0.65, 0.6412
   assert float(mu) == pytest.approx(floor, rel=1e-5)
-  assert bool(classify.pda_active(p.warmup_epochs - 1, p)) is False
-  assert bool(classify.pda_active(p.warmup_epochs, p)) is True
+  assert bool(classify_task.pda_active(p.warmup_epochs - 1, p)) is False
+  assert bool(classify_task.pda_active(p.warmup_epochs, p)) is True
 
 
 def test_mu_is_checkpointed_and_resumes_exactly(tmp_path):
@@ -138,7 +140,7 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   config = _config("backbone=vit,variant=mu/8", **{"model.init_from": mae_dir})
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  state = classify.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
+  state = runs.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["encoder"]),
                {k: v for k, v in jax.device_get(mae_state.params["encoder"]).items()
                 if k in state.params["encoder"]})
@@ -148,11 +150,11 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   wrong = _config("backbone=vit,variant=mu/16", **{"model.init_from": mae_dir})
   t = classify.build_training(wrong, mesh)
   with pytest.raises(UserError, match="patch_embed/kernel has shape"):
-    classify.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "vit")
+    runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "vit")
   cnn = _config(**{"model.init_from": mae_dir})
   t = classify.build_training(cnn, mesh)
   with pytest.raises(UserError, match="initialises model.backbone='vit' only"):
-    classify.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "resnet38")
+    runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "resnet38")
 
 
 def test_linear_probe_trains_only_the_head():
@@ -189,7 +191,7 @@ def test_all_zero_label_vectors_are_background_only_tiles():
   check = pipeline.CheckExample(data_cfg, "train", True)
   example = {"image": np.zeros((48, 48, 3), np.uint8), "labels": np.zeros(4, np.float32)}
   assert check(example) is example
-  loss = classify.multilabel_soft_margin(jnp.full((1, 4), -3.0), jnp.zeros((1, 4)))
+  loss = classify_task.multilabel_soft_margin(jnp.full((1, 4), -3.0), jnp.zeros((1, 4)))
   assert float(loss) == pytest.approx(np.log1p(np.exp(-3.0)), rel=1e-6)  # every class negative
   out = metrics.multilabel_metrics(np.array([[0.1, 0.2], [0.9, 0.1]]),
                                    np.array([[0, 0], [1, 0]]), ("a", "b"))

@@ -16,6 +16,7 @@ from benchmarks.torch_models import TorchMAE, TorchResNet38
 from wsss_jax import convert
 from wsss_jax.errors import UserError
 from wsss_jax.models import classifier, mae as mae_lib, resnet, resnet38, vit
+from wsss_jax import runs
 
 torch.manual_seed(0)
 RTOL = 1e-5
@@ -128,7 +129,7 @@ def _init_from(tmp_path, workdir, arg, **fields):
   config.model.update(fields)
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  return jax.device_get(classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh,
+  return jax.device_get(runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh,
                                                 config.model.backbone))
 
 

@@ -10,6 +10,7 @@ import pytest
 from wsss_jax import erasing, masks
 from wsss_jax.errors import UserError
 from wsss_jax.phases import erasing as erasing_phase
+from wsss_jax import runs
 
 
 def channel_map(v, x, labels):
@@ -69,7 +70,7 @@ def test_stop_rule_and_bad_settings():
   with pytest.raises(UserError, match="erasing.method='lrp'"):
     erasing_phase.validate(config)
   with pytest.raises(UserError, match="no erasing.json there"):
-    erasing_phase.load_plan("/nonexistent")
+    runs.load_erasing_plan("/nonexistent")
   config = load_config("erasing", "round0=/nonexistent")
   with pytest.raises(UserError, match="erasing.round0_workdir=/nonexistent: no classify"):
     erasing_phase.validate(config)

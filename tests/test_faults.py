@@ -14,7 +14,7 @@ from PIL import Image
 
 from wsss_jax.checkpoint import CORRUPT_DIR, Checkpointer
 from wsss_jax.errors import UserError
-from wsss_jax.phases import classify, pretrain
+from wsss_jax.phases import pretrain
 from wsss_jax.runner import run_phase
 
 

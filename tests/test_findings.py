@@ -15,10 +15,11 @@ from conftest import load_config
 from tiny_models import SmallCNN
 from wsss_jax import masks, metrics
 from wsss_jax import relevance as R
-from wsss_jax.data import folders, lesions, pipeline
+from wsss_jax.data import lesions, pipeline
 from wsss_jax.errors import UserError
-from wsss_jax.phases import pseudo_masks, segment
+from wsss_jax.phases import pseudo_masks
 from wsss_jax.progress import Progress
+from wsss_jax.tasks import segment as segment_task
 
 
 # --- Background rules against numpy ---------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_finding_scoring_counts_background_as_a_class():
 def test_gate_never_excludes_the_background_channel():
   logits = jnp.zeros((2, 1, 1, 2)).at[:, :, :, 0].set(1.0)  # the finding wins ungated
   probs = jnp.array([[0.9], [0.05]])  # the second image's finding fails the gate
-  pred = np.asarray(jnp.argmax(segment.gate(logits, probs, "exclude", 0.1), -1))
+  pred = np.asarray(jnp.argmax(segment_task.gate(logits, probs, "exclude", 0.1), -1))
   np.testing.assert_array_equal(pred.ravel(), [0, 1])
 
 
@@ -216,7 +217,7 @@ def test_pipeline_reads_synthetic_lesions_through_a_phase_config():
   config.data.num_test, config.data.tile_size = 3, 32
   source = pipeline.build_source(config.data, "test")
   assert len(source) == 3 and source[1]["labels"].shape == (1,)
-  assert segment.output_classes(config) == 2
+  assert segment_task.output_classes(config) == 2
 
 
 # --- Presets never overwrite what the user gave ---------------------------------------------------

@@ -14,6 +14,7 @@ from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import maps
 from wsss_jax.relevance import quality
+from wsss_jax import runs
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_maps_phase_writes_maps_overlays_and_a_scored_summary(classifier, tmp_pa
   assert os.path.exists(tmp_path / "patterns" / "meta.json")
 
   # The pseudo-mask IoU, recomputed from the written maps and the ground truth.
-  data = maps.data_config(config, json.load(open(os.path.join(classifier, "config.json")))["data"])
+  data = runs.data_config(config, json.load(open(os.path.join(classifier, "config.json")))["data"])
   confusion = 0
   files = sorted(glob.glob(str(tmp_path / "maps" / "gradcam" / "*.npz")))
   assert len(files) == 8

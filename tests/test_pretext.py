@@ -7,6 +7,7 @@ import pytest
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
 from wsss_jax.phases import pretrain
+from wsss_jax import runs
 
 
 def test_permutation_set_has_maximal_hamming_distance():
@@ -151,7 +152,7 @@ def assert_initialises_a_vit_classifier(workdir: str):
   cls_cfg = load_config("classify", "backbone=vit,variant=mu/8,image_size=32")
   mesh = parallel.make_mesh(1)
   t = classify.build_training(cls_cfg, mesh)
-  state = classify.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh, "vit")
+  state = runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh, "vit")
   fresh = jax.jit(t.init_state)()
   assert not np.allclose(state.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                          fresh.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
@@ -264,5 +265,5 @@ def test_resnet_pretext_run_initialises_a_resnet_classifier(tiny_pretrain_config
     other = load_config("classify", arg + ",image_size=32")
     t = classify.build_training(other, mesh)
     with pytest.raises(UserError, match=match):
-      classify.load_pretrained(jax.eval_shape(t.init_state), str(workdir), t.model, mesh,
+      runs.load_pretrained(jax.eval_shape(t.init_state), str(workdir), t.model, mesh,
                                other.model.backbone)

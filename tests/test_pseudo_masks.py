@@ -14,6 +14,7 @@ from wsss_jax import masks
 from wsss_jax.data import synthetic, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
+from wsss_jax import runs
 
 
 def test_grey_is_opencv_rgb2gray():
@@ -140,13 +141,12 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
   """dilations=(8,): the masks are the argmax of H_4 + H_8 (each map computed with b7 at that
   rate on the same weights), checked against maps computed here with the maps API."""
   from wsss_jax import parallel, relevance
-  from wsss_jax.phases import maps as maps_phase
   config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8")
   config.layers, config.dilations, config.data.num_train = ("bn7",), (8,), 8
   summary = pseudo_masks.run(config, str(tmp_path))
   assert summary["dilations"] == [8]
   mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = maps_phase.load_classifier(tiny_classifier, mesh)
+  model, variables, meta, _, data = runs.load_classifier(tiny_classifier, mesh)
   models = [model] + pseudo_masks.dilated_models(meta, (8,))
   assert models[1].backbone.last_dilation == 8 and models[0].backbone.last_dilation == 4
   images, labels, bg = [], [], []

@@ -19,6 +19,7 @@ from wsss_jax.errors import UserError
 from wsss_jax.models import segmentation
 from wsss_jax.phases import pipeline, pseudo_masks, segment
 from wsss_jax.runner import run_phase
+from wsss_jax.tasks import segment as segment_task
 
 
 def _numpy_ce(logits, labels, k):
@@ -34,15 +35,15 @@ def test_multilayer_loss_is_the_weighted_ce_with_background_ignored():
   logits = rng.normal(size=(2, 5, 5, 4)).astype(np.float32)
   batch = {f"mask_{l}": rng.choice([0, 1, 2, 3, 4, 255], size=(2, 5, 5)) for l in "abc"}
   weights = {"a": 0.2, "b": 0.2, "c": 0.6}
-  loss, parts = segment.multilayer_loss(jnp.asarray(logits), batch, weights, 4)
+  loss, parts = segment_task.multilayer_loss(jnp.asarray(logits), batch, weights, 4)
   want = sum(w * _numpy_ce(logits, batch[f"mask_{l}"], 4) for l, w in weights.items())
   assert float(loss) == pytest.approx(want, rel=1e-5)
   moved = dict(batch)  # changing what background / outside pixels say changes nothing
   moved["mask_c"] = np.where(batch["mask_c"] >= 4, 259 - batch["mask_c"], batch["mask_c"])
-  assert float(segment.multilayer_loss(jnp.asarray(logits), moved, weights, 4)[0]) == \
+  assert float(segment_task.multilayer_loss(jnp.asarray(logits), moved, weights, 4)[0]) == \
       pytest.approx(float(loss), rel=1e-6)
   empty = {k: np.full((2, 5, 5), 4) for k in batch}
-  assert float(segment.multilayer_loss(jnp.asarray(logits), empty, weights, 4)[0]) == 0.0
+  assert float(segment_task.multilayer_loss(jnp.asarray(logits), empty, weights, 4)[0]) == 0.0
 
 
 def _numpy_dice_loss(logits, labels, k, dice_classes):
@@ -67,7 +68,7 @@ def test_ce_plus_dice_matches_a_per_pixel_reimplementation_and_weighs_a_rare_fin
   logits = rng.normal(size=(2, 6, 6, 2)).astype(np.float32)  # one finding + background (K=1)
   labels = rng.choice([0, 1, 255], size=(2, 6, 6), p=[0.1, 0.8, 0.1])
   batch = {"mask_a": labels}
-  loss, _ = segment.multilayer_loss(jnp.asarray(logits), batch, {"a": 1.0}, 2, "ce+dice", 1)
+  loss, _ = segment_task.multilayer_loss(jnp.asarray(logits), batch, {"a": 1.0}, 2, "ce+dice", 1)
   want = _numpy_ce(logits, labels, 2) + _numpy_dice_loss(logits, labels, 2, 1)
   assert float(loss) == pytest.approx(want, rel=1e-5)
   # all-background prediction on a rare finding: CE alone is small, the Dice term is near 1
@@ -75,8 +76,8 @@ def test_ce_plus_dice_matches_a_per_pixel_reimplementation_and_weighs_a_rare_fin
   rare[0, :2, :2] = 0
   background = np.zeros((1, 20, 20, 2), np.float32)
   background[..., 1] = 5.0
-  ce = float(segment.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2)[0])
-  both = float(segment.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2,
+  ce = float(segment_task.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2)[0])
+  both = float(segment_task.multilayer_loss(jnp.asarray(background), {"mask_a": rare}, {"a": 1.0}, 2,
                                        "ce+dice", 1)[0])
   assert ce < 0.1 and both - ce > 0.8
 
@@ -95,13 +96,13 @@ def test_loss_follows_the_setting_unless_given():
 def test_gate_excludes_classes_where_the_authors_multiplication_does_not():
   logits = jnp.array([3.0, -1.0, -2.0]).reshape(1, 1, 1, 3)
   probs = jnp.array([[0.05, 0.5, 0.9]])
-  argmax = lambda mode: int(jnp.argmax(segment.gate(logits, probs, mode, 0.1)))  # noqa: E731
+  argmax = lambda mode: int(jnp.argmax(segment_task.gate(logits, probs, mode, 0.1)))  # noqa: E731
   assert argmax("off") == 0
   assert argmax("exclude") == 1            # class 0 (p <= 0.1) can no longer win
   logits2 = jnp.array([-0.5, -1.0, -2.0]).reshape(1, 1, 1, 3)
-  assert int(jnp.argmax(segment.gate(logits2, probs, "multiply", 0.1))) == 0  # zeroed, still wins
+  assert int(jnp.argmax(segment_task.gate(logits2, probs, "multiply", 0.1))) == 0  # zeroed, still wins
   none = jnp.array([[0.01, 0.02, 0.1]])   # every class fails: the tile keeps its logits
-  np.testing.assert_array_equal(segment.gate(logits, none, "exclude", 0.1), logits)
+  np.testing.assert_array_equal(segment_task.gate(logits, none, "exclude", 0.1), logits)
 
 
 def test_mrn_context_crop_is_the_targets_field_of_view():

@@ -11,6 +11,7 @@ from wsss_jax import parallel
 from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
+from wsss_jax.tasks import pretrain as pretrain_task
 
 
 def _params(workdir, step, config):
@@ -36,9 +37,9 @@ def test_sharded_gradients_equal_single_device_gradients(tiny_pretrain_config):
   config = tiny_pretrain_config
   model = build_mae(config.model, 32)
   tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
-  state = pretrain.make_init_fn(model, tx, 32, 0)()
+  state = pretrain_task.make_init_fn(model, tx, 32, 0)()
   batch = next(iter(pipeline.train_dataset(config.data, seed=0, local_batch=8)))
-  grad_fn = jax.value_and_grad(pretrain.make_loss_fn(model, config.data.mean, config.data.std,
+  grad_fn = jax.value_and_grad(pretrain_task.make_loss_fn(model, config.data.mean, config.data.std,
                                                      np.float32))
   results = []
   for n in (1, 8):
@@ -180,8 +181,8 @@ def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config
   for dtype in (jnp.float32, jnp.bfloat16):
     model = build_mae(config.model, 32, dtype)
     tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
-    state = pretrain.make_init_fn(model, tx, 32, 0)()
-    step = jax.jit(pretrain.make_train_step(model, tx, schedule, config.data.mean,
+    state = pretrain_task.make_init_fn(model, tx, 32, 0)()
+    step = jax.jit(pretrain_task.make_train_step(model, tx, schedule, config.data.mean,
                                             config.data.std, dtype))
     states[dtype], metrics = step(state, batch)
     losses[dtype] = float(metrics["loss"])

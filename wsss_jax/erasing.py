@@ -12,6 +12,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax import relevance, runs
+from wsss_jax.relevance.options import DEFAULT_LAYERS
+from wsss_jax.tasks.common import prepare_images
 
 
 def erase(images, region, fill):
@@ -47,3 +52,50 @@ def erasing_chain(rounds: Sequence, variables: Sequence, images, labels, fill, t
       fused = maps if fused is None else {k: jnp.maximum(fused[k], maps[k]) for k in maps}
     region = region | mined_region(region_fn(v, x, labels), labels, size, threshold)
   return fused, region
+
+
+# --- Rounds of classifiers as one chain (used by the erasing and pseudo-mask phases) ---------------
+def fill_value(data):
+  """The dataset's mean colour as the classifier sees it (uint8, then prepared as its input)."""
+  u8 = np.round(np.asarray(data.mean) * 255).astype(np.uint8).reshape(1, 1, 1, 3)
+  return prepare_images(jnp.asarray(u8), data, jnp.float32).reshape(3)
+
+
+def region_layer(settings: dict, backbone: str):
+  """The layer whose maps are thresholded: `erasing.layer`, else the backbone's last map layer."""
+  if settings["layer"]:
+    return [settings["layer"]]
+  default = DEFAULT_LAYERS.get(backbone, ())
+  return [default[-1]] if default else None
+
+
+def region_fn(settings: dict, model, backbone: str):
+  """(variables, x, labels) -> (B, K, h, w) maps of the region layer (raw: thresholded later)."""
+  fn = relevance.relevance_fn(settings["method"], model.apply,
+                              layers=region_layer(settings, backbone), target="logit",
+                              upsample=False, normalize="none", only_present=True, relu=True)
+
+  return lambda variables, x, labels: next(iter(fn.maps(variables, x, labels).values()))
+
+
+def round_fns(model, meta: dict, settings: dict, maps_fn_for=None) -> tuple:
+  """(maps_fn or None, region_fn) of one round's classifier for `erasing.erasing_chain`;
+  maps_fn_for(model) -> a RelevanceFn for the fused output (None: only the regions are wanted)."""
+  maps_fn = maps_fn_for(model).maps if maps_fn_for else None
+  return maps_fn, region_fn(settings, model, meta["model"]["backbone"])
+
+
+def load_rounds(round_dirs, mesh, settings: dict, maps_fn_for=None) -> tuple[list, list]:
+  """(per round (maps_fn, region_fn), per round variables) of the classifiers in `round_dirs`."""
+  rounds, variables = [], []
+  for directory in round_dirs:
+    model, v, meta, _, _ = runs.load_classifier(directory, mesh)
+    rounds.append(round_fns(model, meta, settings, maps_fn_for))
+    variables.append(v)
+  return rounds, variables
+
+
+def chain(rounds, settings: dict, fill):
+  """Jitted (variables per round, prepared images, labels) -> (fused maps, union region)."""
+  return jax.jit(lambda variables, x, labels: erasing_chain(
+      rounds, variables, x, labels, fill, settings["threshold"]))

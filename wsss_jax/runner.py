@@ -39,6 +39,15 @@ def prepare_workdir(workdir: str | None) -> str:
   return path
 
 
+def validate_phase(config) -> None:
+  """The checks of the phase named by `config.phase` (a phase composing another checks its
+  section before it starts)."""
+  phase = config.get("phase")
+  if phase not in PHASES:
+    raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
+  importlib.import_module(PHASES[phase]).validate(config)
+
+
 def run_phase(config, workdir: str) -> dict:
   """Dispatches to the runner named by `config.phase`."""
   phase = config.get("phase")

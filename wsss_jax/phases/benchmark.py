@@ -19,7 +19,8 @@ import numpy as np
 
 from wsss_jax import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.phases import classify, pretrain
+from wsss_jax.tasks import classify, pretrain, segment
+from wsss_jax.tasks.common import compute_dtype
 
 CLASSIFIERS = ("resnet38", "resnet50", "vit")
 SEGMENTERS = ("deeplabv3plus", "mrn")
@@ -180,18 +181,17 @@ def _training(config, mesh):
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)}
   if config.model.name == "mae":
-    return pretrain.build_training(config, mesh), batch, pretrain.compute_dtype(config)
+    return pretrain.build_training(config, mesh), batch, compute_dtype(config)
   if config.model.name in SEGMENTERS:
-    from wsss_jax.phases import segment
     k = config.data.num_classes
     for layer in config.data.mask_layers:  # class indices, k = background (ignored)
       batch[f"mask_{layer}"] = rng.integers(0, k + 1, (config.batch_size, size, size), np.uint8)
     if config.model.name == "mrn":
       batch["context"] = rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
-    return segment.Segmentation(config, mesh), batch, classify.compute_dtype(config)
+    return segment.Segmentation(config, mesh), batch, compute_dtype(config)
   batch["labels"] = (rng.random((config.batch_size, config.data.num_classes)) < 0.5).astype(
       np.float32)
-  return classify.build_training(config, mesh), batch, classify.compute_dtype(config)
+  return classify.build_training(config, mesh), batch, compute_dtype(config)
 
 
 def _remat(config) -> bool:
@@ -322,7 +322,7 @@ def benchmark_maps(config) -> dict:
   """Steady-state relevance maps/s of `config.relevance` (e.g. gradcam, lrp:EpsilonPlusFlat) for
   all classes of a freshly initialised classifier, batch sharded over the devices."""
   from wsss_jax import relevance
-  from wsss_jax.phases import maps
+  from wsss_jax.relevance.options import method_options
   if config.model.name not in CLASSIFIERS:
     raise UserError("relevance= benchmarks a classifier: use model=resnet38, resnet50 or vit")
   mesh = parallel.mesh_from_config(config)
@@ -332,7 +332,7 @@ def benchmark_maps(config) -> dict:
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   images = jax.device_put(jnp.asarray(batch["image"], jnp.float32) / 255,
                           parallel.batch_sharded(mesh))
-  name, options = maps.method_options(config.relevance, config, config.data)
+  name, options = method_options(config.relevance, config, config.data)
   fn = relevance.relevance_fn(name, t.model.apply, **options)
   t0 = time.perf_counter()
   traced = fn.jitted(variables, images).trace(variables, images, None)

@@ -29,8 +29,9 @@ from PIL import Image
 from wsss_jax import erasing, masks, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
-from wsss_jax.phases import maps as maps_phase
-from wsss_jax.phases.classify import prepare_images, split_metrics
+from wsss_jax import runs
+from wsss_jax.tasks.classify import split_metrics
+from wsss_jax.tasks.common import prepare_images
 
 
 def round_dir(workdir: str, k: int) -> str:
@@ -41,55 +42,9 @@ def erase_dir(workdir: str, k: int) -> str:
   return os.path.join(workdir, "erased", f"round_{k}")
 
 
-def fill_value(data):
-  """The dataset's mean colour as the classifier sees it (uint8, then prepared as its input)."""
-  u8 = np.round(np.asarray(data.mean) * 255).astype(np.uint8).reshape(1, 1, 1, 3)
-  return prepare_images(jnp.asarray(u8), data, jnp.float32).reshape(3)
-
-
-def region_layer(settings: dict, backbone: str):
-  """The layer whose maps are thresholded: `erasing.layer`, else the backbone's last map layer."""
-  if settings["layer"]:
-    return [settings["layer"]]
-  default = maps_phase.DEFAULT_LAYERS.get(backbone, ())
-  return [default[-1]] if default else None
-
-
-def region_fn(settings: dict, model, backbone: str):
-  """(variables, x, labels) -> (B, K, h, w) maps of the region layer (raw: thresholded later)."""
-  fn = relevance.relevance_fn(settings["method"], model.apply,
-                              layers=region_layer(settings, backbone), target="logit",
-                              upsample=False, normalize="none", only_present=True, relu=True)
-
-  return lambda variables, x, labels: next(iter(fn.maps(variables, x, labels).values()))
-
-
-def round_fns(model, meta: dict, settings: dict, maps_fn_for=None) -> tuple:
-  """(maps_fn or None, region_fn) of one round's classifier for `erasing.erasing_chain`;
-  maps_fn_for(model) -> a RelevanceFn for the fused output (None: only the regions are wanted)."""
-  maps_fn = maps_fn_for(model).maps if maps_fn_for else None
-  return maps_fn, region_fn(settings, model, meta["model"]["backbone"])
-
-
-def load_rounds(round_dirs, mesh, settings: dict, maps_fn_for=None) -> tuple[list, list]:
-  """(per round (maps_fn, region_fn), per round variables) of the classifiers in `round_dirs`."""
-  rounds, variables = [], []
-  for directory in round_dirs:
-    model, v, meta, _, _ = maps_phase.load_classifier(directory, mesh)
-    rounds.append(round_fns(model, meta, settings, maps_fn_for))
-    variables.append(v)
-  return rounds, variables
-
-
-def chain(rounds, settings: dict, fill):
-  """Jitted (variables per round, prepared images, labels) -> (fused maps, union region)."""
-  return jax.jit(lambda variables, x, labels: erasing.erasing_chain(
-      rounds, variables, x, labels, fill, settings["threshold"]))
-
-
 def train_score(directory: str, data, batch: int, mesh) -> float:
   """mAP of the classifier in `directory` on its own training tiles (as erased for it)."""
-  model, variables, _, _, _ = maps_phase.load_classifier(directory, mesh)
+  model, variables, _, _, _ = runs.load_classifier(directory, mesh)
   predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
       variables, prepare_images(u8, data, jnp.float32), train=False)))
   return split_metrics(predict, data, batch, mesh, "train")["mAP"]
@@ -103,7 +58,7 @@ def write_regions(loaded, settings: dict, data, batch: int, mesh, target: str) -
   with data.unlocked():
     data.erase_dir = ""
   rounds, variables = loaded
-  run = chain(rounds, settings, fill_value(data))
+  run = erasing.chain(rounds, settings, erasing.fill_value(data))
   tmp = target + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -163,20 +118,6 @@ def validate(config) -> None:
                     f"method (cam, gradcam, gradcam++, xgradcam, layercam, hirescam)")
 
 
-def load_plan(workdir: str) -> dict:
-  """erasing.json of a finished erasing run (read by the pseudo-mask phase)."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "erasing.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      plan = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"erasing_workdir={workdir}: no erasing.json there; run the erasing phase "
-                    f"(configs/erasing.py) first") from None
-  except ValueError as e:
-    raise UserError(f"{path} is not valid JSON ({e})") from None
-  return plan
-
-
 def run(config, workdir: str) -> dict:
   from wsss_jax.runner import run_phase
   validate(config)
@@ -208,7 +149,7 @@ def run(config, workdir: str) -> dict:
     accepted.append(directory)
     if k + 1 == e.rounds:
       break
-    loaded = load_rounds(accepted, mesh, settings)
+    loaded = erasing.load_rounds(accepted, mesh, settings)
     entry["erased_fraction_next"] = write_regions(loaded, settings, cls.data, batch, mesh,
                                                   erase_dir(workdir, k + 1))
     stop_now = over_erased(None, None, entry["erased_fraction_next"], e)

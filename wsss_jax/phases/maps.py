@@ -9,98 +9,23 @@ summary.json and table.md.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import re
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from wsss_jax import metrics, parallel, relevance
-from wsss_jax.checkpoint import restore_latest
+from wsss_jax import metrics, parallel, relevance, runs
 from wsss_jax.data import pipeline
 from wsss_jax.data.synthetic import BACKGROUND
 from wsss_jax.errors import UserError
-from wsss_jax.models.classifier import build_classifier
-from wsss_jax.phases.classify import prepare_images
-from wsss_jax.relevance import lrp, quality
+from wsss_jax.relevance.options import layers_for, method_options
+from wsss_jax.tasks.common import prepare_images
+from wsss_jax.relevance import quality
 from wsss_jax.writers import MetricWriter
-
-DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "layer4"),
-                  "vit": ()}
-DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size", "normalize",
-               "mean", "std",
-               "num_classes", "class_names", "setting")
-
-
-# --- The classifier ---------------------------------------------------------------------------------
-def load_classifier(workdir: str, mesh):
-  """(model, variables, meta, step, its data config) of a classify run's latest checkpoint."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  fields, meta, step = restore_latest(workdir, parallel.replicated(mesh),
-                                      flag="classifier_workdir",
-                                      hint="; run the classify phase there first")
-  if meta.get("phase") != "classify":
-    raise UserError(f"classifier_workdir={workdir}: step {step} was written by the "
-                    f"{meta.get('phase')!r} phase, not classify")
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      data = json.load(f)["data"]
-  except (OSError, ValueError, KeyError):
-    raise UserError(f"classifier_workdir={workdir}: config.json with a data section is "
-                    f"missing or unreadable") from None
-  model = build_classifier(ml_collections.ConfigDict(meta["model"]), meta["image_size"],
-                           meta["num_classes"])
-  return model, fields, meta, step, data
-
-
-def data_config(config, classifier_data: dict):
-  """The maps phase's data section: the classifier's input fields, this config's split sizes."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  for field in DATA_FIELDS:
-    own = field in ("image_size", "setting") and config.data.get(field)
-    if field in classifier_data and not own:
-      value = classifier_data[field]
-      data[field] = tuple(value) if isinstance(value, list) else value
-  return data
-
-
-# --- Methods ----------------------------------------------------------------------------------------
-def method_options(spec: str, config, data) -> tuple[str, dict]:
-  """'lrp:EpsilonGammaBox' -> ('lrp', options); bounds for z-box from the input range."""
-  name, _, variant = spec.partition(":")
-  relevance.check_method(name)
-  options = {}
-  if name == "lrp":
-    options = dict(config.lrp.to_dict())
-    if variant in lrp.COMPOSITES:
-      options["composite"] = variant
-    elif variant in lrp.RULES:
-      options["rule"] = variant
-    elif variant:
-      raise UserError(f"methods: {spec!r}: {variant!r} is neither an LRP composite "
-                      f"{sorted(lrp.COMPOSITES)} nor a rule {list(lrp.RULES)}")
-    mean, std = np.asarray(data.mean), np.asarray(data.std)
-    low, high = ((0 - mean) / std, (1 - mean) / std) if data.normalize else (0.0, 1.0)
-    options |= {"low": jnp.asarray(low, jnp.float32), "high": jnp.asarray(high, jnp.float32)}
-  elif variant:
-    raise UserError(f"methods: {spec!r}: only lrp takes a ':variant'")
-  if name == "scorecam":
-    options = dict(config.scorecam.to_dict())
-  return name, options
-
-
-def layers_for(method: str, config, backbone: str):
-  if method in relevance.PIXEL_METHODS or method in relevance.ATTENTION_METHODS:
-    return None
-  if method == "cam":
-    return None  # the pooled layer
-  layers = tuple(config.layers) or DEFAULT_LAYERS.get(backbone, ())
-  return list(layers) or None
 
 
 def patterns_for(config, workdir, apply_fn, variables, data, step, batches) -> dict:
@@ -202,8 +127,8 @@ def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
   batch = parallel.eval_batch_size(config.batch_size, mesh)
-  model, variables, meta, step, classifier_data = load_classifier(config.classifier_workdir, mesh)
-  data = data_config(config, classifier_data)
+  model, variables, meta, step, classifier_data = runs.load_classifier(config.classifier_workdir, mesh)
+  data = runs.data_config(config, classifier_data)
   specs = [method_options(m, config, data) for m in config.methods]  # fail fast on bad names
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   apply_fn = model.apply  # one object: jit caches on it

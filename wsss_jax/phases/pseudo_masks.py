@@ -18,14 +18,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from wsss_jax import crf, masks, metrics, overlays, parallel, relevance
+from wsss_jax import crf, erasing, masks, metrics, overlays, parallel, relevance, runs
 from wsss_jax.data import folders, pipeline
 from wsss_jax.progress import Progress
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
-from wsss_jax.phases import erasing as erasing_phase
-from wsss_jax.phases import maps as maps_phase
-from wsss_jax.phases.classify import prepare_images
+from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options
+from wsss_jax.tasks.common import prepare_images
 from wsss_jax.writers import MetricWriter
 
 SPLITS = ("train", "val", "test")
@@ -182,13 +181,13 @@ def run(config, workdir: str) -> dict:
   batch = parallel.eval_batch_size(config.batch_size, mesh)
   plan = None
   if config.get("erasing_workdir"):  # adversarial erasing: its rounds replace the classifier
-    plan = erasing_phase.load_plan(config.erasing_workdir)
+    plan = runs.load_erasing_plan(config.erasing_workdir)
     if config.dilations:
       raise UserError("dilations and erasing_workdir do not combine; use one or the other")
   classifier_workdir = plan["rounds"][0] if plan else config.classifier_workdir
-  model, variables, meta, step, classifier_data = maps_phase.load_classifier(
+  model, variables, meta, step, classifier_data = runs.load_classifier(
       classifier_workdir, mesh)
-  data = maps_phase.data_config(config, classifier_data)
+  data = runs.data_config(config, classifier_data)
   if not config.data.num_train:  # 0: the classifier's own training set
     data.num_train = classifier_data.get("num_train", data.num_train)
   num_classes, names = data.num_classes, tuple(data.class_names)
@@ -205,8 +204,8 @@ def run(config, workdir: str) -> dict:
   if meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
     raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
                     f"size (fixed position embeddings); use scales=(1.0,)")
-  method, options = maps_phase.method_options(config.method, config, data)
-  layers = tuple(config.layers) or maps_phase.DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
+  method, options = method_options(config.method, config, data)
+  layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
   # map rules normalise by the per-image maximum themselves (masks.max_normalize)
   normalize = "none" if map_rule else config.normalize
   relu = relu_choice(config.relu, setting)
@@ -219,10 +218,10 @@ def run(config, workdir: str) -> dict:
   fn = maps_fn(model)
   dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
   if plan:  # the rounds in a chain, each on its erased input; maps fused by a maximum
-    rounds, round_variables = erasing_phase.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
-    rounds.insert(0, erasing_phase.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
+    rounds, round_variables = erasing.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
+    rounds.insert(0, erasing.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
     round_variables.insert(0, variables)
-    erasing_chain = erasing_phase.chain(rounds, plan, erasing_phase.fill_value(data))
+    erasing_chain = erasing.chain(rounds, plan, erasing.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   sizes = input_sizes(data.image_size, config.scales)
   inputs = {f"input_{i}": size for i, size in enumerate(sizes)}

@@ -1,0 +1,139 @@
+"""What a phase reads from an earlier run, as named records: a classifier (model, weights, its
+checkpoint description and data section), pretrained weights copied into a new state, an
+adversarial-erasing plan. Every error names the user's config field that pointed there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import flax.traverse_util as traverse_util
+import jax
+import ml_collections
+
+from wsss_jax import parallel
+from wsss_jax.checkpoint import restore_latest
+from wsss_jax.errors import UserError
+from wsss_jax.models.classifier import ViTClassifier, build_classifier
+from wsss_jax.models.vit import unstack_blocks
+from wsss_jax.train_state import ClassifierState
+
+
+class Classifier(NamedTuple):
+  """A classify run's latest checkpoint."""
+  model: Any        # the linen classifier rebuilt from the checkpoint's model description
+  variables: dict   # params (and batch_stats)
+  meta: dict        # the checkpoint's description: phase, model, image_size, num_classes
+  step: int
+  data: dict        # the run's data section (config.json)
+
+
+# --- A classifier ---------------------------------------------------------------------------------
+# --- The classifier ---------------------------------------------------------------------------------
+def load_classifier(workdir: str, mesh, field: str = "classifier_workdir") -> Classifier:
+  """The latest checkpoint of a classify run, with its model rebuilt and its data section;
+  errors name the user's `field`."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  fields, meta, step = restore_latest(workdir, parallel.replicated(mesh), flag=field,
+                                      hint="; run the classify phase there first")
+  if meta.get("phase") != "classify":
+    raise UserError(f"{field}={workdir}: step {step} was written by the "
+                    f"{meta.get('phase')!r} phase, not classify")
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      data = json.load(f)["data"]
+  except (OSError, ValueError, KeyError):
+    raise UserError(f"{field}={workdir}: config.json with a data section is "
+                    f"missing or unreadable") from None
+  model = build_classifier(ml_collections.ConfigDict(meta["model"]), meta["image_size"],
+                           meta["num_classes"])
+  return Classifier(model, fields, meta, step, data)
+
+
+DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size", "normalize",
+               "mean", "std",
+               "num_classes", "class_names", "setting")
+
+
+def data_config(config, classifier_data: dict):
+  """The maps phase's data section: the classifier's input fields, this config's split sizes."""
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  for field in DATA_FIELDS:
+    own = field in ("image_size", "setting") and config.data.get(field)
+    if field in classifier_data and not own:
+      value = classifier_data[field]
+      data[field] = tuple(value) if isinstance(value, list) else value
+  return data
+
+
+# --- Pretrained weights -----------------------------------------------------------------------------
+def load_pretrained(state: ClassifierState, workdir: str, model, mesh, backbone: str,
+                    field: str = "model.init_from") -> ClassifierState:
+  """Copies the matching parameters (and BatchNorm statistics) of `workdir`'s latest checkpoint
+  into `state`.
+
+  From a pretrain run: its encoder (`params/encoder`, and a CNN's `batch_stats/encoder`) into
+  the ViT or the CNN trunk it pretrained. From a classify run: every backbone parameter and
+  statistic (into a classifier or a segmenter whose backbone is the submodule `backbone`).
+  Names and shapes must agree.
+  """
+  saved, meta, step = restore_latest(workdir, parallel.replicated(mesh), flag=field)
+  where = f"{field}={workdir} (step {step}, phase {meta.get('phase')})"
+  prefix = ("encoder",) if isinstance(model, ViTClassifier) else ("backbone",)
+  if meta.get("phase") == "pretrain":
+    pretrained = meta.get("model", {}).get("encoder", "vit")
+    if pretrained != backbone:
+      raise UserError(f"{where} pretrained model.encoder={pretrained!r}; it initialises "
+                      f"model.backbone={pretrained!r} only")
+    if prefix == ("backbone",):  # a pretext run keeps its CNN trunk under `encoder`
+      saved = {k: {"backbone": v["encoder"]} for k, v in saved.items() if v and "encoder" in v}
+  # a run with model.scan_blocks stores stacked blocks: back to blocks_i first
+  params = _copy_matching(state.params, unstack_blocks(saved["params"]), prefix, where,
+                          required=True)
+  stats = state.batch_stats
+  if state.batch_stats and saved.get("batch_stats"):
+    stats = _copy_matching(state.batch_stats, saved["batch_stats"], prefix, where, required=False)
+  return state.replace(params=params, batch_stats=stats)
+
+
+def _copy_matching(ours_tree, theirs_tree, prefix: tuple, where: str, required: bool):
+  """`ours_tree` with every leaf under `prefix` replaced by the same path of `theirs_tree`."""
+  ours = traverse_util.flatten_dict(ours_tree)
+  theirs = traverse_util.flatten_dict(theirs_tree)
+  wanted = [k for k in ours if k[:1] == prefix]
+  missing = [k for k in wanted if k not in theirs]
+  if missing and (required or len(missing) < len(wanted)):
+    raise UserError(f"{where} lacks {'/'.join(missing[0])} ({len(missing)} parameters "
+                    f"missing): it was written for another model")
+  if missing:
+    return ours_tree
+  # A parameter this model would silently drop (a learned position table, ...) is refused; the
+  # encoder's final LayerNorm is the exception: global-pool heads do not use it (MAE recipe).
+  extra = [k for k in theirs if k[:1] == prefix and k not in ours and k[1:2] != ("norm",)]
+  if extra:
+    raise UserError(f"{where} has {'/'.join(extra[0])} ({len(extra)} parameters), which this "
+                    f"model lacks: it was written for another configuration")
+  for k in wanted:
+    if theirs[k].shape != ours[k].shape:
+      raise UserError(f"{where}: {'/'.join(k)} has shape {theirs[k].shape}, this model "
+                      f"needs {ours[k].shape}")
+  merged = dict(ours)
+  for k in wanted:
+    merged[k] = jax.device_put(theirs[k], ours[k].sharding).astype(ours[k].dtype)
+  return traverse_util.unflatten_dict(merged)
+
+
+# --- Adversarial erasing ------------------------------------------------------------------------------
+def load_erasing_plan(workdir: str, field: str = "erasing_workdir") -> dict:
+  """erasing.json of a finished erasing run (read by the pseudo-mask phase)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "erasing.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      plan = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{field}={workdir}: no erasing.json there; run the erasing phase "
+                    f"(configs/erasing.py) first") from None
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
+  return plan

@@ -1,0 +1,312 @@
+"""Segmentation task: DeepLabV3+ (or MRN) trained on pseudo masks with multi-layer
+pseudo-supervision, its losses and classification gate, the jitted steps (`Segmentation`, shared
+with the benchmark), evaluation of a split at tile size (MRN by windows with their context), and
+the test figure.
+
+The multi-layer pseudo-supervision loss (Han et al. 2022) is sum_l w_l CE(logits, mask_l) over
+the layers' pseudo masks (b4_5 0.2, b5_2 0.2, bn7 0.6); each CE averages over the pixels whose
+mask is a class (background and out-of-image pixels are ignored). The authors instead append a
+constant logit of 100 at background pixels, which gives those pixels a near-zero loss but keeps
+them in the average: their loss is ours scaled by the tissue fraction of each batch.
+
+Findings against a background (`data.setting=finding`): background is the segmenter's own
+output channel K, trained like the findings (every pixel counts in the loss; CE + soft Dice by
+default), the gate never excludes it (a negative image whose findings all fail is all
+background), and scoring is the `finding` convention (background a scored class).
+
+Classification gate at test time: classes whose classifier probability is <= epsilon (0.1) are
+excluded from the argmax (`gate.mode="exclude"`: logit -> -inf; a tile whose classes all fail
+keeps its ungated logits). The authors multiply the logits by the 0/1 gate (`"multiply"`), which
+does not exclude a class: a zeroed logit still wins wherever the others are negative.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wsss_jax import metrics, optim, overlays, parallel, runs
+from wsss_jax.checkpoint import model_meta
+from wsss_jax.data import folders, pipeline, transforms
+from wsss_jax.errors import UserError
+from wsss_jax.models.segmentation import MRN, build_segmenter
+from wsss_jax.tasks.common import compute_dtype, prepare_images, steps_per_epoch, total_steps
+from wsss_jax.train_state import ClassifierState
+
+
+GATE_MODES = ("off", "exclude", "multiply")
+
+
+# --- Loss and gate ------------------------------------------------------------------------------------
+def masked_cross_entropy(logits, labels, num_classes: int):
+  """Mean softmax CE over the pixels whose label is a class (< num_classes); 0 when none is."""
+  valid = labels < num_classes
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(valid, labels, 0).astype(jnp.int32))
+  return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def soft_dice_loss(logits, labels, num_classes: int, dice_classes: int):
+  """1 - mean_c 2 sum_i p_ic y_ic / (sum_i p_ic + sum_i y_ic) over the first `dice_classes`
+  output channels (Milletari et al. 2016, summed over the whole batch as nnU-Net's batch Dice),
+  pixels whose label is a class only. Each class weighs the same whatever its pixel share,
+  so a finding on 3% of the pixels is not drowned by the background; a batch without the
+  class gives that class a loss that only pushes its probabilities down (the +1 smoothing)."""
+  valid = (labels < num_classes)[..., None]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :dice_classes] * valid
+  onehot = jax.nn.one_hot(labels, dice_classes, dtype=jnp.float32) * valid
+  axes = tuple(range(logits.ndim - 1))
+  overlap = jnp.sum(probs * onehot, axis=axes)
+  dice = (2 * overlap + 1.0) / (jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes) + 1.0)
+  return 1.0 - jnp.mean(dice)
+
+
+LOSSES = ("ce", "ce+dice")
+
+
+def mask_loss(logits, labels, num_classes: int, kind: str, dice_classes: int):
+  """The per-mask loss: CE, or CE + soft Dice (the nnU-Net default for imbalanced findings)."""
+  ce = masked_cross_entropy(logits, labels, num_classes)
+  if kind == "ce":
+    return ce
+  return ce + soft_dice_loss(logits, labels, num_classes, dice_classes)
+
+
+def multilayer_loss(logits, batch, weights: dict, num_classes: int, kind: str = "ce",
+                    dice_classes: int = 0):
+  """(sum_l w_l L(logits, mask_l), {layer: L}) over the pseudo masks of the layers."""
+  parts = {layer: mask_loss(logits, batch[f"mask_{layer}"], num_classes, kind,
+                            dice_classes or num_classes)
+           for layer in weights}
+  return sum(w * parts[layer] for layer, w in weights.items()), parts
+
+
+def loss_kind(config) -> str:
+  """config.loss, or by setting when "": CE for tissue maps, CE + Dice for findings."""
+  return config.get("loss") or ("ce+dice" if setting(config) == "finding" else "ce")
+
+
+def output_classes(config) -> int:
+  """Segmenter outputs: the K classes, plus the background channel in the finding setting."""
+  return config.data.num_classes + (setting(config) == "finding")
+
+
+def setting(config) -> str:
+  return folders.resolve(config.data, "setting")
+
+
+def scoring(config) -> str:
+  """The metrics convention: finding (background a class) or the authors' stage 2."""
+  return "finding" if setting(config) == "finding" else "stage2"
+
+
+def gate(logits, probs, mode: str, epsilon: float):
+  """Classification gate on (B, H, W, K') logits with (B, K) classifier probabilities; output
+  channels past K (the background of the finding setting) always pass."""
+  if mode == "off":
+    return logits
+  extra = logits.shape[-1] - probs.shape[-1]
+  if extra:
+    probs = jnp.concatenate([probs, jnp.ones(probs.shape[:1] + (extra,), probs.dtype)], axis=1)
+  keep = probs > epsilon
+  if mode == "multiply":  # the authors' form
+    return logits * keep[:, None, None, :]
+  keep = jnp.where(keep.any(axis=1, keepdims=True), keep, True)  # never exclude every class
+  return jnp.where(keep[:, None, None, :], logits, -jnp.inf)
+
+
+# --- Model, optimiser, steps -------------------------------------------------------------------------
+def checkpoint_meta(config) -> dict:
+  return {"phase": "segment", "model": model_meta(config.model),
+          "image_size": config.data.image_size, "num_classes": output_classes(config),
+          "setting": setting(config)}
+
+
+def param_labels(params):
+  """'backbone' for the backbone / MRN encoder (lr x1), 'head' for the rest (lr x head_lr_mult)."""
+  return {k: jax.tree.map(lambda _: "backbone" if k in ("backbone", "encoder") else "head", v)
+          for k, v in params.items()}
+
+
+def input_size(config) -> int:
+  return config.data.pair_size if config.model.name == "mrn" else config.data.image_size
+
+
+def make_init_fn(model, tx, config):
+  size = input_size(config)
+
+  def init_state():
+    params_rng, dropout_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, context=dummy)
+    state = ClassifierState.create(variables["params"], tx, state_rng)
+    return state.replace(batch_stats=variables.get("batch_stats", {}), mu=jnp.ones((), jnp.float32))
+  return init_state
+
+
+def make_train_step(model, tx, schedule, config):
+  dtype, weights, k = compute_dtype(config), layer_weights(config), output_classes(config)
+  kind = loss_kind(config)
+  # the Dice term weighs the findings; background (channel K of the finding setting) is left to CE
+  dice_classes = config.data.num_classes
+
+  def train_step(state, batch):
+    images = prepare_images(batch["image"], config.data, dtype)
+    context = prepare_images(batch["context"], config.data, dtype) if "context" in batch else None
+
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                    train=True, context=context, mutable=["batch_stats"],
+                                    rngs={"dropout": state.step_rng()})
+      loss, parts = multilayer_loss(logits, batch, weights, k, kind, dice_classes)
+      return loss, (logits, parts, updates)
+
+    (loss, (logits, parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    last = batch[f"mask_{list(weights)[-1]}"]
+    labelled = last < k
+    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+           "train_pixel_accuracy": jnp.sum((jnp.argmax(logits, -1) == last) & labelled)
+           / jnp.maximum(jnp.sum(labelled), 1)}
+    out |= {f"loss/{layer}": v for layer, v in parts.items()}
+    new = state.replace(step=state.step + 1, opt_state=opt_state,
+                        params=optax.apply_updates(state.params, step_updates),
+                        batch_stats=updates["batch_stats"])
+    return new, out
+
+  return train_step
+
+
+def layer_weights(config) -> dict:
+  return dict(zip(config.data.mask_layers, config.loss_weights))
+
+
+class Segmentation:
+  """Model, optimiser, jitted steps and the numbers of steps."""
+
+  def __init__(self, config, mesh):
+    self.model = build_segmenter(config.model, output_classes(config), compute_dtype(config))
+    self.steps_per_epoch = steps_per_epoch(config)
+    self.total_steps = total_steps(config, self.steps_per_epoch)
+    tx, schedule = optim.classifier_optimizer(
+        config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
+        config.batch_size, self.total_steps)
+    self.init_state = make_init_fn(self.model, tx, config)
+    self.abstract_state = jax.eval_shape(self.init_state)
+    self.state_sharding = parallel.state_shardings(self.abstract_state, mesh,
+                                                   config.get("parallel"))
+    self.train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(self.model, tx, schedule,
+                                                                       config)),
+                              in_shardings=(self.state_sharding, parallel.batch_sharded(mesh)),
+                              out_shardings=(self.state_sharding, parallel.replicated(mesh)),
+                              donate_argnums=0)
+    dtype, data = compute_dtype(config), config.data
+
+    @jax.jit
+    def logits_fn(params, batch_stats, images_u8, context_u8):
+      context = None if context_u8 is None else prepare_images(context_u8, data, dtype)
+      return self.model.apply({"params": params, "batch_stats": batch_stats},
+                              prepare_images(images_u8, data, dtype), context=context)
+    self.logits = logits_fn
+
+
+# --- Evaluation ----------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _scores(logits, probs, truth_valid, num_classes, modes, epsilon, convention):
+  """Tile-size logits -> per gate mode: prediction (B, H, W) and confusion matrix (stage2, or
+  finding with background a class)."""
+  truth, valid = truth_valid
+  out = {}
+  for mode in modes:
+    pred = jnp.argmax(gate(logits, probs, mode, epsilon), -1)
+    out[mode] = (pred, metrics.device_confusion(pred, truth, num_classes, num_classes, convention,
+                                                valid))
+  return out
+
+
+def tile_logits(seg: Segmentation, state, b, config, mesh):
+  """(B, H, W, K) logits at tile size: DeepLab on the resized tile, upsampled; MRN by windows of
+  `pair_size` with their context, stitched (a later window overwrites the overlap)."""
+  if not isinstance(seg.model, MRN):
+    logits = seg.logits(state.params, state.batch_stats,
+                        parallel.shard_identical(b["input"], mesh), None)
+    h, w = b["mask"].shape[1:3] if "mask" in b else b["image"].shape[1:3]
+    return jax.image.resize(logits, (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
+  size, scale = config.data.pair_size, config.data.context_scale
+  n, h, w = b["image"].shape[:3]
+  starts = [(y, x) for y in transforms.window_starts(h, size)
+            for x in transforms.window_starts(w, size)]
+  pairs = [transforms.cut_pair({"image": b["image"][i]}, y + size // 2, x + size // 2, size, scale)
+           for i in range(n) for y, x in starts]
+  targets = np.stack([p["image"] for p in pairs])
+  contexts = np.stack([p["context"] for p in pairs])
+  per = parallel.eval_batch_size(len(pairs), mesh)
+  pad = per - len(pairs)
+  targets = np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
+  contexts = np.concatenate([contexts, np.repeat(contexts[-1:], pad, 0)])
+  out = np.asarray(seg.logits(state.params, state.batch_stats,
+                              parallel.shard_identical(targets, mesh),
+                              parallel.shard_identical(contexts, mesh)))
+  logits = np.zeros((n, h, w, out.shape[-1]), np.float32)
+  for j, (i, (y, x)) in enumerate((i, s) for i in range(n) for s in starts):
+    logits[i, y:y + size, x:x + size] = out[j]
+  return jnp.asarray(logits)
+
+
+def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: int = 0):
+  """Stage-2 scores of `split` for each gate mode ('off' only without a classifier); the first
+  `overlays` tiles' (image, truth, prediction) kept for figures."""
+  k, names = config.data.num_classes, tuple(config.data.class_names)
+  convention = scoring(config)
+  if convention == "finding":
+    names += ("background",)
+  batch = parallel.eval_batch_size(config.eval_batch_size, mesh)
+  inputs = {} if isinstance(seg.model, MRN) else {"input": config.data.image_size}
+  keys = ["image", "mask", "labels", "name"] + list(inputs)
+  modes = ("off",)
+  if classifier is not None:
+    inputs["cls_input"] = classifier["image_size"]
+    keys.append("cls_input")
+    modes = tuple(config.gate.modes)
+  confusion, shown = {m: 0 for m in modes}, []
+  for b in pipeline.tile_batches(config.data, split, batch, inputs, tuple(keys)):
+    logits = tile_logits(seg, state, b, config, mesh)
+    probs = (classifier["predict"](parallel.shard_identical(b["cls_input"], mesh))
+             if classifier is not None else jnp.ones((batch, k)))
+    truth = parallel.shard_identical(b["mask"], mesh)
+    out = _scores(logits, probs, (truth, jnp.asarray(b["valid"])), k, modes, config.gate.epsilon,
+                  convention)
+    for m in modes:
+      confusion[m] = confusion[m] + np.asarray(out[m][1], np.int64)
+    for i in range(min(int(b["valid"].sum()), overlays - len(shown))):
+      shown.append((b["image"][i], b["mask"][i], np.asarray(out[modes[0]][0][i]), b["labels"][i],
+                    b["name"][i]))
+  return {m: metrics.iou_scores(c, names) for m, c in confusion.items()}, shown
+
+
+def load_gate_classifier(config, mesh):
+  """{'predict': u8 inputs -> probabilities, 'image_size'} of the classifier in `gate.classifier`,
+  or None when the gate is not used."""
+  if not config.gate.classifier_workdir:
+    return None
+  model, variables, meta, _, data = runs.load_classifier(config.gate.classifier_workdir, mesh,
+                                                         field="gate.classifier_workdir")
+  if meta["num_classes"] != config.data.num_classes:
+    raise UserError(f"gate.classifier_workdir={config.gate.classifier_workdir}: its checkpoint "
+                    f"has {meta['num_classes']} classes but data.num_classes="
+                    f"{config.data.num_classes}")
+  cls_data = runs.data_config(config, data)
+  cls_data.image_size = meta["image_size"]
+  predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
+      variables, prepare_images(u8, cls_data, jnp.float32))))
+  return {"predict": predict, "image_size": meta["image_size"]}
+
+
+def overlay_figure(shown, palette: list, class_names, title: str) -> np.ndarray:
+  """Rows of image | ground truth | prediction, blended and labelled (wsss_jax/overlays.py)."""
+  items = [(image, truth, {"prediction": pred}) for image, truth, pred, _, _ in shown]
+  return overlays.mask_figure(items, palette, class_names, title)

@@ -113,7 +113,7 @@ def tiny_classifier(tmp_path_factory):
 # The longest tests (--durations on the 2-core CPU, session 13) start first: under pytest-xdist
 # none of them is then left running alone at the end of the suite. The rest keep their order.
 SLOWEST_FIRST = (
-    "test_segment.py::test_pipeline_end_to_end_with_erasing_upper_bound_and_resume",
+    "test_pipeline.py::test_pipeline_end_to_end_with_erasing_upper_bound_and_resume",
     "test_pretext.py::test_resnet_pretext_run_initialises_a_resnet_classifier",
     "test_classify.py::test_classifier_learns_the_embedded_dataset",
     "test_classify.py::test_mu_is_checkpointed_and_resumes_exactly",

@@ -39,8 +39,8 @@ def test_sharded_gradients_equal_single_device_gradients(tiny_pretrain_config):
   tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
   state = pretrain_task.make_init_fn(model, tx, 32, 0)()
   batch = next(iter(pipeline.train_dataset(config.data, seed=0, local_batch=8)))
-  grad_fn = jax.value_and_grad(pretrain_task.make_loss_fn(model, config.data.mean, config.data.std,
-                                                     np.float32))
+  grad_fn = jax.value_and_grad(pretrain_task.make_loss_fn(model, config.data.mean,
+                                                          config.data.std, np.float32))
   results = []
   for n in (1, 8):
     mesh = parallel.make_mesh(n)
@@ -142,7 +142,7 @@ def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
   from PIL import Image
   grid = Image.open(tmp_path / "figures" / "recon_0000006.png")
   assert grid.size == (3 * 32, 2 * 32)  # original / masked / reconstruction, 2 images
-  # keep_checkpoints=3 bounds what stays on disk; every kept step is complete
+  # both saves are on disk, each complete (keep_checkpoints: the test below)
   steps = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
   assert steps == [3, 6]
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
@@ -183,11 +183,21 @@ def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config
     tx, schedule = optim.adamw(config.optim, config.batch_size, config.total_steps)
     state = pretrain_task.make_init_fn(model, tx, 32, 0)()
     step = jax.jit(pretrain_task.make_train_step(model, tx, schedule, config.data.mean,
-                                            config.data.std, dtype))
+                                                 config.data.std, dtype))
     states[dtype], metrics = step(state, batch)
     losses[dtype] = float(metrics["loss"])
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
   assert {x.dtype for x in jax.tree.leaves(states[jnp.bfloat16].params)} == {jnp.dtype("float32")}
+
+
+def test_keep_checkpoints_bounds_the_steps_on_disk(tiny_pretrain_config, tmp_path):
+  config = tiny_pretrain_config.copy_and_resolve_references()
+  config.total_steps, config.checkpoint_every, config.log_every = 12, 2, 4
+  config.keep_checkpoints = 3
+  pretrain.run(config, str(tmp_path))  # six saves: 2, 4, ..., 12
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [8, 10, 12]
+  assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [
+      "10", "12", "8"]
 
 
 def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, caplog):
@@ -195,8 +205,9 @@ def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, cap
   from wsss_jax import checkpoint
   checkpoint._array_handler_processes = None  # as in a fresh process
   with caplog.at_level(logging.WARNING):
-    for name in ("a", "b"):
-      checkpoint.Checkpointer(str(tmp_path / name))
+    checkpoint.Checkpointer(str(tmp_path / "a"))
+    first = ocp.type_handlers.get_type_handler(jax.Array)
+    checkpoint.Checkpointer(str(tmp_path / "b"))
   assert not [r for r in caplog.records if "overriding" in r.getMessage()]
-  handler = ocp.type_handlers.get_type_handler(jax.Array)
-  assert handler._use_replica_parallel is False  # one process: no replica-parallel slices
+  assert ocp.type_handlers.get_type_handler(jax.Array) is first  # registered once
+  assert isinstance(first, ocp.type_handlers.ArrayHandler)

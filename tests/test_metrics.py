@@ -1,4 +1,5 @@
-"""Segmentation scoring against hand-computed confusion matrices and a numpy re-implementation."""
+"""Segmentation scoring (confusion, IoU, mIoU, FwIoU, the stage-1/2 conventions) against
+hand-computed matrices and a numpy re-implementation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +73,15 @@ def test_empty_matrix_and_unknown_convention():
   assert np.isnan(s["mIoU"]) and np.isnan(s["accuracy"]) and s["FwIoU"] == 0.0
   with pytest.raises(UserError, match="stage3"):
     metrics.segmentation_scores(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), NAMES, BG, "stage3")
+
+
+def test_iou_scores_by_hand():
+  conf = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])  # rows truth, columns prediction
+  s = metrics.iou_scores(conf, ["a", "b", "c"])
+  assert s["IoU/a"] == pytest.approx(3 / 4) and s["IoU/b"] == pytest.approx(2 / 5)
+  assert s["IoU/c"] == 0.0  # predicted twice, never true
+  assert s["mIoU"] == pytest.approx((3 / 4 + 2 / 5 + 0) / 3)
+  assert s["FwIoU"] == pytest.approx(4 / 8 * 3 / 4 + 4 / 8 * 2 / 5)
+  assert s["accuracy"] == pytest.approx(5 / 8)
+  got = metrics.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 1, 4, 1]), 3, ignore=4)
+  np.testing.assert_array_equal(got, [[1, 0, 0], [0, 1, 1], [0, 0, 0]])

@@ -1,0 +1,139 @@
+"""The whole pipeline (configs/pipeline.py) end to end on tiny settings: erasing, the upper
+bound, resume, the paper and pretrain arguments, a CNN pretext run as the encoder."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config, tiny_pipeline_config
+from PIL import Image
+
+from wsss_jax import masks
+from wsss_jax.data import pipeline as data_pipeline
+from wsss_jax.errors import UserError
+from wsss_jax.phases import pipeline
+from wsss_jax.runner import run_phase
+
+
+def _tiny_erasing_pipeline():
+  config = tiny_pipeline_config("erasing=2,upper_bound=True,paper=True")
+  config.erasing.erasing.max_erased, config.erasing.erasing.stop_ratio = 0.99, 0.01
+  return config
+
+
+def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
+  """The whole pipeline once, with adversarial erasing (2 rounds) and the ground-truth upper
+  bound: its classifier is erasing's round 0, round 1 trains on tiles erased where round 0's maps
+  were high, the pseudo masks fuse both rounds, and a re-run resumes every phase and recomputes
+  nothing. paper=True: the default adds SEAM and the CRF, each tested in its phase, and costs
+  this test 75 s more (under load)."""
+  result = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path))
+  text = open(tmp_path / "table.md").read()
+  for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
+              "| pseudo | exclude |", "| full | off |", "Adversarial erasing: 2 round(s) fused"):
+    assert row in text
+  from wsss_jax import overlays  # 48 px tiles drawn at a legible 192 px, with headers and a legend
+  width, height = Image.open(tmp_path / "overlays.png").size
+  assert width == 4 * overlays.MIN_SIDE + 5 * overlays.GAP  # image, truth, pseudo mask, segmenter
+  assert 6 * overlays.MIN_SIDE < height < 6 * overlays.MIN_SIDE + 200  # 6 tiles
+  assert result["segment"]["supervision"] == "pseudo"
+  assert result["segment_full"]["supervision"] == "full"
+  # erasing: round 0 is the pipeline's classifier, not trained again; the masks fuse both rounds
+  work, classify = tmp_path / "erasing", str(tmp_path / "classify")
+  summary = result["erasing"]
+  assert summary["rounds"] == [classify, str(work / "round_1")]
+  assert not (work / "round_0").exists()
+  assert json.load(open(work / "erasing.json"))["rounds"] == summary["rounds"]
+  assert 0 < summary["report"][0]["erased_fraction_next"] <= 0.99
+  assert result["pseudo_masks"]["erasing"] == {"workdir": str(work), "rounds": 2}
+  assert result["pseudo_masks"]["classifier"] == classify
+  assert result["pseudo_masks_test"]["erasing"]["rounds"] == 2
+  # round 1 saw the mean colour exactly where erased/round_1 says
+  r1 = json.load(open(work / "round_1" / "config.json"))["data"]
+  assert r1["erase_dir"] == str(work / "erased" / "round_1")
+  assert r1["report_dir"] == str(work / "round_1")
+  data = ml_collections.ConfigDict(r1)
+  erased = data_pipeline.build_source(data, "train")
+  plain = data_pipeline.build_source(ml_collections.ConfigDict(dict(r1, erase_dir="")), "train")
+  fill = np.round(np.asarray(data.mean) * 255).astype(np.uint8)
+  for i in range(4):
+    region = masks.read_binary(erased._path(i), (48, 48))
+    np.testing.assert_array_equal(erased[i]["image"][region], np.tile(fill, (region.sum(), 1)))
+    np.testing.assert_array_equal(erased[i]["image"][~region], plain[i]["image"][~region])
+  # a re-run resumes every phase and finds the pseudo masks current: nothing is written again
+  mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
+  written = os.path.getmtime(mask)
+  again = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path))
+  assert os.path.getmtime(mask) == written
+  assert again["erasing"]["rounds"] == summary["rounds"]
+  assert again["classify"]["resumed_from"] == again["classify"]["steps"]
+  assert again["segment"]["resumed_from"] == again["segment"]["steps"]
+  assert again["segment"]["test"] == result["segment"]["test"]
+
+  # pseudo masks of a one-round plan are exactly the plain classifier's
+  def pseudo(arg, out):
+    pm = load_config("pseudo_masks", arg)
+    pm.data.num_train = 8
+    return run_phase(pm, str(tmp_path / out))
+
+  one = tmp_path / "one_round"
+  one.mkdir()
+  plan = json.load(open(work / "erasing.json"))
+  plan["rounds"] = [classify]
+  json.dump(plan, open(one / "erasing.json", "w"))
+  pseudo(f"erasing={one}", "pm1")
+  pseudo(f"classifier={classify}", "pm0")
+  for layer in ("b4_5", "bn7"):
+    for name in os.listdir(tmp_path / "pm0" / "masks" / layer):
+      a = masks.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
+      b = masks.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
+      np.testing.assert_array_equal(a, b)
+
+
+def test_pipeline_paper_and_pretrain_arguments_and_a_workdir_without_checkpoints(tmp_path):
+  modes = {arg: load_config("pipeline", f"pretrain={arg}") for arg in
+           ("False", "True", "scratch", str(tmp_path))}
+  assert modes["False"].classify.model.backbone == "resnet38"
+  paper = load_config("pipeline", "paper=True")
+  assert paper.classify.equivariance.weight == 0 and not paper.pseudo_masks.crf.enabled
+  assert paper.segment.loss_weights == (0.2, 0.2, 0.6)
+  assert modes["False"].classify.equivariance.weight == 1.0  # the default: SEAM, CRF, b4_5
+  assert modes["False"].pseudo_masks.crf.enabled
+  assert modes["False"].segment.data.mask_layers == ("b4_5",)
+  assert modes["False"].segment.loss_weights == (1.0,)
+  assert not modes["False"].run_pretrain and not modes["False"].pretrain_workdir
+  assert modes["True"].run_pretrain and not modes["True"].pretrain_workdir
+  assert not modes["scratch"].run_pretrain and not modes["scratch"].pretrain_workdir
+  assert modes[str(tmp_path)].pretrain_workdir == str(tmp_path)
+  for arg in ("True", "scratch", str(tmp_path)):
+    assert modes[arg].classify.model.backbone == "vit"
+    assert modes[arg].pseudo_masks.scales == (1.0,)
+    assert modes[arg].classify.equivariance.weight == 0  # SEAM needs a CNN's class maps
+  with pytest.raises(UserError, match=f"pretrain_workdir={tmp_path}: no pretrain checkpoints"):
+    pipeline.run(modes[str(tmp_path)], str(tmp_path / "run"))
+  (tmp_path / "checkpoints").mkdir()
+  both = modes[str(tmp_path)]
+  both.run_pretrain = True
+  with pytest.raises(UserError, match="run_pretrain and pretrain_workdir"):
+    pipeline.run(both, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_pipeline_from_a_cnn_pretext_run_takes_its_encoder_and_width(tmp_path):
+  def pretext_run(name, model):
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+    (tmp_path / name / "config.json").write_text(json.dumps({"phase": "pretrain", "model": model}))
+    return str(tmp_path / name)
+
+  cnn = load_config("pipeline", "pretrain=" + pretext_run("r38", {"encoder": "resnet38",
+                                                                  "width": 0.25}))
+  assert cnn.classify.model.backbone == "resnet38" and cnn.classify.model.width == 0.25
+  assert cnn.segment.model.width == 0.25  # the segmenter starts from that classifier
+  assert cnn.classify.equivariance.weight == 1.0 and cnn.pseudo_masks.scales == (1.0, 1.5, 2.0)
+  r50 = load_config("pipeline", "pretrain=" + pretext_run("r50", {"encoder": "resnet50",
+                                                                  "width": 0.125}))
+  with pytest.raises(UserError, match="pretrained model.encoder='resnet50'; the pipeline's "
+                                      "classifier is 'resnet38'"):
+    pipeline.run(r50, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

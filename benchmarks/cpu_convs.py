@@ -1,5 +1,5 @@
-"""XLA:CPU's own convolutions against this project's CPU rewrites (`layers.CPU_CONV_REWRITES`:
-1x1 convolutions as matmuls, LRP's pull to the pixels over space-to-depth blocks), compared in
+"""XLA:CPU's own convolutions against this project's CPU rewrites (the config field `kernels`,
+`wsss_jax/kernels.py`: 1x1 convolutions as matmuls, LRP's pull to the pixels over space-to-depth blocks), compared in
 one process with the two compiled programs timed in alternation, so that a noisy machine moves
 both alike:
 
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import benchmark_config
-from wsss_jax import parallel, relevance
-from wsss_jax.models import layers
-from wsss_jax.phases import benchmark, maps
+from wsss_jax import kernels, parallel, relevance
+from wsss_jax.phases import benchmark
+from wsss_jax.relevance.options import method_options
 
 
 def programs(kind: str, batch: int, model: str = "resnet50"):
@@ -33,27 +33,31 @@ def programs(kind: str, batch: int, model: str = "resnet50"):
   mesh = parallel.mesh_from_config(config)
   out = {}
   for rewrite in (True, False):
-    layers.CPU_CONV_REWRITES = rewrite
-    t, data, _ = benchmark._training(config, mesh)
-    state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
-    if kind == "train":
-      data = jax.device_put(data, parallel.batch_sharded(mesh))
-      compiled = t.train_step.lower(state, data).compile()
-      held = [state]  # the step donates its state: each call feeds the last one's
-
-      def call(compiled=compiled, held=held, data=data):
-        held[0], metrics = compiled(held[0], data)
-        return metrics
-    else:
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
-      images = jnp.asarray(data["image"], jnp.float32) / 255
-      name, options = maps.method_options(kind, config, config.data)
-      fn = relevance.relevance_fn(name, t.model.apply, **options)
-      compiled = fn.jitted(variables, images).lower(variables, images, None).compile()
-      call = lambda c=compiled, v=variables, x=images: c(v, x, None)  # noqa: E731
-    out["rewritten" if rewrite else "xla"] = call
-  layers.CPU_CONV_REWRITES = True
+    with kernels.selected_kernels("rewrite" if rewrite else "xla"):
+      out["rewritten" if rewrite else "xla"] = _program(kind, config, mesh)
   return out
+
+
+def _program(kind, config, mesh):
+  """A call running one compiled step of `kind`, traced under the kernels in force."""
+  t, data, _ = benchmark._training(config, mesh)
+  state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
+  if kind == "train":
+    data = jax.device_put(data, parallel.batch_sharded(mesh))
+    compiled = t.train_step.lower(state, data).compile()
+    held = [state]  # the step donates its state: each call feeds the last one's
+
+    def call(compiled=compiled, held=held, data=data):
+      held[0], metrics = compiled(held[0], data)
+      return metrics
+  else:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = jnp.asarray(data["image"], jnp.float32) / 255
+    name, options = method_options(kind, config, config.data)
+    fn = relevance.relevance_fn(name, t.model.apply, **options)
+    compiled = fn.jitted(variables, images).lower(variables, images, None).compile()
+    call = lambda c=compiled, v=variables, x=images: c(v, x, None)  # noqa: E731
+  return call
 
 
 def alternate(progs: dict, rounds: int) -> dict:

@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+from wsss_jax.data import mask_files
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
   import jax.numpy as jnp
   from PIL import Image
 
-  from wsss_jax import masks, overlays, parallel, relevance
+  from wsss_jax import overlays, parallel, relevance
   from wsss_jax import runs
   from wsss_jax.phases import maps as maps_phase
   from wsss_jax.tasks.common import prepare_images
@@ -39,7 +40,7 @@ def main() -> None:
   model, variables, meta, _, data = runs.load_classifier(
       os.path.join(args.workdir, "classify"), mesh)
   size = meta["image_size"]
-  palette = masks.palette_bytes(pm["palette"], k + 1)
+  palette = mask_files.palette_bytes(pm["palette"], k + 1)
 
   rows = []
   for i in range(min(args.rows, len(shown["image"]))):
@@ -55,8 +56,8 @@ def main() -> None:
     heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(
         image.shape[1::-1], Image.BILINEAR)) / 255.0
     blended = (0.5 * image / 255.0 + 0.5 * maps_phase.heat(heat)) * 255
-    stem = masks.file_stem(str(shown["name"][i]))
-    pseudo = masks.read_mask(os.path.join(args.workdir, "pseudo_masks_test", "masks", layer,
+    stem = mask_files.file_stem(str(shown["name"][i]))
+    pseudo = mask_files.read_mask(os.path.join(args.workdir, "pseudo_masks_test", "masks", layer,
                                           stem + ".png"), truth.shape, k)
     rows.append([image, blended.round().astype(np.uint8),
                  overlays.blend(image, pseudo, palette, k),

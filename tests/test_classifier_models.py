@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wsss_jax import kernels
 from wsss_jax.data import mixing
 from wsss_jax.models.classifier import ViTClassifier, vit_layer_id
 from wsss_jax.models.heads import MultiLabelHead, progressive_dropout_attention
@@ -116,10 +117,12 @@ def test_pointwise_convolution_as_a_dot_matches_the_convolution_and_its_gradient
                                         dimension_numbers=dn)
 
   def ours(x, w):
-    return layers.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)),
-                                       lhs_dilation=(1, 1), rhs_dilation=(1, 1),
-                                       dimension_numbers=dn)
+    return kernels.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)),
+                                        lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+                                        dimension_numbers=dn)
   assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # a dot on the CPU
+  with kernels.selected_kernels("xla"):  # the config field `kernels`: XLA's own convolution
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, w: ours(x, w))(x, w))
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   ct = jax.random.normal(jax.random.key(2), ref(x, w).shape)
   for a, b in zip(jax.vjp(ours, x, w)[1](ct), jax.vjp(ref, x, w)[1](ct)):
@@ -133,14 +136,14 @@ def test_pointwise_convolution_as_a_dot_matches_the_convolution_and_its_gradient
                                                  (3, 2, ((1, 3), (2, 0))), (5, 2, ((4, 4), (4, 4)))])
 def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
     monkeypatch, kernel, dilation, pad):
-  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_CHANNELS", 4)
-  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 60)
+  monkeypatch.setattr(kernels, "KERNEL_GRAD_MIN_CHANNELS", 4)
+  monkeypatch.setattr(kernels, "KERNEL_GRAD_MIN_PIXELS", 60)
   x = jax.random.normal(jax.random.key(0), (2, 9, 10, 4))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 5))
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   ref = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)
-  ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
+  ours = lambda x, w: kernels.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), pad, lhs_dilation=(1, 1), rhs_dilation=(dilation, dilation),
       dimension_numbers=dn)
   assert "custom_jvp_call" in str(jax.make_jaxpr(ours)(x, w))
@@ -159,8 +162,8 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
   want = jax.vmap(lambda ct: jax.vjp(ref, x, w)[1](ct))(cts)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  monkeypatch.setattr(layers, "KERNEL_GRAD_MIN_PIXELS", 91)  # a 9x10 map is too small
-  small = lambda x, w: layers.conv_general_dilated(  # noqa: E731  (a new trace)
+  monkeypatch.setattr(kernels, "KERNEL_GRAD_MIN_PIXELS", 91)  # a 9x10 map is too small
+  small = lambda x, w: kernels.conv_general_dilated(  # noqa: E731  (a new trace)
       x, w, (1, 1), pad, rhs_dilation=(dilation, dilation), dimension_numbers=dn)
   assert "custom_jvp_call" not in str(jax.make_jaxpr(small)(x, w))
 
@@ -173,9 +176,9 @@ def test_space_to_depth_input_gradient_matches_the_strided_convolutions(kernel, 
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), (pad, pad),  # noqa: E731
                                                   dimension_numbers=dn)
-  ours = lambda x, w: layers.conv_blocked_input_grad(  # noqa: E731
+  ours = lambda x, w: kernels.conv_blocked_input_grad(  # noqa: E731
       x, w, (stride, stride), (pad, pad), (1, 1), (1, 1), dn)
-  blocks = lambda x, w: layers.space_to_depth_conv(x, w, (stride, stride), (pad, pad))  # noqa: E731
+  blocks = lambda x, w: kernels.space_to_depth_conv(x, w, (stride, stride), (pad, pad))  # noqa: E731
   ct = jax.random.normal(jax.random.key(2), ref(x, w).shape)
   for fn in (ours, blocks):
     np.testing.assert_allclose(fn(x, w), ref(x, w), rtol=1e-4, atol=1e-4)

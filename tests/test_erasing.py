@@ -7,10 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsss_jax import erasing, masks
+from wsss_jax import erasing
 from wsss_jax.errors import UserError
 from wsss_jax.phases import erasing as erasing_phase
 from wsss_jax import runs
+from wsss_jax.data import mask_files
 
 
 def channel_map(v, x, labels):
@@ -43,14 +44,14 @@ def test_erased_source_fills_the_mined_pixels_with_the_mean_colour(tmp_path):
   region = np.zeros((16, 16), bool)
   region[4:8, 2:10] = True
   for i in range(3):
-    masks.write_binary(str(tmp_path / (masks.file_stem(pipeline.example_name(base, i)) + ".png")),
+    mask_files.write_binary(str(tmp_path / (mask_files.file_stem(pipeline.example_name(base, i)) + ".png")),
                        region if i == 1 else np.zeros_like(region))
   source = pipeline.ErasedSource(base, str(tmp_path), (0.5, 0.25, 1.0))
   got, orig = source[1]["image"], base[1]["image"]
   np.testing.assert_array_equal(got[region], np.tile([128, 64, 255], (region.sum(), 1)))
   np.testing.assert_array_equal(got[~region], orig[~region])
   np.testing.assert_array_equal(source[0]["image"], base[0]["image"])
-  os.remove(tmp_path / (masks.file_stem(pipeline.example_name(base, 2)) + ".png"))
+  os.remove(tmp_path / (mask_files.file_stem(pipeline.example_name(base, 2)) + ".png"))
   with pytest.raises(UserError, match="1 of 3 erasure masks are missing"):
     pipeline.ErasedSource(base, str(tmp_path), (0.5, 0.25, 1.0))
 

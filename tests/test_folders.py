@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss_jax import config_lib, masks
+from wsss_jax import config_lib
 from wsss_jax.data import folders, pipeline, synthetic
 from wsss_jax.errors import UserError
+from wsss_jax.data import mask_files
 
 LUAD_NAMES = ("TE", "NEC", "LYM", "TAS")
 
@@ -19,7 +20,7 @@ def _label_text(labels, spec: str) -> str:
 
 def _save_indexed(path: str, mask: np.ndarray, palette: str) -> None:
   image = Image.fromarray(mask, mode="P")
-  image.putpalette(masks.palette_bytes(palette, 5))
+  image.putpalette(mask_files.palette_bytes(palette, 5))
   image.save(path)
 
 
@@ -102,7 +103,7 @@ def test_rgb_masks_map_through_the_palette(tmp_path):
   write_release(str(tmp_path), spec="bcss_wsss", n_train=2, n_val=2)
   mask_path = tmp_path / "val" / "mask" / "tile000.png"
   indices = np.asarray(Image.open(mask_path))
-  rgb = np.asarray(masks.PALETTES["bcss"], np.uint8)[indices]
+  rgb = np.asarray(mask_files.PALETTES["bcss"], np.uint8)[indices]
   Image.fromarray(rgb).save(mask_path)
   source = pipeline.build_source(_cfg(str(tmp_path), "bcss_wsss"), "val")
   np.testing.assert_array_equal(source[0]["mask"], indices)

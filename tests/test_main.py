@@ -73,6 +73,7 @@ def _error_line(proc):
     (["--config=configs/mae.py", "--config.batch_size=12"], "batch_size=12"),
     (["--config=configs/mae.py", "--config.model.variant=Q/16"], "model.variant='Q/16'"),
     (["--config=configs/mae.py", "--config.model.mask_ratio=1.5"], "mask_ratio=1.5"),
+    (["--config=configs/mae.py", "--config.kernels=fast"], "kernels='fast' is not one of"),
     (["--config=configs/mae.py", "--config.data.name=imagenet"], "data.name='imagenet'"),
 ])
 def test_user_errors_are_one_line(tmp_path, extra, expected):

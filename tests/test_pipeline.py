@@ -9,11 +9,11 @@ import pytest
 from conftest import load_config, tiny_pipeline_config
 from PIL import Image
 
-from wsss_jax import masks
 from wsss_jax.data import pipeline as data_pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pipeline
 from wsss_jax.runner import run_phase
+from wsss_jax.data import mask_files
 
 
 def _tiny_erasing_pipeline():
@@ -58,7 +58,7 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   plain = data_pipeline.build_source(ml_collections.ConfigDict(dict(r1, erase_dir="")), "train")
   fill = np.round(np.asarray(data.mean) * 255).astype(np.uint8)
   for i in range(4):
-    region = masks.read_binary(erased._path(i), (48, 48))
+    region = mask_files.read_binary(erased._path(i), (48, 48))
     np.testing.assert_array_equal(erased[i]["image"][region], np.tile(fill, (region.sum(), 1)))
     np.testing.assert_array_equal(erased[i]["image"][~region], plain[i]["image"][~region])
   # a re-run resumes every phase and finds the pseudo masks current: nothing is written again
@@ -86,8 +86,8 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   pseudo(f"classifier={classify}", "pm0")
   for layer in ("b4_5", "bn7"):
     for name in os.listdir(tmp_path / "pm0" / "masks" / layer):
-      a = masks.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
-      b = masks.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
+      a = mask_files.read_mask(str(tmp_path / "pm0" / "masks" / layer / name), (48, 48), 4)
+      b = mask_files.read_mask(str(tmp_path / "pm1" / "masks" / layer / name), (48, 48), 4)
       np.testing.assert_array_equal(a, b)
 
 

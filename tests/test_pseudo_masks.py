@@ -11,7 +11,7 @@ from conftest import load_config
 from PIL import Image
 
 from wsss_jax import masks
-from wsss_jax.data import synthetic, transforms
+from wsss_jax.data import mask_files, synthetic, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
 from wsss_jax import runs
@@ -48,27 +48,27 @@ def test_pseudo_mask_rule_by_hand():
 
 
 def test_mask_files_round_trip_and_refusals(tmp_path):
-  palette = masks.palette_bytes("luad", 5)
+  palette = mask_files.palette_bytes("luad", 5)
   mask = np.array([[0, 1], [4, 3]], np.uint8)
   path = str(tmp_path / "m.png")
-  masks.write_mask(path, mask, palette)
+  mask_files.write_mask(path, mask, palette)
   with Image.open(path) as im:
     assert im.mode == "P" and im.getpalette()[:15] == palette
-  np.testing.assert_array_equal(masks.read_mask(path, (2, 2), 4), mask)
+  np.testing.assert_array_equal(mask_files.read_mask(path, (2, 2), 4), mask)
   assert os.listdir(tmp_path) == ["m.png"]
   with pytest.raises(UserError, match="is 2x2 but its image is 3x3"):
-    masks.read_mask(path, (3, 3), 4)
+    mask_files.read_mask(path, (3, 3), 4)
   with pytest.raises(UserError, match="palette index 4, outside the class range 0..3"):
-    masks.read_mask(path, (2, 2), 3)
+    mask_files.read_mask(path, (2, 2), 3)
   with pytest.raises(UserError, match="missing"):
-    masks.read_mask(str(tmp_path / "none.png"), (2, 2), 4)
+    mask_files.read_mask(str(tmp_path / "none.png"), (2, 2), 4)
   data = open(path, "rb").read()
   open(tmp_path / "cut.png", "wb").write(data[:len(data) // 2])
   with pytest.raises(UserError, match="cut.png cannot be read"):
-    masks.read_mask(str(tmp_path / "cut.png"), (2, 2), 4)
+    mask_files.read_mask(str(tmp_path / "cut.png"), (2, 2), 4)
   Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
   with pytest.raises(UserError, match="is a RGB image"):
-    masks.read_mask(str(tmp_path / "rgb.png"), (2, 2), 4)
+    mask_files.read_mask(str(tmp_path / "rgb.png"), (2, 2), 4)
 
 
 def _stage1(pred, truth, k=4):
@@ -94,7 +94,7 @@ def test_phase_writes_one_mask_per_tile_and_layer_and_scores_them(tiny_classifie
     preds, truths = [], []
     for i in range(32):
       image, truth, labels = synthetic.generate_tile(0, "train", i, 48)
-      pred = masks.read_mask(str(tmp_path / "masks" / layer / f"synthetic_train_{i}.png"),
+      pred = mask_files.read_mask(str(tmp_path / "masks" / layer / f"synthetic_train_{i}.png"),
                              (48, 48), 4)
       tissue = pred < 4
       assert set(np.unique(pred[tissue])) <= set(np.flatnonzero(labels))  # present classes only
@@ -123,7 +123,7 @@ def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
     runs[use_crf] = pseudo_masks.run(config, str(tmp_path / str(use_crf)))
   assert runs[True]["crf"]["iterations"] == 10 and runs[False]["crf"] is None
   tiles = [synthetic.generate_tile(0, "train", i, 48) for i in range(32)]
-  read = lambda run: np.stack([masks.read_mask(  # noqa: E731
+  read = lambda run: np.stack([mask_files.read_mask(  # noqa: E731
       str(tmp_path / run / "masks" / "bn7" / f"synthetic_train_{i}.png"), (48, 48), 4)
       for i in range(32)])
   images = np.stack([t[0] for t in tiles])
@@ -163,7 +163,7 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
                                   ).maps(variables, x, labels) for m in models]
   want = np.asarray(masks.pseudo_mask([f[next(iter(f))] for f in fused], labels,
                                       jnp.asarray(np.stack(bg)), (48, 48), 4))
-  got = np.stack([masks.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"),
+  got = np.stack([mask_files.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"),
                                    (48, 48), 4) for i in range(8)])
   assert np.mean(got == want) > 0.995  # float noise at argmax ties only
   config.dilations = (0,)

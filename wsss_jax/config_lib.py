@@ -83,6 +83,7 @@ def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  c.kernels = "rewrite"       # CPU convolutions: rewrite (faster there) or xla (kernels.py)
   c.async_checkpointing = True
   c.num_devices = -1          # -1: every device; n > 0: the first n of a single process
   c.mixed_precision = False   # bf16 compute, fp32 parameters and optimiser state

@@ -23,13 +23,9 @@ zeroed absent class win ties at 0), and a tile whose label vector is empty is al
 """
 from __future__ import annotations
 
-import os
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from wsss_jax.errors import UserError
@@ -39,13 +35,6 @@ MAP_RULES = ("threshold", "power", "otsu", "negatives")
 BACKGROUND_RULES = IMAGE_RULES + MAP_RULES + tuple(f"white+{m}" for m in MAP_RULES)
 # the map rules' alpha when none is given (negatives: the quantile of the negatives' maps)
 DEFAULT_ALPHA = {"threshold": 0.3, "power": 8.0, "otsu": 0.0, "negatives": 0.99}
-# Mask palettes of the public releases, index 4 = background (white). `finding`: up to four
-# finding colours; its background (index K, whatever K is) is black.
-PALETTES = {
-    "luad": ((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255)),
-    "bcss": ((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255)),
-    "finding": ((255, 48, 48), (255, 214, 0), (0, 200, 255), (200, 80, 255), (0, 0, 0)),
-}
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
@@ -211,58 +200,3 @@ def finding_mask(maps, labels, background, size, background_index: int, map_rule
   return jnp.where(found, cls, background_index).astype(jnp.uint8)
 
 
-# --- Palette PNG files --------------------------------------------------------------------------------
-def file_stem(name: str) -> str:
-  """An example name ('synthetic/train/17', 'img-[1 0 0 1]') -> a safe file stem."""
-  return re.sub(r"[^A-Za-z0-9._\[\]+-]+", "_", name).strip("_")
-
-
-def palette_bytes(palette: str, num_colours: int) -> list:
-  if palette not in PALETTES:
-    raise UserError(f"palette={palette!r} is not one of {sorted(PALETTES)}")
-  colours = list(PALETTES[palette])[:num_colours]
-  if palette == "finding":  # the background (last index) is black whatever K is
-    colours = colours[:-1] + [PALETTES[palette][-1]]
-  return [c for rgb in colours for c in rgb]
-
-
-def write_mask(path: str, mask: np.ndarray, palette: list) -> None:
-  """An indexed PNG, written to a temporary name and renamed (never half-written)."""
-  image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
-  image.putpalette(palette)
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
-def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
-  """(H, W) uint8 palette indices of a mask PNG, checked: readable, `size`, indices <= max_index."""
-  try:
-    with Image.open(path) as image:
-      if image.mode not in ("P", "L"):
-        raise UserError(f"mask {path} is a {image.mode} image; a mask is an indexed (palette) or "
-                        f"greyscale PNG of class indices")
-      mask = np.asarray(image)
-  except FileNotFoundError:
-    raise UserError(f"mask {path} is missing") from None
-  except (OSError, SyntaxError, ValueError) as e:
-    raise UserError(f"mask {path} cannot be read ({e}); it is truncated or not a PNG") from None
-  if mask.shape != tuple(size):
-    raise UserError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                    f"{size[0]}x{size[1]}")
-  top = int(mask.max()) if mask.size else 0
-  if top > max_index:
-    raise UserError(f"mask {path} has palette index {top}, outside the class range 0..{max_index}")
-  return mask
-
-
-def write_binary(path: str, region: np.ndarray) -> None:
-  """A greyscale PNG, 255 inside `region` (bool), written then renamed."""
-  tmp = path + ".tmp"
-  Image.fromarray(np.asarray(region, np.uint8) * 255, mode="L").save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
-def read_binary(path: str, size: tuple[int, int]) -> np.ndarray:
-  """(H, W) bool of a region PNG written by `write_binary`, checked as `read_mask` checks."""
-  return read_mask(path, size, 255) > 0

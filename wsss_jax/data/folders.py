@@ -24,8 +24,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from wsss_jax import masks
 from wsss_jax.errors import UserError
+from wsss_jax.data import mask_files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # `-[1 0 0 1]` (LUAD-HistoSeg) or `[1101]` (BCSS-WSSS, after `+<idx>`) at the end of the stem.
@@ -40,7 +40,7 @@ class DatasetSpec:
   class_names: tuple | None     # None: from data.class_names (the generic reader)
   label_pattern: re.Pattern
   label_example: str
-  palette: str                  # a key of masks.PALETTES for RGB ground-truth masks
+  palette: str                  # a key of mask_files.PALETTES for RGB ground-truth masks
   background: str = "white"     # the pseudo-mask background rule (masks.BACKGROUND_RULES)
   mean: tuple | None = None     # RGB channel statistics in [0, 1] (REFERENCE.md gives them in BGR)
   std: tuple | None = None
@@ -159,7 +159,7 @@ def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palett
   except (OSError, SyntaxError, ValueError):
     rgb = None  # read_mask names the problem
   if rgb is None:
-    mask = masks.read_mask(path, size, 255)
+    mask = mask_files.read_mask(path, size, 255)
     top = int(mask.max()) if mask.size else 0
     if top > num_classes:
       hint = (" (one finding: 0 = finding, 1 = background; a 0/255 mask must be rewritten as "
@@ -167,10 +167,10 @@ def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palett
       raise UserError(f"mask {path} has palette index {top}, outside the class range "
                       f"0..{num_classes} ({num_classes} = background){hint}")
     return mask
-  if num_classes + 1 > len(masks.PALETTES[palette]):
+  if num_classes + 1 > len(mask_files.PALETTES[palette]):
     raise UserError(f"mask {path} is an RGB image; with {num_classes} classes masks must be "
                     f"indexed PNGs of class indices")
-  colours = masks.PALETTES[palette][:num_classes] + ((255, 255, 255),)  # index K = background
+  colours = mask_files.PALETTES[palette][:num_classes] + ((255, 255, 255),)  # index K = background
   mask = np.full(rgb.shape[:2], 255, np.uint8)
   for index, colour in enumerate(colours):
     mask[(rgb == colour).all(axis=-1)] = index
@@ -225,7 +225,7 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
           decode: bool, threads: int, stamp: tuple, min_side: int = 0) -> tuple:
   """(files, labels, problems) of one split, memoised per process (`stamp`: the folders' mtimes,
   so an edited folder is scanned again). Problems: a name without a parsable label vector or with
-  the wrong length, names that collide once made file-safe (`masks.file_stem`: the pseudo masks
+  the wrong length, names that collide once made file-safe (`mask_files.file_stem`: the pseudo masks
   of both would be one file), an image without its mask, and with `decode` every tile decoded
   (truncated or unreadable PNGs, masks of another size or with an index out of range); every
   tile's size (from its header) against `min_side`, the model input, so that no tile stops a run
@@ -242,7 +242,7 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
         problems[f] = str(e)
   stems = collections.defaultdict(list)
   for f in files:
-    stems[masks.file_stem(os.path.splitext(f)[0])].append(f)
+    stems[mask_files.file_stem(os.path.splitext(f)[0])].append(f)
   for group in stems.values():
     for f in group[1:] if len(group) > 1 else ():
       problems.setdefault(f, f"{os.path.join(image_dir, f)}: its name collides with "

@@ -15,9 +15,9 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import masks
 from wsss_jax.data import folders, lesions, randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
+from wsss_jax.data import mask_files
 
 DATASETS = ("synthetic", "synthetic_lesions", "slides") + tuple(folders.SPECS)
 
@@ -69,7 +69,7 @@ class MaskedSource:
       self._check_files()
 
   def _path(self, layer: str, index: int) -> str:
-    return os.path.join(self.masks_dir, layer, masks.file_stem(example_name(self.base, index))
+    return os.path.join(self.masks_dir, layer, mask_files.file_stem(example_name(self.base, index))
                         + ".png")
 
   def _check_files(self) -> None:
@@ -91,7 +91,7 @@ class MaskedSource:
     size = example["image"].shape[:2]
     for layer in self.layers:
       if self.masks_dir:
-        example[f"mask_{layer}"] = masks.read_mask(self._path(layer, index), size, self.num_classes)
+        example[f"mask_{layer}"] = mask_files.read_mask(self._path(layer, index), size, self.num_classes)
       elif "mask" in example:
         example[f"mask_{layer}"] = example["mask"]
       else:
@@ -118,14 +118,14 @@ class ErasedSource:
                       f"same training set)")
 
   def _path(self, index: int) -> str:
-    return os.path.join(self.erase_dir, masks.file_stem(example_name(self.base, index)) + ".png")
+    return os.path.join(self.erase_dir, mask_files.file_stem(example_name(self.base, index)) + ".png")
 
   def __len__(self) -> int:
     return len(self.base)
 
   def __getitem__(self, index: int) -> dict:
     example = dict(self.base[index])
-    region = masks.read_binary(self._path(index), example["image"].shape[:2])
+    region = mask_files.read_binary(self._path(index), example["image"].shape[:2])
     example["image"] = np.where(region[..., None], self.fill, example["image"])
     return example
 

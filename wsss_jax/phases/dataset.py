@@ -17,9 +17,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from wsss_jax import masks
 from wsss_jax.data import folders, pipeline, stats, synthetic
 from wsss_jax.errors import UserError
+from wsss_jax.data import mask_files
 
 ACTIONS = ("stats", "build", "input")
 
@@ -43,7 +43,7 @@ def write_embedded_release(root: str, num_train: int, num_val: int, size: int, s
       Image.fromarray(image).save(os.path.join(img_dir, stem + ".png"))
       if split == "val":
         indexed = Image.fromarray(mask, mode="P")
-        indexed.putpalette(masks.palette_bytes("luad", 5))
+        indexed.putpalette(mask_files.palette_bytes("luad", 5))
         indexed.save(os.path.join(root, "val/mask", stem + ".png"))
   open(done, "w").close()
   return root

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from wsss_jax import erasing, masks, parallel, relevance
+from wsss_jax import erasing, parallel, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
 from wsss_jax import runs
 from wsss_jax.tasks.classify import split_metrics
 from wsss_jax.tasks.common import prepare_images
+from wsss_jax.data import mask_files
 
 
 def round_dir(workdir: str, k: int) -> str:
@@ -72,7 +73,7 @@ def write_regions(loaded, settings: dict, data, batch: int, mesh, target: str) -
       h, w = b["image"][i].shape[:2]
       full = np.asarray(Image.fromarray(region[i].astype(np.uint8)).resize((w, h), Image.NEAREST))
       if parallel.is_main_process():
-        masks.write_binary(os.path.join(tmp, masks.file_stem(str(b["name"][i])) + ".png"),
+        mask_files.write_binary(os.path.join(tmp, mask_files.file_stem(str(b["name"][i])) + ".png"),
                            full > 0)
       if b["labels"][i].any():
         fractions.append(float(region[i].mean()))

@@ -16,6 +16,7 @@ import numpy as np
 from wsss_jax import config_lib, parallel
 from wsss_jax.errors import UserError
 from wsss_jax.writers import MetricWriter
+from wsss_jax.data import mask_files
 
 
 def _run(config, workdir: str) -> dict:
@@ -201,17 +202,17 @@ def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
                   num_classes: int, pm_summary: dict) -> None:
   """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
   the segment phase kept, blended over the image, with a legend."""
-  from wsss_jax import masks, overlays
+  from wsss_jax import overlays
   path = os.path.join(dirs["segment"], "overlays", "test.npz")
   if not os.path.exists(path):
     return
   shown = np.load(path)
-  palette = masks.palette_bytes(palette_name, num_classes + 1)
+  palette = mask_files.palette_bytes(palette_name, num_classes + 1)
   items = []
   for image, truth, pred, name in zip(shown["image"], shown["truth"], shown["prediction"],
                                       shown["name"]):
-    pm = masks.read_mask(os.path.join(dirs["pseudo_masks_test"], "masks", layer,
-                                      masks.file_stem(str(name)) + ".png"), truth.shape,
+    pm = mask_files.read_mask(os.path.join(dirs["pseudo_masks_test"], "masks", layer,
+                                      mask_files.file_stem(str(name)) + ".png"), truth.shape,
                          num_classes)
     items.append((image, truth, {f"pseudo mask {layer}": pm, "segmenter": pred}))
   figure = overlays.mask_figure(items, palette, pm_summary["class_names"],

@@ -26,6 +26,7 @@ from wsss_jax.models.classifier import build_classifier
 from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.writers import MetricWriter
+from wsss_jax.data import mask_files
 
 SPLITS = ("train", "val", "test")
 
@@ -45,7 +46,7 @@ def write_batch(directory: str, names, layer_masks: dict, palette: list) -> None
   for layer, m in layer_masks.items():
     os.makedirs(os.path.join(directory, layer), exist_ok=True)
     for name, mask in zip(names, m):
-      masks.write_mask(os.path.join(directory, layer, masks.file_stem(name) + ".png"), mask,
+      mask_files.write_mask(os.path.join(directory, layer, mask_files.file_stem(name) + ".png"), mask,
                        palette)
 
 
@@ -161,7 +162,7 @@ def validate(config) -> None:
   if config.background.rule:
     masks.check_rule(config.background.rule)
   if config.palette:
-    masks.palette_bytes(config.palette, 1)
+    mask_files.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
   if config.crf.enabled:
     crf.check_settings(dict(config.crf))
@@ -200,7 +201,7 @@ def run(config, workdir: str) -> dict:
                     f"({', '.join(masks.MAP_RULES)}, or white+<one of them>)")
   alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
   palette_name = folders.resolve(data, "palette", config.palette)
-  palette = masks.palette_bytes(palette_name, num_classes + 1)
+  palette = mask_files.palette_bytes(palette_name, num_classes + 1)
   if meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
     raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
                     f"size (fixed position embeddings); use scales=(1.0,)")

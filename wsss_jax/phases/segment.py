@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
-from wsss_jax import loop, masks, overlays, parallel, runs
+from wsss_jax import loop, overlays, parallel, runs
 from wsss_jax.checkpoint import Checkpointer
-from wsss_jax.data import folders, pipeline
+from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, Segmentation, checkpoint_meta, evaluate,
                                     load_gate_classifier, loss_kind, overlay_figure, scoring,
@@ -101,7 +101,7 @@ def run(config, workdir: str) -> dict:
   best_state = state.replace(**fields)
   test, shown = evaluate(seg, best_state, config, mesh, config.test_split, classifier,
                          config.overlays)
-  palette = masks.palette_bytes(folders.resolve(config.data, "palette", config.palette),
+  palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
                                 config.data.num_classes + 1)
   if parallel.is_main_process() and shown:
     names = tuple(config.data.class_names) + ("background",)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 
@@ -26,29 +26,36 @@ from wsss_jax.relevance import cam, core, lrp, pattern, transformer
 from wsss_jax.relevance.core import INPUT, Layers, find_layers, normalize_maps
 from wsss_jax.relevance.pattern import fit_patterns, load_patterns, save_patterns
 
-__all__ = ["relevance", "relevance_fn", "METHODS", "INPUT", "Layers", "find_layers",
+__all__ = ["relevance", "relevance_fn", "METHODS", "MethodSpec", "INPUT", "Layers", "find_layers",
            "normalize_maps", "fit_patterns", "load_patterns", "save_patterns"]
 
-# name -> (function, takes gradients, default ReLU, reads pixel-level `input` by default)
+class MethodSpec(NamedTuple):
+  """A relevance method in the registry."""
+  fn: Callable              # (core.Context, **options) -> raw maps
+  uses_gradients: bool      # backpropagates the class scores
+  default_relu: bool        # ReLU on the maps unless the caller says otherwise
+  pixel_level: bool         # explains the pixels (`input`) by default, not a feature layer
+  attention: bool = False   # tied to the attention layers, not to `layers`
+
+
 METHODS = {
-    "cam": (cam.cam, False, True, False),
-    "gradcam": (cam.gradient_method(cam.gradcam_map), True, True, False),
-    "gradcampp": (cam.gradient_method(cam.gradcampp_map), True, True, False),
-    "xgradcam": (cam.gradient_method(cam.xgradcam_map), True, True, False),
-    "layercam": (cam.gradient_method(cam.layercam_map), True, True, False),
-    "hirescam": (cam.gradient_method(cam.hirescam_map), True, True, False),
-    "scorecam": (cam.scorecam, False, True, False),
-    "eigencam": (cam.eigencam, False, True, False),
-    "attention": (transformer.attention, False, False, False),
-    "rollout": (transformer.rollout, False, False, False),
-    "chefer": (transformer.chefer, True, False, False),
-    "lrp": (lrp.lrp, True, False, True),
-    "patternnet": (pattern.patternnet, True, False, True),
-    "patternattribution": (pattern.patternattribution, True, False, True),
+    "cam": MethodSpec(cam.cam, uses_gradients=False, default_relu=True, pixel_level=False),
+    "gradcam": MethodSpec(cam.gradient_method(cam.gradcam_map), True, True, False),
+    "gradcampp": MethodSpec(cam.gradient_method(cam.gradcampp_map), True, True, False),
+    "xgradcam": MethodSpec(cam.gradient_method(cam.xgradcam_map), True, True, False),
+    "layercam": MethodSpec(cam.gradient_method(cam.layercam_map), True, True, False),
+    "hirescam": MethodSpec(cam.gradient_method(cam.hirescam_map), True, True, False),
+    "scorecam": MethodSpec(cam.scorecam, False, True, False),
+    "eigencam": MethodSpec(cam.eigencam, False, True, False),
+    "attention": MethodSpec(transformer.attention, False, False, False, attention=True),
+    "rollout": MethodSpec(transformer.rollout, False, False, False, attention=True),
+    "chefer": MethodSpec(transformer.chefer, True, False, False, attention=True),
+    "lrp": MethodSpec(lrp.lrp, True, False, True),
+    "patternnet": MethodSpec(pattern.patternnet, True, False, True),
+    "patternattribution": MethodSpec(pattern.patternattribution, True, False, True),
 }
-PIXEL_METHODS = tuple(m for m, spec in METHODS.items() if spec[3])
-# Methods whose map is tied to the last attention layer, not to `layers`.
-ATTENTION_METHODS = ("attention", "rollout", "chefer")
+PIXEL_METHODS = tuple(m for m, spec in METHODS.items() if spec.pixel_level)
+ATTENTION_METHODS = tuple(m for m, spec in METHODS.items() if spec.attention)
 
 
 def check_method(method: str) -> None:
@@ -68,7 +75,7 @@ class RelevanceFn:
     self.method, self.apply_fn, self.options = method, apply_fn, options
     self.classes, self.target = classes, target
     self.layer_list, self.single = core.as_layer_list(layers)
-    fn, _, default_relu, _ = METHODS[method]
+    fn, default_relu = METHODS[method].fn, METHODS[method].default_relu
     self.finish = core.Finish(default_relu if relu is None else relu, upsample, normalize,
                               only_present)
     self._compiled = {}
@@ -103,7 +110,7 @@ class RelevanceFn:
 
   def _build(self, variables, images):
     layers, names, classes = self.resolve(variables, images)
-    fn = METHODS[self.method][0]
+    fn = METHODS[self.method].fn
 
     def compute(variables, images, labels):
       ctx = core.Context(self.apply_fn, variables, images, layers, names, classes, self.target)

@@ -40,8 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax import kernels
 from wsss_jax.errors import UserError
-from wsss_jax.models import layers
 from wsss_jax.relevance import core
 
 sg = jax.lax.stop_gradient
@@ -263,7 +263,7 @@ def linear_fn(module, interceptor: core.Interceptor, features: int | None = None
   the pixels, a strided convolution's input gradient is taken over space-to-depth blocks."""
   changes = {} if features is None else {"features": features}
   if first and isinstance(module, nn.Conv):
-    changes["conv_general_dilated"] = layers.conv_blocked_input_grad
+    changes["conv_general_dilated"] = kernels.conv_blocked_input_grad
 
   def lin(x, w, b=None):
     clone = module.clone(parent=None, use_bias=b is not None, **changes)

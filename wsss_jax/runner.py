@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 
+from wsss_jax import kernels
 from wsss_jax import workdir as run_record
 from wsss_jax.errors import UserError
 
@@ -53,10 +54,14 @@ def run_phase(config, workdir: str) -> dict:
   phase = config.get("phase")
   if phase not in PHASES:
     raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
+  chosen = config.get("kernels", "rewrite")
+  if chosen not in kernels.KERNELS:
+    raise UserError(f"kernels={chosen!r} is not one of {kernels.KERNELS}")
   workdir = prepare_workdir(workdir)
   if "data" in config and "report_dir" in config.data and not config.data.report_dir:
     config.data.report_dir = workdir  # lists of skipped bad files land in the run's workdir
   run_record.check_phase(config, workdir)
   if phase not in RESUMING:
     run_record.write_config(config, workdir)
-  return importlib.import_module(PHASES[phase]).run(config, workdir)
+  with kernels.selected_kernels(chosen):
+    return importlib.import_module(PHASES[phase]).run(config, workdir)

@@ -18,6 +18,7 @@ PHASES = {
     "pipeline": "wsss_jax.phases.pipeline",
     "dataset": "wsss_jax.phases.dataset",
     "erasing": "wsss_jax.phases.erasing",
+    "predict": "wsss_jax.phases.predict",
 }
 # phases that resume from checkpoints: they record their config once those are accepted
 # (loop.start_run); the others record it before they start

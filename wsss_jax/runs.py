@@ -137,3 +137,47 @@ def load_erasing_plan(workdir: str, field: str = "erasing_workdir") -> dict:
   except ValueError as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
   return plan
+
+
+# --- A segmenter -------------------------------------------------------------------------------------
+class Segmenter(NamedTuple):
+  """A segment run's kept checkpoint (its best validation step where it kept one)."""
+  model: Any        # the linen segmenter rebuilt from the checkpoint's model description
+  variables: dict   # params and batch_stats
+  meta: dict        # phase, model, image_size, num_classes (outputs), setting
+  step: int
+  config: dict      # the run's config.json (data: classes, palette, tile size, normalisation)
+  workdir: str
+
+
+def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:
+  """The segment run in `workdir`: the best-mIoU step of `best/` when there is one, else the
+  latest of `checkpoints/`; errors name the user's `field`."""
+  import jax.numpy as jnp
+  from wsss_jax.checkpoint import Checkpointer
+  from wsss_jax.models.segmentation import build_segmenter
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    raise UserError(f"{field}={workdir}: no readable config.json; give a segment run's "
+                    f"workdir") from None
+  if config.get("phase") != "segment":
+    raise UserError(f"{field}={workdir} holds a {config.get('phase')} run, not a segment run")
+  best_dir = os.path.join(workdir, "best")
+  fields = meta = step = None
+  if os.path.isdir(best_dir):
+    best = Checkpointer(best_dir, async_save=False)
+    try:
+      step = best.best_step() or best.latest_step()
+      if step is not None:
+        fields, meta = best.restore_fields(step, parallel.replicated(mesh))
+    finally:
+      best.close()
+  if fields is None:
+    fields, meta, step = restore_latest(workdir, parallel.replicated(mesh), flag=field,
+                                        hint="; run the segment phase there first")
+  model = build_segmenter(ml_collections.ConfigDict(meta["model"]), meta["num_classes"],
+                          jnp.float32)
+  return Segmenter(model, fields, meta, int(step), config, workdir)

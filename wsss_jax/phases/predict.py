@@ -1,0 +1,483 @@
+"""Predict phase: a trained segmenter applied to new images: a folder of tiles, one slide, or a
+folder of slides.
+
+Tiles (PNG / JPEG / BMP): each tile is resized to the model's input, segmented, the class scores
+brought back to the tile's size; out come masks/<tile>.png (palette as in training), optionally
+probabilities/<tile>.npz (float16, one map per output class), tiles.jsonl (per tile: the
+classification gate's scores where the segment run had a gate classifier, and each class's share
+of the pixels) and overlays/predict.png.
+
+Slides (TIFF / SVS / any format `data/slides.py` reads): windows at the model's resolution
+(a training tile of `data.tile_size` px became `data.image_size` model px; `downsample` scales
+that further) slide over the image with `overlap`, each window's class probabilities weighted by
+a Hann window (zero weight at the border, so seams fade out) and summed; windows with less than
+`min_tissue` tissue (the slide module's tissue mask) are not computed and come out as
+background. Rows of windows are read by a thread pool ahead of the device and finished rows are
+written at once, so memory stays flat as the slide grows: the level-0 mask lives in a file
+mapped to memory, the running sums only for the rows still open. Per slide, in <slide name>/:
+mask.tif (a tiled pyramidal TIFF of class indices, written from the mapped mask level by level),
+overlay.png (thumbnail with the mask blended and a legend), areas.csv / areas.json (per class:
+pixels, mm^2 when the slide states its resolution, share of the tissue) and regions.geojson
+(one MultiPolygon per class in level-0 pixel coordinates, QuPath's `classification` property,
+simplified by `geojson_tolerance` px). A killed run restarts where it stopped: each finished row
+of windows is recorded (progress.npz, written then renamed) and every output appears under its
+final name only when complete.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from wsss_jax import overlays, parallel, polygons, runs
+from wsss_jax.data import folders, mask_files, slides
+from wsss_jax.errors import UserError
+from wsss_jax.models.segmentation import MRN
+from wsss_jax.progress import Progress
+from wsss_jax.tasks.common import prepare_images
+from wsss_jax.tasks.segment import gate as apply_gate
+from wsss_jax.writers import MetricWriter
+
+MODES = ("auto", "tiles", "slides")
+GATES = ("off", "exclude")
+TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+SLIDE_ONLY = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn")
+
+
+# --- Inputs --------------------------------------------------------------------------------------------
+def find_inputs(path: str, mode: str) -> tuple[str, list[str]]:
+  """(tiles or slides, the files): a file is one slide; a folder's PNG/JPEG/BMP images are tiles
+  and its TIFF/SVS/... files slides (mode=auto takes the slides when there are any)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isfile(path):
+    return "slides" if mode != "tiles" else "tiles", [path]
+  if not os.path.isdir(path):
+    raise UserError(f"input={path}: no such file or folder")
+  names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+  tiles = [os.path.join(path, n) for n in names if n.lower().endswith(TILE_EXTENSIONS)]
+  slide_files = [os.path.join(path, n) for n in names if n.lower().endswith(SLIDE_ONLY)]
+  chosen = mode if mode != "auto" else ("slides" if slide_files else "tiles")
+  files = slide_files if chosen == "slides" else tiles
+  if chosen == "slides" and not files:  # PNG/JPEG files taken as (small) slides when asked
+    files = tiles
+  if not files:
+    raise UserError(f"input={path} holds no {'slides' if chosen == 'slides' else 'images'} "
+                    f"({', '.join(SLIDE_ONLY if chosen == 'slides' else TILE_EXTENSIONS)})")
+  return chosen, files
+
+
+def hann_weights(size: int) -> np.ndarray:
+  """(size, size) separable Hann window sin^2(pi (i + 0.5) / size): positive everywhere, 1 at the
+  centre, near 0 at the border, so overlapping windows blend without seams."""
+  w = np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2
+  return np.outer(w, w).astype(np.float32)
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+  """Starts of windows of `size` covering [0, length) every `stride`, the last flush with the end."""
+  if length <= size:
+    return [0]
+  starts = list(range(0, length - size + 1, stride))
+  return starts if starts[-1] == length - size else starts + [length - size]
+
+
+# --- The model -----------------------------------------------------------------------------------------
+def make_probabilities(seg: runs.Segmenter, data, mesh):
+  """Jitted uint8 (B, s, s, 3) at the model's input size -> (B, s, s, K') class probabilities."""
+  model, variables = seg.model, seg.variables
+
+  @jax.jit
+  def probabilities(images_u8):
+    logits = model.apply(variables, prepare_images(images_u8, data, jnp.float32))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return probabilities
+
+
+def run_batches(fn, images: np.ndarray, batch: int, mesh) -> np.ndarray:
+  """`fn` over `images` in batches of `batch` (the last padded), batch split over the devices."""
+  out = []
+  for i in range(0, len(images), batch):
+    chunk = images[i:i + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+    x = jax.device_put(chunk, parallel.batch_sharded(mesh))
+    out.append(np.asarray(parallel.to_host(fn(x)))[:batch - pad])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(s, s, K) -> (height, width, K), bilinear."""
+  return np.asarray(jax.image.resize(jnp.asarray(probs), (height, width, probs.shape[-1]),
+                                     "bilinear"))
+
+
+# --- Tiles ---------------------------------------------------------------------------------------------
+def predict_tiles(config, workdir, files, fn, ctx) -> dict:
+  size, mesh = ctx["input_size"], ctx["mesh"]
+  mask_dir = os.path.join(workdir, "masks")
+  prob_dir = os.path.join(workdir, "probabilities")
+  os.makedirs(mask_dir, exist_ok=True)
+  if config.save_probabilities:
+    os.makedirs(prob_dir, exist_ok=True)
+  stems = [mask_files.file_stem(os.path.splitext(os.path.basename(f))[0]) for f in files]
+  todo = [(f, s) for f, s in zip(files, stems)
+          if not os.path.exists(os.path.join(mask_dir, s + ".png"))]  # resumed: done ones kept
+  progress = Progress("predict tiles", len(files), config.progress_every_s)
+  done = len(files) - len(todo)
+  progress.update(done)  # starts the clock
+  shown = []
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+  record = open(os.path.join(workdir, "tiles.jsonl"), "a", encoding="utf-8")
+  started = time.perf_counter()
+  try:
+    chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    reading = pool.map(lambda c: [folders.read_image(f) for f, _ in c], chunks)
+    for chunk, images in zip(chunks, reading):
+      inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+                         for im in images])
+      probs = run_batches(fn, inputs, config.batch_size, mesh)
+      scores = ctx["gate_scores"](inputs) if ctx["gate_scores"] else None
+      for j, ((path, stem), image) in enumerate(zip(chunk, images)):
+        p = resize_probabilities(probs[j], *image.shape[:2])
+        logp = np.log(np.maximum(p, 1e-12))
+        if scores is not None:
+          logp = np.asarray(apply_gate(jnp.asarray(logp[None]), jnp.asarray(scores[j:j + 1]),
+                                       "exclude", ctx["epsilon"]))[0]
+        mask = np.argmax(logp, -1).astype(np.uint8)
+        if config.save_probabilities:
+          tmp = os.path.join(prob_dir, stem + ".tmp.npz")
+          np.savez_compressed(tmp, probabilities=p.transpose(2, 0, 1).astype(np.float16))
+          os.replace(tmp, os.path.join(prob_dir, stem + ".npz"))
+        mask_files.write_mask(os.path.join(mask_dir, stem + ".png"), mask, ctx["palette"])
+        shares = np.bincount(mask.ravel(), minlength=len(ctx["names"])) / mask.size
+        row = {"tile": os.path.basename(path), "mask": f"masks/{stem}.png",
+               "share": {n: round(float(v), 6) for n, v in zip(ctx["names"], shares)}}
+        if scores is not None:
+          row["gate_scores"] = {n: round(float(v), 6) for n, v in
+                                zip(ctx["names"], scores[j])}
+        record.write(json.dumps(row) + "\n")
+        if len(shown) < config.overlays:
+          shown.append((image, None, {"prediction": mask}))
+      record.flush()
+      done += len(chunk)
+      progress.update(done)
+  finally:
+    record.close()
+    pool.shutdown(wait=True)
+  if shown:
+    figure = overlays.mask_figure(shown, ctx["palette"], ctx["names"],
+                                  f"predict: segmenter {ctx['model_name']} on {len(files)} tiles")
+    overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure)
+  return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo),
+          "seconds": time.perf_counter() - started}
+
+
+# --- Slides --------------------------------------------------------------------------------------------
+def slide_microns_per_pixel(path: str) -> float | None:
+  """Level-0 pixel size from the TIFF resolution tags (or an SVS description's MPP), or None."""
+  try:
+    import tifffile
+    with tifffile.TiffFile(path) as tif:
+      page = tif.pages[0]
+      desc = page.description or ""
+      if "MPP" in desc:
+        for part in desc.split("|"):
+          if part.strip().startswith("MPP"):
+            return float(part.split("=")[1])
+      tags = page.tags
+      if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        per_unit = num / den if den else 0
+        if per_unit > 0 and unit in (2, 3):
+          return (25400.0 if unit == 2 else 10000.0) / per_unit
+  except Exception:  # noqa: BLE001 - any non-TIFF or unreadable tag: no resolution
+    return None
+  return None
+
+
+def tissue_shares(slide: slides.Slide, windows, side_level0: float) -> np.ndarray:
+  """Per window (top, left) in level-0 px of side `side_level0`: its tissue share."""
+  thumb, t = slide.thumbnail(2048)
+  tissue = slides.tissue_mask(thumb)
+  integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  out = []
+  for top, left in windows:
+    y0, x0 = int(top / t), int(left / t)
+    y1 = min(max(y0 + 1, int(round((top + side_level0) / t))), tissue.shape[0])
+    x1 = min(max(x0 + 1, int(round((left + side_level0) / t))), tissue.shape[1])
+    y0, x0 = min(y0, y1 - 1), min(x0, x1 - 1)
+    area = max((y1 - y0) * (x1 - x0), 1)
+    out.append((integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
+               / area)
+  return np.asarray(out)
+
+
+def _save_progress(path: str, **arrays) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def predict_slide(config, workdir, path, fn, ctx) -> dict:
+  """One slide (see the module docstring); returns its summary."""
+  win, k, mesh = ctx["input_size"], ctx["num_outputs"], ctx["mesh"]
+  background = ctx["background_index"]
+  name = mask_files.file_stem(os.path.splitext(os.path.basename(path))[0])
+  out = os.path.join(workdir, name)
+  os.makedirs(out, exist_ok=True)
+  if os.path.exists(os.path.join(out, "areas.json")):
+    print(f"predict {name}: finished before; kept", flush=True)
+    with open(os.path.join(out, "areas.json"), encoding="utf-8") as f:
+      return json.load(f)
+  slide = slides.Slide(path)
+  height, width = slide.shape
+  d = ctx["model_downsample"] * config.downsample    # level-0 px per model px
+  hm, wm = math.ceil(height / d), math.ceil(width / d)
+  stride = max(1, int(round(win * (1 - config.overlap))))
+  ys, xs = window_starts(hm, win, stride), window_starts(wm, win, stride)
+  weights = hann_weights(win)
+  mask_path = os.path.join(out, "mask.level0.u8")
+  progress_path = os.path.join(out, "progress.npz")
+  resume = os.path.exists(progress_path) and os.path.exists(mask_path)
+  mask = np.memmap(mask_path, np.uint8, "r+" if resume else "w+", shape=(height, width))
+  acc = np.zeros((win, wm, k), np.float32)      # open rows: running sums and weights
+  wsum = np.zeros((win, wm), np.float32)
+  counts = np.zeros(max(k, background + 1), np.int64)
+  first_row = 0
+  if resume:
+    saved = np.load(progress_path)
+    first_row, counts = int(saved["rows_done"]), saved["counts"]
+    acc[:saved["acc"].shape[0]], wsum[:saved["wsum"].shape[0]] = saved["acc"], saved["wsum"]
+    print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
+  windows = [(y, x) for y in ys for x in xs]
+  min_tissue = ctx["min_tissue"]
+  share = (tissue_shares(slide, [(y * d, x * d) for y, x in windows], win * d)
+           if min_tissue > 0 else np.ones(len(windows)))
+  keep = dict(zip(windows, share >= min_tissue))
+  columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
+  progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
+  progress.update(first_row * len(xs))  # starts the clock
+  timing = {"read": 0.0, "compute": 0.0, "write": 0.0}
+  started = time.perf_counter()
+
+  def read_row(row):
+    t0 = time.perf_counter()
+    tiles = [slide.read_region(int(round(row * d)), int(round(x * d)), win, d)
+             for x in xs if keep[(row, x)]]
+    return tiles, time.perf_counter() - t0
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  try:
+    pending = pool.submit(read_row, ys[first_row]) if first_row < len(ys) else None
+    for i in range(first_row, len(ys)):
+      y = ys[i]
+      tiles, read_s = pending.result()
+      timing["read"] += read_s
+      pending = pool.submit(read_row, ys[i + 1]) if i + 1 < len(ys) else None  # read ahead
+      t0 = time.perf_counter()
+      if tiles:
+        probs = run_batches(fn, np.stack(tiles), config.batch_size, mesh)
+        for p, x in zip(probs, [x for x in xs if keep[(y, x)]]):
+          acc[:, x:x + win] += p * weights[..., None]
+          wsum[:, x:x + win] += weights
+      timing["compute"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      end = ys[i + 1] if i + 1 < len(ys) else hm   # model rows no later window touches
+      n = min(end - y, win)
+      labels = np.where(wsum[:n] > 0, np.argmax(acc[:n], -1), background).astype(np.uint8)
+      r0, r1 = int(math.ceil(y * d)), min(height, int(math.ceil((y + n) * d)))
+      rows = np.minimum(((np.arange(r0, r1) / d) - y).astype(np.int64), n - 1)
+      level0 = labels[rows][:, columns]
+      mask[r0:r1] = level0
+      counts += np.bincount(level0.ravel(), minlength=len(counts))[:len(counts)]
+      acc = np.concatenate([acc[n:], np.zeros((n, wm, k), np.float32)])  # slide the open rows
+      wsum = np.concatenate([wsum[n:], np.zeros((n, wm), np.float32)])
+      mask.flush()
+      _save_progress(progress_path, rows_done=i + 1, counts=counts, acc=acc, wsum=wsum)
+      timing["write"] += time.perf_counter() - t0
+      progress.update((i + 1) * len(xs))
+  finally:
+    pool.shutdown(wait=True)
+  t0 = time.perf_counter()
+  write_pyramid(os.path.join(out, "mask.tif"), mask, ctx["palette"], config.tiff_tile)
+  summary = finish_slide(config, out, name, path, slide, mask, counts, ctx)
+  timing["write"] += time.perf_counter() - t0
+  del mask
+  os.remove(mask_path)
+  os.remove(progress_path)
+  slide.close()
+  total = time.perf_counter() - started
+  computed = int(sum(keep.values()))
+  summary |= {"windows": len(windows), "windows_computed": computed,
+              "windows_per_sec": computed / max(timing["compute"], 1e-9),
+              "megapixels_per_sec": height * width / 1e6 / max(total, 1e-9),
+              "seconds": total, "time_share": {k: v / max(total, 1e-9) for k, v in
+                                               timing.items()}}
+  with open(os.path.join(out, "areas.json.tmp"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(os.path.join(out, "areas.json.tmp"), os.path.join(out, "areas.json"))
+  return summary
+
+
+def write_pyramid(path: str, mask: np.ndarray, palette: list, tile: int) -> None:
+  """A tiled pyramidal TIFF of the class indices (palette colour map), level 0 first and each
+  further level half the size (nearest), as SubIFDs; every level written tile by tile from the
+  memory-mapped mask, then renamed into place."""
+  import tifffile
+  levels, (h, w) = [], mask.shape
+  factor = 2
+  while max(h // factor, w // factor) >= tile:
+    levels.append(factor)
+    factor *= 2
+  colourmap = np.zeros((3, 256), np.uint16)
+  rgb = np.asarray(palette, np.uint16).reshape(-1, 3)
+  colourmap[:, :len(rgb)] = rgb.T * 257
+
+  def tiles(step):
+    view = mask[::step, ::step]
+    for y in range(0, view.shape[0], tile):
+      for x in range(0, view.shape[1], tile):
+        block = np.zeros((tile, tile), np.uint8)
+        part = np.asarray(view[y:y + tile, x:x + tile])
+        block[:part.shape[0], :part.shape[1]] = part
+        yield block
+
+  tmp = path + ".tmp.tif"
+  with tifffile.TiffWriter(tmp, bigtiff=mask.size > 2**31) as tif:
+    options = dict(tile=(tile, tile), dtype=np.uint8, photometric="palette",
+                   colormap=colourmap, compression="zlib")
+    tif.write(tiles(1), shape=(h, w), subifds=len(levels), **options)
+    for step in levels:
+      sub = mask[::step, ::step].shape
+      tif.write(tiles(step), shape=sub, subfiletype=1, **options)
+  os.replace(tmp, path)
+
+
+def finish_slide(config, out, name, path, slide, mask, counts, ctx) -> dict:
+  """overlay.png, areas.csv and regions.geojson of a predicted slide; its summary."""
+  names, background = ctx["names"], ctx["background_index"]
+  mpp = slide_microns_per_pixel(path)
+  total = int(counts.sum())
+  tissue = total - int(counts[background]) if background < len(counts) else total
+  areas = []
+  for index, n in enumerate(names):
+    pixels = int(counts[index]) if index < len(counts) else 0
+    areas.append({"class": n, "pixels": pixels,
+                  "mm2": pixels * (mpp / 1000) ** 2 if mpp else None,
+                  "share_of_slide": pixels / total if total else None,
+                  # tissue maps: the classes' shares of the tissue (background = glass)
+                  "share_of_tissue": (pixels / tissue if tissue and index != background
+                                      and ctx["setting"] == "tissue" else None)})
+  with open(os.path.join(out, "areas.csv.tmp"), "w", encoding="utf-8") as f:
+    f.write("class,pixels,mm2,share_of_slide,share_of_tissue\n")
+    for a in areas:
+      cells = ["" if a[key] is None else f"{a[key]:.6f}"
+               for key in ("mm2", "share_of_slide", "share_of_tissue")]
+      f.write(f"{a['class']},{a['pixels']}," + ",".join(cells) + "\n")
+  os.replace(os.path.join(out, "areas.csv.tmp"), os.path.join(out, "areas.csv"))
+  # GeoJSON and the overlay from a level at most 2048 px on its longer side
+  step = max(1, math.ceil(max(mask.shape) / 2048))
+  small = np.ascontiguousarray(mask[::step, ::step])
+  colours = np.asarray(ctx["palette"], np.uint8).reshape(-1, 3)
+  regions = polygons.feature_collection(small, names, background, scale=step,
+                                        tolerance=config.geojson_tolerance, colours=colours)
+  with open(os.path.join(out, "regions.geojson.tmp"), "w", encoding="utf-8") as f:
+    json.dump(regions, f)
+  os.replace(os.path.join(out, "regions.geojson.tmp"), os.path.join(out, "regions.geojson"))
+  thumb, _ = slide.thumbnail(1024)
+  th, tw = thumb.shape[:2]
+  shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
+  legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
+  figure = overlays.grid_figure([[thumb, overlays.blend(thumb, shown, ctx["palette"], background)]],
+                                ["slide", "prediction"],
+                                f"{name}: segmenter {ctx['model_name']}", legend)
+  overlays.save(os.path.join(out, "overlay.png"), figure)
+  return {"slide": path, "name": name, "shape": list(mask.shape), "microns_per_pixel": mpp,
+          "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",
+                                      "regions.geojson"]}
+
+
+# --- The run -------------------------------------------------------------------------------------------
+def validate(config) -> None:
+  if not config.input:
+    raise UserError("input= is required: a folder of images, a slide, or a folder of slides")
+  if config.mode not in MODES:
+    raise UserError(f"mode={config.mode!r} is not one of {MODES}")
+  if config.gate not in GATES:
+    raise UserError(f"gate={config.gate!r} is not one of {GATES}")
+  if not 0 <= config.overlap < 1:
+    raise UserError(f"overlap={config.overlap} must lie in [0, 1)")
+  if config.batch_size <= 0 or config.downsample <= 0:
+    raise UserError("batch_size and downsample must be positive")
+
+
+def _gate_scores(seg, config, mesh, data):
+  """uint8 inputs -> the segment run's gate classifier's probabilities, or None."""
+  workdir = seg.config.get("gate", {}).get("classifier_workdir")
+  if config.gate == "off" or not workdir:
+    return None
+  classifier = runs.load_classifier(os.path.join(seg.workdir, workdir)
+                                    if not os.path.isabs(workdir) else workdir, mesh,
+                                    field="the segment run's gate.classifier_workdir")
+  cls_data = ml_collections.ConfigDict(dict(data.to_dict(), **{
+      k: classifier.data[k] for k in ("normalize", "mean", "std") if k in classifier.data}))
+  size = classifier.meta["image_size"]
+  fn = jax.jit(lambda u8: jax.nn.sigmoid(classifier.model.apply(
+      classifier.variables, prepare_images(u8, cls_data, jnp.float32))))
+
+  def scores(inputs):
+    resized = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR))
+                        for x in inputs])
+    return np.asarray(fn(jnp.asarray(resized)))
+  return scores
+
+
+def run(config, workdir: str) -> dict:
+  validate(config)
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_batch_size(config.batch_size, mesh)
+  seg = runs.load_segmenter(config.model_workdir, mesh, field="model")
+  if isinstance(seg.model, MRN):
+    raise UserError(f"model={config.model_workdir} is an MRN segmenter; predict applies "
+                    f"DeepLabV3+ runs (MRN's target/context windows are not supported yet)")
+  data = ml_collections.ConfigDict(seg.config["data"])
+  k = int(data.num_classes)
+  outputs = int(seg.meta["num_classes"])
+  names = list(data.class_names) + ["background"]
+  palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
+  palette = mask_files.palette_bytes(palette_name, k + 1)
+  mode, files = find_inputs(config.input, config.mode)
+  ctx = {"mesh": mesh, "input_size": int(data.image_size), "num_outputs": outputs,
+         "background_index": k, "names": names, "palette": palette,
+         "model_name": seg.config["model"]["name"], "epsilon": seg.config["gate"]["epsilon"],
+         "setting": folders.resolve(data, "setting"),
+         "model_downsample": float(data.get("tile_size", data.image_size)) / data.image_size,
+         "gate_scores": _gate_scores(seg, config, mesh, data) if mode == "tiles" else None,
+         # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
+         # fluorescence) compute every window unless a share is given
+         "min_tissue": (config.min_tissue if config.min_tissue >= 0 else
+                        0.1 if folders.resolve(data, "setting") == "tissue" else 0.0)}
+  fn = make_probabilities(seg, data, mesh)
+  print(f"predict: {len(files)} {mode} with the segment run {seg.workdir} (step {seg.step})",
+        flush=True)
+  if mode == "tiles":
+    result = predict_tiles(config, workdir, files, fn, ctx)
+  else:
+    result = {"mode": "slides", "slides": [predict_slide(config, workdir, f, fn, ctx)
+                                           for f in files]}
+  summary = {"phase": "predict", "model": seg.workdir, "model_step": seg.step,
+             "input": os.path.abspath(config.input), "class_names": names, **result}
+  writer = MetricWriter(workdir, parallel.is_main_process())
+  writer.summary(summary)
+  writer.close()
+  return summary

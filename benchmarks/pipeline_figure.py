@@ -26,7 +26,6 @@ def main() -> None:
 
   from wsss_jax import overlays, parallel, relevance
   from wsss_jax import runs
-  from wsss_jax.phases import maps as maps_phase
   from wsss_jax.tasks.common import prepare_images
 
   summary = json.load(open(os.path.join(args.workdir, "summary.json")))
@@ -55,7 +54,7 @@ def main() -> None:
     heat = np.asarray(next(iter(maps.values()))[0, present])  # keyed by the full layer path
     heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(
         image.shape[1::-1], Image.BILINEAR)) / 255.0
-    blended = (0.5 * image / 255.0 + 0.5 * maps_phase.heat(heat)) * 255
+    blended = (0.5 * image / 255.0 + 0.5 * overlays.heat(heat)) * 255
     stem = mask_files.file_stem(str(shown["name"][i]))
     pseudo = mask_files.read_mask(os.path.join(args.workdir, "pseudo_masks_test", "masks", layer,
                                           stem + ".png"), truth.shape, k)

@@ -22,6 +22,16 @@ def blend(image: np.ndarray, mask: np.ndarray, palette: list, background_index: 
   return np.where(keep, image, painted).clip(0, 255).astype(np.uint8)
 
 
+def heat(values):
+  """[0, 1] -> RGB in [0, 1] (a blue-cyan-yellow-red ramp)."""
+  v = np.clip(values, 0, 1)[..., None]
+  stops = np.array([[0, 0, .5], [0, .6, 1], [1, 1, 0], [1, 0, 0]], np.float32)
+  pos = v * (len(stops) - 1)
+  lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+  frac = pos - lo
+  return stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac
+
+
 def _enlarge(a: np.ndarray) -> np.ndarray:
   factor = max(1, -(-MIN_SIDE // max(a.shape[:2])))
   return np.repeat(np.repeat(a, factor, 0), factor, 1)

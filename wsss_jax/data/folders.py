@@ -26,6 +26,7 @@ from PIL import Image
 
 from wsss_jax.errors import UserError
 from wsss_jax.data import mask_files
+from wsss_jax.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # `-[1 0 0 1]` (LUAD-HistoSeg) or `[1101]` (BCSS-WSSS, after `+<idx>`) at the end of the stem.
@@ -257,8 +258,12 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
     probe.image_dir, probe.mask_dir, probe.spec, probe.num_classes = image_dir, mask_dir, spec, k
     probe.labels = labels
     todo = [f for f in files if f not in problems]
+    progress = Progress(f"scanning the {split} split", len(todo))
+    progress.update(0)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      for f, why in zip(todo, pool.map(lambda f: _check_file(probe, f, decode, min_side), todo)):
+      checks = pool.map(lambda f: _check_file(probe, f, decode, min_side), todo)
+      for i, (f, why) in enumerate(zip(todo, checks)):
+        progress.update(i + 1)
         if why:
           problems[f] = why
   return tuple(files), labels, tuple((f, problems[f]) for f in files if f in problems)

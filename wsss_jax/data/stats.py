@@ -15,6 +15,7 @@ import hashlib
 import numpy as np
 
 from wsss_jax.errors import UserError
+from wsss_jax.progress import Progress
 
 
 class _Moments:
@@ -48,8 +49,11 @@ def split_statistics(source, class_names, threads: int = 4, moments: bool = Fals
   k = len(class_names)
   sizes, label_counts, pixel_counts = collections.Counter(), np.zeros(k, np.int64), None
   empty, problems, stats = 0, [], _Moments()
+  progress = Progress(f"statistics {split}".strip(), len(source))
+  progress.update(0)
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for index, example, error in pool.map(lambda i: _read(source, i), range(len(source))):
+      progress.update(index + 1)
       if error:
         problems.append(error)
         continue

@@ -16,12 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from wsss_jax import metrics, parallel, relevance, runs
+from wsss_jax import metrics, overlays, parallel, relevance, runs
 from wsss_jax.data import pipeline
 from wsss_jax.data.synthetic import BACKGROUND
 from wsss_jax.errors import UserError
+from wsss_jax.progress import Progress
 from wsss_jax.relevance.options import layers_for, method_options
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.relevance import quality
@@ -66,33 +66,22 @@ def write_maps(directory: str, names, maps: dict) -> None:
     os.replace(tmp, path)
 
 
-def heat(values):
-  """[0, 1] -> RGB in [0, 1] (a blue-cyan-yellow-red ramp)."""
-  v = np.clip(values, 0, 1)[..., None]
-  stops = np.array([[0, 0, .5], [0, .6, 1], [1, 1, 0], [1, 0, 0]], np.float32)
-  pos = v * (len(stops) - 1)
-  lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
-  frac = pos - lo
-  return stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac
-
-
-def save_overlay(path: str, images_u8, maps: dict, labels) -> None:
-  """Rows = images x layers; columns = the image, then each class's map over it (absent
-  classes dimmed)."""
+def maps_figure(images_u8, maps: dict, labels, class_names, title: str) -> np.ndarray:
+  """Rows = images x layers; columns = the image, then each class's map blended over it as a
+  heat map (absent classes dimmed), class names on the columns, the colour scale in the legend."""
   rows = []
   for i in range(len(images_u8)):
     image = images_u8[i].astype(np.float32) / 255
-    for layer, m in maps.items():
-      tiles = [image]
+    for m in maps.values():
+      panels = [images_u8[i]]
       for k in range(m.shape[1]):
-        blend = 0.5 * image + 0.5 * heat(m[i, k])
-        tiles.append(blend if labels[i, k] > 0 else 0.3 * blend)
-      rows.append(np.concatenate(tiles, axis=1))
-  grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(grid).save(tmp)
-  os.replace(tmp, path)
+        blend = 0.5 * image + 0.5 * overlays.heat(m[i, k])
+        panels.append(((blend if labels[i, k] > 0 else 0.3 * blend) * 255).round()
+                      .astype(np.uint8))
+      rows.append(panels)
+  legend = [("relevance low", overlays.heat(0.0) * 255), ("high", overlays.heat(1.0) * 255),
+            ("class absent: dimmed", (77, 77, 77))]
+  return overlays.grid_figure(rows, ["image"] + list(class_names), title, legend)
 
 
 def table(summary: dict) -> str:
@@ -139,6 +128,7 @@ def run(config, workdir: str) -> dict:
              "split": config.split, "devices": int(mesh.devices.size), "methods": {}}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   pending = []
+  total_images = len(pipeline.build_source(data, config.split))
   for spec, (name, options) in zip(config.methods, specs):
     if name in ("patternnet", "patternattribution"):
       options = dict(options, patterns=patterns_for(
@@ -150,6 +140,8 @@ def run(config, workdir: str) -> dict:
         relu=None if config.relu < 0 else bool(config.relu), **options)
     confusion, scores = {}, {"deletion": [], "insertion": [], "drop": [], "increase": []}
     overlay, seen, timed, elapsed, compile_s, first = None, 0, 0, 0.0, 0.0, True
+    progress = Progress(f"maps {spec}", total_images, config.get("progress_every_s", 10.0))
+    progress.update(0)
     for b in pipeline.eval_batches(data, batch, config.split, keys=keys):
       images = prepare(parallel.shard_identical(b["image"], mesh))
       labels = jnp.asarray(b["labels"])
@@ -176,6 +168,7 @@ def run(config, workdir: str) -> dict:
         overlay = (b["image"][:config.overlays], {k: v[:config.overlays] for k, v in host.items()},
                    b["labels"][:config.overlays])
       seen += int(valid.sum())
+      progress.update(seen)
     if not timed and seen:  # one batch, and its call compiled: time the compiled call again
       t0 = time.perf_counter()
       jax.block_until_ready(fn.maps(variables, images, labels))
@@ -190,8 +183,11 @@ def run(config, workdir: str) -> dict:
               "compile_s": compile_s, "num_images": seen}
     summary["methods"][spec] = result
     if overlay is not None and parallel.is_main_process():
-      save_overlay(os.path.join(workdir, "overlays", spec.replace(":", "_") + ".png"),
-                   *overlay)
+      layers = ", ".join(layer.split("/")[-1] for layer in overlay[1])
+      figure = maps_figure(*overlay, data.class_names,
+                           f"{spec} maps, {config.split} split; rows: each image at {layers}")
+      overlays.save(os.path.join(workdir, "overlays", spec.replace(":", "_") + ".png"), figure)
+      writer.image(f"maps/{spec}", int(step), figure)
     print(f"maps {spec}: " + ", ".join(f"{layer.split('/')[-1]} mIoU {v['mIoU']:.3f}"
                                        for layer, v in result["layers"].items())
           + f" | deletion {result['deletion_auc']:.3f} insertion {result['insertion_auc']:.3f}"

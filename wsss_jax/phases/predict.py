@@ -267,22 +267,23 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
   progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
   progress.update(first_row * len(xs))  # starts the clock
-  timing = {"read": 0.0, "compute": 0.0, "write": 0.0}
+  # wall time the main thread spends waiting for a row's reads (they run ahead in a thread),
+  # computing, writing finished rows, and finishing the outputs (pyramid, GeoJSON, overlay)
+  timing = {"read_wait": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
   started = time.perf_counter()
 
   def read_row(row):
-    t0 = time.perf_counter()
-    tiles = [slide.read_region(int(round(row * d)), int(round(x * d)), win, d)
-             for x in xs if keep[(row, x)]]
-    return tiles, time.perf_counter() - t0
+    return [slide.read_region(int(round(row * d)), int(round(x * d)), win, d)
+            for x in xs if keep[(row, x)]]
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   try:
     pending = pool.submit(read_row, ys[first_row]) if first_row < len(ys) else None
     for i in range(first_row, len(ys)):
       y = ys[i]
-      tiles, read_s = pending.result()
-      timing["read"] += read_s
+      t0 = time.perf_counter()
+      tiles = pending.result()
+      timing["read_wait"] += time.perf_counter() - t0
       pending = pool.submit(read_row, ys[i + 1]) if i + 1 < len(ys) else None  # read ahead
       t0 = time.perf_counter()
       if tiles:
@@ -311,7 +312,7 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   t0 = time.perf_counter()
   write_pyramid(os.path.join(out, "mask.tif"), mask, ctx["palette"], config.tiff_tile)
   summary = finish_slide(config, out, name, path, slide, mask, counts, ctx)
-  timing["write"] += time.perf_counter() - t0
+  timing["finish"] += time.perf_counter() - t0
   del mask
   os.remove(mask_path)
   os.remove(progress_path)

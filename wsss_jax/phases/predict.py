@@ -2,14 +2,16 @@
 folder of slides.
 
 Tiles (PNG / JPEG / BMP): each tile is resized to the model's input, segmented, the class scores
-brought back to the tile's size; out come masks/<tile>.png (palette as in training), optionally
+brought back to the tile's size (an MRN instead reads windows of its input size at the tile's own
+resolution, each with its context, as the segment phase tests it); out come masks/<tile>.png (palette as in training), optionally
 probabilities/<tile>.npz (float16, one map per output class), tiles.jsonl (per tile: the
 classification gate's scores where the segment run had a gate classifier, and each class's share
 of the pixels) and overlays/predict.png.
 
 Slides (TIFF / SVS / any format `data/slides.py` reads): windows at the model's resolution
-(a training tile of `data.tile_size` px became `data.image_size` model px; `downsample` scales
-that further) slide over the image with `overlap`, each window's class probabilities weighted by
+(a training tile of `data.tile_size` px became `data.image_size` model px for DeepLabV3+; MRN
+pairs are at the slide's resolution, each window with its context; `downsample` scales that
+further) slide over the image with `overlap`, each window's class probabilities weighted by
 a Hann window (zero weight at the border, so seams fade out) and summed; windows with less than
 `min_tissue` tissue (the slide module's tissue mask) are not computed and come out as
 background. Rows of windows are read by a thread pool ahead of the device and finished rows are
@@ -91,27 +93,50 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
 
 # --- The model -----------------------------------------------------------------------------------------
 def make_probabilities(seg: runs.Segmenter, data, mesh):
-  """Jitted uint8 (B, s, s, 3) at the model's input size -> (B, s, s, K') class probabilities."""
+  """Jitted uint8 (B, s, s, 3) at the model's input size (and, for MRN, their contexts) ->
+  (B, s, s, K') class probabilities."""
   model, variables = seg.model, seg.variables
 
   @jax.jit
-  def probabilities(images_u8):
-    logits = model.apply(variables, prepare_images(images_u8, data, jnp.float32))
+  def probabilities(images_u8, context_u8=None):
+    context = None if context_u8 is None else prepare_images(context_u8, data, jnp.float32)
+    logits = model.apply(variables, prepare_images(images_u8, data, jnp.float32),
+                         context=context)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return probabilities
 
 
-def run_batches(fn, images: np.ndarray, batch: int, mesh) -> np.ndarray:
-  """`fn` over `images` in batches of `batch` (the last padded), batch split over the devices."""
+def run_batches(fn, images: np.ndarray, batch: int, mesh, contexts=None) -> np.ndarray:
+  """`fn` over `images` (and MRN `contexts`) in batches of `batch` (the last padded), each batch
+  split over the devices."""
   out = []
   for i in range(0, len(images), batch):
-    chunk = images[i:i + batch]
-    pad = batch - len(chunk)
+    parts = [images[i:i + batch]] + ([contexts[i:i + batch]] if contexts is not None else [])
+    pad = batch - len(parts[0])
     if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-    x = jax.device_put(chunk, parallel.batch_sharded(mesh))
-    out.append(np.asarray(parallel.to_host(fn(x)))[:batch - pad])
+      parts = [np.concatenate([p, np.repeat(p[-1:], pad, 0)]) for p in parts]
+    placed = [jax.device_put(p, parallel.batch_sharded(mesh)) for p in parts]
+    out.append(np.asarray(parallel.to_host(fn(*placed)))[:batch - pad])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def mrn_tile_probabilities(fn, image: np.ndarray, size: int, scale: int, batch: int,
+                           mesh) -> np.ndarray:
+  """An MRN over a tile at its own resolution: windows of `size` covering it, each with its
+  context (the scale x larger region around it, down-sampled), stitched (a later window
+  overwrites the overlap, as the segment phase's test does)."""
+  from wsss_jax.data import transforms
+  h, w = image.shape[:2]
+  starts = [(y, x) for y in transforms.window_starts(h, size)
+            for x in transforms.window_starts(w, size)]
+  pairs = [transforms.cut_pair({"image": image}, y + size // 2, x + size // 2, size, scale)
+           for y, x in starts]
+  probs = run_batches(fn, np.stack([p["image"] for p in pairs]), batch, mesh,
+                      np.stack([p["context"] for p in pairs]))
+  out = np.zeros((h, w, probs.shape[-1]), np.float32)
+  for p, (y, x) in zip(probs, starts):
+    out[y:y + size, x:x + size] = p[:h - y, :w - x]
+  return out
 
 
 def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -144,10 +169,12 @@ def predict_tiles(config, workdir, files, fn, ctx) -> dict:
     for chunk, images in zip(chunks, reading):
       inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
                          for im in images])
-      probs = run_batches(fn, inputs, config.batch_size, mesh)
+      if not ctx["mrn"]:
+        probs = run_batches(fn, inputs, config.batch_size, mesh)
       scores = ctx["gate_scores"](inputs) if ctx["gate_scores"] else None
       for j, ((path, stem), image) in enumerate(zip(chunk, images)):
-        p = resize_probabilities(probs[j], *image.shape[:2])
+        p = (mrn_tile_probabilities(fn, image, size, ctx["mrn"], config.batch_size, mesh)
+             if ctx["mrn"] else resize_probabilities(probs[j], *image.shape[:2]))
         logp = np.log(np.maximum(p, 1e-12))
         if scores is not None:
           logp = np.asarray(apply_gate(jnp.asarray(logp[None]), jnp.asarray(scores[j:j + 1]),
@@ -273,8 +300,14 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   started = time.perf_counter()
 
   def read_row(row):
-    return [slide.read_region(int(round(row * d)), int(round(x * d)), win, d)
-            for x in xs if keep[(row, x)]]
+    """The row's windows, and for MRN each window's context (same centre, side x scale)."""
+    origins = [(int(round(row * d)), int(round(x * d))) for x in xs if keep[(row, x)]]
+    targets = [slide.read_region(top, left, win, d) for top, left in origins]
+    if not ctx["mrn"]:
+      return targets, None
+    dc, shift = d * ctx["mrn"], win * d * (ctx["mrn"] - 1) / 2
+    return targets, [slide.read_region(int(round(top - shift)), int(round(left - shift)), win,
+                                       dc) for top, left in origins]
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   try:
@@ -282,12 +315,13 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
     for i in range(first_row, len(ys)):
       y = ys[i]
       t0 = time.perf_counter()
-      tiles = pending.result()
+      tiles, contexts = pending.result()
       timing["read_wait"] += time.perf_counter() - t0
       pending = pool.submit(read_row, ys[i + 1]) if i + 1 < len(ys) else None  # read ahead
       t0 = time.perf_counter()
       if tiles:
-        probs = run_batches(fn, np.stack(tiles), config.batch_size, mesh)
+        probs = run_batches(fn, np.stack(tiles), config.batch_size, mesh,
+                            np.stack(contexts) if contexts else None)
         for p, x in zip(probs, [x for x in xs if keep[(y, x)]]):
           acc[:, x:x + win] += p * weights[..., None]
           wsum[:, x:x + win] += weights
@@ -448,9 +482,6 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
   seg = runs.load_segmenter(config.model_workdir, mesh, field="model")
-  if isinstance(seg.model, MRN):
-    raise UserError(f"model={config.model_workdir} is an MRN segmenter; predict applies "
-                    f"DeepLabV3+ runs (MRN's target/context windows are not supported yet)")
   data = ml_collections.ConfigDict(seg.config["data"])
   k = int(data.num_classes)
   outputs = int(seg.meta["num_classes"])
@@ -462,7 +493,10 @@ def run(config, workdir: str) -> dict:
          "background_index": k, "names": names, "palette": palette,
          "model_name": seg.config["model"]["name"], "epsilon": seg.config["gate"]["epsilon"],
          "setting": folders.resolve(data, "setting"),
-         "model_downsample": float(data.get("tile_size", data.image_size)) / data.image_size,
+         # DeepLabV3+ saw whole tiles resized to its input; MRN pairs at the tiles' resolution
+         "mrn": int(data.get("context_scale", 2)) if isinstance(seg.model, MRN) else 0,
+         "model_downsample": (1.0 if isinstance(seg.model, MRN) else
+                              float(data.get("tile_size", data.image_size)) / data.image_size),
          "gate_scores": _gate_scores(seg, config, mesh, data) if mode == "tiles" else None,
          # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
          # fluorescence) compute every window unless a share is given

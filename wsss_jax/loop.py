@@ -1,8 +1,11 @@
-"""The training loop every phase shares: input, step, timing, logging, checkpoints, hooks.
+"""The trainer every trained phase shares: input, step, timing, logging, checkpoints, hooks.
 
-`start_run` resumes a run from its workdir (or starts it fresh) and opens its input and metric
-writer; `train` runs steps `start_step + 1 .. total_steps` and closes the checkpointer;
-`summary` gives the fields every phase reports. The first step compiles, so it is kept
+`fit` is the one entry point: given a task's built training (model, init_state, shardings,
+jitted train step) and its checkpoint description, it resumes the run from its workdir (or
+starts it fresh, optionally from pretrained weights), trains to `total_steps` with checkpoints,
+validation and figure hooks, and returns the run with the summary fields every phase reports.
+Underneath, `start_run` restores or initialises, `train` runs the steps and closes the
+checkpointer, `summary` collects the common fields. The first step compiles, so it is kept
 out of the timings; each logging window reports the median-free mean step time, images/s and the
 fraction of wall time spent waiting for the input pipeline.
 """
@@ -205,6 +208,41 @@ def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, sav
   run.ckpt.wait()  # a failed final save: one line
   run.ckpt.close()
   return result
+
+
+class Fitted(NamedTuple):
+  """What `fit` hands back: the run (its writer still open), the final state, the last logged
+  metrics and the common summary fields."""
+  run: Run
+  state: Any
+  last: dict
+  summary: dict
+
+
+def fit(phase: str, config, workdir: str, training, meta: dict, mesh, *, total_steps: int,
+        keys=("image",), initialize: Callable | None = None, eval_splits=(),
+        validation: Callable | None = None, after_save: Callable | None = None,
+        step_callback: Callable | None = None) -> Fitted:
+  """Trains `training` (a task's built model, state shardings and jitted step) to
+  `total_steps` in `workdir`.
+
+  validation(step, state) -> dict: merged into the log row of `step` (called at log steps).
+  after_save(run, step, state): after each checkpoint is started (figures, ...).
+  The caller closes `fitted.run.writer` after writing its summary.
+  """
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  run = start_run(config, workdir, training, meta, local_batch, keys=keys,
+                  initialize=initialize, eval_splits=eval_splits)
+
+  def save(step, state):
+    run.ckpt.save(step, state, run.data_iter.get_state(), meta)
+    if after_save is not None:
+      after_save(run, step, state)
+
+  state, last, timer = train(run, config, train_step=training.train_step, mesh=mesh,
+                             total_steps=total_steps, save=save, extra_metrics=validation,
+                             step_callback=step_callback)
+  return Fitted(run, state, last, summary(phase, run, state, last, timer, mesh, total_steps))
 
 
 def summary(phase: str, run: Run, state, last: dict, timer: Throughput, mesh,

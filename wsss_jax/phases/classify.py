@@ -47,21 +47,12 @@ def validate(config) -> None:
 
 def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   validate(config)
-  # --- Mesh, model, optimiser, jitted steps -----------------------------------------------------
   mesh = parallel.mesh_from_config(config)
-  local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
-
-  # --- State (resumed, pretrained or fresh) and input -------------------------------------------
-  meta = checkpoint_meta(config)
   initialize = None
   if config.model.init_from:
     initialize = lambda state: runs.load_pretrained(  # noqa: E731
         state, config.model.init_from, t.model, mesh, config.model.backbone)
-  job = loop.start_run(config, workdir, t, meta, local_batch, keys=("image", "labels"),
-                       initialize=initialize, eval_splits=("val",))
-
-  # --- Validation and checkpoints ---------------------------------------------------------------
   eval_every = config.eval_every if config.eval_every > 0 else t.steps_per_epoch
 
   def validation(step, state):
@@ -69,19 +60,16 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       return {}
     return {f"val/{k}": v for k, v in evaluate(t, state, config, mesh).items()}
 
-  def save(step, state):
-    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
-
-  # --- Loop -------------------------------------------------------------------------------------
-  state, last, timer = loop.train(job, config, train_step=t.train_step, mesh=mesh,
-                                  total_steps=t.total_steps, save=save,
-                                  extra_metrics=validation, step_callback=step_callback)
+  fitted = loop.fit("classify", config, workdir, t, checkpoint_meta(config), mesh,
+                    total_steps=t.total_steps, keys=("image", "labels"), initialize=initialize,
+                    eval_splits=("val",), validation=validation, step_callback=step_callback)
+  state, last = fitted.state, fitted.last
   # The last step always validates; a run resumed at its end has no last step: validate now.
   val = ({k: v for k, v in last.items() if k.startswith("val/")} if last else
          validation(t.total_steps, state))
-  summary = loop.summary("classify", job, state, last, timer, mesh, t.total_steps) | {
+  summary = fitted.summary | {
       "backbone": config.model.backbone, "steps_per_epoch": t.steps_per_epoch,
       "final_mu": float(parallel.to_host(state.mu)), **val}
-  job.writer.summary(summary)
-  job.writer.close()
+  fitted.run.writer.summary(summary)
+  fitted.run.writer.close()
   return summary

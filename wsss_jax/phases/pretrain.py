@@ -89,30 +89,23 @@ def validate(config) -> None:
 def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
   validate(config)
-  # --- Mesh, model, optimiser, jitted step ------------------------------------------------------
   mesh = parallel.mesh_from_config(config)
-  local_batch = parallel.check_batch_size(config.batch_size, mesh)
   t = build_training(config, mesh)
-
-  # --- State (fresh or resumed) and input --------------------------------------------------------
-  meta = checkpoint_meta(config)
   initialize = None
   if config.model.get("init_from"):  # chained pretraining: start from another run's weights
     initialize = lambda state: load_pretrained(state, config.model.init_from,  # noqa: E731
                                                bool(config.model.get("scan_blocks")), mesh)
-  job = loop.start_run(config, workdir, t, meta, local_batch, initialize=initialize)
-  eval_images = parallel.replicate(
-      pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
-
-  # --- Figures ----------------------------------------------------------------------------------
   mae = isinstance(t.model, MaskedAutoencoder)
-  reconstruct = jax.jit(make_reconstruct_fn(t.model, tuple(config.data.mean),
-                                            tuple(config.data.std), compute_dtype(config),
-                                            config.seed),
-                        out_shardings=parallel.replicated(mesh)) if mae else None
+  reconstruct, eval_images = None, None
+  if mae:  # reconstruction figures of the first validation tiles at every checkpoint
+    reconstruct = jax.jit(make_reconstruct_fn(t.model, tuple(config.data.mean),
+                                              tuple(config.data.std), compute_dtype(config),
+                                              config.seed),
+                          out_shardings=parallel.replicated(mesh))
+    eval_images = parallel.replicate(
+        pipeline.eval_examples(config.data, config.num_figure_images)["image"], mesh)
 
-  def save(step, state):
-    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
+  def figure(job, step, state):
     if not mae:
       return
     panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
@@ -120,14 +113,13 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       grid = figures.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))
       job.writer.image("reconstruction", step, grid)
 
-  # --- Loop -------------------------------------------------------------------------------------
-  state, metrics, timer = loop.train(job, config, train_step=t.train_step, mesh=mesh,
-                                     total_steps=config.total_steps, save=save,
-                                     step_callback=step_callback)
-  summary = loop.summary("pretrain", job, state, metrics, timer, mesh, config.total_steps)
-  job.writer.summary(summary)  # written before the evaluation runs, and again with them
+  fitted = loop.fit("pretrain", config, workdir, t, checkpoint_meta(config), mesh,
+                    total_steps=config.total_steps, initialize=initialize, after_save=figure,
+                    step_callback=step_callback)
+  summary, writer = fitted.summary, fitted.run.writer
+  writer.summary(summary)  # written before the evaluation runs, and again with them
   if config.get("evaluation") and config.evaluation.runs != "none":
     summary["evaluation"] = evaluate_representation(config, workdir)
-  job.writer.summary(summary)
-  job.writer.close()
+  writer.summary(summary)
+  writer.close()
   return summary

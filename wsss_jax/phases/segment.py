@@ -64,7 +64,6 @@ def run(config, workdir: str) -> dict:
     with config.unlocked():
       config.data.masks_dir = ""  # MaskedSource reads the ground truth
   mesh = parallel.mesh_from_config(config)
-  local_batch = parallel.check_batch_size(config.batch_size, mesh)
   seg = Segmentation(config, mesh)
   classifier = load_gate_classifier(config, mesh)  # fail fast on a mismatched classifier
   meta = checkpoint_meta(config)
@@ -74,25 +73,27 @@ def run(config, workdir: str) -> dict:
         s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
       f"mask_{layer}" for layer in config.data.mask_layers)
-  job = loop.start_run(config, workdir, seg, meta, local_batch, keys=keys, initialize=initialize,
-                       eval_splits=("val", config.test_split))
-  best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False,
-                      best_metric="mIoU")
   eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
+  kept = []  # best/: opened at the first validation, once the run has been accepted
+
+  def best_checkpoints() -> Checkpointer:
+    if not kept:
+      kept.append(Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False,
+                               best_metric="mIoU"))
+    return kept[0]
 
   def validation(step, state):
     if step % eval_every and step != seg.total_steps:
       return {}
     scores = evaluate(seg, state, config, mesh, "val")[0]["off"]
-    best.save(step, state, {}, meta, metrics={"mIoU": scores["mIoU"]})
+    best_checkpoints().save(step, state, {}, meta, metrics={"mIoU": scores["mIoU"]})
     return {f"val/{k}": v for k, v in scores.items()}
 
-  def save(step, state):
-    job.ckpt.save(step, state, job.data_iter.get_state(), meta)
-
-  state, last, timer = loop.train(job, config, train_step=seg.train_step, mesh=mesh,
-                                  total_steps=seg.total_steps, save=save,
-                                  extra_metrics=validation)
+  fitted = loop.fit("segment", config, workdir, seg, meta, mesh, total_steps=seg.total_steps,
+                    keys=keys, initialize=initialize, eval_splits=("val", config.test_split),
+                    validation=validation)
+  job, state = fitted.run, fitted.state
+  best = best_checkpoints()
   if best.best_step() is None:  # resumed at the end before any validation was kept
     validation(seg.total_steps, state)
   best_step = best.best_step()
@@ -109,7 +110,7 @@ def run(config, workdir: str) -> dict:
                             f"({config.supervision} supervision), {config.test_split} split")
     save_overlays(os.path.join(workdir, "overlays"), shown, figure)
     job.writer.image("segment/test", best_step, figure)
-  summary = loop.summary("segment", job, state, last, timer, mesh, seg.total_steps) | {
+  summary = fitted.summary | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config), "loss": loss_kind(config),
       "steps_per_epoch": seg.steps_per_epoch,

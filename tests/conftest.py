@@ -1,11 +1,10 @@
 """Every test process sees 8 host CPU devices, so sharded and 1-device runs can be compared."""
 import os
 
-# The tests' programs are tiny and compile-bound (XLA compilation was 97% of the suite's time
-# in session 13), so they are compiled cheaply: LLVM at -O0 (a DeepLabV3+ train step compiles in
-# 14 instead of 19 s) and XLA:CPU's elemental fusion emitter instead of its MLIR fusion emitters
-# (tests/test_classify.py in 73-91 instead of 95-113 s). Both change code speed, not what is
-# computed. A flag set in XLA_FLAGS yourself wins.
+# The tests' programs are tiny and their time is mostly XLA compilation, so they are compiled
+# cheaply: LLVM at -O0 and XLA:CPU's elemental fusion emitter instead of its MLIR fusion emitters
+# (measured in BENCHMARKS.md, "Test-suite time"). Both change code speed, not what is computed.
+# A flag set in XLA_FLAGS yourself wins.
 TEST_COMPILE_FLAGS = {"xla_backend_optimization_level": "0",
                       "xla_cpu_use_fusion_emitters": "false"}
 
@@ -110,7 +109,7 @@ def tiny_classifier(tmp_path_factory):
   return str(workdir)
 
 
-# The longest tests (--durations on the 2-core CPU, session 13) start first: under pytest-xdist
+# The longest tests (by --durations on a 2-core CPU) start first: under pytest-xdist
 # none of them is then left running alone at the end of the suite. The rest keep their order.
 SLOWEST_FIRST = (
     "test_pipeline.py::test_pipeline_end_to_end_with_erasing_upper_bound_and_resume",

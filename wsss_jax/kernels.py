@@ -88,14 +88,9 @@ def space_to_depth_conv(lhs, rhs, window_strides, padding, precision=None):
                                       precision=precision)
 
 
-# On the CPU: the kernel gradient of wide stride-1 convolutions over large maps as one matmul
-# (the transpose of _kernel_tangent). XLA:CPU's ran ResNet38's b7 3x3 (1024 -> 2048, dilation
-# 4, 28x28) at 36-55 GFLOP/s, the matmul at 126-129; ResNet38's train step 1.12x
-# (BENCHMARKS.md). Narrower layers or smaller maps were slower as a matmul (ResNet-50's 7x7
-# layer4: step 0.97x; an ASPP branch 2048 -> 256 at dilation 12: 200 -> 243 ms).
-CPU_KERNEL_GRAD_MATMUL = True
-
-
+# The kernel gradient of a wide stride-1 convolution over a large map as one matmul (the
+# transpose of _kernel_tangent): only from these sizes on was it faster than XLA:CPU's own;
+# narrower layers and smaller maps stay convolutions (BENCHMARKS.md, "CPU convolution rewrites").
 KERNEL_GRAD_MIN_CHANNELS = 512
 
 

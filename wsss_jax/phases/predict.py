@@ -16,7 +16,8 @@ a Hann window (zero weight at the border, so seams fade out) and summed; windows
 `min_tissue` tissue (the slide module's tissue mask) are not computed and come out as
 background. Rows of windows are read by a thread pool ahead of the device and finished rows are
 written at once, so memory stays flat as the slide grows: the level-0 mask lives in a file
-mapped to memory, the running sums only for the rows still open. Per slide, in <slide name>/:
+mapped to memory, the running sums only for the rows still open; a writer thread streams the
+TIFF's level 0 out while later rows compute. Per slide, in <slide name>/:
 mask.tif (a tiled pyramidal TIFF of class indices, written from the mapped mask level by level),
 overlay.png (thumbnail with the mask blended and a legend), areas.csv / areas.json (per class:
 pixels, mm^2 when the slide states its resolution, share of the tissue) and regions.geojson
@@ -31,6 +32,7 @@ import concurrent.futures
 import json
 import math
 import os
+import threading
 import time
 
 import jax
@@ -280,10 +282,11 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   acc = np.zeros((win, wm, k), np.float32)      # open rows: running sums and weights
   wsum = np.zeros((win, wm), np.float32)
   counts = np.zeros(max(k, background + 1), np.int64)
-  first_row = 0
+  first_row, gate = 0, RowGate()
   if resume:
     saved = np.load(progress_path)
     first_row, counts = int(saved["rows_done"]), saved["counts"]
+    gate.advance(int(saved["level0_rows"]))
     acc[:saved["acc"].shape[0]], wsum[:saved["wsum"].shape[0]] = saved["acc"], saved["wsum"]
     print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
   windows = [(y, x) for y in ys for x in xs]
@@ -310,6 +313,9 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
                                        dc) for top, left in origins]
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  tiff_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  tiff = tiff_writer.submit(write_pyramid, os.path.join(out, "mask.tif"), mask, ctx["palette"],
+                            config.tiff_tile, gate.wait)  # level 0 streams out as rows finish
   try:
     pending = pool.submit(read_row, ys[first_row]) if first_row < len(ys) else None
     for i in range(first_row, len(ys)):
@@ -338,13 +344,20 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
       acc = np.concatenate([acc[n:], np.zeros((n, wm, k), np.float32)])  # slide the open rows
       wsum = np.concatenate([wsum[n:], np.zeros((n, wm), np.float32)])
       mask.flush()
-      _save_progress(progress_path, rows_done=i + 1, counts=counts, acc=acc, wsum=wsum)
+      _save_progress(progress_path, rows_done=i + 1, counts=counts, acc=acc, wsum=wsum,
+                     level0_rows=r1)
+      gate.advance(r1)  # the TIFF writer may take these rows
       timing["write"] += time.perf_counter() - t0
       progress.update((i + 1) * len(xs))
+  except BaseException:
+    gate.abort()  # the writer stops; its temporary file is rewritten on the next run
+    raise
   finally:
     pool.shutdown(wait=True)
+    tiff_writer.shutdown(wait=False)
   t0 = time.perf_counter()
-  write_pyramid(os.path.join(out, "mask.tif"), mask, ctx["palette"], config.tiff_tile)
+  gate.advance(height)
+  tiff.result()  # the rest of level 0 and the smaller levels
   summary = finish_slide(config, out, name, path, slide, mask, counts, ctx)
   timing["finish"] += time.perf_counter() - t0
   del mask
@@ -364,10 +377,36 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   return summary
 
 
-def write_pyramid(path: str, mask: np.ndarray, palette: list, tile: int) -> None:
+class RowGate:
+  """How many level-0 mask rows are final; a writer waits for the rows it needs."""
+
+  def __init__(self, rows: int = 0):
+    self.rows, self.aborted = rows, False
+    self._cond = threading.Condition()
+
+  def advance(self, rows: int) -> None:
+    with self._cond:
+      self.rows = max(self.rows, rows)
+      self._cond.notify_all()
+
+  def abort(self) -> None:
+    with self._cond:
+      self.aborted = True
+      self._cond.notify_all()
+
+  def wait(self, rows: int) -> None:
+    with self._cond:
+      self._cond.wait_for(lambda: self.rows >= rows or self.aborted)
+      if self.aborted:
+        raise RuntimeError("the prediction stopped before these rows were final")
+
+
+def write_pyramid(path: str, mask: np.ndarray, palette: list, tile: int,
+                  wait_rows=None) -> None:
   """A tiled pyramidal TIFF of the class indices (palette colour map), level 0 first and each
   further level half the size (nearest), as SubIFDs; every level written tile by tile from the
-  memory-mapped mask, then renamed into place."""
+  memory-mapped mask, then renamed into place. With `wait_rows(n)` level 0 is written while the
+  prediction runs, each band of tiles once its rows are final."""
   import tifffile
   levels, (h, w) = [], mask.shape
   factor = 2
@@ -381,6 +420,8 @@ def write_pyramid(path: str, mask: np.ndarray, palette: list, tile: int) -> None
   def tiles(step):
     view = mask[::step, ::step]
     for y in range(0, view.shape[0], tile):
+      if step == 1 and wait_rows is not None:
+        wait_rows(min(y + tile, h))
       for x in range(0, view.shape[1], tile):
         block = np.zeros((tile, tile), np.uint8)
         part = np.asarray(view[y:y + tile, x:x + tile])

@@ -19,18 +19,28 @@ import sys
 import numpy as np
 
 
-def _level_rows(side: int, tile: int, factor: int):
-  """Row bands (height tile / factor) of the mosaic at 1 / factor of its size, generated tile by
-  tile (the generator is a pure function of the index, so no level is ever held whole)."""
-  from PIL import Image
+def _mosaic_rows(side: int, tile: int):
+  """Row bands (height `tile`) of the side x side mosaic, generated tile by tile (the generator
+  is a pure function of the index, so the mosaic is never held whole)."""
   from wsss_jax.data import lesions
-  per_row, small = -(-side // tile), tile // factor
-  width = -(-side // factor)
+  per_row = -(-side // tile)
   for r in range(per_row):
-    band = np.concatenate([np.asarray(Image.fromarray(
-        lesions.generate_image(21, "test", r * per_row + c, tile)[0]).resize(
-            (small, small), Image.BOX)) for c in range(per_row)], 1)[:, :width]
-    yield band[:max(0, min(small, width - r * small))]
+    band = np.concatenate([lesions.generate_image(21, "test", r * per_row + c, tile)[0]
+                           for c in range(per_row)], 1)[:, :side]
+    yield band[:max(0, min(tile, side - r * tile))]
+
+
+def _level_rows(rows, factors, spill: dict):
+  """Passes level 0's bands on, and box-downsamples each into memory-mapped files, one per
+  smaller level (`spill`: factor -> array), so one generation pass makes every level."""
+  done = 0
+  for band in rows:
+    for f, out in spill.items():
+      h = band.shape[0] // f * f
+      small = band[:h, :out.shape[1] * f].reshape(h // f, f, out.shape[1], f, 3).mean((1, 3))
+      out[done // f:done // f + small.shape[0]] = small.round().astype(np.uint8)
+    done += band.shape[0]
+    yield band
 
 
 def _tiles(rows, height: int, width: int, side: int = 256):
@@ -50,19 +60,29 @@ def _tiles(rows, height: int, width: int, side: int = 256):
 
 def make_slide(path: str, side: int, tile: int = 224) -> None:
   """A side x side pyramidal RGB TIFF (levels 1, 1/2, 1/4 ... as SubIFDs, down to about 1,000 px),
-  written band by band: the slide is never whole in memory."""
+  written band by band: the slide is never whole in memory (the smaller levels wait in
+  memory-mapped files while level 0 is written)."""
   import tifffile
   if os.path.exists(path):
     return
-  factors = [1]
-  while side // (factors[-1] * 2) >= 1000 and tile % (factors[-1] * 2) == 0:
-    factors.append(factors[-1] * 2)
-  with tifffile.TiffWriter(path + ".tmp.tif", bigtiff=True) as tif:
-    for i, f in enumerate(factors):
-      size = -(-side // f)
-      tif.write(_tiles(_level_rows(side, tile, f), size, size), shape=(size, size, 3),
-                dtype=np.uint8, tile=(256, 256), photometric="rgb",
-                subifds=len(factors) - 1 if i == 0 else None, subfiletype=1 if i else 0)
+  factors = []
+  while side // (2 ** (len(factors) + 1)) >= 1000 and tile % 2 ** (len(factors) + 1) == 0:
+    factors.append(2 ** (len(factors) + 1))
+  spill = {f: np.lib.format.open_memmap(f"{path}.level{f}.npy", "w+", np.uint8,
+                                        (side // f, side // f, 3)) for f in factors}
+  try:
+    with tifffile.TiffWriter(path + ".tmp.tif", bigtiff=True) as tif:
+      options = dict(dtype=np.uint8, tile=(256, 256), photometric="rgb")
+      tif.write(_tiles(_level_rows(_mosaic_rows(side, tile), factors, spill), side, side),
+                shape=(side, side, 3), subifds=len(factors), **options)
+      for f in factors:
+        level = spill[f]
+        rows = (level[y:y + 256] for y in range(0, level.shape[0], 256))
+        tif.write(_tiles(rows, *level.shape[:2]), shape=level.shape, subfiletype=1, **options)
+  finally:
+    for f in factors:
+      del spill[f]
+      os.remove(f"{path}.level{f}.npy")
   os.replace(path + ".tmp.tif", path)
 
 

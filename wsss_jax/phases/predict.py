@@ -298,7 +298,8 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
   progress.update(first_row * len(xs))  # starts the clock
   # wall time the main thread spends waiting for a row's reads (they run ahead in a thread),
-  # computing, writing finished rows, and finishing the outputs (pyramid, GeoJSON, overlay)
+  # computing, handing finished rows to the row writer (and waiting for the one before), and
+  # finishing the outputs (pyramid, GeoJSON, overlay)
   timing = {"read_wait": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
   started = time.perf_counter()
 
@@ -312,7 +313,22 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
     return targets, [slide.read_region(int(round(top - shift)), int(round(left - shift)), win,
                                        dc) for top, left in origins]
 
+  def finish_rows(done_acc, done_wsum, y, n, rows_done, open_acc, open_wsum):
+    """Labels of finished model rows -> level-0 mask rows, class counts, progress record."""
+    labels = np.where(done_wsum > 0, np.argmax(done_acc, -1), background).astype(np.uint8)
+    r0, r1 = int(math.ceil(y * d)), min(height, int(math.ceil((y + n) * d)))
+    rows = np.minimum(((np.arange(r0, r1) / d) - y).astype(np.int64), n - 1)
+    level0 = labels[rows][:, columns]
+    mask[r0:r1] = level0
+    counts[:] += np.bincount(level0.ravel(), minlength=len(counts))[:len(counts)]
+    mask.flush()
+    _save_progress(progress_path, rows_done=rows_done, counts=counts, acc=open_acc,
+                   wsum=open_wsum, level0_rows=r1)
+    gate.advance(r1)  # the TIFF writer may take these rows
+
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  row_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  finishing = None
   tiff_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   tiff = tiff_writer.submit(write_pyramid, os.path.join(out, "mask.tif"), mask, ctx["palette"],
                             config.tiff_tile, gate.wait)  # level 0 streams out as rows finish
@@ -335,32 +351,31 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
       t0 = time.perf_counter()
       end = ys[i + 1] if i + 1 < len(ys) else hm   # model rows no later window touches
       n = min(end - y, win)
-      labels = np.where(wsum[:n] > 0, np.argmax(acc[:n], -1), background).astype(np.uint8)
-      r0, r1 = int(math.ceil(y * d)), min(height, int(math.ceil((y + n) * d)))
-      rows = np.minimum(((np.arange(r0, r1) / d) - y).astype(np.int64), n - 1)
-      level0 = labels[rows][:, columns]
-      mask[r0:r1] = level0
-      counts += np.bincount(level0.ravel(), minlength=len(counts))[:len(counts)]
+      done_acc, done_wsum = acc[:n], wsum[:n]
       acc = np.concatenate([acc[n:], np.zeros((n, wm, k), np.float32)])  # slide the open rows
       wsum = np.concatenate([wsum[n:], np.zeros((n, wm), np.float32)])
-      mask.flush()
-      _save_progress(progress_path, rows_done=i + 1, counts=counts, acc=acc, wsum=wsum,
-                     level0_rows=r1)
-      gate.advance(r1)  # the TIFF writer may take these rows
+      if finishing is not None:
+        finishing.result()  # one row in flight: its failure surfaces here
+      # the finished rows are written by the row writer while the next row computes
+      finishing = row_writer.submit(finish_rows, done_acc, done_wsum, y, n, i + 1, acc.copy(),
+                                    wsum.copy())
       timing["write"] += time.perf_counter() - t0
       progress.update((i + 1) * len(xs))
+    if finishing is not None:
+      finishing.result()
   except BaseException:
     gate.abort()  # the writer stops; its temporary file is rewritten on the next run
     raise
   finally:
     pool.shutdown(wait=True)
+    row_writer.shutdown(wait=True)
     tiff_writer.shutdown(wait=False)
   t0 = time.perf_counter()
   gate.advance(height)
   tiff.result()  # the rest of level 0 and the smaller levels
   summary = finish_slide(config, out, name, path, slide, mask, counts, ctx)
   timing["finish"] += time.perf_counter() - t0
-  del mask
+  mask = None  # unmapped before its file goes
   os.remove(mask_path)
   os.remove(progress_path)
   slide.close()

@@ -176,6 +176,9 @@ def test_tiles_are_the_segmenter_applied_directly_and_a_rerun_resumes(segment_ru
   rows = [json.loads(l) for l in open(out / "tiles.jsonl")]
   assert {r["tile"] for r in rows} == {f"t{i}.png" for i in range(5)}
   assert Image.open(out / "overlays" / "predict.png").size[0] > 192
+  events = b"".join(open(os.path.join(d, f), "rb").read()
+                    for d, _, fs in os.walk(out / "tensorboard") for f in fs)
+  assert b"predict/tiles" in events  # the overlay as a TensorBoard image too
   os.remove(out / "masks" / "t4.png")  # a killed run: one tile left
   again = run_phase(_predict_config(segment_run, source, ",gate=off"), str(out))
   assert again["predicted_now"] == 1

@@ -206,6 +206,7 @@ def predict_tiles(config, workdir, files, fn, ctx) -> dict:
     figure = overlays.mask_figure(shown, ctx["palette"], ctx["names"],
                                   f"predict: segmenter {ctx['model_name']} on {len(files)} tiles")
     overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure)
+    ctx["figures"].append(("predict/tiles", figure))
   return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo),
           "seconds": time.perf_counter() - started}
 
@@ -493,6 +494,7 @@ def finish_slide(config, out, name, path, slide, mask, counts, ctx) -> dict:
                                 ["slide", "prediction"],
                                 f"{name}: segmenter {ctx['model_name']}", legend)
   overlays.save(os.path.join(out, "overlay.png"), figure)
+  ctx["figures"].append((f"predict/{name}", figure))
   return {"slide": path, "name": name, "shape": list(mask.shape), "microns_per_pixel": mpp,
           "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",
                                       "regions.geojson"]}
@@ -545,7 +547,7 @@ def run(config, workdir: str) -> dict:
   palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
   palette = mask_files.palette_bytes(palette_name, k + 1)
   mode, files = find_inputs(config.input, config.mode)
-  ctx = {"mesh": mesh, "input_size": int(data.image_size), "num_outputs": outputs,
+  ctx = {"mesh": mesh, "input_size": int(data.image_size), "figures": [], "num_outputs": outputs,
          "background_index": k, "names": names, "palette": palette,
          "model_name": seg.config["model"]["name"], "epsilon": seg.config["gate"]["epsilon"],
          "setting": folders.resolve(data, "setting"),
@@ -569,6 +571,8 @@ def run(config, workdir: str) -> dict:
   summary = {"phase": "predict", "model": seg.workdir, "model_step": seg.step,
              "input": os.path.abspath(config.input), "class_names": names, **result}
   writer = MetricWriter(workdir, parallel.is_main_process())
+  for tag, figure in ctx["figures"]:  # the overlays in TensorBoard too
+    writer.image(tag, seg.step, figure)
   writer.summary(summary)
   writer.close()
   return summary

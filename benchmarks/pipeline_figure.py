@@ -22,6 +22,7 @@ def main() -> None:
   parser.add_argument("--method", default="gradcam")
   args = parser.parse_args()
   import jax.numpy as jnp
+  import ml_collections
   from PIL import Image
 
   from wsss_jax import overlays, parallel, relevance
@@ -46,7 +47,7 @@ def main() -> None:
     image, truth, pred, labels = (shown[key][i] for key in ("image", "truth", "prediction",
                                                             "labels"))
     small = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    x = prepare_images(jnp.asarray(small[None]), _Data(data), jnp.float32)
+    x = prepare_images(jnp.asarray(small[None]), ml_collections.ConfigDict(data), jnp.float32)
     present = int(np.argmax(labels)) if labels.any() else 0
     maps = relevance.relevance(args.method, model.apply, variables, x, layers=[layer],
                                labels=jnp.asarray(labels[None]), upsample=True, relu=True,
@@ -70,20 +71,6 @@ def main() -> None:
       legend)
   overlays.save(os.path.abspath(args.out), figure)
   print(f"wrote {args.out} ({figure.shape[1]}x{figure.shape[0]})")
-
-
-class _Data:
-  """A data section read from config.json, with the attribute access prepare_images uses
-  (the classifier's input normalisation)."""
-
-  def __init__(self, fields: dict):
-    self._fields = fields
-
-  def __getattr__(self, name):
-    return self._fields[name]
-
-  def get(self, name, default=None):
-    return self._fields.get(name, default)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tifffile
@@ -13,7 +14,7 @@ from conftest import load_config
 from PIL import Image
 
 from wsss_jax import parallel, polygons, runs
-from wsss_jax.data import synthetic
+from wsss_jax.data import synthetic, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.phases import predict
 from wsss_jax.runner import run_phase
@@ -65,8 +66,8 @@ def test_hann_windows_and_window_starts():
   assert w.shape == (8, 8) and (w > 0).all() and w.max() <= 1
   np.testing.assert_allclose(w, np.outer(np.sin(np.pi * (np.arange(8) + .5) / 8) ** 2,
                                          np.sin(np.pi * (np.arange(8) + .5) / 8) ** 2))
-  assert predict.window_starts(100, 32, 24) == [0, 24, 48, 68]
-  assert predict.window_starts(20, 32, 24) == [0]
+  assert transforms.window_starts(100, 32, 24) == [0, 24, 48, 68]
+  assert transforms.window_starts(20, 32, 24) == [0]
 
 
 def test_inputs_are_found_by_extension_and_a_folder_without_images_is_one_line(tmp_path):
@@ -164,7 +165,7 @@ def test_tiles_are_the_segmenter_applied_directly_and_a_rerun_resumes(segment_ru
   data = seg.config["data"]
   image = np.asarray(Image.open(os.path.join(source, "t2.png")))
   small = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
-  cfg = type("D", (), {"normalize": data["normalize"], "mean": data["mean"], "std": data["std"]})
+  cfg = ml_collections.ConfigDict(data)
   logits = seg.model.apply(seg.variables, prepare_images(jnp.asarray(small[None]), cfg,
                                                          jnp.float32))
   probs = jax.image.resize(jax.nn.softmax(logits[0]), (48, 48, logits.shape[-1]), "bilinear")

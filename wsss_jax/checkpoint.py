@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
+from wsss_jax import parallel
 from wsss_jax.errors import UserError
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside the checkpoints: steps moved aside
@@ -59,22 +60,12 @@ def _fingerprint_arrays(tree):
   return jax.tree.map(one, tree)
 
 
-def _path_name(path) -> str:
-  """'params/Dense_0/kernel': the same for a state's fields and for the dicts restored from it."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return "/".join(parts)
-
-
 def fingerprint(tree) -> dict:
   """{leaf path: [sum, weighted sum]} of a tree of arrays (what `save` records)."""
   sums = jax.device_get(_fingerprint_arrays(tree))
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-  return {_path_name(path): [int(v) for v in np.asarray(value)] for path, value in flat}
+  return {parallel.leaf_path(path): [int(v) for v in np.asarray(value)]
+          for path, value in flat}
 
 
 def verify(tree, record: dict | None, where: str, prefix: str = "") -> None:

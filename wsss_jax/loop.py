@@ -115,12 +115,13 @@ def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
     timer.stepped(step == start_step + 1, metrics)
     if check_saves is not None:
       check_saves()
+    logging = step % log_every == 0 or step == total_steps
     saving = step % checkpoint_every == 0 or step == total_steps
-    if step % log_every == 0 or step == total_steps or saving:
+    if logging or saving:  # the host syncs here anyway: read the flag before any save
       bad = int(parallel.to_host(first_bad))
       if bad:
         _refuse_non_finite(bad, last_saved, checkpoint_dir)
-    if step % log_every == 0 or step == total_steps:
+    if logging:
       metrics = parallel.to_host(metrics) | timer.window()
       if extra_metrics is not None:
         metrics |= extra_metrics(step, state)

@@ -200,6 +200,24 @@ def tissue_mask(thumbnail: np.ndarray, min_saturation: float = 0.05) -> np.ndarr
   return masks.remove_small_objects(tissue, max(1, tissue.size // 1000))
 
 
+def tissue_shares(slide: Slide, origins, side: float, thumbnail_side: int = 2048) -> np.ndarray:
+  """Per level-0 (top, left) in `origins`: the tissue share of the square of side `side` there,
+  from the thumbnail's tissue mask (an integral image: one lookup per square)."""
+  thumb, t = slide.thumbnail(thumbnail_side)
+  tissue = tissue_mask(thumb)
+  integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  shares = []
+  for top, left in origins:
+    y0, x0 = int(top / t), int(left / t)
+    y1 = min(max(y0 + 1, int(round((top + side) / t))), tissue.shape[0])
+    x1 = min(max(x0 + 1, int(round((left + side) / t))), tissue.shape[1])
+    y0, x0 = min(y0, y1 - 1), min(x0, x1 - 1)  # a square reaching past the slide's edge
+    area = max((y1 - y0) * (x1 - x0), 1)
+    shares.append((integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
+                  / area)
+  return np.asarray(shares, np.float64)
+
+
 def tile_origins(slide: Slide, tile: int, downsample: float, stride: int | None = None,
                  min_tissue: float = 0.5, thumbnail_side: int = 2048) -> list[tuple[int, int]]:
   """Level-0 (top, left) of the tiles (side `tile` at `downsample`) whose tissue share in the
@@ -207,20 +225,12 @@ def tile_origins(slide: Slide, tile: int, downsample: float, stride: int | None 
   step = (stride or tile) * downsample
   side = tile * downsample
   h, w = slide.shape
-  thumb, t = slide.thumbnail(thumbnail_side)
-  tissue = tissue_mask(thumb) if min_tissue > 0 else np.ones(thumb.shape[:2], bool)
-  integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-  origins = []
-  for top in np.arange(0, max(h - side, 0) + 1, step):
-    for left in np.arange(0, max(w - side, 0) + 1, step):
-      y0, x0 = int(top / t), int(left / t)
-      y1, x1 = max(y0 + 1, int(round((top + side) / t))), max(x0 + 1, int(round((left + side) / t)))
-      y1, x1 = min(y1, tissue.shape[0]), min(x1, tissue.shape[1])
-      area = max((y1 - y0) * (x1 - x0), 1)
-      share = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
-      if share >= min_tissue:
-        origins.append((int(top), int(left)))
-  return origins
+  origins = [(top, left) for top in np.arange(0, max(h - side, 0) + 1, step)
+             for left in np.arange(0, max(w - side, 0) + 1, step)]
+  shares = (tissue_shares(slide, origins, side, thumbnail_side) if min_tissue > 0
+            else np.ones(len(origins)))
+  return [(int(top), int(left)) for (top, left), share in zip(origins, shares)
+          if share >= min_tissue]
 
 
 class SlideTiles:

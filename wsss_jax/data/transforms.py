@@ -177,10 +177,10 @@ class RandomPair:
     return cut_pair(example, cy, cx, self.size, self.scale)
 
 
-def window_starts(length: int, size: int) -> list:
-  """Starts of windows of `size` covering [0, length): stride `size`, the last one flush with the
-  end (it overlaps its neighbour when length is not a multiple of size)."""
+def window_starts(length: int, size: int, stride: int | None = None) -> list:
+  """Starts of windows of `size` covering [0, length) every `stride` (default `size`), the last
+  one flush with the end (it overlaps its neighbour when the stride does not fit)."""
   if length <= size:
     return [0]
-  starts = list(range(0, length - size + 1, size))
+  starts = list(range(0, length - size + 1, stride or size))
   return starts if starts[-1] == length - size else starts + [length - size]

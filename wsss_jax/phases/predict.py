@@ -42,12 +42,12 @@ import numpy as np
 from PIL import Image
 
 from wsss_jax import overlays, parallel, polygons, runs
-from wsss_jax.data import folders, mask_files, slides
+from wsss_jax.data import folders, mask_files, slides, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN
 from wsss_jax.progress import Progress
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.tasks.segment import gate as apply_gate
+from wsss_jax.tasks.segment import gate as apply_gate, load_gate_classifier
 from wsss_jax.writers import MetricWriter
 
 MODES = ("auto", "tiles", "slides")
@@ -85,14 +85,6 @@ def hann_weights(size: int) -> np.ndarray:
   return np.outer(w, w).astype(np.float32)
 
 
-def window_starts(length: int, size: int, stride: int) -> list[int]:
-  """Starts of windows of `size` covering [0, length) every `stride`, the last flush with the end."""
-  if length <= size:
-    return [0]
-  starts = list(range(0, length - size + 1, stride))
-  return starts if starts[-1] == length - size else starts + [length - size]
-
-
 # --- The model -----------------------------------------------------------------------------------------
 def make_probabilities(seg: runs.Segmenter, data, mesh):
   """Jitted uint8 (B, s, s, 3) at the model's input size (and, for MRN, their contexts) ->
@@ -127,7 +119,6 @@ def mrn_tile_probabilities(fn, image: np.ndarray, size: int, scale: int, batch: 
   """An MRN over a tile at its own resolution: windows of `size` covering it, each with its
   context (the scale x larger region around it, down-sampled), stitched (a later window
   overwrites the overlap, as the segment phase's test does)."""
-  from wsss_jax.data import transforms
   h, w = image.shape[:2]
   starts = [(y, x) for y in transforms.window_starts(h, size)
             for x in transforms.window_starts(w, size)]
@@ -235,23 +226,6 @@ def slide_microns_per_pixel(path: str) -> float | None:
   return None
 
 
-def tissue_shares(slide: slides.Slide, windows, side_level0: float) -> np.ndarray:
-  """Per window (top, left) in level-0 px of side `side_level0`: its tissue share."""
-  thumb, t = slide.thumbnail(2048)
-  tissue = slides.tissue_mask(thumb)
-  integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-  out = []
-  for top, left in windows:
-    y0, x0 = int(top / t), int(left / t)
-    y1 = min(max(y0 + 1, int(round((top + side_level0) / t))), tissue.shape[0])
-    x1 = min(max(x0 + 1, int(round((left + side_level0) / t))), tissue.shape[1])
-    y0, x0 = min(y0, y1 - 1), min(x0, x1 - 1)
-    area = max((y1 - y0) * (x1 - x0), 1)
-    out.append((integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
-               / area)
-  return np.asarray(out)
-
-
 def _save_progress(path: str, **arrays) -> None:
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
@@ -274,7 +248,7 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   d = ctx["model_downsample"] * config.downsample    # level-0 px per model px
   hm, wm = math.ceil(height / d), math.ceil(width / d)
   stride = max(1, int(round(win * (1 - config.overlap))))
-  ys, xs = window_starts(hm, win, stride), window_starts(wm, win, stride)
+  ys, xs = transforms.window_starts(hm, win, stride), transforms.window_starts(wm, win, stride)
   weights = hann_weights(win)
   mask_path = os.path.join(out, "mask.level0.u8")
   progress_path = os.path.join(out, "progress.npz")
@@ -292,7 +266,7 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
     print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
   windows = [(y, x) for y in ys for x in xs]
   min_tissue = ctx["min_tissue"]
-  share = (tissue_shares(slide, [(y * d, x * d) for y, x in windows], win * d)
+  share = (slides.tissue_shares(slide, [(y * d, x * d) for y, x in windows], win * d)
            if min_tissue > 0 else np.ones(len(windows)))
   keep = dict(zip(windows, share >= min_tissue))
   columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
@@ -514,24 +488,19 @@ def validate(config) -> None:
     raise UserError("batch_size and downsample must be positive")
 
 
-def _gate_scores(seg, config, mesh, data):
+def _gate_scores(seg, config, mesh):
   """uint8 inputs -> the segment run's gate classifier's probabilities, or None."""
-  workdir = seg.config.get("gate", {}).get("classifier_workdir")
-  if config.gate == "off" or not workdir:
+  if config.gate == "off":
     return None
-  classifier = runs.load_classifier(os.path.join(seg.workdir, workdir)
-                                    if not os.path.isabs(workdir) else workdir, mesh,
-                                    field="the segment run's gate.classifier_workdir")
-  cls_data = ml_collections.ConfigDict(dict(data.to_dict(), **{
-      k: classifier.data[k] for k in ("normalize", "mean", "std") if k in classifier.data}))
-  size = classifier.meta["image_size"]
-  fn = jax.jit(lambda u8: jax.nn.sigmoid(classifier.model.apply(
-      classifier.variables, prepare_images(u8, cls_data, jnp.float32))))
+  classifier = load_gate_classifier(ml_collections.ConfigDict(seg.config), mesh)
+  if classifier is None:
+    return None
+  size = classifier["image_size"]
 
   def scores(inputs):
     resized = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR))
                         for x in inputs])
-    return np.asarray(fn(jnp.asarray(resized)))
+    return np.asarray(classifier["predict"](jnp.asarray(resized)))
   return scores
 
 
@@ -555,7 +524,7 @@ def run(config, workdir: str) -> dict:
          "mrn": int(data.get("context_scale", 2)) if isinstance(seg.model, MRN) else 0,
          "model_downsample": (1.0 if isinstance(seg.model, MRN) else
                               float(data.get("tile_size", data.image_size)) / data.image_size),
-         "gate_scores": _gate_scores(seg, config, mesh, data) if mode == "tiles" else None,
+         "gate_scores": _gate_scores(seg, config, mesh) if mode == "tiles" else None,
          # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
          # fluorescence) compute every window unless a share is given
          "min_tissue": (config.min_tissue if config.min_tissue >= 0 else

@@ -415,6 +415,28 @@ def negative_map_values(data, config, batch, inputs, batch_maps) -> dict:
   return {layer: np.concatenate(v) for layer, v in values.items()}
 
 
+def val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
+                   layer_confusion, with_images: bool = False) -> dict:
+  """{layer: summed confusion(s)} over the val split: per batch and layer,
+  layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (images
+  on the devices only `with_images`, else None)."""
+  keys = ("image", "labels", "mask", "background") + tuple(inputs)
+  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
+  totals = {}
+  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
+    labels = jnp.asarray(b["labels"])
+    scale_maps = batch_maps(b, labels)
+    background = parallel.shard_identical(b["background"], mesh)
+    truth = parallel.shard_identical(b["mask"], mesh)
+    images = parallel.shard_identical(b["image"], mesh) if with_images else None
+    for layer in scale_maps[0]:
+      name = layer_name(layer)
+      c = layer_confusion(name, [m[layer] for m in scale_maps], labels, background, truth,
+                          jnp.asarray(b["valid"]), images)
+      totals[name] = totals.get(name, 0) + np.asarray(c, np.int64)
+  return totals
+
+
 def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, negatives,
                 background_index, mesh) -> dict:
   """{layer: {alpha: [...], mIoU: [...], best}}: the pseudo-mask mIoU (finding scoring) of the
@@ -422,8 +444,6 @@ def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, n
   grid = ALPHA_GRID[map_rule]
   k = data.num_classes
   names = tuple(data.class_names) + ("background",)
-  keys = ("image", "labels", "mask", "background") + tuple(inputs)
-  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
 
   @jax.jit
   def confusions(maps, labels, background, truth, valid, settings):
@@ -433,19 +453,14 @@ def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, n
       return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
     return jax.vmap(one)(*settings)
 
-  totals = {}
-  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
-    labels = jnp.asarray(b["labels"])
-    scale_maps = batch_maps(b, labels)
-    for layer in scale_maps[0]:
-      name = layer_name(layer)
-      levels = (np.quantile(negatives[name], grid) if negatives is not None
-                else np.zeros(len(grid)))
-      settings = (jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
-      c = confusions([m[layer] for m in scale_maps], labels,
-                     parallel.shard_identical(b["background"], mesh),
-                     parallel.shard_identical(b["mask"], mesh), jnp.asarray(b["valid"]), settings)
-      totals[name] = totals.get(name, 0) + np.asarray(c, np.int64)
+  def layer_confusions(name, maps, labels, background, truth, valid, images):
+    levels = (np.quantile(negatives[name], grid) if negatives is not None
+              else np.zeros(len(grid)))
+    settings = (jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
+    return confusions(maps, labels, background, truth, valid, settings)
+
+  totals = val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
+                          layer_confusions)
   out = {}
   for name, c in totals.items():
     miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
@@ -458,8 +473,6 @@ def crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule
   """{layer: val pseudo-mask mIoU (finding scoring) with the dense CRF at the layer's alpha}."""
   k = data.num_classes
   names = tuple(data.class_names) + ("background",)
-  keys = ("image", "labels", "mask", "background") + tuple(inputs)
-  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
   crf_cfg = dict(config.crf)
 
   @jax.jit
@@ -470,16 +483,10 @@ def crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule
                           free_background=True)
     return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
 
-  totals = {}
-  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
-    labels = jnp.asarray(b["labels"])
-    scale_maps = batch_maps(b, labels)
-    for layer in scale_maps[0]:
-      name = layer_name(layer)
-      c = confusion([m[layer] for m in scale_maps], labels,
-                    parallel.shard_identical(b["background"], mesh),
-                    parallel.shard_identical(b["mask"], mesh), jnp.asarray(b["valid"]),
-                    parallel.shard_identical(b["image"], mesh), jnp.float32(alpha[name]),
-                    jnp.float32(levels.get(name, 0.0)))
-      totals[name] = totals.get(name, 0) + np.asarray(c, np.int64)
+  def layer_confusion(name, maps, labels, background, truth, valid, images):
+    return confusion(maps, labels, background, truth, valid, images, jnp.float32(alpha[name]),
+                     jnp.float32(levels.get(name, 0.0)))
+
+  totals = val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
+                          layer_confusion, with_images=True)
   return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

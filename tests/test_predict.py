@@ -51,6 +51,76 @@ def test_polygon_areas_equal_the_pixel_counts_of_random_masks():
     assert _area(polygons.polygons(m, scale=4.0)) == 16 * m.sum()  # level-0 coordinates
 
 
+def _rasterise(coords, h: int, w: int) -> np.ndarray:
+  """Even-odd fill of every ring at the pixel centres (an independent point-in-polygon)."""
+  yy, xx = np.mgrid[0:h, 0:w] + 0.5
+  inside = np.zeros((h, w), bool)
+  for ring in (np.asarray(r) for poly in coords for r in poly):
+    for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
+      if y0 != y1:
+        inside ^= (yy > min(y0, y1)) & (yy < max(y0, y1)) & (xx < x0 + (x1 - x0) * (yy - y0) /
+                                                              (y1 - y0))
+  return inside
+
+
+def test_rings_are_simple_and_rasterise_back_to_random_masks():
+  from scipy import ndimage
+  rng = np.random.default_rng(1)
+  for _ in range(60):
+    h, w = rng.integers(1, 20, 2)
+    m = rng.random((h, w)) < rng.random()
+    coords = polygons.polygons(m)
+    np.testing.assert_array_equal(_rasterise(coords, h, w), m)
+    assert len(coords) == ndimage.label(m)[1]  # one polygon per 4-connected region
+    for ring in (r for poly in coords for r in poly):  # no ring touches itself
+      assert len(set(map(tuple, ring[:-1]))) == len(ring) - 1
+
+
+def test_corner_touching_holes_and_a_pinched_exterior_are_split_into_simple_rings():
+  m = np.ones((5, 5), bool)
+  m[1, 1] = m[2, 2] = False  # two holes meeting at one corner (8-connected background)
+  (poly,) = polygons.polygons(m)
+  assert len(poly) == 3 and _area([poly]) == 23
+  assert sorted(len(r) for r in poly[1:]) == [5, 5]  # two unit squares, not one figure of 8
+  u = np.array([[1, 1, 1, 0],
+                [1, 0, 1, 0],
+                [1, 1, 0, 1],   # the hole at (1, 1) reaches the outside through a corner
+                [0, 0, 0, 0]], bool)
+  u[2, 3] = False
+  (poly,) = polygons.polygons(u)
+  assert len(poly) == 2 and _area([poly]) == u.sum()  # an exterior and a hole touching it
+
+
+def _douglas_peucker(points: np.ndarray, tolerance: float) -> list:
+  """The recursive textbook version on an open polyline: indices kept."""
+  a, b = points[0], points[-1]
+  if len(points) < 3:
+    return [0, len(points) - 1]
+  ab = b - a
+  d = np.abs(ab[0] * (points[1:-1, 1] - a[1]) - ab[1] * (points[1:-1, 0] - a[0]))
+  d = d / (np.hypot(*ab) or 1.0)
+  k = int(np.argmax(d)) + 1
+  if d[k - 1] <= tolerance:
+    return [0, len(points) - 1]
+  left = _douglas_peucker(points[:k + 1], tolerance)
+  right = _douglas_peucker(points[k:], tolerance)
+  return left[:-1] + [k + i for i in right]
+
+
+def test_simplify_rings_equals_the_recursive_douglas_peucker():
+  rng = np.random.default_rng(3)
+  rings = []
+  for _ in range(20):
+    r = np.cumsum(rng.normal(size=(int(rng.integers(6, 40)), 2)), 0)
+    rings.append(np.concatenate([r, r[:1]]))
+  for ring, got in zip(rings, polygons.simplify_rings(rings, 0.8)):
+    far = int(np.argmax(np.hypot(*(ring[:-1] - ring[0]).T)))  # split at the far point first
+    kept = _douglas_peucker(ring[:far + 1], 0.8)[:-1] + [
+        far + i for i in _douglas_peucker(ring[far:], 0.8)]
+    want = ring[kept] if len(kept) >= 4 else ring
+    np.testing.assert_allclose(got, want)
+
+
 def test_simplify_keeps_a_closed_ring_within_the_tolerance():
   y, x = np.mgrid[0:40, 0:40]
   disc = (y - 20) ** 2 + (x - 20) ** 2 < 15 ** 2

@@ -282,9 +282,12 @@ def test_a_slide_gives_a_pyramid_areas_and_regions_that_agree(segment_run, tmp_p
     assert areas[name]["pixels"] == counts[index]
     assert areas[name]["mm2"] == pytest.approx(counts[index] * 0.0005 ** 2)
   regions = json.load(open(out / "regions.geojson"))
+  names = ["TE", "NEC", "LYM", "TAS", "background"]
   for feature in regions["features"]:
     name = feature["properties"]["classification"]["name"]
     assert _area(feature["geometry"]["coordinates"]) == areas[name]["pixels"]
+    np.testing.assert_array_equal(  # the polygons rasterise back to the class's pixels
+        _rasterise(feature["geometry"]["coordinates"], *mask.shape), mask == names.index(name))
   assert not [p for p in os.listdir(out) if "tmp" in p or p.endswith(".u8")]
 
 
@@ -315,3 +318,152 @@ def test_a_killed_slide_run_resumes_to_the_same_mask(segment_run, tmp_path, monk
 def test_a_workdir_that_is_not_a_segment_run_is_one_line(tiny_classifier, tmp_path):
   with pytest.raises(UserError, match="holds a classify run, not a segment run"):
     run_phase(_predict_config(tiny_classifier, str(tmp_path)), str(tmp_path / "out"))
+
+
+# --- Stitching, memory and the mask pyramid, with a stand-in conv net --------------------------------
+def _conv_net(kernel: int, classes: int = 3, seed: int = 0):
+  """A random two-layer conv net with zero ('SAME') padding: translation equivariant, up to
+  the zeros it sees within kernel // 2 px of an input's border."""
+  rng = np.random.default_rng(seed)
+  w1 = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 8)) / kernel, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(1, 1, 8, classes)), jnp.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  @jax.jit
+  def probabilities(images_u8):
+    x = images_u8.astype(jnp.float32) / 127.5 - 1
+    h = jax.nn.relu(jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME", dimension_numbers=dims))
+    return jax.nn.softmax(jax.lax.conv_general_dilated(h, w2, (1, 1), "SAME",
+                                                       dimension_numbers=dims), -1)
+  return probabilities
+
+
+def _slide_run(fn, path, workdir, window, overlap, small_side=None, classes=3):
+  """predict_slide on `path` with `fn` as the model (level-0 px = model px); the mask."""
+  config = _predict_config("unused", path, f",overlap={overlap},min_tissue=0")
+  config.tiff_tile = 64
+  palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255][:3 * (classes + 1)]
+  ctx = {"input_size": window, "num_outputs": classes, "mesh": parallel.mesh_from_config(config),
+         "background_index": classes, "model_downsample": 1.0, "mrn": 0, "min_tissue": 0.0,
+         "palette": palette, "names": [f"c{i}" for i in range(classes)] + ["background"],
+         "setting": "findings", "model_name": "conv", "figures": []}
+  if small_side:  # the GeoJSON's view and the overlay's thumbnail (their defaults: 2048, 1024)
+    ctx["view_side"] = ctx["thumbnail_side"] = small_side
+  os.makedirs(workdir, exist_ok=True)
+  predict.predict_slide(config, str(workdir), path, fn, ctx)
+  return tifffile.imread(os.path.join(workdir, os.path.splitext(os.path.basename(path))[0],
+                                      "mask.tif"))
+
+
+def _window_border_lines(size: int, window: int, stride: int) -> np.ndarray:
+  """Rows (or columns) within 2 px of a window's edge, the slide's own edges left out."""
+  near = np.zeros(size, bool)
+  for start in transforms.window_starts(size, window, stride):
+    for edge in (start, start + window):
+      near[max(0, edge - 2):edge + 2] = True
+  near[:2] = near[-2:] = False
+  return near
+
+
+def test_stitched_windows_equal_the_whole_image_and_leave_no_seams(tmp_path):
+  path, image = _slide(tmp_path / "slide.tif", rows=4, cols=4)   # 192 x 192
+  pointwise = _conv_net(1)   # exactly translation equivariant: stitching must be exact
+  whole = np.argmax(np.asarray(pointwise(jnp.asarray(image[None])))[0], -1)
+  np.testing.assert_array_equal(_slide_run(pointwise, path, tmp_path / "p", 32, 0.5), whole)
+  # 5 x 5 kernels see zeros near each window's edge: without overlap the windows' borders show
+  # as seams against the whole-image prediction; Hann-blended overlap hides them
+  net = _conv_net(5)
+  whole = np.argmax(np.asarray(net(jnp.asarray(image[None])))[0], -1)
+  lines = _window_border_lines(192, 32, 16)
+  border = lines[:, None] | lines[None, :]
+  blended = _slide_run(net, path, tmp_path / "hann", 32, 0.5) != whole
+  abutting = _slide_run(net, path, tmp_path / "box", 32, 0.0) != whole
+  box_lines = _window_border_lines(192, 32, 32)
+  assert abutting[box_lines[:, None] | box_lines[None, :]].mean() > 0.05  # the seams exist
+  assert blended[border].mean() < 0.01 and blended.mean() < 0.01
+
+
+def test_host_memory_stays_flat_as_the_slide_grows(tmp_path, monkeypatch):
+  import gc
+  import tracemalloc
+  net, thresholds = _conv_net(3), gc.get_threshold()
+  rng = np.random.default_rng(0)
+  peaks, finish = {}, predict.finish_slide
+
+  def finish_after_peak(*args):  # the outputs drawn from the thumbnail and the view follow
+    peaks[height] = tracemalloc.get_traced_memory()[1]
+    return finish(*args)
+  for height in (2048, 8192):
+    path = str(tmp_path / f"tall{height}.tif")
+    blocks = rng.integers(0, 256, (height // 16, 16, 3), np.uint8)   # 16 px squares
+    tifffile.imwrite(path, np.kron(blocks, np.ones((16, 16, 1), np.uint8)), tile=(64, 64))
+    _slide_run(net, path, tmp_path / f"warm{height}", 32, 0.25)  # compiled, caches filled
+    monkeypatch.setattr(predict, "finish_slide", finish_after_peak)
+    gc.collect()
+    gc.set_threshold(50)  # JAX's per-call garbage collected often: the peak is what is held
+    tracemalloc.start()
+    try:
+      _slide_run(net, path, tmp_path / f"out{height}", 32, 0.25, small_side=64)
+    finally:
+      tracemalloc.stop()
+      gc.set_threshold(*thresholds)
+    monkeypatch.setattr(predict, "finish_slide", finish)
+  # four times the pixels, the same peak over the windows and the TIFF: rows stream through,
+  # and the peak grows by less than a tenth of the pixels the slide gained
+  assert peaks[8192] - peaks[2048] < 0.1 * (8192 - 2048) * 256 * 3, peaks
+
+
+@pytest.mark.parametrize("height,width", [(300, 517), (64, 64), (129, 40)])
+def test_the_mask_pyramid_equals_nearest_levels_of_the_mask_however_rows_arrive(
+    tmp_path, height, width):
+  from wsss_jax.mask_pyramid import MaskPyramid
+  rng = np.random.default_rng(height)
+  mask = (rng.random((height, width)) * 3).astype(np.uint8)
+  cuts = np.unique(np.r_[0, rng.integers(1, height, 6), height])
+  pyramid = MaskPyramid(str(tmp_path), height, width, 16, [0] * 12, view_side=50)
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    pyramid.add_rows(int(a), mask[a:b])
+    if b > height // 2 and not os.path.exists(tmp_path / "half"):  # killed here ...
+      pyramid.release()
+      (tmp_path / "half").write_text(str(b))
+      pyramid = MaskPyramid(str(tmp_path), height, width, 16, [0] * 12, view_side=50)
+      pyramid.resume(int(b))  # ... and resumed from the raw rows
+  step = pyramid.view_step
+  np.testing.assert_array_equal(pyramid.view, mask[::step, ::step])
+  with pytest.raises(ValueError, match="in order"):
+    pyramid.add_rows(0, mask[:1])
+  pyramid.close(str(tmp_path / "mask.tif"))
+  with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
+    levels = [level.asarray() for level in tif.series[0].levels]
+  assert len(levels) == len(pyramid.levels)
+  for level, want in zip(levels, [mask[::f, ::f] for f in (1, 2, 4, 8, 16, 32)]):
+    np.testing.assert_array_equal(level, want)
+  assert sorted(os.listdir(tmp_path)) == ["half", "mask.tif"]  # raw and spill files gone
+
+
+def test_bad_inputs_are_one_line_each_and_leave_nothing_written(segment_run, mrn_run, tmp_path):
+  out = tmp_path / "out"
+  broken = tmp_path / "broken.tif"
+  broken.write_bytes(b"II*\x00" + b"\x17" * 300)  # a TIFF header, then garbage
+  with pytest.raises(UserError, match="broken.tif cannot be read"):
+    run_phase(_predict_config(segment_run, str(broken)), str(out))
+  small = tmp_path / "small.tif"   # a window is 32 model px = 48 slide px for this model
+  tifffile.imwrite(small, np.zeros((40, 60, 3), np.uint8))
+  with pytest.raises(UserError, match="60 x 40 px, smaller than one window"):
+    run_phase(_predict_config(segment_run, str(small)), str(out))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "notes.txt").write_text("no images here")
+  with pytest.raises(UserError, match="holds no images"):
+    run_phase(_predict_config(segment_run, str(empty)), str(out))
+  assert os.listdir(out) == []  # refused before anything was written
+  tiles = _tiles(tmp_path / "tiles", n=3)
+  (tmp_path / "tiles" / "t1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  summary = run_phase(_predict_config(segment_run, tiles, ",gate=off"), str(out))
+  assert summary["unreadable"] == ["t1.png"] and summary["predicted_now"] == 2
+  assert sorted(os.listdir(out / "masks")) == ["t0.png", "t2.png"]
+  assert "t1.png" in (out / "unreadable_tiles.txt").read_text()
+  before = {p: (out / p).read_bytes() for p in ("config.json", "model.json")}
+  with pytest.raises(UserError, match="holds predictions of the segment run .* use another"):
+    run_phase(_predict_config(mrn_run, tiles, ",gate=off"), str(out))
+  assert {p: (out / p).read_bytes() for p in before} == before  # the first run's record kept

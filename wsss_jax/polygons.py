@@ -71,18 +71,24 @@ def _ring_order(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split_pinches(ring: np.ndarray) -> list[np.ndarray]:
-  """An unclosed ring that passes a vertex twice (8-connected background at a corner) as two
-  rings touching there, as simple features want (a hole may touch its shell or another hole
-  at one point; a ring may not touch itself)."""
-  keys = [tuple(p) for p in ring.tolist()]
-  seen: dict = {}
-  for j, key in enumerate(keys):
-    if key in seen:
-      i = seen[key]
-      return (_split_pinches(ring[i:j]) +
-              _split_pinches(np.concatenate([ring[j:], ring[:i]])))
-    seen[key] = j
-  return [ring]
+  """An unclosed ring that passes a vertex more than once (8-connected background at a corner)
+  as rings touching there, as simple features want (a hole may touch its shell or another hole
+  at one point; a ring may not touch itself): each return to a vertex on the path so far closes
+  the loop since then as a ring of its own."""
+  path: list = []
+  where: dict = {}
+  rings = []
+  for vertex in map(tuple, ring.tolist()):
+    if vertex in where:
+      i = where[vertex]
+      rings.append(np.asarray(path[i:], np.float64))
+      for v in path[i + 1:]:
+        del where[v]
+      del path[i + 1:]
+    else:
+      where[vertex] = len(path)
+      path.append(vertex)
+  return rings + [np.asarray(path, np.float64)]
 
 
 def _corners(ring: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ PHASES = {
 }
 # phases that resume from checkpoints: they record their config once those are accepted
 # (loop.start_run); the others record it before they start
-RESUMING = ("pretrain", "classify", "segment")
+RESUMING = ("pretrain", "classify", "segment", "predict")  # write their own config.json once accepted
 
 
 def prepare_workdir(workdir: str | None) -> str:

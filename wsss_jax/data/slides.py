@@ -160,8 +160,16 @@ class Slide:
     d = max(1.0, max(h, w) / max_side)
     level = self.best_level(d)
     lh, lw = self.levels[level]
-    pixels = self.read_level(level, 0, 0, lh, lw)
     size = (max(1, int(round(w / d))), max(1, int(round(h / d))))
+    # a level much larger than the thumbnail (a slide without small levels) is read in bands,
+    # each box-down-sampled by a whole factor at once, so the level is never whole in memory
+    f = max(1, int(d / self.downsamples[level]))
+    if f == 1:
+      pixels = self.read_level(level, 0, 0, lh, lw)
+    else:
+      band = f * max(1, 256 // f)
+      pixels = np.concatenate([box_downsample(self.read_level(level, y, 0, band, lw // f * f), f)
+                               [:math.ceil(min(band, lh - y) / f)] for y in range(0, lh, band)])
     if (lw, lh) != size:
       pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.BOX))
     return pixels, h / size[1]

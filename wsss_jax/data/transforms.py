@@ -142,8 +142,9 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
   if factor == 1:
     return image
   h, w = image.shape[:2]
-  x = image.reshape(h // factor, factor, w // factor, factor, -1).astype(np.float32)
-  return np.round(x.mean(axis=(1, 3))).astype(image.dtype).reshape(
+  x = image.reshape(h // factor, factor, w // factor, factor, -1)
+  total = x.sum(axis=(1, 3), dtype=np.uint32)  # summed in place: no float copy of the input
+  return np.round(total / np.float32(factor * factor)).astype(image.dtype).reshape(
       (h // factor, w // factor) + image.shape[2:])
 
 

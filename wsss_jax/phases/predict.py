@@ -32,7 +32,6 @@ import concurrent.futures
 import json
 import math
 import os
-import threading
 import time
 
 import jax
@@ -42,12 +41,14 @@ import numpy as np
 from PIL import Image
 
 from wsss_jax import overlays, parallel, polygons, runs
+from wsss_jax.mask_pyramid import MaskPyramid
 from wsss_jax.data import folders, mask_files, slides, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN
 from wsss_jax.progress import Progress
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.tasks.segment import gate as apply_gate, load_gate_classifier
+from wsss_jax.workdir import write_config
 from wsss_jax.writers import MetricWriter
 
 MODES = ("auto", "tiles", "slides")
@@ -139,6 +140,14 @@ def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarr
 
 
 # --- Tiles ---------------------------------------------------------------------------------------------
+def _read_tile(path: str):
+  """The tile's pixels, or the one-line reason it cannot be read."""
+  try:
+    return folders.read_image(path)
+  except UserError as e:
+    return str(e)
+
+
 def predict_tiles(config, workdir, files, fn, ctx) -> dict:
   size, mesh = ctx["input_size"], ctx["mesh"]
   mask_dir = os.path.join(workdir, "masks")
@@ -152,14 +161,21 @@ def predict_tiles(config, workdir, files, fn, ctx) -> dict:
   progress = Progress("predict tiles", len(files), config.progress_every_s)
   done = len(files) - len(todo)
   progress.update(done)  # starts the clock
-  shown = []
+  shown, unreadable = [], []
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
   record = open(os.path.join(workdir, "tiles.jsonl"), "a", encoding="utf-8")
   started = time.perf_counter()
   try:
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    reading = pool.map(lambda c: [folders.read_image(f) for f, _ in c], chunks)
+    reading = pool.map(lambda c: [_read_tile(f) for f, _ in c], chunks)
     for chunk, images in zip(chunks, reading):
+      unreadable += [(path, why) for (path, _), why in zip(chunk, images) if isinstance(why, str)]
+      done += len(chunk)
+      chunk = [c for c, im in zip(chunk, images) if not isinstance(im, str)]
+      images = [im for im in images if not isinstance(im, str)]
+      if not chunk:
+        progress.update(done)
+        continue
       inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
                          for im in images])
       if not ctx["mrn"]:
@@ -188,17 +204,23 @@ def predict_tiles(config, workdir, files, fn, ctx) -> dict:
         if len(shown) < config.overlays:
           shown.append((image, None, {"prediction": mask}))
       record.flush()
-      done += len(chunk)
       progress.update(done)
   finally:
     record.close()
     pool.shutdown(wait=True)
+  if unreadable:  # new data has the odd broken file: it is named, the others predicted
+    listing = os.path.join(workdir, "unreadable_tiles.txt")
+    with open(listing, "w", encoding="utf-8") as f:
+      f.writelines(f"{why}\n" for _, why in unreadable)
+    print(f"predict: {len(unreadable)} of {len(files)} tiles could not be read and have no "
+          f"mask (listed in {listing})", flush=True)
   if shown:
     figure = overlays.mask_figure(shown, ctx["palette"], ctx["names"],
                                   f"predict: segmenter {ctx['model_name']} on {len(files)} tiles")
     overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure)
     ctx["figures"].append(("predict/tiles", figure))
-  return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo),
+  return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo) - len(unreadable),
+          "unreadable": [os.path.basename(p) for p, _ in unreadable],
           "seconds": time.perf_counter() - started}
 
 
@@ -250,37 +272,39 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   stride = max(1, int(round(win * (1 - config.overlap))))
   ys, xs = transforms.window_starts(hm, win, stride), transforms.window_starts(wm, win, stride)
   weights = hann_weights(win)
-  mask_path = os.path.join(out, "mask.level0.u8")
   progress_path = os.path.join(out, "progress.npz")
-  resume = os.path.exists(progress_path) and os.path.exists(mask_path)
-  mask = np.memmap(mask_path, np.uint8, "r+" if resume else "w+", shape=(height, width))
+  resume = (os.path.exists(progress_path) and
+            os.path.exists(os.path.join(out, "mask.level0.u8")))
+  if not resume and os.path.exists(os.path.join(out, "mask.level0.u8")):
+    os.remove(os.path.join(out, "mask.level0.u8"))  # rows without a progress record: redone
+  pyramid = MaskPyramid(out, height, width, config.tiff_tile, ctx["palette"],
+                        ctx.get("view_side", 2048))
   acc = np.zeros((win, wm, k), np.float32)      # open rows: running sums and weights
   wsum = np.zeros((win, wm), np.float32)
   counts = np.zeros(max(k, background + 1), np.int64)
-  first_row, gate = 0, RowGate()
+  first_row = 0
   if resume:
     saved = np.load(progress_path)
     first_row, counts = int(saved["rows_done"]), saved["counts"]
-    gate.advance(int(saved["level0_rows"]))
+    pyramid.resume(int(saved["level0_rows"]))
     acc[:saved["acc"].shape[0]], wsum[:saved["wsum"].shape[0]] = saved["acc"], saved["wsum"]
     print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
-  windows = [(y, x) for y in ys for x in xs]
   min_tissue = ctx["min_tissue"]
-  share = (slides.tissue_shares(slide, [(y * d, x * d) for y, x in windows], win * d)
-           if min_tissue > 0 else np.ones(len(windows)))
-  keep = dict(zip(windows, share >= min_tissue))
+  share = (slides.tissue_shares(slide, ((y * d, x * d) for y in ys for x in xs), win * d)
+           if min_tissue > 0 else np.ones(len(ys) * len(xs)))
+  keep = (share >= min_tissue).reshape(len(ys), len(xs))   # [window row, window column]
   columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
   progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
   progress.update(first_row * len(xs))  # starts the clock
   # wall time the main thread spends waiting for a row's reads (they run ahead in a thread),
   # computing, handing finished rows to the row writer (and waiting for the one before), and
-  # finishing the outputs (pyramid, GeoJSON, overlay)
+  # finishing the outputs (copying the encoded tiles into the TIFF, GeoJSON, overlay)
   timing = {"read_wait": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
   started = time.perf_counter()
 
-  def read_row(row):
-    """The row's windows, and for MRN each window's context (same centre, side x scale)."""
-    origins = [(int(round(row * d)), int(round(x * d))) for x in xs if keep[(row, x)]]
+  def read_row(i):
+    """Row i's windows, and for MRN each window's context (same centre, side x scale)."""
+    origins = [(int(round(ys[i] * d)), int(round(x * d))) for x, k in zip(xs, keep[i]) if k]
     targets = [slide.read_region(top, left, win, d) for top, left in origins]
     if not ctx["mrn"]:
       return targets, None
@@ -294,32 +318,29 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
     r0, r1 = int(math.ceil(y * d)), min(height, int(math.ceil((y + n) * d)))
     rows = np.minimum(((np.arange(r0, r1) / d) - y).astype(np.int64), n - 1)
     level0 = labels[rows][:, columns]
-    mask[r0:r1] = level0
+    pyramid.add_rows(r0, level0)  # raw rows for a resume; every level's tiles encoded
     counts[:] += np.bincount(level0.ravel(), minlength=len(counts))[:len(counts)]
-    mask.flush()
     _save_progress(progress_path, rows_done=rows_done, counts=counts, acc=open_acc,
                    wsum=open_wsum, level0_rows=r1)
-    gate.advance(r1)  # the TIFF writer may take these rows
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   row_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   finishing = None
-  tiff_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  tiff = tiff_writer.submit(write_pyramid, os.path.join(out, "mask.tif"), mask, ctx["palette"],
-                            config.tiff_tile, gate.wait)  # level 0 streams out as rows finish
+  # for the overlay, read while rows compute
+  thumbnail = pool.submit(slide.thumbnail, ctx.get("thumbnail_side", 1024))
   try:
-    pending = pool.submit(read_row, ys[first_row]) if first_row < len(ys) else None
+    pending = pool.submit(read_row, first_row) if first_row < len(ys) else None
     for i in range(first_row, len(ys)):
       y = ys[i]
       t0 = time.perf_counter()
       tiles, contexts = pending.result()
       timing["read_wait"] += time.perf_counter() - t0
-      pending = pool.submit(read_row, ys[i + 1]) if i + 1 < len(ys) else None  # read ahead
+      pending = pool.submit(read_row, i + 1) if i + 1 < len(ys) else None  # read ahead
       t0 = time.perf_counter()
       if tiles:
         probs = run_batches(fn, np.stack(tiles), config.batch_size, mesh,
                             np.stack(contexts) if contexts else None)
-        for p, x in zip(probs, [x for x in xs if keep[(y, x)]]):
+        for p, x in zip(probs, [x for x, k in zip(xs, keep[i]) if k]):
           acc[:, x:x + win] += p * weights[..., None]
           wsum[:, x:x + win] += weights
       timing["compute"] += time.perf_counter() - t0
@@ -339,24 +360,20 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
     if finishing is not None:
       finishing.result()
   except BaseException:
-    gate.abort()  # the writer stops; its temporary file is rewritten on the next run
+    pyramid.release()  # its raw rows stay for the next run to resume from
     raise
   finally:
     pool.shutdown(wait=True)
     row_writer.shutdown(wait=True)
-    tiff_writer.shutdown(wait=False)
   t0 = time.perf_counter()
-  gate.advance(height)
-  tiff.result()  # the rest of level 0 and the smaller levels
-  summary = finish_slide(config, out, name, path, slide, mask, counts, ctx)
+  pyramid.close(os.path.join(out, "mask.tif"))
+  summary = finish_slide(config, out, name, path, thumbnail.result()[0], pyramid, counts, ctx)
   timing["finish"] += time.perf_counter() - t0
-  mask = None  # unmapped before its file goes
-  os.remove(mask_path)
   os.remove(progress_path)
   slide.close()
   total = time.perf_counter() - started
-  computed = int(sum(keep.values()))
-  summary |= {"windows": len(windows), "windows_computed": computed,
+  computed = int(keep.sum())
+  summary |= {"windows": int(keep.size), "windows_computed": computed,
               "windows_per_sec": computed / max(timing["compute"], 1e-9),
               "megapixels_per_sec": height * width / 1e6 / max(total, 1e-9),
               "seconds": total, "time_share": {k: v / max(total, 1e-9) for k, v in
@@ -367,69 +384,7 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   return summary
 
 
-class RowGate:
-  """How many level-0 mask rows are final; a writer waits for the rows it needs."""
-
-  def __init__(self, rows: int = 0):
-    self.rows, self.aborted = rows, False
-    self._cond = threading.Condition()
-
-  def advance(self, rows: int) -> None:
-    with self._cond:
-      self.rows = max(self.rows, rows)
-      self._cond.notify_all()
-
-  def abort(self) -> None:
-    with self._cond:
-      self.aborted = True
-      self._cond.notify_all()
-
-  def wait(self, rows: int) -> None:
-    with self._cond:
-      self._cond.wait_for(lambda: self.rows >= rows or self.aborted)
-      if self.aborted:
-        raise RuntimeError("the prediction stopped before these rows were final")
-
-
-def write_pyramid(path: str, mask: np.ndarray, palette: list, tile: int,
-                  wait_rows=None) -> None:
-  """A tiled pyramidal TIFF of the class indices (palette colour map), level 0 first and each
-  further level half the size (nearest), as SubIFDs; every level written tile by tile from the
-  memory-mapped mask, then renamed into place. With `wait_rows(n)` level 0 is written while the
-  prediction runs, each band of tiles once its rows are final."""
-  import tifffile
-  levels, (h, w) = [], mask.shape
-  factor = 2
-  while max(h // factor, w // factor) >= tile:
-    levels.append(factor)
-    factor *= 2
-  colourmap = np.zeros((3, 256), np.uint16)
-  rgb = np.asarray(palette, np.uint16).reshape(-1, 3)
-  colourmap[:, :len(rgb)] = rgb.T * 257
-
-  def tiles(step):
-    view = mask[::step, ::step]
-    for y in range(0, view.shape[0], tile):
-      if step == 1 and wait_rows is not None:
-        wait_rows(min(y + tile, h))
-      for x in range(0, view.shape[1], tile):
-        block = np.zeros((tile, tile), np.uint8)
-        part = np.asarray(view[y:y + tile, x:x + tile])
-        block[:part.shape[0], :part.shape[1]] = part
-        yield block
-
-  tmp = path + ".tmp.tif"
-  with tifffile.TiffWriter(tmp, bigtiff=mask.size > 2**31) as tif:
-    options = dict(tile=(tile, tile), dtype=np.uint8, photometric="palette",
-                   colormap=colourmap, compression="zlib")
-    tif.write(tiles(1), shape=(h, w), subifds=len(levels), **options)
-    for step in levels:
-      sub = mask[::step, ::step].shape
-      tif.write(tiles(step), shape=sub, subfiletype=1, **options)
-  os.replace(tmp, path)
-
-
-def finish_slide(config, out, name, path, slide, mask, counts, ctx) -> dict:
+def finish_slide(config, out, name, path, thumb, pyramid, counts, ctx) -> dict:
   """overlay.png, areas.csv and regions.geojson of a predicted slide; its summary."""
   names, background = ctx["names"], ctx["background_index"]
   mpp = slide_microns_per_pixel(path)
@@ -451,16 +406,14 @@ def finish_slide(config, out, name, path, slide, mask, counts, ctx) -> dict:
                for key in ("mm2", "share_of_slide", "share_of_tissue")]
       f.write(f"{a['class']},{a['pixels']}," + ",".join(cells) + "\n")
   os.replace(os.path.join(out, "areas.csv.tmp"), os.path.join(out, "areas.csv"))
-  # GeoJSON and the overlay from a level at most 2048 px on its longer side
-  step = max(1, math.ceil(max(mask.shape) / 2048))
-  small = np.ascontiguousarray(mask[::step, ::step])
+  # GeoJSON and the overlay from the pyramid's view (at most 2048 px on its longer side)
+  step, small = pyramid.view_step, pyramid.view
   colours = np.asarray(ctx["palette"], np.uint8).reshape(-1, 3)
   regions = polygons.feature_collection(small, names, background, scale=step,
                                         tolerance=config.geojson_tolerance, colours=colours)
   with open(os.path.join(out, "regions.geojson.tmp"), "w", encoding="utf-8") as f:
     json.dump(regions, f)
   os.replace(os.path.join(out, "regions.geojson.tmp"), os.path.join(out, "regions.geojson"))
-  thumb, _ = slide.thumbnail(1024)
   th, tw = thumb.shape[:2]
   shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
   legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
@@ -469,7 +422,8 @@ def finish_slide(config, out, name, path, slide, mask, counts, ctx) -> dict:
                                 f"{name}: segmenter {ctx['model_name']}", legend)
   overlays.save(os.path.join(out, "overlay.png"), figure)
   ctx["figures"].append((f"predict/{name}", figure))
-  return {"slide": path, "name": name, "shape": list(mask.shape), "microns_per_pixel": mpp,
+  return {"slide": path, "name": name, "shape": [pyramid.height, pyramid.width],
+          "microns_per_pixel": mpp,
           "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",
                                       "regions.geojson"]}
 
@@ -504,6 +458,45 @@ def _gate_scores(seg, config, mesh):
   return scores
 
 
+MODEL_RECORD = "model.json"
+
+
+def check_slides(files: list[str], ctx: dict, config) -> None:
+  """Every slide opens and holds one window at least, before anything is written."""
+  win = ctx["input_size"]
+  side = win * ctx["model_downsample"] * config.downsample   # a window in level-0 px
+  for path in files:
+    slide = slides.Slide(path)  # an unreadable slide is named in one line
+    height, width = slide.shape
+    slide.close()
+    if min(height, width) < side:
+      raise UserError(f"slide {path} is {width} x {height} px, smaller than one window "
+                      f"({win} model px = {side:.0f} slide px): predict it with mode=tiles "
+                      f"(resized to the model's input) or a smaller downsample")
+
+
+def accept_workdir(config, workdir: str, seg: runs.Segmenter) -> None:
+  """Refuses a workdir holding predictions of another model (a resumed run would mix the two);
+  otherwise records this run (config.json, and the model it uses)."""
+  record = {"model": os.path.abspath(seg.workdir), "step": int(seg.step)}
+  path = os.path.join(workdir, MODEL_RECORD)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        found = json.load(f)
+    except (OSError, ValueError):
+      found = {"model": "an unreadable record", "step": "?"}
+    if found != record:
+      raise UserError(f"--workdir={workdir} holds predictions of the segment run "
+                      f"{found.get('model')} (step {found.get('step')}); this run uses "
+                      f"{record['model']} (step {record['step']}): use another --workdir")
+  write_config(config, workdir)
+  if parallel.is_main_process():
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
 def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
@@ -529,6 +522,9 @@ def run(config, workdir: str) -> dict:
          # fluorescence) compute every window unless a share is given
          "min_tissue": (config.min_tissue if config.min_tissue >= 0 else
                         0.1 if folders.resolve(data, "setting") == "tissue" else 0.0)}
+  if mode == "slides":
+    check_slides(files, ctx, config)
+  accept_workdir(config, workdir, seg)  # nothing is written before this point
   fn = make_probabilities(seg, data, mesh)
   print(f"predict: {len(files)} {mode} with the segment run {seg.workdir} (step {seg.step})",
         flush=True)

@@ -9,6 +9,7 @@ with a tolerance in output pixels.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 # a directed edge keeps the region on its left; directions indexed right, down, left, up
 # (moves in (dx, dy) with y down), so a left turn from direction d is (d + 3) % 4
@@ -189,7 +190,6 @@ def polygons(binary: np.ndarray, scale: float = 1.0, tolerance: float = 0.0) -> 
   """GeoJSON polygon coordinates ([exterior, hole, ...] per polygon) of the regions of `binary`,
   vertices multiplied by `scale` (e.g. to level-0 slide pixels), simplified by `tolerance` in
   those units."""
-  from scipy import ndimage
   rings = trace_rings(binary)
   # every ring borders one 4-connected region (the pixels on its left): each region has one
   # exterior ring, and its holes are the other rings on the same region

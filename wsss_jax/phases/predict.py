@@ -14,17 +14,20 @@ pairs are at the slide's resolution, each window with its context; `downsample` 
 further) slide over the image with `overlap`, each window's class probabilities weighted by
 a Hann window (zero weight at the border, so seams fade out) and summed; windows with less than
 `min_tissue` tissue (the slide module's tissue mask) are not computed and come out as
-background. Rows of windows are read by a thread pool ahead of the device and finished rows are
-written at once, so memory stays flat as the slide grows: the level-0 mask lives in a file
-mapped to memory, the running sums only for the rows still open; a writer thread streams the
-TIFF's level 0 out while later rows compute. Per slide, in <slide name>/:
-mask.tif (a tiled pyramidal TIFF of class indices, written from the mapped mask level by level),
+background. Rows of windows are read by a thread pool ahead of the device, and a row writer
+takes each finished row while the next computes: the running sums are kept only for the rows
+still open, and every pyramid level's tiles are encoded as their rows arrive (`MaskPyramid`),
+so memory stays flat as the slide grows and little is left to do after the last window.
+Per slide, in <slide name>/:
+mask.tif (a tiled pyramidal TIFF of class indices, each further level half the size),
 overlay.png (thumbnail with the mask blended and a legend), areas.csv / areas.json (per class:
 pixels, mm^2 when the slide states its resolution, share of the tissue) and regions.geojson
 (one MultiPolygon per class in level-0 pixel coordinates, QuPath's `classification` property,
 simplified by `geojson_tolerance` px). A killed run restarts where it stopped: each finished row
-of windows is recorded (progress.npz, written then renamed) and every output appears under its
-final name only when complete.
+of windows is recorded (progress.npz, written then renamed; the mask's rows so far in a raw
+file) and every output appears under its final name only when complete. The inputs are
+checked (every slide opens and holds a window) and a workdir holding another model's
+predictions refused before anything is written; unreadable tiles are skipped and listed.
 """
 from __future__ import annotations
 
@@ -406,22 +409,29 @@ def finish_slide(config, out, name, path, thumb, pyramid, counts, ctx) -> dict:
                for key in ("mm2", "share_of_slide", "share_of_tissue")]
       f.write(f"{a['class']},{a['pixels']}," + ",".join(cells) + "\n")
   os.replace(os.path.join(out, "areas.csv.tmp"), os.path.join(out, "areas.csv"))
-  # GeoJSON and the overlay from the pyramid's view (at most 2048 px on its longer side)
+  # GeoJSON and the overlay from the pyramid's view (at most 2048 px on its longer side), the
+  # two at once: tracing and PNG compression are mostly outside the interpreter lock
   step, small = pyramid.view_step, pyramid.view
   colours = np.asarray(ctx["palette"], np.uint8).reshape(-1, 3)
-  regions = polygons.feature_collection(small, names, background, scale=step,
-                                        tolerance=config.geojson_tolerance, colours=colours)
-  with open(os.path.join(out, "regions.geojson.tmp"), "w", encoding="utf-8") as f:
-    json.dump(regions, f)
-  os.replace(os.path.join(out, "regions.geojson.tmp"), os.path.join(out, "regions.geojson"))
-  th, tw = thumb.shape[:2]
-  shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
-  legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
-  figure = overlays.grid_figure([[thumb, overlays.blend(thumb, shown, ctx["palette"], background)]],
-                                ["slide", "prediction"],
-                                f"{name}: segmenter {ctx['model_name']}", legend)
-  overlays.save(os.path.join(out, "overlay.png"), figure)
-  ctx["figures"].append((f"predict/{name}", figure))
+
+  def write_regions():
+    regions = polygons.feature_collection(small, names, background, scale=step,
+                                          tolerance=config.geojson_tolerance, colours=colours)
+    with open(os.path.join(out, "regions.geojson.tmp"), "w", encoding="utf-8") as f:
+      f.write(json.dumps(regions))  # json.dumps runs the C encoder; json.dump does not
+    os.replace(os.path.join(out, "regions.geojson.tmp"), os.path.join(out, "regions.geojson"))
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    regions = pool.submit(write_regions)
+    th, tw = thumb.shape[:2]
+    shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
+    legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
+    figure = overlays.grid_figure(
+        [[thumb, overlays.blend(thumb, shown, ctx["palette"], background)]],
+        ["slide", "prediction"], f"{name}: segmenter {ctx['model_name']}", legend)
+    overlays.save(os.path.join(out, "overlay.png"), figure)
+    ctx["figures"].append((f"predict/{name}", figure))
+    regions.result()
   return {"slide": path, "name": name, "shape": [pyramid.height, pyramid.width],
           "microns_per_pixel": mpp,
           "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",

@@ -94,7 +94,54 @@ class DropPath(nn.Module):
 _dense_init = nn.initializers.xavier_uniform()
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn", "pallas")
+# Token counts the fused kernels are given: cuDNN's flash attention refused ViT-B/16's 197 and
+# the MAE encoder's 50 tokens ("Unsupported sequence length"), and Pallas' TPU flash attention
+# works in blocks of 128 tokens. Padded keys are masked out and padded queries dropped.
+PAD_MULTIPLE = {"cudnn": 64, "pallas": 128}
+
+
+def padded_attention(q, k, v, multiple: int, implementation: str | None):
+  """softmax(q k^T / sqrt(d)) v for (batch, tokens, heads, head_dim) inputs through
+  `jax.nn.dot_product_attention(implementation=...)`, with the tokens padded to a multiple of
+  `multiple` and the padded keys masked (`key_value_seq_lengths`); the padded queries' rows are
+  cut off, so they get no gradient."""
+  b, n = q.shape[:2]
+  padded = -(-n // multiple) * multiple
+  if padded == n:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  widths = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.full((b,), n, jnp.int32),
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+def pallas_attention(q, k, v, multiple: int = PAD_MULTIPLE["pallas"]):
+  """The same through the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops`): the
+  padded tokens form a segment of their own (segment ids 0 against 1), so real queries never see
+  padded keys. Runs on TPUs, and anywhere under `pltpu.force_tpu_interpret_mode()`."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  b, n, _, d = q.shape
+  padded = -(-n // multiple) * multiple
+  widths = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+  q, k, v = (jnp.transpose(jnp.pad(t, widths), (0, 2, 1, 3)) for t in (q, k, v))  # b h n d
+  ids = jnp.broadcast_to((jnp.arange(padded) < n).astype(jnp.int32), (b, padded))
+  out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(ids, ids), sm_scale=d**-0.5)
+  return jnp.transpose(out, (0, 2, 1, 3))[:, :n]
+
+
+def fused_attention(q, k, v, implementation: str):
+  """Attention through the kernel `implementation` names ("jax": jax's own choice, "cudnn":
+  cuDNN flash attention on padded tokens, "pallas": the Pallas TPU kernel)."""
+  if implementation == "pallas":
+    return pallas_attention(q, k, v)
+  if implementation == "cudnn":
+    return padded_attention(q, k, v, PAD_MULTIPLE["cudnn"], CUDNN_KERNEL)
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+CUDNN_KERNEL = "cudnn"  # what model.attention=cudnn asks jax for (tests on the CPU swap in "xla")
 
 
 class Attention(nn.Module):
@@ -104,8 +151,8 @@ class Attention(nn.Module):
   tokens) are computed explicitly and sown for relevance maps. Otherwise the normalisation is
   applied after the value product, softmax(l) v = (exp(l - max) v) / sum exp(l - max), which
   divides a (.., tokens, head_dim) tensor instead of a (.., tokens, tokens) one (BENCHMARKS.md).
-  `implementation="jax"` calls `jax.nn.dot_product_attention` (which picks its own kernel) and
-  "cudnn" forces cuDNN's fused (flash) attention through it: GPU, bf16/fp16 only.
+  `implementation` "jax", "cudnn" or "pallas" hands the product to a fused kernel
+  (`fused_attention`); relevance maps always take the written-out path.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -118,9 +165,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     if self.implementation != "xla" and not self.is_mutable_collection("intermediates"):
-      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         implementation=None if self.implementation == "jax"
-                                         else self.implementation)
+      out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.implementation)
       return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
           out.reshape(b, n, d))
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))

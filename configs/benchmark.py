@@ -24,7 +24,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
                              width=1.0, relevance="", matmul=2048,
-                             attention="xla", profile=False, fsdp=1,
+                             attention="xla", gelu="exact", profile=False, fsdp=1,
                              devices=-1, remat="none", scan=False, backbone="resnet101",
                              real_input=False, workers=0, threads=2)
   config = config_lib.common("benchmark")
@@ -65,7 +65,8 @@ def get_config(arg=None):
     config.mixup_alpha = config.cutmix_alpha = config.label_smoothing = 0.0
   config.model.name = arg.model
   if arg.model in ("mae", "vit"):
-    config.model.attention = arg.attention  # "cudnn" on GPUs
+    config.model.attention = arg.attention  # "cudnn" on GPUs, "pallas" on TPUs
+    config.model.gelu = arg.gelu            # "tanh": the tanh approximation
   if arg.model == "vit":
     config.model.remat = arg.remat
   config.relevance = arg.relevance  # a maps-phase method spec: time maps/s instead of training

@@ -122,3 +122,59 @@ def test_profile_summary_attributes_device_time_to_ops(tmp_path):
   assert max(shares, key=shares.get) == "matmul"
   assert sum(shares.values()) == pytest.approx(1.0)
   assert benchmark.profile_summary(str(tmp_path / "nothing"), steps=1) == {}
+
+
+_HLO = """HloModule m
+
+%fused_computation (param_0: f32[4,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %rsqrt.1 = f32[4,8]{1,0} rsqrt(%param_0), metadata={op_name="jit(step)/blocks_0/norm1/rsqrt"}
+}
+
+%add_reducer (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add = f32[] add(%a, %b), metadata={op_name="jit(step)/blocks_0/norm1/reduce_sum"}
+}
+
+ENTRY %main (p: f32[4,8]) -> bf16[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %fusion = f32[4,8]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/blocks_0/norm1/rsqrt"}
+  %zero = f32[] constant(0)
+  %reduce.2 = f32[4]{0} reduce(%fusion, %zero), dimensions={1}, to_apply=%add_reducer, metadata={op_name="jit(step)/blocks_0/norm2/reduce_sum"}
+  %erf.3 = f32[4,8]{1,0} erf(%fusion), metadata={op_name="jit(step)/blocks_0/mlp/mlp.activation/erf"}
+  ROOT %convert = bf16[4,8]{1,0} convert(%erf.3), metadata={op_name="jit(step)/blocks_0/mlp/mlp.activation/convert"}
+}
+"""
+
+
+def test_the_fusion_report_tells_fused_from_unfused_work_by_source():
+  report = benchmark.fusion_report(_HLO)
+  norm, gelu = report["layernorm"], report["gelu"]
+  assert (norm["fused_ops"], norm["fusions"], norm["unfused_ops"]) == (1, 1, 1)  # norm2's reduce
+  assert norm["fusion_output_bytes"] == {"f32": 4 * 8 * 4}
+  assert "reduce.2" in norm["unfused"][0]
+  assert (gelu["fused_ops"], gelu["unfused_ops"]) == (0, 2)  # the reducer's add is not counted
+  assert gelu["unfused_by_op"] == {"erf": 1, "convert": 1}
+  assert report["mae_gather"]["fused_ops"] == report["mae_gather"]["unfused_ops"] == 0
+
+
+@pytest.mark.parametrize("model", ["vit", "mae"])
+def test_layernorm_gelu_and_the_mae_gathers_are_fused_in_the_compiled_step(model, tmp_path):
+  """XLA:CPU's fusion of the step (GPUs: benchmarks/gpu_suite.sh prints the same report). The
+  forward passes are fused whole; what the CPU leaves apart is reported, not hidden: the
+  LayerNorm scale's broadcast into the next matmul, the reductions of the LayerNorm parameters'
+  gradients, and the gathers' gradient (a scatter-add)."""
+  config = _config(4)
+  if model == "vit":
+    config = load_config("benchmark", "model=vit,variant=mu/8,image_size=32,batch=4,steps=1,"
+                                      "warmup=1")
+    config.num_devices, config.matmul_size = 1, 256
+  fusion = benchmark.run(config, str(tmp_path))["fusion"]
+  assert fusion["gelu"]["fused_ops"] > 0 and fusion["gelu"]["unfused_ops"] == 0, fusion["gelu"]
+  norm = fusion["layernorm"]
+  assert norm["fused_ops"] > 0 and not {"rsqrt", "divide", "subtract"} & set(norm["unfused_by_op"])
+  assert set(norm["unfused_by_op"]) <= {"broadcast", "reduce", "multiply"}, norm
+  if model == "mae":
+    gather = fusion["mae_gather"]
+    assert gather["fused_ops"] > 0 and "gather" not in gather["unfused_by_op"], gather

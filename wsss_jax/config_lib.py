@@ -147,7 +147,8 @@ def mae_model(variant: str, mask_ratio: float = 0.75, paper: bool = True,
   m.decoder_depth = 8 if paper else 4
   m.decoder_heads = 16 if paper else 8
   m.gather = gather                 # "take" (take_along_axis) or "onehot" (einsum)
-  m.attention = "xla"               # "cudnn": fused flash attention (GPU, bf16)
+  m.attention = "xla"               # "cudnn": flash attention (GPU, bf16), "pallas": TPU kernel
+  m.gelu = "exact"                  # the MLP's GELU: "exact" (erf, the checkpoints') or "tanh"
   m.remat = "none"                  # "block" | "dots": recompute blocks in the backward pass
   m.scan_blocks = False             # one nn.scan over encoder and decoder blocks (fast compiles)
   m.init_from = ""                  # a pretrain workdir to start from (chained pretraining)
@@ -181,7 +182,8 @@ def classifier_model(backbone: str, variant: str = "S/16", width: float = 1.0,
   m.linear_probe = probe
   m.drop_path = 0.2
   m.pos_embed = "sincos"               # ViT; "learned" for timm's supervised checkpoints
-  m.attention = "xla"                  # ViT; "cudnn": fused flash attention (GPU, bf16)
+  m.attention = "xla"                  # ViT; "cudnn": flash attention (GPU, bf16), "pallas": TPU
+  m.gelu = "exact"                     # ViT; the MLP's GELU: "exact" (erf) or "tanh"
   m.remat = "none"                     # ViT; "block" | "dots": recompute blocks in the backward
   m.init_from = ""
   return m

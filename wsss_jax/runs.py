@@ -29,7 +29,6 @@ class Classifier(NamedTuple):
   data: dict        # the run's data section (config.json)
 
 
-# --- A classifier ---------------------------------------------------------------------------------
 # --- The classifier ---------------------------------------------------------------------------------
 def load_classifier(workdir: str, mesh, field: str = "classifier_workdir") -> Classifier:
   """The latest checkpoint of a classify run, with its model rebuilt and its data section;

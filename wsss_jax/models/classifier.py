@@ -72,7 +72,8 @@ def build_classifier(model_cfg, image_size: int, num_classes: int, dtype=jnp.flo
     encoder = VisionTransformer.from_variant(
         model_cfg.variant, image_size, drop_path=0.0 if model_cfg.linear_probe
         else model_cfg.drop_path, pos_embed_kind=model_cfg.get("pos_embed", "sincos"), dtype=dtype,
-        attention=model_cfg.get("attention", "xla"), remat=model_cfg.get("remat", "none"))
+        attention=model_cfg.get("attention", "xla"), remat=model_cfg.get("remat", "none"),
+        gelu=model_cfg.get("gelu", "exact"))
     return ViTClassifier(encoder, num_classes, model_cfg.pool, model_cfg.linear_probe, dtype)
   backbone = build_cnn_backbone(name, model_cfg.width, dtype, frozen_bn=model_cfg.freeze_bn,
                                 output_stride=model_cfg.output_stride,

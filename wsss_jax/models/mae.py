@@ -200,7 +200,7 @@ class MaskedAutoencoder(nn.Module):
         sincos_2d_posemb(self.decoder_width, enc.grid_size))[None]
     self.decoder_blocks = make_blocks(self.decoder_depth, self.decoder_heads,
                                       4 * self.decoder_width, dtype=self.dtype,
-                                      attention=enc.attention, remat=enc.remat,
+                                      attention=enc.attention, remat=enc.remat, gelu=enc.gelu,
                                       scan=enc.scan_blocks)
     self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.decoder_pred = nn.Dense(enc.patch_size**2 * 3, dtype=self.dtype,
@@ -245,6 +245,7 @@ def build_mae(model_cfg, image_size: int, dtype=jnp.float32) -> MaskedAutoencode
                     f"model.decoder_heads={model_cfg.decoder_heads}")
   encoder = VisionTransformer.from_variant(model_cfg.variant, image_size, dtype=dtype,
                                            attention=model_cfg.get("attention", "xla"),
+                                           gelu=model_cfg.get("gelu", "exact"),
                                            remat=model_cfg.get("remat", "none"),
                                            scan_blocks=model_cfg.get("scan_blocks", False))
   return MaskedAutoencoder(

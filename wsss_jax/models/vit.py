@@ -182,9 +182,13 @@ class Attention(nn.Module):
     return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
 
 
+GELUS = ("exact", "tanh")
+
+
 class Mlp(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
+  gelu: str = "exact"   # "tanh": the tanh approximation (one transcendental instead of erf)
 
   @nn.compact
   def __call__(self, x):
@@ -194,7 +198,9 @@ class Mlp(nn.Module):
     return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
 
   def activation(self, x):
-    return nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU
+    # exact erf GELU, as torch.nn.GELU and the MAE/timm checkpoints; "tanh":
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), within 5e-4 of it (docs/pretraining.md)
+    return nn.gelu(x, approximate=self.gelu == "tanh")
 
 
 class Block(nn.Module):
@@ -204,6 +210,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention: str = "xla"  # Attention.implementation
+  gelu: str = "exact"     # Mlp.gelu
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -212,7 +219,7 @@ class Block(nn.Module):
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    y = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name="mlp")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     return named_feature(self, "tokens", x)
 
@@ -239,16 +246,18 @@ class _ScanStep(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  gelu: str = "exact"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     block = block_class(self.remat)(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                                    attention=self.attention, name="block")
+                                    attention=self.attention, gelu=self.gelu, name="block")
     return block(x, deterministic), None
 
 
 def make_blocks(depth: int, num_heads: int, mlp_dim: int, rates=None, *, dtype=jnp.float32,
-                attention: str = "xla", remat: str = "none", scan: bool = False):
+                attention: str = "xla", remat: str = "none", scan: bool = False,
+                gelu: str = "exact"):
   """`depth` blocks: a list (parameters blocks_i/...) or, with `scan`, one `nn.scan` over a
   single block whose parameters are stacked along a leading layer axis (blocks/block/...), which
   compiles once instead of `depth` times. Scanned blocks share one stochastic-depth rate, so
@@ -256,14 +265,15 @@ def make_blocks(depth: int, num_heads: int, mlp_dim: int, rates=None, *, dtype=j
   rates = [0.0] * depth if rates is None else [float(r) for r in rates]
   if not scan:
     cls = block_class(remat)
-    return [cls(num_heads, mlp_dim, r, dtype=dtype, attention=attention) for r in rates]
+    return [cls(num_heads, mlp_dim, r, dtype=dtype, attention=attention, gelu=gelu)
+            for r in rates]
   if any(rates):
     raise UserError("model.scan_blocks=True needs model.drop_path=0 (scanned blocks share one "
                     "stochastic-depth rate)")
   scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                     length=depth)
-  return scanned(num_heads, mlp_dim, dtype=dtype, attention=attention, remat=remat)
+  return scanned(num_heads, mlp_dim, dtype=dtype, attention=attention, remat=remat, gelu=gelu)
 
 
 def run_blocks(blocks, x, deterministic: bool = True):
@@ -334,6 +344,7 @@ class VisionTransformer(nn.Module):
   attention: str = "xla"  # "cudnn": fused attention on GPUs (Attention)
   remat: str = "none"     # REMAT_POLICIES: recompute blocks in the backward pass
   scan_blocks: bool = False  # one nn.scan over the blocks (stacked parameters, fast compiles)
+  gelu: str = "exact"     # GELUS: the MLP's non-linearity (Mlp.activation)
 
   @classmethod
   def from_variant(cls, variant: str, image_size: int, **kwargs) -> "VisionTransformer":
@@ -341,6 +352,8 @@ class VisionTransformer(nn.Module):
     if kwargs.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
       raise UserError(f"model.attention={kwargs['attention']!r} is not one of "
                       f"{ATTENTION_IMPLEMENTATIONS}")
+    if kwargs.get("gelu", "exact") not in GELUS:
+      raise UserError(f"model.gelu={kwargs['gelu']!r} is not one of {GELUS}")
     if image_size % spec.patch_size:
       raise UserError(
           f"data.image_size={image_size} is not divisible by the patch size {spec.patch_size} "
@@ -367,7 +380,8 @@ class VisionTransformer(nn.Module):
       raise UserError(f"model.pos_embed={self.pos_embed_kind!r} is not 'sincos' or 'learned'")
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing stochastic depth
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_dim, rates, dtype=self.dtype,
-                              attention=self.attention, remat=self.remat, scan=self.scan_blocks)
+                              attention=self.attention, remat=self.remat, scan=self.scan_blocks,
+                              gelu=self.gelu)
     self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
 
   def patch_tokens(self, images):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -132,6 +133,87 @@ def _op_category(name: str) -> str:
   if "fusion" in n or "loop" in n or "input" in n:
     return "elementwise fusion"
   return "other"
+
+
+# The memory-bound passes of the transformer steps, found in the compiled HLO by the source
+# path XLA keeps in each instruction's metadata (flax module names).
+PASSES = {"layernorm": r"/(?:norm\d*|fc_norm|decoder_norm)/",
+          "gelu": r"mlp\.activation",
+          # the visible tokens' gather and the decoder's unshuffle (model.gather=take)
+          "mae_gather": r"MaskedAutoencoder\.(?:encode_visible|decode)/jit\(take_along_axis\)"}
+_HLO_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s([a-z][a-z0-9\-]*)\(")
+_NOT_WORK = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "fusion",
+             "copy", "transpose", "custom-call", "dot", "convolution", "while", "call",
+             "conditional", "after-all", "partition-id", "replica-id"}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8}
+
+
+def _hlo_computations(text: str) -> dict:
+  """{computation name: [(opcode, result type, line)]} of an optimised HLO module's text."""
+  computations, current = {}, None
+  for line in text.splitlines():
+    header = _HLO_HEADER.match(line)
+    if header:
+      current = header.group(1)
+      computations[current] = []
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      m = _HLO_INSTRUCTION.match(line)
+      if m:
+        computations[current].append((m.group(2), m.group(1), line))
+  return computations
+
+
+def _result_bytes(result_type: str) -> dict:
+  """{element type: bytes} of an HLO result type (arrays and tuples of them)."""
+  out = {}
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result_type):
+    if dtype in _BYTES:
+      n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      out[dtype] = out.get(dtype, 0) + n * _BYTES[dtype]
+  return out
+
+
+def fusion_report(hlo_text: str) -> dict:
+  """Per memory-bound pass (PASSES): its instructions inside fusions and outside them (work
+  XLA left as a kernel of its own, re-reading memory), the fusions it is in, and the bytes
+  those fusions write by element type (bf16 activations show as bf16)."""
+  computations = _hlo_computations(hlo_text)
+  fused, reducers = {}, set()
+  for instructions in computations.values():
+    for opcode, result, line in instructions:
+      if opcode == "fusion":
+        for callee in re.findall(r"calls=%?([\w.\-]+)", line):
+          fused[callee] = result
+      reducers.update(re.findall(r"to_apply=%?([\w.\-]+)", line))
+  report = {}
+  for name, pattern in PASSES.items():
+    source = re.compile(r'op_name="[^"]*' + pattern)
+    entry = {"fused_ops": 0, "unfused_ops": 0, "fusions": 0, "fusion_output_bytes": {},
+             "unfused_by_op": {}, "unfused": []}
+    for computation, instructions in computations.items():
+      if computation in reducers:
+        continue
+      hits = [(op, line) for op, result, line in instructions if source.search(line)
+              and not re.fullmatch(r"[a-z]+\d*\[\]", result)]  # scalars: loop counters
+      if computation in fused:
+        entry["fused_ops"] += len(hits)
+        if hits:
+          entry["fusions"] += 1
+          for dtype, n in _result_bytes(fused[computation]).items():
+            entry["fusion_output_bytes"][dtype] = entry["fusion_output_bytes"].get(dtype, 0) + n
+      else:
+        work = [(op, line) for op, line in hits if op not in _NOT_WORK]
+        entry["unfused_ops"] += len(work)
+        for op, _ in work:
+          entry["unfused_by_op"][op] = entry["unfused_by_op"].get(op, 0) + 1
+        entry["unfused"] += [line.strip()[:200] for _, line in work[:3]]
+    entry["unfused"] = entry["unfused"][:5]
+    report[name] = entry
+  return report
 
 
 def profile_summary(trace_dir: str, steps: int, top: int = 25) -> dict:
@@ -264,6 +346,7 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
   fed = fed_by_pipeline(config, compiled, state, mesh) if config.get("real_input") else {}
+  fusion = fusion_report(compiled.as_text()) if config.model.name in ("mae", "vit") else None
   peak = matmul_peak(dtype, config.matmul_size)
   achieved = flops_per_device / step_s
   if config.model.name == "mae":
@@ -304,6 +387,7 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
       "peak_memory_gib": None if memory is None else memory / 2**30,
       "final_loss": float(metrics["loss"]),
       **fed,
+      **({"fusion": fusion} if fusion else {}),
   }
 
 
@@ -367,7 +451,12 @@ def run(config, workdir: str) -> dict:
   result["date"] = time.strftime("%Y-%m-%d")
   if jax.process_index() == 0:
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in result.items()), flush=True)
+                     for k, v in result.items() if k != "fusion"), flush=True)
+    for name, entry in result.get("fusion", {}).items():  # the memory-bound passes in the HLO
+      written = ", ".join(f"{d} {n / 2**20:.1f} MiB" for d, n in entry["fusion_output_bytes"].items())
+      print(f"fusion {name}: {entry['fused_ops']} ops in {entry['fusions']} fusions, "
+            f"{entry['unfused_ops']} outside any ({written or 'nothing'} written)"
+            + "".join(f"\n  unfused: {line}" for line in entry["unfused"]), flush=True)
     with open(os.path.join(workdir, "benchmark.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
   return result

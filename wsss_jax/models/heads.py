@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.layers import LayerNorm
+
 
 def progressive_dropout_attention(features, cams, mu):
   """PDA: features * mean_k(M_k with M_k > mu * max_hw M_k zeroed), M_k = ReLU(cams_k).
@@ -59,7 +61,7 @@ class TokenHead(nn.Module):
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     if self.pool == "gap":
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(tokens[:, 1:].mean(1))
+      x = LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(tokens[:, 1:].mean(1))
     else:
       x = tokens[:, 0]
     if self.linear_probe:

@@ -24,6 +24,54 @@ def batch_norm(use_running_average: bool, dtype: Any = jnp.float32):
 
 
 
+# --- LayerNorm that keeps 16-bit activations 16-bit -------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+  """y = (x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, statistics in f32,
+  y in x's dtype. Its gradient keeps only x (alive anyway as the block's input) and the per-token
+  mean and 1 / std: autodiff of the same formula saves f32 copies of the normalised activations,
+  tensors twice the size of a bf16 activation written and read again."""
+  return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + epsilon)
+  y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_backward(epsilon, residuals, g):
+  x, mean, rstd, scale = residuals
+  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  g = g.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  d_scale, d_bias = (g * x_hat).sum(axes), g.sum(axes)
+  gx = g * scale.astype(jnp.float32)
+  # d/dx of the normalisation: rstd (gx - mean(gx) - x_hat mean(gx x_hat))
+  dx = rstd * (gx - gx.mean(-1, keepdims=True) - x_hat * (gx * x_hat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(lambda x, scale, bias, epsilon: _layer_norm_forward(x, scale, bias, epsilon),
+                  _layer_norm_backward)
+
+
+class LayerNorm(nn.LayerNorm):
+  """flax's LayerNorm (same parameters, `scale` and `bias`), computed by `layer_norm` when the
+  activations are 16-bit; in float32 flax's own (the PyTorch-parity path)."""
+
+  @nn.compact
+  def __call__(self, x, *args, **kwargs):
+    if jnp.dtype(self.dtype or x.dtype).itemsize != 2:
+      return super().__call__(x, *args, **kwargs)
+    features = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+    return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+
+
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, dtype=jnp.float32,
          name: str | None = None) -> nn.Conv:
   """Bias-free convolution with PyTorch's symmetric padding (dilation * (kernel - 1) / 2)."""

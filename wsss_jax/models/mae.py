@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from wsss_jax.errors import UserError
+from wsss_jax.models.layers import LayerNorm
 from wsss_jax.models.vit import (VisionTransformer, _dense_init, make_blocks, run_blocks,
                                  sincos_2d_posemb)
 
@@ -202,7 +203,7 @@ class MaskedAutoencoder(nn.Module):
                                       4 * self.decoder_width, dtype=self.dtype,
                                       attention=enc.attention, remat=enc.remat, gelu=enc.gelu,
                                       scan=enc.scan_blocks)
-    self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.decoder_norm = LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.decoder_pred = nn.Dense(enc.patch_size**2 * 3, dtype=self.dtype,
                                  kernel_init=_dense_init)
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 
 from wsss_jax import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.models.layers import named_feature
+from wsss_jax.models.layers import LayerNorm, named_feature
 
 # name -> (width, depth, mlp_dim, heads); Ti/S/B/L/H from the ViT and DeiT papers, "mu" is a
 # test-sized model for CPU tests and the embedded quick run.
@@ -215,10 +215,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     x = parallel.constrain_batch(x)  # tokens stay batch-split while FSDP gathers the weights
-    y = named_feature(self, "norm1", nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
+    y = named_feature(self, "norm1", LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
     y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    y = LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name="mlp")(y)
     x = x + DropPath(self.drop_path)(y, deterministic)
     return named_feature(self, "tokens", x)
@@ -382,7 +382,7 @@ class VisionTransformer(nn.Module):
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_dim, rates, dtype=self.dtype,
                               attention=self.attention, remat=self.remat, scan=self.scan_blocks,
                               gelu=self.gelu)
-    self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.norm = LayerNorm(epsilon=1e-6, dtype=self.dtype)
 
   def patch_tokens(self, images):
     """(batch, H, W, C) -> patch tokens plus position embedding, (batch, L, width)."""

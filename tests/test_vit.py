@@ -193,3 +193,20 @@ def test_bf16_layer_norm_saves_no_float32_activations_for_the_backward_pass(caps
   got = module.apply(variables, x)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2)  # a bf16 rounding
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_16bit_gelu_keeps_only_its_input_and_has_the_closed_form_gradient(approximate, capsys):
+  from jax.ad_checkpoint import print_saved_residuals
+  x = jnp.linspace(-6, 6, 1001)
+  # the value and slope in float32 against jax.nn.gelu's autodiff
+  got = jax.vmap(jax.grad(lambda v: vit.gelu_16bit(v, approximate)))(x)
+  want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=approximate)))(x)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(vit.gelu_16bit(x, approximate),
+                             jax.nn.gelu(x, approximate=approximate), atol=1e-6)
+  h = jax.random.normal(jax.random.PRNGKey(0), (4, 17, 256)).astype(jnp.bfloat16)
+  mlp = vit.Mlp(256, dtype=jnp.bfloat16, gelu="tanh" if approximate else "exact")
+  print_saved_residuals(lambda v: mlp.activation(v), h)
+  saved = capsys.readouterr().out
+  assert saved.count("[4,17,256]") == 1 and "from the argument" in saved  # x, nothing else

@@ -13,6 +13,7 @@ stored unless the caller makes `intermediates` mutable. The MLP's non-linearity 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -183,6 +184,34 @@ class Attention(nn.Module):
 
 
 GELUS = ("exact", "tanh")
+_SQRT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+
+
+def _gelu_cdf(x, approximate: bool):
+  """Phi(x) (exact: 0.5 erfc(-x / sqrt 2)) or its tanh approximation, and dPhi/dx."""
+  if approximate:
+    t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + t), 0.5 * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+  return 0.5 * jax.lax.erfc(-x * float(np.sqrt(0.5))), jnp.exp(-0.5 * x * x) / float(
+      np.sqrt(2 * np.pi))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu_16bit(x, approximate: bool):
+  """GELU x Phi(x) of 16-bit activations, computed in float32, whose gradient keeps only x:
+  autodiff of the erf form keeps four tensors of the MLP's hidden width (the product, erfc, exp
+  and a copy), the memory-bound pass it feeds reads them all again."""
+  cdf, _ = _gelu_cdf(x.astype(jnp.float32), approximate)
+  return (x.astype(jnp.float32) * cdf).astype(x.dtype)
+
+
+def _gelu_16bit_backward(approximate, x, g):
+  x32 = x.astype(jnp.float32)
+  cdf, pdf = _gelu_cdf(x32, approximate)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)  # d(x Phi)/dx
+
+
+gelu_16bit.defvjp(lambda x, approximate: (gelu_16bit(x, approximate), x), _gelu_16bit_backward)
 
 
 class Mlp(nn.Module):
@@ -200,6 +229,8 @@ class Mlp(nn.Module):
   def activation(self, x):
     # exact erf GELU, as torch.nn.GELU and the MAE/timm checkpoints; "tanh":
     # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), within 5e-4 of it (docs/pretraining.md)
+    if jnp.dtype(x.dtype).itemsize == 2:
+      return gelu_16bit(x, self.gelu == "tanh")
     return nn.gelu(x, approximate=self.gelu == "tanh")
 
 

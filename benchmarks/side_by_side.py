@@ -1,9 +1,15 @@
-"""Train-step throughput of the same networks in JAX (this project) and PyTorch eager, in one run
-on the same machine (each timed in a process of its own); prints images/s of both and their
-ratio, and writes JSON.
+"""Train-step throughput of the same networks in JAX (this project) and PyTorch (eager and
+torch.compile), in one run on the same machine (each timed in a process of its own); prints
+images/s of both and their ratio, and writes JSON.
 
   pip install -e '.[test]'      # torch, torchvision, timm
   python -m benchmarks.side_by_side --models=mae,vit,resnet50,resnet38 --batch=8 --steps=5
+  python -m benchmarks.side_by_side --models=vit --torch-modes=eager,default,max-autotune --bf16
+
+`--torch-modes` times PyTorch eager and/or `torch.compile` (mode default or max-autotune) on the
+forward and loss; a compiled run that has not finished within `--compile-budget` seconds (its
+compilation included) is dropped and reported as such. The ratio is JAX's images/s over the
+fastest PyTorch run's.
 
 PyTorch side: the MAE reference layout (timm blocks, paper decoder) with AdamW, timm's
 VisionTransformer (B/16) with AdamW, torchvision's ResNet-50 and the authors' ResNet38 with PDA
@@ -41,8 +47,10 @@ def torch_device() -> torch.device:
 
 
 def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = False,
-               classes: int = 4):
-  """A closure running one PyTorch train step (forward, loss, backward, optimiser step)."""
+               classes: int = 4, mode: str = "eager"):
+  """A closure running one PyTorch train step (forward, loss, backward, optimiser step);
+  `mode` "default" or "max-autotune" compiles the forward and loss with `torch.compile` (the
+  backward follows through AOTAutograd)."""
   device = torch_device()
   x = torch.from_numpy(torch_models.numpy_images(batch, size)).to(device)
   labels = torch.from_numpy((np.random.default_rng(1).random((batch, classes)) < 0.5)
@@ -75,6 +83,8 @@ def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = Fals
     model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
   opt.load_state_dict(opt.state_dict())  # optimiser state follows the moved parameters
+  if mode != "eager":
+    loss_fn = torch.compile(loss_fn, mode=mode)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -86,11 +96,30 @@ def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = Fals
   return step
 
 
-def time_torch(name, batch, size, variant, steps, warmup, bf16=False) -> dict:
+def time_torch(name, batch, size, variant, steps, warmup, bf16=False, mode="eager") -> dict:
+  import time
   torch.set_num_threads(os.cpu_count())
   torch.backends.cudnn.benchmark = True
-  median = median_seconds(torch_step(name, batch, size, variant, bf16), steps, warmup)
-  return {"step_time_median": median, "images_per_sec": batch / median}
+  step = torch_step(name, batch, size, variant, bf16, mode=mode)
+  t = time.perf_counter()
+  step()  # compiles (torch.compile) and autotunes (cudnn)
+  first = time.perf_counter() - t
+  median = median_seconds(step, steps, warmup)
+  return {"mode": mode, "step_time_median": median, "images_per_sec": batch / median,
+          "first_step_seconds": first}
+
+
+def time_torch_within(budget_s, *args):
+  """time_torch in a process of its own, given up after `budget_s` seconds (max-autotune
+  compiles can take many minutes): None then."""
+  import multiprocessing
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    pending = pool.apply_async(time_torch, args)
+    try:
+      return pending.get(timeout=budget_s)
+    except multiprocessing.TimeoutError:
+      pool.terminate()
+      return None
 
 
 def torch_maps_call(method: str, batch: int, size: int, classes: int = 4):
@@ -154,6 +183,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--bf16", action="store_true", help="mixed precision on both sides")
+  parser.add_argument("--torch-modes", default="eager",
+                      help="PyTorch runs: eager and/or torch.compile modes (default, "
+                           "max-autotune), comma-separated")
+  parser.add_argument("--compile-budget", type=float, default=300.0,
+                      help="seconds a torch.compile run may take in all before it is dropped")
   parser.add_argument("--out", default="side_by_side.json")
   args = parser.parse_args()
   rows = []
@@ -175,16 +209,27 @@ def main() -> None:
     write()
   for name in filter(None, args.models.split(",")):
     common = (name, args.batch, args.size, args.variant, args.steps, args.warmup, args.bf16)
-    torch_r = isolated(time_torch, *common)
     jax_r = isolated(time_jax, *common)
+    runs = {}
+    for mode in args.torch_modes.split(","):
+      runs[mode] = (isolated(time_torch, *common, mode) if mode == "eager" else
+                    time_torch_within(args.compile_budget, *common, mode))
+    timed = {m: r for m, r in runs.items() if r}
+    best = max(timed, key=lambda m: timed[m]["images_per_sec"]) if timed else None
     row = {"model": name, "batch": args.batch, "image_size": args.size,
            "variant": args.variant if name in ("mae", "vit") else "", "bf16": args.bf16,
-           "device": str(torch_device()), "jax": jax_r,
-           "torch": torch_r, "ratio": jax_r["images_per_sec"] / torch_r["images_per_sec"]}
+           "device": str(torch_device()), "jax": jax_r, "torch": runs,
+           "torch_best_mode": best,
+           "ratio": jax_r["images_per_sec"] / timed[best]["images_per_sec"] if best else None,
+           "ratio_by_mode": {m: jax_r["images_per_sec"] / r["images_per_sec"]
+                             for m, r in timed.items()}}
     rows.append(row)
+    shown = "   ".join(f"torch {m} {r['images_per_sec']:8.2f} img/s" if r else
+                       f"torch {m}: over {args.compile_budget:.0f} s, dropped"
+                       for m, r in runs.items())
     print(f"{name:9s} jax {jax_r['images_per_sec']:8.2f} img/s ({jax_r['gflops_per_image']:.1f} "
-          f"GFLOP/img, MFU {jax_r['mfu']:.1%})   torch {torch_r['images_per_sec']:8.2f} img/s   "
-          f"ratio {row['ratio']:.2f}x", flush=True)
+          f"GFLOP/img, MFU {jax_r['mfu']:.1%})   {shown}   ratio to the fastest PyTorch "
+          + (f"{row['ratio']:.2f}x" if best else "n/a"), flush=True)
     write()
 
 

@@ -138,6 +138,9 @@ def fused_attention(q, k, v, implementation: str):
   if implementation == "pallas":
     return pallas_attention(q, k, v)
   if implementation == "cudnn":
+    if CUDNN_KERNEL == "cudnn" and jax.default_backend() != "gpu":
+      raise UserError(f"model.attention=cudnn needs an NVIDIA GPU (cuDNN's flash attention); "
+                      f"this run's devices are {jax.default_backend()}: use attention=xla")
     return padded_attention(q, k, v, PAD_MULTIPLE["cudnn"], CUDNN_KERNEL)
   return jax.nn.dot_product_attention(q, k, v)
 

@@ -18,7 +18,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, backbone="resnet38", variant="S/16", width=0.125,
                              image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False, hide=False, hide_grid=4,
-                             seam=False)
+                             seam=False, attention="xla", gelu="exact")
   vit = arg.backbone == "vit"
   config = config_lib.common("classify")
   config.batch_size = 20 if arg.paper else arg.batch
@@ -42,6 +42,8 @@ def get_config(arg=None):
   config.model = config_lib.classifier_model(arg.backbone, arg.variant,
                                              1.0 if arg.paper else arg.width, arg.probe)
   config.model.init_from = arg.init    # workdir whose latest checkpoint initialises the network
+  config.model.attention = arg.attention  # ViT: xla | jax | cudnn (GPU) | pallas (TPU)
+  config.model.gelu = arg.gelu            # ViT: exact | tanh
 
   config.pda = config_lib.pda(arg.pda if not vit else "off")
   config.optim = config_lib.classify_optim(arg.backbone, arg.probe)

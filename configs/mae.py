@@ -22,7 +22,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, variant="S/16", image_size=112, batch=32, steps=200,
                              mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="",
                              objective="mae", jigsaw_grid=3, eval="both", eval_epochs=2,
-                             encoder="vit", width=0.125)
+                             encoder="vit", width=0.125, attention="xla", gelu="exact")
   config = config_lib.common("pretrain")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
@@ -34,6 +34,8 @@ def get_config(arg=None):
   config.data.normalize = arg.encoder == "vit"
   config.model = config_lib.mae_model(arg.variant, arg.mask_ratio, arg.paper)
   config.model.mask_sampling = arg.sampling     # random | block | grid | centre
+  config.model.attention = arg.attention        # xla | jax | cudnn (GPU) | pallas (TPU)
+  config.model.gelu = arg.gelu                  # exact (erf, the checkpoints') | tanh
   config.model.init_from = arg.init             # chained pretraining: a pretrain workdir
   config.model.encoder = arg.encoder            # vit | resnet38 | resnet50 (pretext tasks only)
   config.model.width = arg.width                # CNN channel multiplier (classify's default)

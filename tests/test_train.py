@@ -211,3 +211,17 @@ def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, cap
   assert not [r for r in caplog.records if "overriding" in r.getMessage()]
   assert ocp.type_handlers.get_type_handler(jax.Array) is first  # registered once
   assert isinstance(first, ocp.type_handlers.ArrayHandler)
+
+
+def test_how_a_step_computes_is_free_and_gelu_matches_checkpoints_from_before_it():
+  import ml_collections
+  from wsss_jax.checkpoint import check_meta, model_meta
+  model = ml_collections.ConfigDict({"variant": "mu/8", "attention": "xla", "gelu": "exact"})
+  before = {"phase": "pretrain", "model": {"variant": "mu/8"}}  # written before `gelu` existed
+  meta = lambda: {"phase": "pretrain", "model": model_meta(model)}  # noqa: E731
+  check_meta(before, meta(), "w")                     # the default GELU is what it used
+  model.attention = "pallas"
+  check_meta(before, meta(), "w")                     # a kernel choice: resumes
+  model.gelu = "tanh"
+  with pytest.raises(UserError, match="model.gelu"):  # another function: refused
+    check_meta(before, meta(), "w")

@@ -298,9 +298,15 @@ class Checkpointer:
 RUNTIME_MODEL_FIELDS = ("init_from", "attention", "remat", "gather")
 
 
+# Fields added after checkpoints were first written: recorded only away from their default, so
+# that a checkpoint written before them (which used the default) still matches.
+LATER_MODEL_FIELDS = {"gelu": "exact"}
+
+
 def model_meta(model_cfg) -> dict:
   """The `model` entry of a checkpoint's meta: the model section without its runtime fields."""
-  return {k: v for k, v in model_cfg.to_dict().items() if k not in RUNTIME_MODEL_FIELDS}
+  return {k: v for k, v in model_cfg.to_dict().items()
+          if k not in RUNTIME_MODEL_FIELDS and LATER_MODEL_FIELDS.get(k, object()) != v}
 
 
 def restore_latest(workdir: str, sharding, fields=("params", "batch_stats"), *, flag: str,

@@ -231,7 +231,7 @@ class Mlp(nn.Module):
 
   def activation(self, x):
     # exact erf GELU, as torch.nn.GELU and the MAE/timm checkpoints; "tanh":
-    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), within 5e-4 of it (docs/pretraining.md)
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), within 5e-4 of it (docs/benchmark.md)
     if jnp.dtype(x.dtype).itemsize == 2:
       return gelu_16bit(x, self.gelu == "tanh")
     return nn.gelu(x, approximate=self.gelu == "tanh")

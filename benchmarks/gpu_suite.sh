@@ -11,6 +11,7 @@
 #      budget) against the same JAX steps.
 #   bash benchmarks/gpu_suite.sh results/2026-12-xx_h200     (PYTHON=..., WORKERS=12)
 # It prints a summary table at the end (benchmarks/gpu_suite_summary.py reads the results).
+# EXTRA=1 adds batch 512, remat=dots and gelu=tanh (about 4 more minutes).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR}; mkdir -p "$out"
 py=${PYTHON:-python}
@@ -67,6 +68,14 @@ if [ -z "${SKIP_TORCH:-}" ] && $py -c "import torch, timm" 2>/dev/null; then
     --out="$out/side_by_side.json" 2>&1 | grep -vi warn | tail -4
 else
   stage "PyTorch side by side skipped: pip install -e '.[test]' for torch and timm"
+fi
+
+# 4. with EXTRA=1 (a second run of about 4 minutes): batch 512, remat, the tanh GELU
+if [ -n "${EXTRA:-}" ]; then
+  bench mae_b512 60 "model=mae,variant=$variant,batch=512,paper=True,attention=cudnn,$common"
+  bench vit_b512 60 "model=vit,variant=$variant,batch=512,attention=cudnn,$common"
+  bench vit_b512_remat 60 "model=vit,variant=$variant,batch=512,attention=cudnn,remat=dots,$common"
+  bench vit_tanh 50 "model=vit,$vit,attention=cudnn,gelu=tanh,$common"
 fi
 
 stage "done"

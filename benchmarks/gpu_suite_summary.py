@@ -19,7 +19,11 @@ INPUT_WAIT_GOAL = 0.05
 NAMES = {"mae": "MAE ViT-{v} (paper decoder, mask 0.75)", "vit": "ViT-{v} supervised",
          "resnet50": "ResNet-50 + PDA", "resnet38": "ResNet38 + PDA",
          "mae_cudnn": "MAE ViT-{v}, attention=cudnn", "vit_cudnn": "ViT-{v}, attention=cudnn",
-         "resnet50_fed": "ResNet-50 fed by grain (PNG files)"}
+         "resnet50_fed": "ResNet-50 fed by grain (PNG files)",
+         "mae_b512": "MAE ViT-{v}, cudnn, batch 512", "vit_b512": "ViT-{v}, cudnn, batch 512",
+         "vit_b512_remat": "ViT-{v}, cudnn, batch 512, remat=dots",
+         "vit_tanh": "ViT-{v}, cudnn, gelu=tanh"}
+EXTRA = ("mae_b512", "vit_b512", "vit_b512_remat", "vit_tanh")  # rows shown only when run
 
 
 def _name(name: str, result) -> str:
@@ -42,8 +46,9 @@ def goal_status(name: str, result: dict) -> str:
   if name not in GOALS:
     return ""
   field, target, text = GOALS[name]
-  if result.get("image_size") != 224 or result.get("variant", "B/16") != "B/16":
-    return f"{text}: set for B/16 at 224 px"
+  transformer = name in ("mae", "vit")
+  if result.get("image_size") != 224 or (transformer and result.get("variant") != "B/16"):
+    return f"{text}: set for {'B/16 at ' if transformer else ''}224 px"
   value = result.get(field)
   if value is None:
     return f"{text}: not measured"
@@ -57,6 +62,8 @@ def summary(folder: str) -> str:
   for name in NAMES:
     r = _load(folder, f"{name}.json")
     results[name] = r
+    if r is None and name in EXTRA and not os.path.exists(os.path.join(folder, f"{name}.txt")):
+      continue
     if r is None:
       lines.append(f"| {_name(name, r)} | | not measured (see {name}.txt) | | | | |")
       continue

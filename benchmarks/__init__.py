@@ -25,9 +25,15 @@ def median_seconds(call, steps: int = 5, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
-def isolated(fn, *args):
+def isolated(fn, *args, timeout: float | None = None):
   """fn(*args) in a fresh process: PyTorch's idle OpenMP threads keep spinning on the cores
   after its work (measured: JAX's Grad-CAM at 38 maps/s after PyTorch in the same process, 50
-  alone), and each framework's GPU memory is handed back when its process ends."""
+  alone), and each framework's GPU memory is handed back when its process ends. Past `timeout`
+  seconds the process is ended and None returned."""
   with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(fn, args)
+    pending = pool.apply_async(fn, args)
+    try:
+      return pending.get(timeout=timeout)
+    except multiprocessing.TimeoutError:
+      pool.terminate()
+      return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 
@@ -97,7 +98,6 @@ def torch_step(name: str, batch: int, size: int, variant: str, bf16: bool = Fals
 
 
 def time_torch(name, batch, size, variant, steps, warmup, bf16=False, mode="eager") -> dict:
-  import time
   torch.set_num_threads(os.cpu_count())
   torch.backends.cudnn.benchmark = True
   step = torch_step(name, batch, size, variant, bf16, mode=mode)
@@ -107,19 +107,6 @@ def time_torch(name, batch, size, variant, steps, warmup, bf16=False, mode="eage
   median = median_seconds(step, steps, warmup)
   return {"mode": mode, "step_time_median": median, "images_per_sec": batch / median,
           "first_step_seconds": first}
-
-
-def time_torch_within(budget_s, *args):
-  """time_torch in a process of its own, given up after `budget_s` seconds (max-autotune
-  compiles can take many minutes): None then."""
-  import multiprocessing
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    pending = pool.apply_async(time_torch, args)
-    try:
-      return pending.get(timeout=budget_s)
-    except multiprocessing.TimeoutError:
-      pool.terminate()
-      return None
 
 
 def torch_maps_call(method: str, batch: int, size: int, classes: int = 4):
@@ -212,8 +199,9 @@ def main() -> None:
     jax_r = isolated(time_jax, *common)
     runs = {}
     for mode in args.torch_modes.split(","):
-      runs[mode] = (isolated(time_torch, *common, mode) if mode == "eager" else
-                    time_torch_within(args.compile_budget, *common, mode))
+      # a compiled run past its budget (max-autotune can take many minutes) is dropped: None
+      runs[mode] = isolated(time_torch, *common, mode,
+                            timeout=None if mode == "eager" else args.compile_budget)
     timed = {m: r for m, r in runs.items() if r}
     best = max(timed, key=lambda m: timed[m]["images_per_sec"]) if timed else None
     row = {"model": name, "batch": args.batch, "image_size": args.size,

@@ -426,8 +426,8 @@ def test_the_mask_pyramid_equals_nearest_levels_of_the_mask_however_rows_arrive(
     if b > height // 2 and not os.path.exists(tmp_path / "half"):  # killed here ...
       pyramid.release()
       (tmp_path / "half").write_text(str(b))
-      pyramid = MaskPyramid(str(tmp_path), height, width, 16, [0] * 12, view_side=50)
-      pyramid.resume(int(b))  # ... and resumed from the raw rows
+      pyramid = MaskPyramid(str(tmp_path), height, width, 16, [0] * 12, view_side=50,
+                            resume_rows=int(b))  # ... and resumed from the raw rows
   step = pyramid.view_step
   np.testing.assert_array_equal(pyramid.view, mask[::step, ::step])
   with pytest.raises(ValueError, match="in order"):

@@ -47,25 +47,29 @@ class _Level:
     self.tiles: list[tuple[int, int]] = []   # (offset, length) in the spill file, row-major
 
 
+RAW_FILE = "mask.level0.u8"  # the rows so far, in the output directory until the TIFF is made
+
+
 class MaskPyramid:
 
   def __init__(self, directory: str, height: int, width: int, tile: int, palette: list,
-               view_side: int = 2048):
+               view_side: int = 2048, resume_rows: int = 0):
+    """`resume_rows`: rows an earlier run left in the raw file, replayed (they are final);
+    with 0 the raw file starts empty."""
     self.height, self.width, self.tile = height, width, tile
     self.palette = palette
-    self.raw_path = os.path.join(directory, "mask.level0.u8")
+    self.raw_path = os.path.join(directory, RAW_FILE)
     self.spill_path = os.path.join(directory, "mask.tiles.tmp")
     self.levels = [_Level(f, height, width, tile) for f in pyramid_factors(height, width, tile)]
     self.view_step = max(1, math.ceil(max(height, width) / view_side))
     self.view = np.zeros((math.ceil(height / self.view_step), math.ceil(width / self.view_step)),
                          np.uint8)
     self.rows = 0
-    mode = "r+b" if os.path.exists(self.raw_path) else "w+b"
-    self._raw = open(self.raw_path, mode)
+    self._raw = open(self.raw_path, "r+b" if resume_rows else "w+b")
     self._spill = open(self.spill_path, "w+b")  # encoded tiles are redone on every run
+    self._replay(resume_rows)
 
-  def resume(self, rows: int, band: int = 1024) -> None:
-    """Replays the first `rows` rows of an earlier run's raw file (they are final)."""
+  def _replay(self, rows: int, band: int = 1024) -> None:
     for r0 in range(0, rows, band):
       n = min(band, rows - r0)
       data = os.pread(self._raw.fileno(), n * self.width, r0 * self.width)

@@ -100,6 +100,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn", "pallas")
 # the MAE encoder's 50 tokens ("Unsupported sequence length"), and Pallas' TPU flash attention
 # works in blocks of 128 tokens. Padded keys are masked out and padded queries dropped.
 PAD_MULTIPLE = {"cudnn": 64, "pallas": 128}
+CUDNN_KERNEL = "cudnn"  # what model.attention=cudnn asks jax for (tests on the CPU swap in "xla")
 
 
 def padded_attention(q, k, v, multiple: int, implementation: str | None):
@@ -143,9 +144,6 @@ def fused_attention(q, k, v, implementation: str):
                       f"this run's devices are {jax.default_backend()}: use attention=xla")
     return padded_attention(q, k, v, PAD_MULTIPLE["cudnn"], CUDNN_KERNEL)
   return jax.nn.dot_product_attention(q, k, v)
-
-
-CUDNN_KERNEL = "cudnn"  # what model.attention=cudnn asks jax for (tests on the CPU swap in "xla")
 
 
 class Attention(nn.Module):

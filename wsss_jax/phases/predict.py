@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from wsss_jax import overlays, parallel, polygons, runs
-from wsss_jax.mask_pyramid import MaskPyramid
+from wsss_jax.mask_pyramid import RAW_FILE, MaskPyramid
 from wsss_jax.data import folders, mask_files, slides, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN
@@ -276,22 +276,20 @@ def predict_slide(config, workdir, path, fn, ctx) -> dict:
   ys, xs = transforms.window_starts(hm, win, stride), transforms.window_starts(wm, win, stride)
   weights = hann_weights(win)
   progress_path = os.path.join(out, "progress.npz")
-  resume = (os.path.exists(progress_path) and
-            os.path.exists(os.path.join(out, "mask.level0.u8")))
-  if not resume and os.path.exists(os.path.join(out, "mask.level0.u8")):
-    os.remove(os.path.join(out, "mask.level0.u8"))  # rows without a progress record: redone
-  pyramid = MaskPyramid(out, height, width, config.tiff_tile, ctx["palette"],
-                        ctx.get("view_side", 2048))
+  # rows in a raw file without a progress record are redone
+  resume = os.path.exists(progress_path) and os.path.exists(os.path.join(out, RAW_FILE))
   acc = np.zeros((win, wm, k), np.float32)      # open rows: running sums and weights
   wsum = np.zeros((win, wm), np.float32)
   counts = np.zeros(max(k, background + 1), np.int64)
-  first_row = 0
+  first_row, level0_rows = 0, 0
   if resume:
     saved = np.load(progress_path)
-    first_row, counts = int(saved["rows_done"]), saved["counts"]
-    pyramid.resume(int(saved["level0_rows"]))
+    first_row, counts, level0_rows = (int(saved["rows_done"]), saved["counts"],
+                                      int(saved["level0_rows"]))
     acc[:saved["acc"].shape[0]], wsum[:saved["wsum"].shape[0]] = saved["acc"], saved["wsum"]
     print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
+  pyramid = MaskPyramid(out, height, width, config.tiff_tile, ctx["palette"],
+                        ctx.get("view_side", 2048), resume_rows=level0_rows)
   min_tissue = ctx["min_tissue"]
   share = (slides.tissue_shares(slide, ((y * d, x * d) for y in ys for x in xs), win * d)
            if min_tissue > 0 else np.ones(len(ys) * len(xs)))

@@ -35,10 +35,10 @@ def boundary_edges(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(starts).astype(np.int64), np.concatenate(directions)
 
 
-def _successors(starts: np.ndarray, directions: np.ndarray, width: int) -> np.ndarray:
-  """Index of the edge that follows each edge along its ring. Where two edges leave a vertex
-  (regions touching at a corner) the left turn is taken, which keeps the region on the left
-  and corner-touching regions apart (4-connectivity)."""
+def _successors(starts: np.ndarray, directions: np.ndarray, width: int):
+  """Index of the edge that follows each edge along its ring, and the pairs of edges that leave
+  one vertex (regions touching at a corner: there the left turn is taken, which keeps the
+  region on the left and corner-touching regions apart, 4-connectivity)."""
   key = starts[:, 1] * (width + 2) + starts[:, 0]
   ends = starts + _MOVES[directions]
   end_key = ends[:, 1] * (width + 2) + ends[:, 0]
@@ -48,12 +48,15 @@ def _successors(starts: np.ndarray, directions: np.ndarray, width: int) -> np.nd
   first = order[lo]
   second = order[np.minimum(lo + 1, len(order) - 1)]
   turn_left = (directions + 3) % 4
-  return np.where((count == 2) & (directions[first] != turn_left), second, first)
+  shared = np.flatnonzero(key[order][1:] == key[order][:-1])
+  return (np.where((count == 2) & (directions[first] != turn_left), second, first),
+          (order[shared], order[shared + 1]))
 
 
-def _ring_order(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Each edge's ring (the ring's smallest edge index) and its position along the ring from
-  there, by pointer jumping (log2 n vectorised rounds instead of a walk edge by edge)."""
+def _ring_order(successor: np.ndarray):
+  """Each edge's ring (the ring's smallest edge index), its position along the ring from
+  there, by pointer jumping (log2 n vectorised rounds instead of a walk edge by edge), and its
+  predecessor."""
   n = len(successor)
   rounds = max(1, int(np.ceil(np.log2(max(n, 2)))) + 1)
   ring, jump = np.arange(n), successor.copy()
@@ -68,7 +71,7 @@ def _ring_order(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   for _ in range(rounds):
     position = position + position[back]
     back = back[back]
-  return ring, position
+  return ring, position, predecessor
 
 
 def _split_pinches(ring: np.ndarray) -> list[np.ndarray]:
@@ -106,15 +109,9 @@ def trace_rings(binary: np.ndarray) -> list[np.ndarray]:
   starts, directions = boundary_edges(binary)
   if not len(starts):
     return []
-  successor = _successors(starts, directions, binary.shape[1])
-  ring, position = _ring_order(successor)
-  # rings through a vertex twice: both edges leaving a two-edge vertex on the same ring
-  key = starts[:, 1] * (binary.shape[1] + 2) + starts[:, 0]
-  order = np.argsort(key, kind="stable")
-  twice = np.flatnonzero(key[order][1:] == key[order][:-1])
-  pinched = set(ring[order[twice]][ring[order[twice]] == ring[order[twice + 1]]].tolist())
-  predecessor = np.empty_like(successor)
-  predecessor[successor] = np.arange(len(successor))
+  successor, (a, b) = _successors(starts, directions, binary.shape[1])
+  ring, position, predecessor = _ring_order(successor)
+  pinched = set(ring[a][ring[a] == ring[b]].tolist())  # rings through a vertex twice
   corner = directions != directions[predecessor]   # a ring's vertices where it turns
   order = np.lexsort((position, ring))
   splits = np.flatnonzero(np.diff(ring[order])) + 1

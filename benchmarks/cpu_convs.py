@@ -1,5 +1,5 @@
 """XLA:CPU's own convolutions against this project's CPU rewrites (the config field `kernels`,
-`wsss_jax/kernels.py`: 1x1 convolutions as matmuls, LRP's pull to the pixels over space-to-depth blocks), compared in
+`wsss_jax/device/kernels.py`: 1x1 convolutions as matmuls, LRP's pull to the pixels over space-to-depth blocks), compared in
 one process with the two compiled programs timed in alternation, so that a noisy machine moves
 both alike:
 
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import benchmark_config
-from wsss_jax import kernels, parallel, relevance
+from wsss_jax import relevance
+from wsss_jax.device import kernels, parallel
 from wsss_jax.phases import benchmark
 from wsss_jax.relevance.options import method_options
 

@@ -28,8 +28,10 @@ CAM_LAYER = {"resnet38": ("bn7",), "resnet50": ("layer4",)}
 def otsu_baseline(data_cfg, split: str) -> dict:
   """Finding-convention scores of Otsu's threshold on the grey image, dark and bright polarity."""
   import jax.numpy as jnp
-  from wsss_jax import masks, metrics
+
+  from wsss_jax import metrics
   from wsss_jax.data import pipeline
+  from wsss_jax.pseudo import mask_rules
   k = data_cfg.num_classes
   names = tuple(data_cfg.class_names) + ("background",)
   source = pipeline.build_source(data_cfg, split)
@@ -37,7 +39,7 @@ def otsu_baseline(data_cfg, split: str) -> dict:
   for i in range(len(source)):
     ex = source[i]
     grey = ex["image"].astype(np.float32).mean(-1) / 255.0
-    t = float(masks.otsu_threshold(jnp.asarray(grey.reshape(1, -1)))[0])
+    t = float(mask_rules.otsu_threshold(jnp.asarray(grey.reshape(1, -1)))[0])
     for polarity, found in (("dark", grey < t), ("bright", grey >= t)):
       pred = np.where(found, 0, k)  # the baseline's one finding is class 0
       totals[polarity] = totals[polarity] + metrics.confusion_matrix(pred, ex["mask"], k + 1)
@@ -55,8 +57,8 @@ def main() -> None:
   args = parser.parse_args()
   from wsss_jax import config_lib
   from wsss_jax.errors import UserError
-  from wsss_jax import runs
   from wsss_jax.runner import run_phase
+  from wsss_jax.train import earlier_runs
   os.makedirs(args.workdir, exist_ok=True)
   backbone = json.load(open(os.path.join(args.classifier, "config.json")))["model"]["backbone"]
   results = {"classifier": os.path.abspath(args.classifier), "split": args.split, "runs": {}}
@@ -84,7 +86,7 @@ def main() -> None:
                                              results["runs"][f"{method}|{rule}"].items()),
             flush=True)
   model_data = json.load(open(os.path.join(args.classifier, "config.json")))["data"]
-  data = runs.data_config(config, model_data)
+  data = earlier_runs.data_config(config, model_data)
   data.num_test = args.num_test
   results["otsu_on_image"] = otsu_baseline(data, args.split)
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from wsss_jax import metrics, parallel, runs
+from wsss_jax import metrics
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
 from wsss_jax.models.classifier import build_classifier
 from wsss_jax.tasks.common import prepare_images
+from wsss_jax.train import earlier_runs
 
 
 def main() -> None:
@@ -29,7 +31,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args()
   mesh = parallel.mesh_from_config(ml_collections.ConfigDict({"num_devices": -1}))
-  clf = runs.load_classifier(args.classifier, mesh)
+  clf = earlier_runs.load_classifier(args.classifier, mesh)
   data = ml_collections.ConfigDict(clf.data)
   variables = clf.variables
   results, logits = {}, {}

@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+
 from wsss_jax.data import mask_files
 
 
@@ -25,9 +26,11 @@ def main() -> None:
   import ml_collections
   from PIL import Image
 
-  from wsss_jax import overlays, parallel, relevance
-  from wsss_jax import runs
+  from wsss_jax import relevance
+  from wsss_jax.device import parallel
+  from wsss_jax.outputs import overlays
   from wsss_jax.tasks.common import prepare_images
+  from wsss_jax.train import earlier_runs
 
   summary = json.load(open(os.path.join(args.workdir, "summary.json")))
   seg_config = json.load(open(os.path.join(args.workdir, "segment", "config.json")))
@@ -37,7 +40,7 @@ def main() -> None:
   k = len(names)
   shown = np.load(os.path.join(args.workdir, "segment", "overlays", "test.npz"))
   mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = runs.load_classifier(
+  model, variables, meta, _, data = earlier_runs.load_classifier(
       os.path.join(args.workdir, "classify"), mesh)
   size = meta["image_size"]
   palette = mask_files.palette_bytes(pm["palette"], k + 1)

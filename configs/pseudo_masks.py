@@ -8,8 +8,9 @@ over the tile's present classes, absent classes excluded, the LUAD-HistoSeg back
 Writes masks/<layer>/<tile>.png (palette PNGs, index 4 = background), overlays/pseudo_masks.png,
 summary.json and, when the split has ground truth, table.md with the stage-1 mIoU per layer.
 """
-from wsss_jax import config_lib, crf
+from wsss_jax import config_lib
 from wsss_jax.data import folders
+from wsss_jax.pseudo import crf
 
 
 def get_config(arg=None):
@@ -31,12 +32,12 @@ def get_config(arg=None):
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
   # rule "": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for BCSS-WSSS
   # and tissue folders, threshold for findings); white / none / threshold / power / otsu /
-  # negatives or white+<map rule> (wsss_jax/masks.py). alpha: "" the rule's default, a number,
+  # negatives or white+<map rule> (wsss_jax/pseudo/mask_rules.py). alpha: "" the rule's default, a number,
   # or "auto": swept on the val split's ground truth (alpha_sweep.md / .png), without it the
   # negatives rule. threshold / min_size: the white-glass rule's grey level and smallest region.
   config.background = dict(rule=arg.background, alpha="", threshold=200, min_size=50,
                            negatives_images=512)
-  # dense-CRF refinement of every mask (wsss_jax/crf.py; pydensecrf's label-refinement settings).
+  # dense-CRF refinement of every mask (wsss_jax/pseudo/crf.py; pydensecrf's label-refinement settings).
   # validate=True (with alpha=auto's val masks): refine only the layers whose val mIoU it raises
   config.crf = dict(enabled=arg.crf, validate=False, **crf.DEFAULTS)
   # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as

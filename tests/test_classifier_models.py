@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax import kernels
 from wsss_jax.data import mixing
+from wsss_jax.device import kernels
+from wsss_jax.models import layers
 from wsss_jax.models.classifier import ViTClassifier, vit_layer_id
 from wsss_jax.models.heads import MultiLabelHead, progressive_dropout_attention
-from wsss_jax.models import layers
 from wsss_jax.models.layers import feature_key
 from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.resnet38 import ResNet38
@@ -256,6 +256,7 @@ def test_hide_and_seek_hides_whole_grid_cells_with_the_mean():
   with probability 0.5 and filled with the mean; the rest untouched."""
   import jax
   import numpy as np
+
   from wsss_jax.data import mixing
   rng = np.random.default_rng(0)
   images = rng.random((64, 30, 24, 3)).astype(np.float32)
@@ -296,6 +297,7 @@ def test_sown_class_maps_are_the_classifiers_cams():
   import jax
   import numpy as np
   from conftest import load_config
+
   from wsss_jax.models.classifier import build_classifier
   config = load_config("classify", "width=0.0625,image_size=32")
   model = build_classifier(config.model, 32, 4)

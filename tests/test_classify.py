@@ -10,12 +10,14 @@ import optax
 import pytest
 from conftest import load_config
 
-from wsss_jax import metrics, optim, parallel
+from wsss_jax import metrics
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.phases import classify, pretrain
 from wsss_jax.tasks import classify as classify_task
-from wsss_jax import runs
+from wsss_jax.train import earlier_runs, optim
+
 
 def _config(arg="", **fields):
   config = load_config("classify", "width=0.0625,image_size=32,batch=8,epochs=2,num_train=32" +
@@ -131,7 +133,7 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   tiny_pretrain_config.total_steps = 3
   pretrain.run(tiny_pretrain_config, mae_dir)
   mae = pretrain.build_training(tiny_pretrain_config, parallel.make_mesh(1))
-  from wsss_jax.checkpoint import Checkpointer
+  from wsss_jax.train.checkpoint import Checkpointer
   ck = Checkpointer(os.path.join(mae_dir, "checkpoints"))
   mae_state, _ = ck.restore(3, mae.abstract_state, mae.state_sharding,
                             pretrain.checkpoint_meta(tiny_pretrain_config))
@@ -140,7 +142,7 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   config = _config("backbone=vit,variant=mu/8", **{"model.init_from": mae_dir})
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  state = runs.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
+  state = earlier_runs.load_pretrained(jax.jit(t.init_state)(), mae_dir, t.model, mesh, "vit")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["encoder"]),
                {k: v for k, v in jax.device_get(mae_state.params["encoder"]).items()
                 if k in state.params["encoder"]})
@@ -150,11 +152,11 @@ def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   wrong = _config("backbone=vit,variant=mu/16", **{"model.init_from": mae_dir})
   t = classify.build_training(wrong, mesh)
   with pytest.raises(UserError, match="patch_embed/kernel has shape"):
-    runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "vit")
+    earlier_runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "vit")
   cnn = _config(**{"model.init_from": mae_dir})
   t = classify.build_training(cnn, mesh)
   with pytest.raises(UserError, match="initialises model.backbone='vit' only"):
-    runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "resnet38")
+    earlier_runs.load_pretrained(jax.eval_shape(t.init_state), mae_dir, t.model, mesh, "resnet38")
 
 
 def test_linear_probe_trains_only_the_head():

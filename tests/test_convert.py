@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import timm  # the test extra installs torch, torchvision and timm
 import torch
 import torchvision
@@ -16,7 +15,7 @@ from benchmarks.torch_models import TorchMAE, TorchResNet38
 from wsss_jax import convert
 from wsss_jax.errors import UserError
 from wsss_jax.models import classifier, mae as mae_lib, resnet, resnet38, vit
-from wsss_jax import runs
+from wsss_jax.train import earlier_runs
 
 torch.manual_seed(0)
 RTOL = 1e-5
@@ -123,13 +122,14 @@ def test_mae_encoder_only_release_and_bad_files(tmp_path, capsys):
 def _init_from(tmp_path, workdir, arg, **fields):
   """The classify phase's state after `model.init_from=workdir`."""
   from conftest import load_config
-  from wsss_jax import parallel
+
+  from wsss_jax.device import parallel
   from wsss_jax.phases import classify
   config = load_config("classify", "image_size=32,batch=8,epochs=1,num_train=16," + arg)
   config.model.update(fields)
   mesh = parallel.make_mesh(1)
   t = classify.build_training(config, mesh)
-  return jax.device_get(runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh,
+  return jax.device_get(earlier_runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh,
                                                 config.model.backbone))
 
 

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax import crf
 from wsss_jax.errors import UserError
+from wsss_jax.pseudo import crf
 
 
 def _numpy_mean_field(unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):

@@ -7,11 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsss_jax import erasing
+from wsss_jax.data import mask_files
 from wsss_jax.errors import UserError
 from wsss_jax.phases import erasing as erasing_phase
-from wsss_jax import runs
-from wsss_jax.data import mask_files
+from wsss_jax.pseudo import adversarial_erasing
+from wsss_jax.train import earlier_runs
 
 
 def channel_map(v, x, labels):
@@ -25,16 +25,16 @@ def test_chain_erases_each_rounds_region_before_the_next_and_fuses_by_maximum():
   images = jnp.asarray(np.stack([red, red, red], -1)[None], jnp.float32)
   labels = jnp.ones((1, 1))
   rounds = [(lambda v, x, y: {"m": channel_map(v, x, y)}, channel_map)] * 2
-  fused, region = erasing.erasing_chain(rounds, [1.0, 2.0], images, labels, jnp.zeros(3), 0.6)
+  fused, region = adversarial_erasing.erasing_chain(rounds, [1.0, 2.0], images, labels, jnp.zeros(3), 0.6)
   # round 1 sees the left half filled with 0: its map is 2 x (0 | 0.5), its region the right half
   round0 = red
   round1 = 2 * np.concatenate([np.zeros((4, 2)), np.full((4, 2), 0.5)], axis=1)
   np.testing.assert_allclose(np.asarray(fused["m"])[0, 0], np.maximum(round0, round1))
   assert np.asarray(region)[0].all()
   # an absent class mines nothing; a region below the threshold neither
-  assert not np.asarray(erasing.mined_region(jnp.ones((1, 1, 2, 2)), jnp.zeros((1, 1)), (4, 4),
+  assert not np.asarray(adversarial_erasing.mined_region(jnp.ones((1, 1, 2, 2)), jnp.zeros((1, 1)), (4, 4),
                                              0.5)).any()
-  flat = erasing.mined_region(jnp.full((1, 1, 2, 2), 0.3), labels, (4, 4), 0.5)
+  flat = adversarial_erasing.mined_region(jnp.full((1, 1, 2, 2), 0.3), labels, (4, 4), 0.5)
   assert np.asarray(flat).all()  # max-normalised: a flat map is 1 everywhere
 
 
@@ -71,11 +71,12 @@ def test_stop_rule_and_bad_settings():
   with pytest.raises(UserError, match="erasing.method='lrp'"):
     erasing_phase.validate(config)
   with pytest.raises(UserError, match="no erasing.json there"):
-    runs.load_erasing_plan("/nonexistent")
+    earlier_runs.load_erasing_plan("/nonexistent")
   config = load_config("erasing", "round0=/nonexistent")
   with pytest.raises(UserError, match="erasing.round0_workdir=/nonexistent: no classify"):
     erasing_phase.validate(config)
   from conftest import tiny_pipeline_config
+
   from wsss_jax.phases import pipeline as pipeline_phase
   config = tiny_pipeline_config("erasing=2,paper=True")
   config.pseudo_masks.dilations = (8, 12)

@@ -12,10 +12,10 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from wsss_jax.checkpoint import CORRUPT_DIR, Checkpointer
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
 from wsss_jax.runner import run_phase
+from wsss_jax.train.checkpoint import CORRUPT_DIR, Checkpointer
 
 
 def _one_line(error) -> str:
@@ -136,7 +136,7 @@ def test_no_usable_step_is_one_line(two_steps):
 
 
 def test_a_later_phase_skips_a_damaged_step_without_touching_the_run(two_steps):
-  from wsss_jax.checkpoint import restore_latest
+  from wsss_jax.train.checkpoint import restore_latest
   _, workdir = two_steps
   for path in _state_files(workdir, 6):  # parameters among them, wherever orbax put them
     _flip(path)

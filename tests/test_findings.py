@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from PIL import Image
-
 from conftest import load_config
+from PIL import Image
 from tiny_models import SmallCNN
-from wsss_jax import masks, metrics
-from wsss_jax import relevance as R
+
+from wsss_jax import metrics, relevance as R
 from wsss_jax.data import lesions, pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
-from wsss_jax.progress import Progress
+from wsss_jax.pseudo import mask_rules
 from wsss_jax.tasks import segment as segment_task
+from wsss_jax.train.progress import Progress
 
 
 # --- Background rules against numpy ---------------------------------------------------------------
@@ -35,7 +35,7 @@ def np_otsu(values, bins=256):
     between = lo.mean() * hi.mean() * (c[lo].mean() - c[hi].mean()) ** 2
     if between > best + 1e-12:
       best, best_t = between, t
-  return (best_t or 1) / bins  # a constant image: the first edge, as masks.otsu_threshold
+  return (best_t or 1) / bins  # a constant image: the first edge, as mask_rules.otsu_threshold
 
 
 def np_finding_mask(maps, labels, rule, alpha, level=None):
@@ -61,7 +61,7 @@ def test_finding_rules_match_numpy(rule, alpha, level):
   maps = rng.normal(size=(3, 2, 16, 16)).astype(np.float32) * 2  # signed, as raw Grad-CAM
   maps[0, 1, 4:9, 5:11] += 6  # a clear finding in the first image
   labels = np.array([[1, 1], [0, 1], [0, 0]], np.float32)  # a negative image last
-  out = masks.finding_mask(jnp.asarray(maps), jnp.asarray(labels), jnp.zeros((3, 16, 16), bool),
+  out = mask_rules.finding_mask(jnp.asarray(maps), jnp.asarray(labels), jnp.zeros((3, 16, 16), bool),
                            (16, 16), 2, rule, alpha, level)
   for i in range(3):
     np.testing.assert_array_equal(np.asarray(out[i]), np_finding_mask(maps[i], labels[i], rule,
@@ -74,19 +74,19 @@ def test_otsu_threshold_matches_brute_force_on_bimodal_and_skewed_data():
   rows = [np.concatenate([rng.normal(0.2, 0.05, 300), rng.normal(0.7, 0.1, 100)]),
           rng.beta(2, 8, 400)]
   rows = np.clip(np.stack(rows), 0, 1).astype(np.float32)
-  got = np.asarray(masks.otsu_threshold(jnp.asarray(rows)))
+  got = np.asarray(mask_rules.otsu_threshold(jnp.asarray(rows)))
   for row, t in zip(rows, got):
     assert t == pytest.approx(np_otsu(row), abs=1e-6)
   assert 0.35 < got[0] < 0.55  # between the two modes
 
 
 def test_white_glass_combines_with_a_map_rule():
-  assert masks.split_rule("white+otsu") == ("white", "otsu")
-  assert masks.split_rule("threshold") == ("none", "threshold")
-  assert masks.split_rule("white") == ("white", None)
+  assert mask_rules.split_rule("white+otsu") == ("white", "otsu")
+  assert mask_rules.split_rule("threshold") == ("none", "threshold")
+  assert mask_rules.split_rule("white") == ("white", None)
   maps = jnp.ones((1, 1, 4, 4))
   white = jnp.zeros((1, 4, 4), bool).at[0, 0, :].set(True)
-  out = np.asarray(masks.finding_mask(maps, jnp.ones((1, 1)), white, (4, 4), 1, "threshold", 0.5))
+  out = np.asarray(mask_rules.finding_mask(maps, jnp.ones((1, 1)), white, (4, 4), 1, "threshold", 0.5))
   assert (out[0, 0] == 1).all() and (out[0, 1:] == 0).all()
 
 
@@ -95,7 +95,7 @@ def test_white_glass_combines_with_a_map_rule():
 def test_alpha_outside_its_range_is_one_clear_error(rule, alpha):
   with pytest.raises(UserError, match=r"background.alpha=.*(outside \(0, 1\]|must be positive)"):
     pseudo_masks.parse_alpha(str(alpha), rule)
-  assert pseudo_masks.parse_alpha("", rule) == masks.DEFAULT_ALPHA[rule]
+  assert pseudo_masks.parse_alpha("", rule) == mask_rules.DEFAULT_ALPHA[rule]
   assert pseudo_masks.parse_alpha("auto", rule) == "auto"
 
 
@@ -371,7 +371,7 @@ def test_progress_line_reports_done_rate_and_eta():
 def test_crf_lets_the_background_of_a_finding_mask_stay_background():
   """Without a white-glass region the CRF had no pixel where background was allowed, so every
   positive image's pseudo mask became all finding."""
-  from wsss_jax import crf
+  from wsss_jax.pseudo import crf
   mask = np.ones((1, 16, 16), np.uint8)
   mask[0, :, :8] = 0  # left half the finding, right half background (index K = 1)
   image = np.zeros((1, 16, 16, 3), np.uint8)

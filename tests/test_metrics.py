@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax import metrics, parallel
+from wsss_jax import metrics
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 
 BG = 4

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from wsss_jax import optim
 from wsss_jax.errors import UserError
+from wsss_jax.train import optim
 
 
 def test_warmup_cosine_closed_form():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from wsss_jax import parallel
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
 
@@ -111,6 +111,7 @@ def _mae(config, **model):
 
 def _loss_and_grads(model, params, images):
   import jax.numpy as jnp
+
   from wsss_jax.models.mae import random_masking
   masking = random_masking(jax.random.PRNGKey(3), images.shape[0],
                            model.encoder.grid_size**2, model.mask_ratio)
@@ -191,7 +192,8 @@ def test_chained_pretraining_copies_the_encoder_across_layouts(tiny_pretrain_con
 
 def _restored_params(config, workdir):
   import os
-  from wsss_jax.checkpoint import Checkpointer
+
+  from wsss_jax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   fields, _ = ckpt.restore_fields(ckpt.latest_step(), parallel.replicated(parallel.make_mesh(1)),
                                   ("params",))

@@ -9,11 +9,10 @@ import pytest
 from conftest import load_config, tiny_pipeline_config
 from PIL import Image
 
-from wsss_jax.data import pipeline as data_pipeline
+from wsss_jax.data import mask_files, pipeline as data_pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pipeline
 from wsss_jax.runner import run_phase
-from wsss_jax.data import mask_files
 
 
 def _tiny_erasing_pipeline():
@@ -33,7 +32,8 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |", "Adversarial erasing: 2 round(s) fused"):
     assert row in text
-  from wsss_jax import overlays  # 48 px tiles drawn at a legible 192 px, with headers and a legend
+  from wsss_jax.outputs import \
+    overlays  # 48 px tiles drawn at a legible 192 px, with headers and a legend
   width, height = Image.open(tmp_path / "overlays.png").size
   assert width == 4 * overlays.MIN_SIDE + 5 * overlays.GAP  # image, truth, pseudo mask, segmenter
   assert 6 * overlays.MIN_SIDE < height < 6 * overlays.MIN_SIDE + 200  # 6 tiles

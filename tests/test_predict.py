@@ -13,12 +13,14 @@ import tifffile
 from conftest import load_config
 from PIL import Image
 
-from wsss_jax import parallel, polygons, runs
 from wsss_jax.data import synthetic, transforms
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
+from wsss_jax.outputs import polygons
 from wsss_jax.phases import predict
 from wsss_jax.runner import run_phase
 from wsss_jax.tasks.common import prepare_images
+from wsss_jax.train import earlier_runs
 
 
 # --- Polygons -------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_tiles_are_the_segmenter_applied_directly_and_a_rerun_resumes(segment_ru
   out = tmp_path / "pred"
   summary = run_phase(_predict_config(segment_run, source, ",gate=off,probs=True"), str(out))
   assert summary["num_tiles"] == 5 and summary["predicted_now"] == 5
-  seg = runs.load_segmenter(segment_run, parallel.make_mesh(1))
+  seg = earlier_runs.load_segmenter(segment_run, parallel.make_mesh(1))
   data = seg.config["data"]
   image = np.asarray(Image.open(os.path.join(source, "t2.png")))
   small = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
@@ -416,7 +418,7 @@ def test_host_memory_stays_flat_as_the_slide_grows(tmp_path, monkeypatch):
 @pytest.mark.parametrize("height,width", [(300, 517), (64, 64), (129, 40)])
 def test_the_mask_pyramid_equals_nearest_levels_of_the_mask_however_rows_arrive(
     tmp_path, height, width):
-  from wsss_jax.mask_pyramid import MaskPyramid
+  from wsss_jax.outputs.mask_pyramid import MaskPyramid
   rng = np.random.default_rng(height)
   mask = (rng.random((height, width)) * 3).astype(np.uint8)
   cuts = np.unique(np.r_[0, rng.integers(1, height, 6), height])

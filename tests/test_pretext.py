@@ -7,7 +7,7 @@ import pytest
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
 from wsss_jax.phases import pretrain
-from wsss_jax import runs
+from wsss_jax.train import earlier_runs
 
 
 def test_permutation_set_has_maximal_hamming_distance():
@@ -78,6 +78,7 @@ def test_nt_xent_matches_numpy_and_its_closed_form():
 
 def test_strong_views_keep_what_each_augmentation_promises():
   from ml_collections import ConfigDict
+
   from wsss_jax.data import strong_augment as sa
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.random((6, 16, 16, 3)), jnp.float32)
@@ -184,12 +185,13 @@ def test_exemplar_run_tells_instances_apart_and_initialises_a_classifier(tiny_pr
 def assert_initialises_a_vit_classifier(workdir: str):
   """The pretrained encoder (not the pretext head) is what a ViT classifier starts from."""
   from conftest import load_config
-  from wsss_jax import parallel
+
+  from wsss_jax.device import parallel
   from wsss_jax.phases import classify
   cls_cfg = load_config("classify", "backbone=vit,variant=mu/8,image_size=32")
   mesh = parallel.make_mesh(1)
   t = classify.build_training(cls_cfg, mesh)
-  state = runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh, "vit")
+  state = earlier_runs.load_pretrained(jax.jit(t.init_state)(), workdir, t.model, mesh, "vit")
   fresh = jax.jit(t.init_state)()
   assert not np.allclose(state.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                          fresh.params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
@@ -255,9 +257,10 @@ def test_resnet_pretext_run_initialises_a_resnet_classifier(tiny_pretrain_config
   import json
 
   from conftest import load_config
-  from wsss_jax import parallel
-  from wsss_jax.checkpoint import Checkpointer
+
+  from wsss_jax.device import parallel
   from wsss_jax.phases import classify
+  from wsss_jax.train.checkpoint import Checkpointer
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.objective, config.model.encoder, config.model.width = "jigsaw", "resnet38", 1 / 16
   config.data.normalize = False
@@ -302,5 +305,5 @@ def test_resnet_pretext_run_initialises_a_resnet_classifier(tiny_pretrain_config
     other = load_config("classify", arg + ",image_size=32")
     t = classify.build_training(other, mesh)
     with pytest.raises(UserError, match=match):
-      runs.load_pretrained(jax.eval_shape(t.init_state), str(workdir), t.model, mesh,
+      earlier_runs.load_pretrained(jax.eval_shape(t.init_state), str(workdir), t.model, mesh,
                                other.model.backbone)

@@ -10,16 +10,16 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from wsss_jax import masks
 from wsss_jax.data import mask_files, synthetic, transforms
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
-from wsss_jax import runs
+from wsss_jax.pseudo import mask_rules
+from wsss_jax.train import earlier_runs
 
 
 def test_grey_is_opencv_rgb2gray():
   pixel = np.array([[[255, 200, 100]]], np.uint8)
-  assert masks.grey(pixel)[0, 0] == round(0.299 * 255 + 0.587 * 200 + 0.114 * 100)  # 205
+  assert mask_rules.grey(pixel)[0, 0] == round(0.299 * 255 + 0.587 * 200 + 0.114 * 100)  # 205
 
 
 def test_background_keeps_white_regions_of_50_pixels_or_more_4_connected():
@@ -28,13 +28,13 @@ def test_background_keeps_white_regions_of_50_pixels_or_more_4_connected():
   image[20:27, 20:27] = 255         # 49 px: removed
   image[30:37, 0:7] = 255           # 49 px ...
   image[37:40, 7:10] = 255          # ... touching only by a corner: two objects, both removed
-  bg = masks.background_mask(image, "white", 200, 50)
+  bg = mask_rules.background_mask(image, "white", 200, 50)
   want = np.zeros((40, 40), bool)
   want[0:10, 0:5] = True
   np.testing.assert_array_equal(bg, want)
-  assert not masks.background_mask(image, "none").any()
+  assert not mask_rules.background_mask(image, "none").any()
   image[36, 7] = 255                # now 4-connected: 49 + 9 + 1 = 59 px, kept
-  assert masks.background_mask(image)[30:40, 0:10].sum() == 59
+  assert mask_rules.background_mask(image)[30:40, 0:10].sum() == 59
 
 
 def test_pseudo_mask_rule_by_hand():
@@ -42,7 +42,7 @@ def test_pseudo_mask_rule_by_hand():
       jnp.array([[0.9, 0.1], [0.5, 0.0]])).at[0, 2].set(1.0)
   labels = jnp.array([[1, 1, 0], [0, 0, 0]])  # class 2 absent though its map is highest
   background = jnp.zeros((2, 2, 2), bool).at[0, 1, 1].set(True)
-  got = np.asarray(masks.pseudo_mask(maps, labels, background, (2, 2), 3))
+  got = np.asarray(mask_rules.pseudo_mask(maps, labels, background, (2, 2), 3))
   np.testing.assert_array_equal(got[0], [[1, 0], [1, 3]])
   np.testing.assert_array_equal(got[1], [[3, 3], [3, 3]])  # no positive label: all background
 
@@ -98,7 +98,7 @@ def test_phase_writes_one_mask_per_tile_and_layer_and_scores_them(tiny_classifie
                              (48, 48), 4)
       tissue = pred < 4
       assert set(np.unique(pred[tissue])) <= set(np.flatnonzero(labels))  # present classes only
-      np.testing.assert_array_equal(pred == 4, masks.background_mask(image))  # the white rule
+      np.testing.assert_array_equal(pred == 4, mask_rules.background_mask(image))  # the white rule
       preds.append(pred)
       truths.append(truth)
     want = _stage1(np.stack(preds), np.stack(truths))
@@ -115,7 +115,7 @@ def test_phase_refusals(tiny_classifier, tmp_path):
 
 def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
   """crf=True writes refine_labels(mask of the plain run, tile, labels, background rule)."""
-  from wsss_jax import crf
+  from wsss_jax.pseudo import crf
   runs = {}
   for use_crf in (False, True):
     config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8,crf={use_crf}")
@@ -130,7 +130,7 @@ def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
   # every tile refined on its own (lax.map inside), all in one compiled call
   refine = jax.jit(lambda m, x, y, bg: crf.refine_labels(m, x, y, bg, 4, crf.DEFAULTS))
   want = refine(read("False"), images, np.stack([t[2] for t in tiles]),
-                np.stack([masks.background_mask(t[0]) for t in tiles]))
+                np.stack([mask_rules.background_mask(t[0]) for t in tiles]))
   assert np.mean(np.asarray(want) == read("True")) > 0.999
   config.crf.bi_sxy = 0.0
   with pytest.raises(UserError, match="crf.bi_sxy=0.0 must be positive"):
@@ -140,13 +140,14 @@ def test_crf_option_refines_each_mask_of_the_phase(tiny_classifier, tmp_path):
 def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifier, tmp_path):
   """dilations=(8,): the masks are the argmax of H_4 + H_8 (each map computed with b7 at that
   rate on the same weights), checked against maps computed here with the maps API."""
-  from wsss_jax import parallel, relevance
+  from wsss_jax import relevance
+  from wsss_jax.device import parallel
   config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=8")
   config.layers, config.dilations, config.data.num_train = ("bn7",), (8,), 8
   summary = pseudo_masks.run(config, str(tmp_path))
   assert summary["dilations"] == [8]
   mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = runs.load_classifier(tiny_classifier, mesh)
+  model, variables, meta, _, data = earlier_runs.load_classifier(tiny_classifier, mesh)
   models = [model] + pseudo_masks.dilated_models(meta, (8,))
   assert models[1].backbone.last_dilation == 8 and models[0].backbone.last_dilation == 4
   images, labels, bg = [], [], []
@@ -154,14 +155,14 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
     image, _, lab = synthetic.generate_tile(0, "train", i, 48)
     images.append(transforms.Resize(32)({"image": image})["image"])  # the pipeline's own input
     labels.append(lab)
-    bg.append(masks.background_mask(image))
+    bg.append(mask_rules.background_mask(image))
   x = jnp.asarray(np.stack(images) / 255.0, jnp.float32)
   labels = jnp.asarray(np.stack(labels))
   fused = [relevance.relevance_fn("gradcam", m.apply, layers=["bn7"], upsample=False,
                                   normalize=config.normalize, only_present=True,
                                   relu=None if config.relu < 0 else bool(config.relu)
                                   ).maps(variables, x, labels) for m in models]
-  want = np.asarray(masks.pseudo_mask([f[next(iter(f))] for f in fused], labels,
+  want = np.asarray(mask_rules.pseudo_mask([f[next(iter(f))] for f in fused], labels,
                                       jnp.asarray(np.stack(bg)), (48, 48), 4))
   got = np.stack([mask_files.read_mask(str(tmp_path / "masks" / "bn7" / f"synthetic_train_{i}.png"),
                                    (48, 48), 4) for i in range(8)])

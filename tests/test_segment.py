@@ -184,7 +184,7 @@ def test_segment_phase_keeps_the_best_checkpoint_and_tests_with_each_gate(
   assert sorted(val) == [4, 8]  # once per epoch
   assert summary["best_step"] == max(val, key=val.get)
   assert os.listdir(tmp_path / "best") == [str(summary["best_step"])]
-  from wsss_jax import overlays  # image | truth | prediction, enlarged and labelled
+  from wsss_jax.outputs import overlays  # image | truth | prediction, enlarged and labelled
   width, height = Image.open(tmp_path / "overlays" / "test.png").size
   assert width == 3 * overlays.MIN_SIDE + 4 * overlays.GAP and height > overlays.MIN_SIDE
   assert {"loss/b4_5", "loss/b5_2", "loss/bn7"} <= set(rows[0])

@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from wsss_jax import parallel
-from wsss_jax.checkpoint import Checkpointer
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
 from wsss_jax.tasks import pretrain as pretrain_task
+from wsss_jax.train.checkpoint import Checkpointer
 
 
 def _params(workdir, step, config):
@@ -31,9 +31,9 @@ def _assert_trees_close(a, b, **kw):
 
 def test_sharded_gradients_equal_single_device_gradients(tiny_pretrain_config):
   """The loss and gradient of one global batch do not depend on how the batch is split."""
-  from wsss_jax import optim
   from wsss_jax.data import pipeline
   from wsss_jax.models.mae import build_mae
+  from wsss_jax.train import optim
   config = tiny_pretrain_config
   model = build_mae(config.model, 32)
   tx, _ = optim.adamw(config.optim, config.batch_size, config.total_steps)
@@ -147,7 +147,7 @@ def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
   assert steps == [3, 6]
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
   # the probe keeps the pretrained encoder frozen, the fine-tune moves it; both were scored
-  from wsss_jax.checkpoint import restore_latest
+  from wsss_jax.train.checkpoint import restore_latest
   rep = parallel.replicated(parallel.make_mesh(1))
   params = {name: restore_latest(str(tmp_path / sub), rep, ("params",), flag="t")[0]["params"]
             for name, sub in (("pre", "."), ("probe", "eval/linear_probe"),
@@ -172,9 +172,10 @@ def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):
 
 def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config):
   import jax.numpy as jnp
-  from wsss_jax import optim
+
   from wsss_jax.data import pipeline
   from wsss_jax.models.mae import build_mae
+  from wsss_jax.train import optim
   config = tiny_pretrain_config
   batch = next(iter(pipeline.train_dataset(config.data, seed=0, local_batch=8)))
   losses, states = {}, {}
@@ -202,7 +203,8 @@ def test_keep_checkpoints_bounds_the_steps_on_disk(tiny_pretrain_config, tmp_pat
 
 def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, caplog):
   import orbax.checkpoint as ocp
-  from wsss_jax import checkpoint
+
+  from wsss_jax.train import checkpoint
   checkpoint._array_handler_processes = None  # as in a fresh process
   with caplog.at_level(logging.WARNING):
     checkpoint.Checkpointer(str(tmp_path / "a"))
@@ -215,7 +217,8 @@ def test_checkpointer_registers_its_array_handler_once_and_quietly(tmp_path, cap
 
 def test_how_a_step_computes_is_free_and_gelu_matches_checkpoints_from_before_it():
   import ml_collections
-  from wsss_jax.checkpoint import check_meta, model_meta
+
+  from wsss_jax.train.checkpoint import check_meta, model_meta
   model = ml_collections.ConfigDict({"variant": "mu/8", "attention": "xla", "gelu": "exact"})
   before = {"phase": "pretrain", "model": {"variant": "mu/8"}}  # written before `gelu` existed
   meta = lambda: {"phase": "pretrain", "model": model_meta(model)}  # noqa: E731

@@ -261,7 +261,9 @@ def convert(state_dict: dict[str, np.ndarray], arch: str, decoder_heads: int = 1
 def write_workdir(workdir: str, params: dict, batch_stats: dict, meta: dict) -> str:
   """An orbax checkpoint (step 0) holding {params, batch_stats}, as the phases write them."""
   import jax
-  from wsss_jax import checkpoint, runner
+
+  from wsss_jax import runner
+  from wsss_jax.train import checkpoint
   path = runner.prepare_workdir(workdir)
   directory = os.path.join(path, "checkpoints")
   if os.path.isdir(directory) and os.listdir(directory):

@@ -10,8 +10,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from wsss_jax.errors import UserError
@@ -32,7 +31,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    from wsss_jax import parallel
+    from wsss_jax.device import parallel
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
     if _CONFIG.value is None:

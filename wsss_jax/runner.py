@@ -4,9 +4,9 @@ from __future__ import annotations
 import importlib
 import os
 
-from wsss_jax import kernels
-from wsss_jax import workdir as run_record
+from wsss_jax.device import kernels
 from wsss_jax.errors import UserError
+from wsss_jax.train import run_record
 
 PHASES = {
     "pretrain": "wsss_jax.phases.pretrain",

@@ -24,9 +24,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from wsss_jax.errors import UserError
 from wsss_jax.data import mask_files
-from wsss_jax.progress import Progress
+from wsss_jax.errors import UserError
+from wsss_jax.train.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # `-[1 0 0 1]` (LUAD-HistoSeg) or `[1101]` (BCSS-WSSS, after `+<idx>`) at the end of the stem.

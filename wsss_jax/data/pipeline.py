@@ -2,7 +2,7 @@
 
 Each process reads only its own slice of the source (`ds[process_index::process_count]`) and
 yields its share of the global batch; the global array is assembled on device by
-`wsss_jax.parallel.global_batch`. The iterator state is a small dict saved in every checkpoint, so a
+`wsss_jax.device.parallel.global_batch`. The iterator state is a small dict saved in every checkpoint, so a
 resumed run sees the same data order as an uninterrupted one. Images stay uint8 until they reach
 the device (4x less host-to-device traffic); `normalize` runs inside the jitted step.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 
 import grain
-from absl import flags
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from wsss_jax.data import folders, lesions, randaugment, synthetic, transforms
+from wsss_jax.data import folders, lesions, mask_files, randaugment, synthetic, transforms
 from wsss_jax.errors import UserError
-from wsss_jax.data import mask_files
 
 DATASETS = ("synthetic", "synthetic_lesions", "slides") + tuple(folders.SPECS)
 

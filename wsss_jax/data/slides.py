@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from wsss_jax import masks
 from wsss_jax.data.transforms import downsample as box_downsample
 from wsss_jax.errors import UserError
+from wsss_jax.pseudo import mask_rules
 
 SLIDE_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi", ".png", ".jpg", ".jpeg", ".mrxs", ".scn")
 _TIFF = (".tif", ".tiff", ".svs")
@@ -204,8 +204,8 @@ def tissue_mask(thumbnail: np.ndarray, min_saturation: float = 0.05) -> np.ndarr
   """(h, w) bool tissue of a thumbnail (see the module docstring)."""
   sat = ndimage.median_filter(saturation(thumbnail), size=7)  # nuclei-scale texture smoothed
   threshold = max(otsu_threshold(sat), int(min_saturation * 255))
-  tissue = ndimage.binary_fill_holes((sat > threshold) & (masks.grey(thumbnail) < 230))
-  return masks.remove_small_objects(tissue, max(1, tissue.size // 1000))
+  tissue = ndimage.binary_fill_holes((sat > threshold) & (mask_rules.grey(thumbnail) < 230))
+  return mask_rules.remove_small_objects(tissue, max(1, tissue.size // 1000))
 
 
 def tissue_shares(slide: Slide, origins, side: float, thumbnail_side: int = 2048) -> np.ndarray:

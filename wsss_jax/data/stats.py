@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 
 from wsss_jax.errors import UserError
-from wsss_jax.progress import Progress
+from wsss_jax.train.progress import Progress
 
 
 class _Moments:

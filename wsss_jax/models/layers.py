@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wsss_jax import kernels
+from wsss_jax.device import kernels
 
 # PyTorch's BatchNorm2d: running stats updated with weight 0.1 (flax momentum 0.9), eps 1e-5.
 BN_MOMENTUM = 0.9

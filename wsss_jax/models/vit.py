@@ -16,12 +16,12 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from wsss_jax import parallel
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.layers import LayerNorm, named_feature
 

@@ -15,10 +15,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jax_core
 import numpy as np
+from jax.extend import core as jax_core
 
-from wsss_jax import parallel
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.tasks import classify, pretrain, segment
 from wsss_jax.tasks.common import compute_dtype
@@ -222,6 +222,7 @@ def profile_summary(trace_dir: str, steps: int, top: int = 25) -> dict:
   Events that carry an `hlo_op` stat are the device's work (kernels on a GPU, thunks on a
   CPU); they are summed per op and per category and divided by the traced steps."""
   import glob
+
   from jax._src.lib import _profile_data
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
   if not paths:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from wsss_jax import loop, parallel, runs
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.tasks.classify import build_training, checkpoint_meta, evaluate
+from wsss_jax.train import earlier_runs, loop
 
 BOUNDS = ("clip", "check")
 
@@ -51,7 +52,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   t = build_training(config, mesh)
   initialize = None
   if config.model.init_from:
-    initialize = lambda state: runs.load_pretrained(  # noqa: E731
+    initialize = lambda state: earlier_runs.load_pretrained(  # noqa: E731
         state, config.model.init_from, t.model, mesh, config.model.backbone)
   eval_every = config.eval_every if config.eval_every > 0 else t.steps_per_epoch
 

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from wsss_jax import erasing, parallel, relevance
-from wsss_jax.data import pipeline
+from wsss_jax import relevance
+from wsss_jax.data import mask_files, pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
-from wsss_jax import runs
+from wsss_jax.pseudo import adversarial_erasing
 from wsss_jax.tasks.classify import split_metrics
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.data import mask_files
+from wsss_jax.train import earlier_runs
 
 
 def round_dir(workdir: str, k: int) -> str:
@@ -45,7 +46,7 @@ def erase_dir(workdir: str, k: int) -> str:
 
 def train_score(directory: str, data, batch: int, mesh) -> float:
   """mAP of the classifier in `directory` on its own training tiles (as erased for it)."""
-  model, variables, _, _, _ = runs.load_classifier(directory, mesh)
+  model, variables, _, _, _ = earlier_runs.load_classifier(directory, mesh)
   predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
       variables, prepare_images(u8, data, jnp.float32), train=False)))
   return split_metrics(predict, data, batch, mesh, "train")["mAP"]
@@ -59,7 +60,7 @@ def write_regions(loaded, settings: dict, data, batch: int, mesh, target: str) -
   with data.unlocked():
     data.erase_dir = ""
   rounds, variables = loaded
-  run = erasing.chain(rounds, settings, erasing.fill_value(data))
+  run = adversarial_erasing.chain(rounds, settings, adversarial_erasing.fill_value(data))
   tmp = target + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -150,7 +151,7 @@ def run(config, workdir: str) -> dict:
     accepted.append(directory)
     if k + 1 == e.rounds:
       break
-    loaded = erasing.load_rounds(accepted, mesh, settings)
+    loaded = adversarial_erasing.load_rounds(accepted, mesh, settings)
     entry["erased_fraction_next"] = write_regions(loaded, settings, cls.data, batch, mesh,
                                                   erase_dir(workdir, k + 1))
     stop_now = over_erased(None, None, entry["erased_fraction_next"], e)

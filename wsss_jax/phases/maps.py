@@ -17,15 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import metrics, overlays, parallel, relevance, runs
+from wsss_jax import metrics, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.data.synthetic import BACKGROUND
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.progress import Progress
+from wsss_jax.outputs import overlays
+from wsss_jax.relevance import quality
 from wsss_jax.relevance.options import layers_for, method_options
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.relevance import quality
-from wsss_jax.writers import MetricWriter
+from wsss_jax.train import earlier_runs
+from wsss_jax.train.progress import Progress
+from wsss_jax.train.writers import MetricWriter
 
 
 def patterns_for(config, workdir, apply_fn, variables, data, step, batches) -> dict:
@@ -116,8 +119,8 @@ def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
   batch = parallel.eval_batch_size(config.batch_size, mesh)
-  model, variables, meta, step, classifier_data = runs.load_classifier(config.classifier_workdir, mesh)
-  data = runs.data_config(config, classifier_data)
+  model, variables, meta, step, classifier_data = earlier_runs.load_classifier(config.classifier_workdir, mesh)
+  data = earlier_runs.data_config(config, classifier_data)
   specs = [method_options(m, config, data) for m in config.methods]  # fail fast on bad names
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   apply_fn = model.apply  # one object: jit caches on it

@@ -13,10 +13,11 @@ import os
 
 import numpy as np
 
-from wsss_jax import config_lib, parallel
-from wsss_jax.errors import UserError
-from wsss_jax.writers import MetricWriter
+from wsss_jax import config_lib
 from wsss_jax.data import mask_files
+from wsss_jax.device import parallel
+from wsss_jax.errors import UserError
+from wsss_jax.train.writers import MetricWriter
 
 
 def _run(config, workdir: str) -> dict:
@@ -25,7 +26,7 @@ def _run(config, workdir: str) -> dict:
 
 
 def _classifier_step(classify_dir: str) -> int | None:
-  from wsss_jax.checkpoint import Checkpointer
+  from wsss_jax.train.checkpoint import Checkpointer
   directory = os.path.join(classify_dir, "checkpoints")
   if not os.path.isdir(directory):
     return None
@@ -202,7 +203,7 @@ def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
                   num_classes: int, pm_summary: dict) -> None:
   """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
   the segment phase kept, blended over the image, with a legend."""
-  from wsss_jax import overlays
+  from wsss_jax.outputs import overlays
   path = os.path.join(dirs["segment"], "overlays", "test.npz")
   if not os.path.exists(path):
     return

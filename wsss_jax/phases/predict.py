@@ -43,16 +43,18 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from wsss_jax import overlays, parallel, polygons, runs
-from wsss_jax.mask_pyramid import RAW_FILE, MaskPyramid
 from wsss_jax.data import folders, mask_files, slides, transforms
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN
-from wsss_jax.progress import Progress
+from wsss_jax.outputs import overlays, polygons
+from wsss_jax.outputs.mask_pyramid import RAW_FILE, MaskPyramid
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.tasks.segment import gate as apply_gate, load_gate_classifier
-from wsss_jax.workdir import write_config
-from wsss_jax.writers import MetricWriter
+from wsss_jax.train import earlier_runs
+from wsss_jax.train.progress import Progress
+from wsss_jax.train.run_record import write_config
+from wsss_jax.train.writers import MetricWriter
 
 MODES = ("auto", "tiles", "slides")
 GATES = ("off", "exclude")
@@ -90,7 +92,7 @@ def hann_weights(size: int) -> np.ndarray:
 
 
 # --- The model -----------------------------------------------------------------------------------------
-def make_probabilities(seg: runs.Segmenter, data, mesh):
+def make_probabilities(seg: earlier_runs.Segmenter, data, mesh):
   """Jitted uint8 (B, s, s, 3) at the model's input size (and, for MRN, their contexts) ->
   (B, s, s, K') class probabilities."""
   model, variables = seg.model, seg.variables
@@ -483,7 +485,7 @@ def check_slides(files: list[str], ctx: dict, config) -> None:
                       f"(resized to the model's input) or a smaller downsample")
 
 
-def accept_workdir(config, workdir: str, seg: runs.Segmenter) -> None:
+def accept_workdir(config, workdir: str, seg: earlier_runs.Segmenter) -> None:
   """Refuses a workdir holding predictions of another model (a resumed run would mix the two);
   otherwise records this run (config.json, and the model it uses)."""
   record = {"model": os.path.abspath(seg.workdir), "step": int(seg.step)}
@@ -509,7 +511,7 @@ def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
-  seg = runs.load_segmenter(config.model_workdir, mesh, field="model")
+  seg = earlier_runs.load_segmenter(config.model_workdir, mesh, field="model")
   data = ml_collections.ConfigDict(seg.config["data"])
   k = int(data.num_classes)
   outputs = int(seg.meta["num_classes"])

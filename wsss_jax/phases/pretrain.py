@@ -14,15 +14,16 @@ from typing import Callable
 
 import jax
 
-from wsss_jax import figures, loop, parallel
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
 from wsss_jax.models.mae import MaskedAutoencoder
+from wsss_jax.outputs import mae_grid
 from wsss_jax.tasks.common import compute_dtype
-from wsss_jax.tasks.pretrain import (build_training, checkpoint_meta, encoder_name,
-                                     load_pretrained, make_reconstruct_fn)
-
+from wsss_jax.tasks.pretrain import (build_training, checkpoint_meta, encoder_name, load_pretrained,
+                                     make_reconstruct_fn)
+from wsss_jax.train import loop
 
 EVALUATION_RUNS = {"both": ("linear_probe", "finetune"), "probe": ("linear_probe",),
                    "finetune": ("finetune",), "none": ()}
@@ -110,7 +111,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
       return
     panels = parallel.to_host(reconstruct(state.params, eval_images))  # on every process
     if job.writer.enabled:
-      grid = figures.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))
+      grid = mae_grid.save_grid(panels, os.path.join(workdir, "figures", f"recon_{step:07d}.png"))
       job.writer.image("reconstruction", step, grid)
 
   fitted = loop.fit("pretrain", config, workdir, t, checkpoint_meta(config), mesh,

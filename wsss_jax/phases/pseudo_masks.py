@@ -18,15 +18,18 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from wsss_jax import crf, erasing, masks, metrics, overlays, parallel, relevance, runs
-from wsss_jax.data import folders, pipeline
-from wsss_jax.progress import Progress
+from wsss_jax import metrics, relevance
+from wsss_jax.data import folders, mask_files, pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
+from wsss_jax.outputs import overlays
+from wsss_jax.pseudo import adversarial_erasing, crf, mask_rules
 from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.writers import MetricWriter
-from wsss_jax.data import mask_files
+from wsss_jax.train import earlier_runs
+from wsss_jax.train.progress import Progress
+from wsss_jax.train.writers import MetricWriter
 
 SPLITS = ("train", "val", "test")
 
@@ -73,10 +76,10 @@ def parse_alpha(text, map_rule: str):
   if text == "auto":
     return "auto"
   try:
-    alpha = float(text) if text else masks.DEFAULT_ALPHA[map_rule]
+    alpha = float(text) if text else mask_rules.DEFAULT_ALPHA[map_rule]
   except ValueError:
     raise UserError(f"background.alpha={text!r} is not a number, '' or 'auto'") from None
-  masks.check_alpha(map_rule, alpha)
+  mask_rules.check_alpha(map_rule, alpha)
   return alpha
 
 
@@ -160,7 +163,7 @@ def validate(config) -> None:
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
   if config.background.rule:
-    masks.check_rule(config.background.rule)
+    mask_rules.check_rule(config.background.rule)
   if config.palette:
     mask_files.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
@@ -182,23 +185,23 @@ def run(config, workdir: str) -> dict:
   batch = parallel.eval_batch_size(config.batch_size, mesh)
   plan = None
   if config.get("erasing_workdir"):  # adversarial erasing: its rounds replace the classifier
-    plan = runs.load_erasing_plan(config.erasing_workdir)
+    plan = earlier_runs.load_erasing_plan(config.erasing_workdir)
     if config.dilations:
       raise UserError("dilations and erasing_workdir do not combine; use one or the other")
   classifier_workdir = plan["rounds"][0] if plan else config.classifier_workdir
-  model, variables, meta, step, classifier_data = runs.load_classifier(
+  model, variables, meta, step, classifier_data = earlier_runs.load_classifier(
       classifier_workdir, mesh)
-  data = runs.data_config(config, classifier_data)
+  data = earlier_runs.data_config(config, classifier_data)
   if not config.data.num_train:  # 0: the classifier's own training set
     data.num_train = classifier_data.get("num_train", data.num_train)
   num_classes, names = data.num_classes, tuple(data.class_names)
   background_index = num_classes  # palette index after the classes (4 in both releases)
   setting = folders.resolve(data, "setting")
   rule = folders.resolve(data, "background", config.background.rule)
-  image_rule, map_rule = masks.split_rule(rule)  # checks the rule
+  image_rule, map_rule = mask_rules.split_rule(rule)  # checks the rule
   if setting == "finding" and map_rule is None:
     raise UserError(f"background.rule={rule!r}: findings against a background need a map rule "
-                    f"({', '.join(masks.MAP_RULES)}, or white+<one of them>)")
+                    f"({', '.join(mask_rules.MAP_RULES)}, or white+<one of them>)")
   alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
   palette_name = folders.resolve(data, "palette", config.palette)
   palette = mask_files.palette_bytes(palette_name, num_classes + 1)
@@ -207,7 +210,7 @@ def run(config, workdir: str) -> dict:
                     f"size (fixed position embeddings); use scales=(1.0,)")
   method, options = method_options(config.method, config, data)
   layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
-  # map rules normalise by the per-image maximum themselves (masks.max_normalize)
+  # map rules normalise by the per-image maximum themselves (mask_rules.max_normalize)
   normalize = "none" if map_rule else config.normalize
   relu = relu_choice(config.relu, setting)
 
@@ -219,10 +222,10 @@ def run(config, workdir: str) -> dict:
   fn = maps_fn(model)
   dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
   if plan:  # the rounds in a chain, each on its erased input; maps fused by a maximum
-    rounds, round_variables = erasing.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
-    rounds.insert(0, erasing.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
+    rounds, round_variables = adversarial_erasing.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
+    rounds.insert(0, adversarial_erasing.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
     round_variables.insert(0, variables)
-    erasing_chain = erasing.chain(rounds, plan, erasing.fill_value(data))
+    erasing_chain = adversarial_erasing.chain(rounds, plan, adversarial_erasing.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
   sizes = input_sizes(data.image_size, config.scales)
   inputs = {f"input_{i}": size for i, size in enumerate(sizes)}
@@ -256,8 +259,8 @@ def run(config, workdir: str) -> dict:
     alpha = {layer: s["best"] for layer, s in sweep.items()}
   elif alpha == "auto" and negatives:  # no ground truth: what the negatives show bounds it
     print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
-          f"(quantile {masks.DEFAULT_ALPHA['negatives']})", flush=True)
-    map_rule, alpha = "negatives", masks.DEFAULT_ALPHA["negatives"]
+          f"(quantile {mask_rules.DEFAULT_ALPHA['negatives']})", flush=True)
+    map_rule, alpha = "negatives", mask_rules.DEFAULT_ALPHA["negatives"]
   elif alpha == "auto":
     raise UserError("background.alpha=auto needs ground-truth masks on the val split or "
                     "negative training images (all-zero labels); give alpha a number")
@@ -298,11 +301,11 @@ def run(config, workdir: str) -> dict:
     for layer in scale_maps[0]:
       m = [maps_at_scale[layer] for maps_at_scale in scale_maps]
       if map_rule:
-        out[layer] = masks.finding_mask(m, labels, background, background.shape[1:],
+        out[layer] = mask_rules.finding_mask(m, labels, background, background.shape[1:],
                                         background_index, map_rule, alphas.get(layer),
                                         lvls.get(layer))
       else:
-        out[layer] = masks.pseudo_mask(m, labels, background, background.shape[1:],
+        out[layer] = mask_rules.pseudo_mask(m, labels, background, background.shape[1:],
                                        background_index)
       if crf_cfg is not None and (crf_layers is None or layer_name(layer) in crf_layers):
         out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
@@ -319,7 +322,7 @@ def run(config, workdir: str) -> dict:
   total = len(source)
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
   try:
-    background = masks.BackgroundMask(rule, config.background.threshold,
+    background = mask_rules.BackgroundMask(rule, config.background.threshold,
                                       config.background.min_size)
     alphas = levels_arg = None
     for b in pipeline.tile_batches(data, config.split, batch, inputs, keys, extra=[background]):
@@ -406,7 +409,7 @@ def negative_map_values(data, config, batch, inputs, batch_maps) -> dict:
       continue
     everything = jnp.ones(b["labels"].shape, jnp.float32)
     for layer in (scale_maps := batch_maps(b, everything))[0]:
-      fused = masks.fuse_maps([m[layer] for m in scale_maps], (56, 56))
+      fused = mask_rules.fuse_maps([m[layer] for m in scale_maps], (56, 56))
       peak = np.asarray(jax.nn.relu(fused).max(axis=1))[negative]
       values.setdefault(layer_name(layer), []).append(peak.ravel())
     count += int(negative.sum())
@@ -421,7 +424,7 @@ def val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
   layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (images
   on the devices only `with_images`, else None)."""
   keys = ("image", "labels", "mask", "background") + tuple(inputs)
-  white = masks.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
+  white = mask_rules.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
   totals = {}
   for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
     labels = jnp.asarray(b["labels"])
@@ -448,7 +451,7 @@ def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, n
   @jax.jit
   def confusions(maps, labels, background, truth, valid, settings):
     def one(a, level):
-      m = masks.finding_mask(maps, labels, background, background.shape[1:], background_index,
+      m = mask_rules.finding_mask(maps, labels, background, background.shape[1:], background_index,
                              map_rule, a, level)
       return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
     return jax.vmap(one)(*settings)
@@ -477,7 +480,7 @@ def crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule
 
   @jax.jit
   def confusion(maps, labels, background, truth, valid, images, a, level):
-    m = masks.finding_mask(maps, labels, background, background.shape[1:], background_index,
+    m = mask_rules.finding_mask(maps, labels, background, background.shape[1:], background_index,
                            map_rule, a, level)
     m = crf.refine_labels(m, images, labels, background, background_index, crf_cfg,
                           free_background=True)

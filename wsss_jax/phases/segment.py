@@ -11,13 +11,15 @@ import os
 
 import numpy as np
 
-from wsss_jax import loop, overlays, parallel, runs
-from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.data import folders, mask_files, pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
+from wsss_jax.outputs import overlays
 from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, Segmentation, checkpoint_meta, evaluate,
                                     load_gate_classifier, loss_kind, overlay_figure, scoring,
                                     setting)
+from wsss_jax.train import earlier_runs, loop
+from wsss_jax.train.checkpoint import Checkpointer
 
 SUPERVISION = ("pseudo", "full")
 
@@ -69,7 +71,7 @@ def run(config, workdir: str) -> dict:
   meta = checkpoint_meta(config)
   initialize = None
   if config.model.init_from:
-    initialize = lambda s: runs.load_pretrained(  # noqa: E731
+    initialize = lambda s: earlier_runs.load_pretrained(  # noqa: E731
         s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
       f"mask_{layer}" for layer in config.data.mask_layers)

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wsss_jax import kernels
+from wsss_jax.device import kernels
 from wsss_jax.errors import UserError
 from wsss_jax.relevance import core
 

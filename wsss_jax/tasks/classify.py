@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wsss_jax import metrics, optim, parallel
-from wsss_jax.checkpoint import model_meta
+from wsss_jax import metrics
 from wsss_jax.data import mixing, pipeline
+from wsss_jax.device import parallel
 from wsss_jax.models.classifier import build_classifier, lr_multipliers, param_labels
 from wsss_jax.tasks.common import compute_dtype, prepare_images, steps_per_epoch, total_steps
-from wsss_jax.train_state import ClassifierState
+from wsss_jax.train import optim
+from wsss_jax.train.checkpoint import model_meta
+from wsss_jax.train.train_state import ClassifierState
 
 
 def pda_active(epoch, pda_cfg):

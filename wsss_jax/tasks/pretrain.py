@@ -11,15 +11,17 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from wsss_jax import figures, optim, parallel
-from wsss_jax.checkpoint import model_meta, restore_latest
 from wsss_jax.data import pipeline, strong_augment
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models import classifier, pretext
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
 from wsss_jax.models.vit import stack_blocks, unstack_blocks
+from wsss_jax.outputs import mae_grid
 from wsss_jax.tasks.common import compute_dtype, prepare_images
-from wsss_jax.train_state import BatchNormState, TrainState
+from wsss_jax.train import optim
+from wsss_jax.train.checkpoint import model_meta, restore_latest
+from wsss_jax.train.train_state import BatchNormState, TrainState
 
 
 def checkpoint_meta(config) -> dict:
@@ -105,7 +107,7 @@ def make_reconstruct_fn(model: MaskedAutoencoder, mean, std, dtype, seed: int):
     images = pipeline.normalize(images_u8, mean, std, dtype)
     masking = model.sample_masking(jax.random.PRNGKey(seed), images.shape[0])
     out = model.apply({"params": params}, images, masking)
-    return figures.mae_panels(images.astype(jnp.float32), out.pred.astype(jnp.float32),
+    return mae_grid.mae_panels(images.astype(jnp.float32), out.pred.astype(jnp.float32),
                               out.mask, p, model.norm_pix_loss, mean, std)
 
   return reconstruct

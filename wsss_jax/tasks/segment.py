@@ -28,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wsss_jax import metrics, optim, overlays, parallel, runs
-from wsss_jax.checkpoint import model_meta
+from wsss_jax import metrics
 from wsss_jax.data import folders, pipeline, transforms
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
+from wsss_jax.outputs import overlays
 from wsss_jax.tasks.common import compute_dtype, prepare_images, steps_per_epoch, total_steps
-from wsss_jax.train_state import ClassifierState
-
+from wsss_jax.train import earlier_runs, optim
+from wsss_jax.train.checkpoint import model_meta
+from wsss_jax.train.train_state import ClassifierState
 
 GATE_MODES = ("off", "exclude", "multiply")
 
@@ -293,13 +295,13 @@ def load_gate_classifier(config, mesh):
   or None when the gate is not used."""
   if not config.gate.classifier_workdir:
     return None
-  model, variables, meta, _, data = runs.load_classifier(config.gate.classifier_workdir, mesh,
+  model, variables, meta, _, data = earlier_runs.load_classifier(config.gate.classifier_workdir, mesh,
                                                          field="gate.classifier_workdir")
   if meta["num_classes"] != config.data.num_classes:
     raise UserError(f"gate.classifier_workdir={config.gate.classifier_workdir}: its checkpoint "
                     f"has {meta['num_classes']} classes but data.num_classes="
                     f"{config.data.num_classes}")
-  cls_data = runs.data_config(config, data)
+  cls_data = earlier_runs.data_config(config, data)
   cls_data.image_size = meta["image_size"]
   predict = jax.jit(lambda u8: jax.nn.sigmoid(model.apply(
       variables, prepare_images(u8, cls_data, jnp.float32))))
@@ -307,6 +309,6 @@ def load_gate_classifier(config, mesh):
 
 
 def overlay_figure(shown, palette: list, class_names, title: str) -> np.ndarray:
-  """Rows of image | ground truth | prediction, blended and labelled (wsss_jax/overlays.py)."""
+  """Rows of image | ground truth | prediction, blended and labelled (wsss_jax/outputs/overlays.py)."""
   items = [(image, truth, {"prediction": pred}) for image, truth, pred, _, _ in shown]
   return overlays.mask_figure(items, palette, class_names, title)

@@ -12,12 +12,12 @@ import flax.traverse_util as traverse_util
 import jax
 import ml_collections
 
-from wsss_jax import parallel
-from wsss_jax.checkpoint import restore_latest
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import ViTClassifier, build_classifier
 from wsss_jax.models.vit import unstack_blocks
-from wsss_jax.train_state import ClassifierState
+from wsss_jax.train.checkpoint import restore_latest
+from wsss_jax.train.train_state import ClassifierState
 
 
 class Classifier(NamedTuple):
@@ -153,8 +153,9 @@ def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:
   """The segment run in `workdir`: the best-mIoU step of `best/` when there is one, else the
   latest of `checkpoints/`; errors name the user's `field`."""
   import jax.numpy as jnp
-  from wsss_jax.checkpoint import Checkpointer
+
   from wsss_jax.models.segmentation import build_segmenter
+  from wsss_jax.train.checkpoint import Checkpointer
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import optim, parallel
-from wsss_jax import workdir as run_record
-from wsss_jax.checkpoint import Checkpointer
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.writers import MetricWriter
+from wsss_jax.train import optim, run_record
+from wsss_jax.train.checkpoint import Checkpointer
+from wsss_jax.train.writers import MetricWriter
 
 
 class Throughput:

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
-from wsss_jax import parallel
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside the checkpoints: steps moved aside

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import relevance, runs
+from wsss_jax import relevance
 from wsss_jax.relevance.options import DEFAULT_LAYERS
 from wsss_jax.tasks.common import prepare_images
+from wsss_jax.train import earlier_runs
 
 
 def erase(images, region, fill):
@@ -89,7 +90,7 @@ def load_rounds(round_dirs, mesh, settings: dict, maps_fn_for=None) -> tuple[lis
   """(per round (maps_fn, region_fn), per round variables) of the classifiers in `round_dirs`."""
   rounds, variables = [], []
   for directory in round_dirs:
-    model, v, meta, _, _ = runs.load_classifier(directory, mesh)
+    model, v, meta, _, _ = earlier_runs.load_classifier(directory, mesh)
     rounds.append(round_fns(model, meta, settings, maps_fn_for))
     variables.append(v)
   return rounds, variables

@@ -26,7 +26,7 @@ def get_config(arg=None):
                               # the last block's norm1 (ViT); LRP and patterns read `input`
   config.target = "logit"     # or sigmoid / softmax
   config.normalize = "joint"  # min-max over the present classes jointly, as the MLPS code
-  config.relu = -1            # -1: the method's default (on for CAMs); 0 off; 1 on
+  config.relu = "method"      # the method's default (on for CAMs); "off"; "on"
   config.only_present = True  # classes absent from the tile's labels are zeroed
   config.write_maps = True
 

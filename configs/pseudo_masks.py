@@ -27,8 +27,8 @@ def get_config(arg=None):
   config.layers = ()             # (): b4_5, b5_2, bn7 (ResNet38); layer3, layer4 (ResNet-50)
   config.target = "logit"
   config.normalize = "joint"     # min-max over the present classes jointly (the authors' rule)
-  config.relu = -2               # -2: by setting (tissue: Grad-CAM without ReLU, as the authors;
-                                 # finding: with); -1: the method's default; 0 off; 1 on
+  config.relu = "setting"        # by setting (tissue: Grad-CAM without ReLU, as the authors;
+                                 # finding: with); "method": the method's default; "off"; "on"
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
   # rule "": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for BCSS-WSSS
   # and tissue folders, threshold for findings); white / none / threshold / power / otsu /

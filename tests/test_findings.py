@@ -167,7 +167,7 @@ def test_maps_of_a_trained_classifier_peak_on_the_blob(blob_classifier, method, 
   # the finding recipe of the pseudo-mask phase: ReLU on, raw maps, the blob's class present
   maps = R.relevance(method, model.apply, variables, jnp.asarray(x), layers=layers,
                      labels=jnp.ones((8, 1)), only_present=True, normalize="none",
-                     relu=pseudo_masks.relu_choice(-2, "finding"), **options)
+                     relu=pseudo_masks.relu_choice("setting", "finding"), **options)
   maps = np.asarray(maps)[:, 0]
   if method in ("lrp", "patternattribution"):  # pixel relevance: smoothed as a mask is
     maps = np.asarray(jax.image.resize(jax.image.resize(maps, (8, 6, 6), "linear"),

@@ -160,7 +160,7 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
   labels = jnp.asarray(np.stack(labels))
   fused = [relevance.relevance_fn("gradcam", m.apply, layers=["bn7"], upsample=False,
                                   normalize=config.normalize, only_present=True,
-                                  relu=None if config.relu < 0 else bool(config.relu)
+                                  relu=pseudo_masks.relu_choice(config.relu, "tissue")
                                   ).maps(variables, x, labels) for m in models]
   want = np.asarray(mask_rules.pseudo_mask([f[next(iter(f))] for f in fused], labels,
                                       jnp.asarray(np.stack(bg)), (48, 48), 4))

@@ -109,8 +109,8 @@ def validate(config) -> None:
     raise UserError(f"split={config.split!r} is not 'train' or 'val'")
   if not config.methods:
     raise UserError("methods is empty")
-  if config.relu not in (-1, 0, 1):
-    raise UserError(f"relu={config.relu} must be -1 (method default), 0 or 1")
+  if config.relu not in ("method", "off", "on"):
+    raise UserError(f"relu={config.relu!r} is not one of ('method', 'off', 'on')")
   if config.quality.steps <= 0:
     raise UserError(f"quality.steps={config.quality.steps} must be positive")
 
@@ -140,7 +140,7 @@ def run(config, workdir: str) -> dict:
     fn = relevance.relevance_fn(
         name, apply_fn, layers=layers_for(name, config, meta["model"]["backbone"]),
         target=config.target, normalize=config.normalize, only_present=config.only_present,
-        relu=None if config.relu < 0 else bool(config.relu), **options)
+        relu={"method": None, "off": False, "on": True}[config.relu], **options)
     confusion, scores = {}, {"deletion": [], "insertion": [], "drop": [], "increase": []}
     overlay, seen, timed, elapsed, compile_s, first = None, 0, 0, 0.0, 0.0, True
     progress = Progress(f"maps {spec}", total_images, config.get("progress_every_s", 10.0))

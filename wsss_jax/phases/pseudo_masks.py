@@ -9,16 +9,18 @@ a thread pool while the next batch computes -> summary.json, table.md, overlays.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from wsss_jax import metrics, relevance
+from wsss_jax import atomic, metrics, relevance
 from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -106,7 +108,6 @@ LINE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (1
 
 def save_sweep_plot(path: str, sweep: dict, rule: str) -> None:
   """alpha_sweep.png: mIoU against alpha (x), one line per layer, the chosen alpha circled."""
-  from PIL import ImageDraw
   w, h, left, right, top, bottom = 640, 420, 70, 150, 40, 60
   image = Image.new("RGB", (w, h), "white")
   draw = ImageDraw.Draw(image)
@@ -137,8 +138,8 @@ def save_sweep_plot(path: str, sweep: dict, rule: str) -> None:
     ly = top + 18 * i
     draw.line([w - right + 12, ly + 6, w - right + 36, ly + 6], fill=colour, width=3)
     draw.text((w - right + 42, ly), f"{layer} (best {s['best']:g})", fill="black")
-  image.save(path + ".tmp.png")
-  os.replace(path + ".tmp.png", path)
+  with atomic.replacing(path) as tmp:
+    image.save(tmp)
 
 
 def dilated_models(meta: dict, dilations) -> list:
@@ -171,91 +172,166 @@ def validate(config) -> None:
     crf.check_settings(dict(config.crf))
 
 
-def relu_choice(relu: int, setting: str):
-  """config.relu: -2 by setting (tissue: off, the authors' Grad-CAM; finding: on, evidence
-  against a finding is not a finding), -1 the method's default, 0 off, 1 on."""
-  if relu == -2:
+RELU_MODES = ("setting", "method", "off", "on")
+
+
+def relu_choice(relu: str, setting: str):
+  """config.relu: "setting" (tissue: off, the authors' Grad-CAM; finding: on, evidence against
+  a finding is not a finding), "method" (the method's default), "off" or "on"."""
+  if relu not in RELU_MODES:
+    raise UserError(f"relu={relu!r} is not one of {RELU_MODES}")
+  if relu == "setting":
     return setting == "finding"
-  return None if relu < 0 else bool(relu)
+  return {"method": None, "off": False, "on": True}[relu]
 
 
-def run(config, workdir: str) -> dict:
-  validate(config)
-  mesh = parallel.mesh_from_config(config)
-  batch = parallel.eval_batch_size(config.batch_size, mesh)
+# --- One mask rule, one jitted mask function ----------------------------------------------------
+class MaskRule(NamedTuple):
+  """How a layer's maps become a mask and how it is scored (static under jit, so hashable)."""
+  map_rule: str | None      # None: the tissue rule (argmax of the present classes, image background)
+  background_index: int     # palette index of background, after the classes
+  num_classes: int
+  convention: str           # metrics.device_confusion's convention for the scores
+  crf: tuple = ()           # dense-CRF settings as (name, value) pairs; () = off
+
+
+def layer_mask(rule: MaskRule, maps, labels, background, images, alpha, level, with_crf: bool):
+  """(B, H, W) uint8 mask of one layer's maps (a list over scales) under `rule`."""
+  size = background.shape[1:]
+  if rule.map_rule:
+    mask = mask_rules.finding_mask(maps, labels, background, size, rule.background_index,
+                                   rule.map_rule, alpha, level)
+  else:
+    mask = mask_rules.pseudo_mask(maps, labels, background, size, rule.background_index)
+  if with_crf:
+    mask = crf.refine_labels(mask, images, labels, background, rule.background_index,
+                             dict(rule.crf), free_background=bool(rule.map_rule))
+  return mask
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "with_crf"))
+def mask_and_confusion(rule: MaskRule, maps, labels, background, truth, valid, images, alpha,
+                       level, with_crf: bool = False):
+  """The mask of one layer and, where `truth` is given, its confusion matrix on device."""
+  mask = layer_mask(rule, maps, labels, background, images, alpha, level, with_crf)
+  if truth is None:
+    return mask, None
+  return mask, metrics.device_confusion(mask, truth, rule.num_classes, rule.background_index,
+                                        rule.convention, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def sweep_confusions(rule: MaskRule, maps, labels, background, truth, valid, alphas, levels):
+  """(A, M, M) confusions of one layer for every (alpha, negatives level) pair."""
+  def one(alpha, level):
+    return mask_and_confusion(rule, maps, labels, background, truth, valid, None, alpha, level)[1]
+  return jax.vmap(one)(alphas, levels)
+
+
+# --- The classifier's maps ----------------------------------------------------------------------
+class MapSource(NamedTuple):
+  """The classifier's maps of a batch, and what every pass over a split needs to compute them."""
+  data: ml_collections.ConfigDict
+  batch: int                # global batch size
+  inputs: dict              # grain key -> classifier input size, one per scale
+  batch_maps: Callable      # (batch, labels) -> [{layer: maps}] over scales, dilations, rounds
+  mesh: Any
+  classifier: earlier_runs.Classifier
+  classifier_workdir: str
+  plan: dict | None         # the adversarial-erasing plan, or None
+
+
+def map_source(config, mesh, setting_of) -> MapSource:
+  """The classifier (or the erasing rounds) rebuilt from its workdir, with its maps function."""
   plan = None
   if config.get("erasing_workdir"):  # adversarial erasing: its rounds replace the classifier
     plan = earlier_runs.load_erasing_plan(config.erasing_workdir)
     if config.dilations:
       raise UserError("dilations and erasing_workdir do not combine; use one or the other")
-  classifier_workdir = plan["rounds"][0] if plan else config.classifier_workdir
-  model, variables, meta, step, classifier_data = earlier_runs.load_classifier(
-      classifier_workdir, mesh)
-  data = earlier_runs.data_config(config, classifier_data)
+  workdir = plan["rounds"][0] if plan else config.classifier_workdir
+  clf = earlier_runs.load_classifier(workdir, mesh)
+  data = earlier_runs.data_config(config, clf.data)
   if not config.data.num_train:  # 0: the classifier's own training set
-    data.num_train = classifier_data.get("num_train", data.num_train)
-  num_classes, names = data.num_classes, tuple(data.class_names)
-  background_index = num_classes  # palette index after the classes (4 in both releases)
-  setting = folders.resolve(data, "setting")
-  rule = folders.resolve(data, "background", config.background.rule)
-  image_rule, map_rule = mask_rules.split_rule(rule)  # checks the rule
-  if setting == "finding" and map_rule is None:
-    raise UserError(f"background.rule={rule!r}: findings against a background need a map rule "
-                    f"({', '.join(mask_rules.MAP_RULES)}, or white+<one of them>)")
-  alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
-  palette_name = folders.resolve(data, "palette", config.palette)
-  palette = mask_files.palette_bytes(palette_name, num_classes + 1)
-  if meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
+    data.num_train = clf.data.get("num_train", data.num_train)
+  if clf.meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
     raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
                     f"size (fixed position embeddings); use scales=(1.0,)")
+  maps_fn = classifier_maps_fn(config, data, clf.meta, setting_of(data))
+  inputs = {f"input_{i}": size for i, size in enumerate(input_sizes(data.image_size,
+                                                                    config.scales))}
+  batch = parallel.eval_batch_size(config.batch_size, mesh)
+  batch_maps = scale_maps_fn(config, data, clf, plan, maps_fn, inputs, mesh)
+  return MapSource(data, batch, inputs, batch_maps, mesh, clf, workdir, plan)
+
+
+def classifier_maps_fn(config, data, meta: dict, setting: str) -> Callable:
+  """classifier module -> its compiled relevance callable for the configured layers."""
   method, options = method_options(config.method, config, data)
   layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
+  map_rule = mask_rules.split_rule(folders.resolve(data, "background", config.background.rule))[1]
   # map rules normalise by the per-image maximum themselves (mask_rules.max_normalize)
   normalize = "none" if map_rule else config.normalize
   relu = relu_choice(config.relu, setting)
+  return lambda classifier: relevance.relevance_fn(
+      method, classifier.apply, layers=list(layers) or None, target=config.target,
+      upsample=False, normalize=normalize, only_present=True, relu=relu, **options)
 
-  def maps_fn(classifier):
-    return relevance.relevance_fn(method, classifier.apply, layers=list(layers) or None,
-                                  target=config.target, upsample=False,
-                                  normalize=normalize, only_present=True, relu=relu, **options)
 
-  fn = maps_fn(model)
-  dilated = [maps_fn(m) for m in dilated_models(meta, config.dilations)]
+def scale_maps_fn(config, data, clf, plan, maps_fn, inputs: dict, mesh) -> Callable:
+  """(batch, labels) -> the maps of every input scale (and dilation or erasing round)."""
+  fn = maps_fn(clf.model)
+  dilated = [maps_fn(m) for m in dilated_models(clf.meta, config.dilations)]
   if plan:  # the rounds in a chain, each on its erased input; maps fused by a maximum
-    rounds, round_variables = adversarial_erasing.load_rounds(plan["rounds"][1:], mesh, plan, maps_fn)
-    rounds.insert(0, adversarial_erasing.round_fns(model, meta, plan, maps_fn))  # round 0: loaded above
-    round_variables.insert(0, variables)
+    rounds, round_variables = adversarial_erasing.load_rounds(plan["rounds"][1:], mesh, plan,
+                                                              maps_fn)
+    rounds.insert(0, adversarial_erasing.round_fns(clf.model, clf.meta, plan, maps_fn))
+    round_variables.insert(0, clf.variables)  # round 0: the classifier loaded above
     erasing_chain = adversarial_erasing.chain(rounds, plan, adversarial_erasing.fill_value(data))
   prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
-  sizes = input_sizes(data.image_size, config.scales)
-  inputs = {f"input_{i}": size for i, size in enumerate(sizes)}
 
   def batch_maps(b, labels) -> list:
-    """The maps of every input scale (and dilation or erasing round) of a batch."""
     scale_maps = []
     for key in inputs:
       x = prepare(parallel.shard_identical(b[key], mesh))
       if plan:
         scale_maps.append(erasing_chain(round_variables, x, labels)[0])
         continue
-      extra = [f.maps(variables, x, labels) for f in dilated]
+      extra = [f.maps(clf.variables, x, labels) for f in dilated]
       # multi-dilation (Wei et al. 2018): H_0 + mean_i H_i, i.e. H_0 weighs as all the others
-      scale_maps += [fn.maps(variables, x, labels)] * max(1, len(extra)) + extra
+      scale_maps += [fn.maps(clf.variables, x, labels)] * max(1, len(extra)) + extra
     return scale_maps
+  return batch_maps
 
-  # the negatives' maps: for the negatives rule, or as alpha=auto's fallback without val masks
-  val_truth = alpha == "auto" and "mask" in pipeline.build_source(data, "val")[0]
+
+# --- The background rule and its alpha ----------------------------------------------------------
+class Background(NamedTuple):
+  """The background rule's settings chosen before the masks are written."""
+  map_rule: str | None
+  alpha: Any                # None, a number, or {layer: alpha} chosen on the val split
+  levels: dict              # {layer: raw negatives level} for the negatives rule, else {}
+  sweep: dict | None        # the val alpha sweep, when one ran
+  crf_layers: set | None    # layers the CRF refines (None: every layer)
+
+  def alpha_of(self, layer: str):
+    return self.alpha[layer] if isinstance(self.alpha, dict) else self.alpha
+
+
+def choose_background(config, source: MapSource, rule: MaskRule, image_rule: str) -> Background:
+  """alpha as given, swept on the val masks (alpha=auto) or bounded by the negatives."""
+  map_rule = rule.map_rule
+  alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
+  val_truth = alpha == "auto" and "mask" in pipeline.build_source(source.data, "val")[0]
   negatives = {}
   if map_rule == "negatives" or (alpha == "auto" and not val_truth):
-    negatives = negative_map_values(data, config, batch, inputs, batch_maps)
+    negatives = negative_map_values(source, config)
   if map_rule == "negatives" and not negatives:
     raise UserError(f"background.rule=negatives but the training split of "
-                    f"data.name={data.name!r} has no negative image (all-zero labels); use "
-                    f"threshold, power or otsu")
+                    f"data.name={source.data.name!r} has no negative image (all-zero labels); "
+                    f"use threshold, power or otsu")
   sweep = None
   if val_truth:
-    sweep = sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule,
-                        negatives if map_rule == "negatives" else None, background_index, mesh)
+    sweep = sweep_alpha(source, config, rule, image_rule,
+                        negatives if map_rule == "negatives" else None)
     alpha = {layer: s["best"] for layer, s in sweep.items()}
   elif alpha == "auto" and negatives:  # no ground truth: what the negatives show bounds it
     print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
@@ -264,151 +340,217 @@ def run(config, workdir: str) -> dict:
   elif alpha == "auto":
     raise UserError("background.alpha=auto needs ground-truth masks on the val split or "
                     "negative training images (all-zero labels); give alpha a number")
+  chosen = Background(map_rule, alpha, {}, sweep, None)
+  if map_rule == "negatives":
+    chosen = chosen._replace(levels={layer: np.quantile(v, chosen.alpha_of(layer))
+                                     for layer, v in negatives.items()})
+  return chosen
 
-  def alpha_of(layer):
-    return alpha[layer] if isinstance(alpha, dict) else alpha
 
-  levels = ({layer: np.quantile(v, alpha_of(layer)) for layer, v in negatives.items()}
-            if map_rule == "negatives" else {})
+def validate_crf(config, source: MapSource, rule: MaskRule, image_rule: str,
+                 chosen: Background) -> set:
+  """crf.validate: the layers whose val mIoU the dense CRF raises at their chosen alpha."""
+  scores = crf_val_scores(source, config, rule._replace(map_rule=chosen.map_rule), image_rule,
+                          {layer: s["best"] for layer, s in chosen.sweep.items()}, chosen.levels)
+  kept = set()
+  for layer, score in scores.items():
+    s = chosen.sweep[layer]
+    s.update(crf_mIoU=score, crf=score > max(s["mIoU"]))
+    kept |= {layer} if s["crf"] else set()
+    print(f"crf.validate {layer}: val mIoU {max(s['mIoU']):.3f} without the CRF, "
+          f"{score:.3f} with it: {'kept' if s['crf'] else 'dropped'}", flush=True)
+  return kept
 
-  crf_cfg = dict(config.crf) if config.crf.enabled else None
-  crf_layers = None  # None: every layer
-  if crf_cfg is not None and config.crf.get("validate") and sweep:
-    crf_scores = crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule,
-                                {l: s["best"] for l, s in sweep.items()}, levels, background_index,
-                                mesh)
-    crf_layers = set()
-    for layer, score in crf_scores.items():
-      sweep[layer].update(crf_mIoU=score, crf=score > max(sweep[layer]["mIoU"]))
-      crf_layers |= {layer} if sweep[layer]["crf"] else set()
-      print(f"crf.validate {layer}: val mIoU {max(sweep[layer]['mIoU']):.3f} without the CRF, "
-            f"{score:.3f} with it: {'kept' if sweep[layer]['crf'] else 'dropped'}", flush=True)
-  if sweep and parallel.is_main_process():
-    with open(os.path.join(workdir, "alpha_sweep.md"), "w", encoding="utf-8") as f:
-      f.write(sweep_table(sweep, rule))
-    save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule)
 
-  source = pipeline.build_source(data, config.split)
-  has_truth = "mask" in source[0]
-  keys = ("image", "labels", "name", "background") + tuple(inputs) + (
-      ("mask",) if has_truth else ())
+# --- The phase ----------------------------------------------------------------------------------
+def run(config, workdir: str) -> dict:
+  validate(config)
+  started = time.perf_counter()
+  mesh = parallel.mesh_from_config(config)
+  source = map_source(config, mesh, lambda data: folders.resolve(data, "setting"))
+  data = source.data
+  setting = folders.resolve(data, "setting")
+  rule_name = folders.resolve(data, "background", config.background.rule)
+  image_rule, map_rule = mask_rules.split_rule(rule_name)  # checks the rule
+  if setting == "finding" and map_rule is None:
+    raise UserError(f"background.rule={rule_name!r}: findings against a background need a map "
+                    f"rule ({', '.join(mask_rules.MAP_RULES)}, or white+<one of them>)")
+  palette_name = folders.resolve(data, "palette", config.palette)
+  palette = mask_files.palette_bytes(palette_name, data.num_classes + 1)
+  rule = MaskRule(map_rule, data.num_classes, data.num_classes,
+                  "finding" if setting == "finding" else "stage1",
+                  tuple(sorted(dict(config.crf).items())) if config.crf.enabled else ())
+  chosen = choose_background(config, source, rule, image_rule)
+  if rule.crf and config.crf.get("validate") and chosen.sweep:
+    chosen = chosen._replace(crf_layers=validate_crf(config, source, rule, image_rule, chosen))
+  if chosen.sweep and parallel.is_main_process():
+    write_sweep(workdir, chosen.sweep, rule_name)
+  rule = rule._replace(map_rule=chosen.map_rule)
+  written = write_masks(config, source, rule, chosen, rule_name, palette, workdir)
+  summary = summarize(config, source, rule, chosen, written, rule_name, palette_name, setting)
+  summary["wall_seconds"] = time.perf_counter() - started
+  report(summary, written.overlay, palette, workdir, config.method)
+  return summary
 
-  convention = "finding" if setting == "finding" else "stage1"
 
-  @jax.jit
-  def masks_and_scores(scale_maps, labels, background, truth, valid, images, alphas, lvls):
-    out, conf = {}, {}
-    for layer in scale_maps[0]:
-      m = [maps_at_scale[layer] for maps_at_scale in scale_maps]
-      if map_rule:
-        out[layer] = mask_rules.finding_mask(m, labels, background, background.shape[1:],
-                                        background_index, map_rule, alphas.get(layer),
-                                        lvls.get(layer))
-      else:
-        out[layer] = mask_rules.pseudo_mask(m, labels, background, background.shape[1:],
-                                       background_index)
-      if crf_cfg is not None and (crf_layers is None or layer_name(layer) in crf_layers):
-        out[layer] = crf.refine_labels(out[layer], images, labels, background, background_index,
-                                       crf_cfg, free_background=bool(map_rule))
-      if truth is not None:
-        conf[layer] = metrics.device_confusion(out[layer], truth, num_classes, background_index,
-                                               convention, valid)
-    return out, conf
+def write_sweep(workdir: str, sweep: dict, rule_name: str) -> None:
+  atomic.write_text(os.path.join(workdir, "alpha_sweep.md"), sweep_table(sweep, rule_name))
+  save_sweep_plot(os.path.join(workdir, "alpha_sweep.png"), sweep, rule_name)
 
+
+class Written(NamedTuple):
+  """What the pass that writes the masks saw."""
+  confusion: dict           # {layer: summed confusion} where the split has ground truth
+  overlay: list             # (tile, truth or None, {layer: mask}) for the overlay figure
+  seen: int
+  layers: list              # layer names written
+  images_per_sec: float | None
+  has_truth: bool
+
+
+def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, rule_name: str,
+                palette: list, workdir: str) -> Written:
+  """Every tile's masks, PNGs written by a thread pool while the next batch computes."""
+  has_truth = "mask" in pipeline.build_source(source.data, config.split)[0]
+  keys = (("image", "labels", "name", "background") + tuple(source.inputs)
+          + (("mask",) if has_truth else ()))
+  background = mask_rules.BackgroundMask(rule_name, config.background.threshold,
+                                         config.background.min_size)
   directory = os.path.join(workdir, "masks")
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.writer_threads)
-  pending, confusion, overlay, seen = [], {}, [], 0
-  started, timed, first = time.perf_counter(), 0.0, True
-  total = len(source)
+  total = len(pipeline.build_source(source.data, config.split))
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
-  try:
-    background = mask_rules.BackgroundMask(rule, config.background.threshold,
-                                      config.background.min_size)
-    alphas = levels_arg = None
-    for b in pipeline.tile_batches(data, config.split, batch, inputs, keys, extra=[background]):
+  confusion, overlay, seen, layers, timed = {}, [], 0, [], 0.0
+  with BoundedWriter(config.writer_threads) as writer:
+    for i, b in enumerate(pipeline.tile_batches(source.data, config.split, source.batch,
+                                                source.inputs, keys, extra=[background])):
       t0 = time.perf_counter()
-      labels = jnp.asarray(b["labels"])
-      scale_maps = batch_maps(b, labels)
-      if alphas is None:
-        alphas = {layer: jnp.float32(alpha_of(layer_name(layer)) or 0.0)
-                  for layer in scale_maps[0]} if map_rule else {}
-        levels_arg = {layer: jnp.float32(levels[layer_name(layer)])
-                      for layer in scale_maps[0]} if levels else {}
-      truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
-      out, conf = masks_and_scores(scale_maps, labels, parallel.shard_identical(b["background"], mesh),
-                                   truth, jnp.asarray(b["valid"]),
-                                   parallel.shard_identical(b["image"], mesh), alphas, levels_arg)
-      valid = b["valid"]
-      host = {layer_name(k): np.asarray(v)[valid] for k, v in out.items()}  # waits for this batch
-      if not first:
-        timed += time.perf_counter() - t0
-      first = False
+      host, conf = batch_masks(source, rule, chosen, b, has_truth)
+      timed += (time.perf_counter() - t0) if i else 0.0  # the first batch compiles
+      layers = list(host)
       for k, c in conf.items():
-        confusion[layer_name(k)] = confusion.get(layer_name(k), 0) + np.asarray(c, np.int64)
+        confusion[k] = confusion.get(k, 0) + np.asarray(c, np.int64)
+      valid = b["valid"]
       if parallel.is_main_process():
-        while len(pending) > 2 * config.writer_threads:  # bound the host memory held by writes
-          pending.pop(0).result()
-        pending.append(pool.submit(write_batch, directory, list(b["name"][valid]), host, palette))
-      for i in range(min(int(valid.sum()), config.overlays - len(overlay))):
-        overlay.append((b["image"][i], b["mask"][i] if has_truth else None,
-                        {layer: m[i] for layer, m in host.items()}))
+        writer.submit(write_batch, directory, list(b["name"][valid]), host, palette)
+      for j in range(min(int(valid.sum()), config.overlays - len(overlay))):
+        overlay.append((b["image"][j], b["mask"][j] if has_truth else None,
+                        {layer: m[j] for layer, m in host.items()}))
       seen += int(valid.sum())
       progress.update(seen)
-    for p in pending:
-      p.result()
-  finally:
-    pool.shutdown(wait=True)
   if not seen:
-    raise UserError(f"split {config.split!r} of data.name={data.name!r} has no images")
-  scored_names = names + (("background",) if convention == "finding" else ())
-  summary = {"phase": "pseudo_masks", "classifier": os.path.abspath(classifier_workdir),
-             "classifier_step": int(step), "backbone": meta["model"]["backbone"],
-             "method": config.method, "split": config.split, "num_images": seen,
-             "scales": list(config.scales), "setting": setting,
-             "layers_written": [layer_name(k) for k in out], "class_names": list(names),
-             "background_rule": rule, "scoring": convention,
-             "background_alpha": ({layer_name(k): alpha_of(layer_name(k)) for k in out}
-                                  if map_rule else None),
-             "negatives_level": {k: float(v) for k, v in levels.items()} or None,
-             "alpha_sweep": sweep, "palette": palette_name,
-             "crf": dict(config.crf) if config.crf.enabled else None,
-             "crf_layers": (sorted(crf_layers) if crf_layers is not None else
-                            [layer_name(k) for k in out]) if crf_cfg else [],
-             "dilations": list(config.dilations),
-             "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
-                         "rounds": len(plan["rounds"])} if plan else None,
-             "wall_seconds": time.perf_counter() - started,
-             "images_per_sec": (seen - batch) / timed if timed else None,
-             "layers": {k: metrics.iou_scores(c, scored_names) for k, c in confusion.items()}}
+    raise UserError(f"split {config.split!r} of data.name={source.data.name!r} has no images")
+  rate = (seen - source.batch) / timed if timed else None
+  return Written(confusion, overlay, seen, layers, rate, has_truth)
+
+
+class BoundedWriter:
+  """A thread pool for file writes that holds at most 2 x threads writes in flight, so the
+  host memory of pending masks stays bounded; leaving the block waits for every write."""
+
+  def __init__(self, threads: int):
+    self.threads = threads
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+    self.pending = []
+
+  def submit(self, fn, *args) -> None:
+    while len(self.pending) > 2 * self.threads:
+      self.pending.pop(0).result()
+    self.pending.append(self.pool.submit(fn, *args))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    try:
+      if exc[0] is None:
+        for p in self.pending:
+          p.result()
+    finally:
+      self.pool.shutdown(wait=True)
+
+
+def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
+                has_truth: bool) -> tuple[dict, dict]:
+  """({layer: valid rows' masks on the host}, {layer: confusion on device}) of one batch."""
+  mesh = source.mesh
+  labels = jnp.asarray(b["labels"])
+  scale_maps = source.batch_maps(b, labels)
+  truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
+  background = parallel.shard_identical(b["background"], mesh)
+  images = parallel.shard_identical(b["image"], mesh)
+  masks, confusion = {}, {}
+  for layer in scale_maps[0]:
+    name = layer_name(layer)
+    level = jnp.float32(chosen.levels[name]) if chosen.levels else None
+    with_crf = bool(rule.crf) and (chosen.crf_layers is None or name in chosen.crf_layers)
+    masks[name], c = mask_and_confusion(
+        rule, [m[layer] for m in scale_maps], labels, background, truth, jnp.asarray(b["valid"]),
+        images, jnp.float32(chosen.alpha_of(name) or 0.0), level, with_crf=with_crf)
+    if c is not None:
+      confusion[name] = c
+  valid = b["valid"]
+  return {k: np.asarray(v)[valid] for k, v in masks.items()}, confusion  # waits for the batch
+
+
+def summarize(config, source: MapSource, rule: MaskRule, chosen: Background, written: Written,
+              rule_name: str, palette_name: str, setting: str) -> dict:
+  names = tuple(source.data.class_names)
+  scored_names = names + (("background",) if rule.convention == "finding" else ())
+  clf, plan = source.classifier, source.plan
+  return {"phase": "pseudo_masks", "classifier": os.path.abspath(source.classifier_workdir),
+          "classifier_step": int(clf.step), "backbone": clf.meta["model"]["backbone"],
+          "method": config.method, "split": config.split, "num_images": written.seen,
+          "scales": list(config.scales), "setting": setting,
+          "layers_written": written.layers, "class_names": list(names),
+          "background_rule": rule_name, "scoring": rule.convention,
+          "background_alpha": ({k: chosen.alpha_of(k) for k in written.layers}
+                               if chosen.map_rule else None),
+          "negatives_level": {k: float(v) for k, v in chosen.levels.items()} or None,
+          "alpha_sweep": chosen.sweep, "palette": palette_name,
+          "crf": dict(config.crf) if config.crf.enabled else None,
+          "crf_layers": (sorted(chosen.crf_layers) if chosen.crf_layers is not None
+                         else written.layers) if rule.crf else [],
+          "dilations": list(config.dilations),
+          "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
+                      "rounds": len(plan["rounds"])} if plan else None,
+          "images_per_sec": written.images_per_sec,
+          "layers": {k: metrics.iou_scores(c, scored_names) for k, c in written.confusion.items()}}
+
+
+def report(summary: dict, overlay: list, palette: list, workdir: str, method: str) -> None:
+  """overlays/pseudo_masks.png, table.md, the scores printed, summary.json."""
   writer = MetricWriter(workdir, parallel.is_main_process())
+  scored_names = summary["class_names"] + (["background"] if summary["scoring"] == "finding"
+                                           else [])
   if parallel.is_main_process():
     if overlay:
       figure = overlays.mask_figure(overlay, palette, scored_names,
-                                    f"pseudo masks: {config.method}, background {rule}")
+                                    f"pseudo masks: {method}, background "
+                                    f"{summary['background_rule']}")
       overlays.save(os.path.join(workdir, "overlays", "pseudo_masks.png"), figure)
       writer.image("pseudo_masks", 0, figure)
-    if has_truth:
-      with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table(summary))
+    if summary["layers"]:
+      atomic.write_text(os.path.join(workdir, "table.md"), table(summary))
   for layer, s in summary["layers"].items():
     print(f"pseudo masks {layer}: mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
           f"accuracy {s['accuracy']:.3f}", flush=True)
   writer.summary(summary)
   writer.close()
-  return summary
 
 
-def negative_map_values(data, config, batch, inputs, batch_maps) -> dict:
+# --- Passes over other splits: the negatives, the val sweep, the CRF check ----------------------
+def negative_map_values(source: MapSource, config) -> dict:
   """{layer: raw max_c M_c values} over the pixels (at 56 x 56) of up to
   `background.negatives_images` negative training images, each class's map taken as if present."""
   values, count = {}, 0
   limit = config.background.negatives_images
-  for b in pipeline.tile_batches(data, "train", batch, inputs, ("labels",) + tuple(inputs)):
+  keys = ("labels",) + tuple(source.inputs)
+  for b in pipeline.tile_batches(source.data, "train", source.batch, source.inputs, keys):
     negative = b["valid"] & ~(b["labels"] > 0).any(axis=1)
     if not negative.any():
       continue
     everything = jnp.ones(b["labels"].shape, jnp.float32)
-    for layer in (scale_maps := batch_maps(b, everything))[0]:
+    for layer in (scale_maps := source.batch_maps(b, everything))[0]:
       fused = mask_rules.fuse_maps([m[layer] for m in scale_maps], (56, 56))
       peak = np.asarray(jax.nn.relu(fused).max(axis=1))[negative]
       values.setdefault(layer_name(layer), []).append(peak.ravel())
@@ -418,20 +560,20 @@ def negative_map_values(data, config, batch, inputs, batch_maps) -> dict:
   return {layer: np.concatenate(v) for layer, v in values.items()}
 
 
-def val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
-                   layer_confusion, with_images: bool = False) -> dict:
+def val_confusions(source: MapSource, config, image_rule: str, layer_confusion) -> dict:
   """{layer: summed confusion(s)} over the val split: per batch and layer,
-  layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (images
-  on the devices only `with_images`, else None)."""
-  keys = ("image", "labels", "mask", "background") + tuple(inputs)
-  white = mask_rules.BackgroundMask(image_rule, config.background.threshold, config.background.min_size)
-  totals = {}
-  for b in pipeline.tile_batches(data, "val", batch, inputs, keys, extra=[white]):
+  layer_confusion(name, maps of every scale, labels, background, truth, valid, images)."""
+  keys = ("image", "labels", "mask", "background") + tuple(source.inputs)
+  white = mask_rules.BackgroundMask(image_rule, config.background.threshold,
+                                    config.background.min_size)
+  totals, mesh = {}, source.mesh
+  for b in pipeline.tile_batches(source.data, "val", source.batch, source.inputs, keys,
+                                 extra=[white]):
     labels = jnp.asarray(b["labels"])
-    scale_maps = batch_maps(b, labels)
+    scale_maps = source.batch_maps(b, labels)
     background = parallel.shard_identical(b["background"], mesh)
     truth = parallel.shard_identical(b["mask"], mesh)
-    images = parallel.shard_identical(b["image"], mesh) if with_images else None
+    images = parallel.shard_identical(b["image"], mesh)
     for layer in scale_maps[0]:
       name = layer_name(layer)
       c = layer_confusion(name, [m[layer] for m in scale_maps], labels, background, truth,
@@ -440,56 +582,37 @@ def val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
   return totals
 
 
-def sweep_alpha(data, config, batch, inputs, batch_maps, map_rule, image_rule, negatives,
-                background_index, mesh) -> dict:
+def sweep_alpha(source: MapSource, config, rule: MaskRule, image_rule: str,
+                negatives: dict | None) -> dict:
   """{layer: {alpha: [...], mIoU: [...], best}}: the pseudo-mask mIoU (finding scoring) of the
-  val split for every alpha of ALPHA_GRID[map_rule]."""
-  grid = ALPHA_GRID[map_rule]
-  k = data.num_classes
-  names = tuple(data.class_names) + ("background",)
-
-  @jax.jit
-  def confusions(maps, labels, background, truth, valid, settings):
-    def one(a, level):
-      m = mask_rules.finding_mask(maps, labels, background, background.shape[1:], background_index,
-                             map_rule, a, level)
-      return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
-    return jax.vmap(one)(*settings)
+  val split for every alpha of ALPHA_GRID[rule.map_rule]."""
+  grid = ALPHA_GRID[rule.map_rule]
+  scoring = rule._replace(convention="finding", crf=())
+  names = tuple(source.data.class_names) + ("background",)
 
   def layer_confusions(name, maps, labels, background, truth, valid, images):
     levels = (np.quantile(negatives[name], grid) if negatives is not None
               else np.zeros(len(grid)))
-    settings = (jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
-    return confusions(maps, labels, background, truth, valid, settings)
+    return sweep_confusions(scoring, maps, labels, background, truth, valid,
+                            jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
 
-  totals = val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
-                          layer_confusions)
   out = {}
-  for name, c in totals.items():
+  for name, c in val_confusions(source, config, image_rule, layer_confusions).items():
     miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
     out[name] = {"alpha": list(grid), "mIoU": miou, "best": grid[int(np.nanargmax(miou))]}
   return out
 
 
-def crf_val_scores(data, config, batch, inputs, batch_maps, map_rule, image_rule, alpha: dict,
-                   levels: dict, background_index, mesh) -> dict:
+def crf_val_scores(source: MapSource, config, rule: MaskRule, image_rule: str, alpha: dict,
+                   levels: dict) -> dict:
   """{layer: val pseudo-mask mIoU (finding scoring) with the dense CRF at the layer's alpha}."""
-  k = data.num_classes
-  names = tuple(data.class_names) + ("background",)
-  crf_cfg = dict(config.crf)
-
-  @jax.jit
-  def confusion(maps, labels, background, truth, valid, images, a, level):
-    m = mask_rules.finding_mask(maps, labels, background, background.shape[1:], background_index,
-                           map_rule, a, level)
-    m = crf.refine_labels(m, images, labels, background, background_index, crf_cfg,
-                          free_background=True)
-    return metrics.device_confusion(m, truth, k, background_index, "finding", valid)
+  scoring = rule._replace(convention="finding")
+  names = tuple(source.data.class_names) + ("background",)
 
   def layer_confusion(name, maps, labels, background, truth, valid, images):
-    return confusion(maps, labels, background, truth, valid, images, jnp.float32(alpha[name]),
-                     jnp.float32(levels.get(name, 0.0)))
+    return mask_and_confusion(scoring, maps, labels, background, truth, valid, images,
+                              jnp.float32(alpha[name]), jnp.float32(levels.get(name, 0.0)),
+                              with_crf=True)[1]
 
-  totals = val_confusions(data, config, batch, inputs, batch_maps, image_rule, mesh,
-                          layer_confusion, with_images=True)
+  totals = val_confusions(source, config, image_rule, layer_confusion)
   return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

@@ -345,14 +345,15 @@ def _slide_run(fn, path, workdir, window, overlap, small_side=None, classes=3):
   config = _predict_config("unused", path, f",overlap={overlap},min_tissue=0")
   config.tiff_tile = 64
   palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255][:3 * (classes + 1)]
-  ctx = {"input_size": window, "num_outputs": classes, "mesh": parallel.mesh_from_config(config),
-         "background_index": classes, "model_downsample": 1.0, "mrn": 0, "min_tissue": 0.0,
-         "palette": palette, "names": [f"c{i}" for i in range(classes)] + ["background"],
-         "setting": "findings", "model_name": "conv", "figures": []}
+  model = predict.Predictor(
+      fn, parallel.mesh_from_config(config), input_size=window, num_outputs=classes,
+      background_index=classes, names=[f"c{i}" for i in range(classes)] + ["background"],
+      palette=palette, model_name="conv", epsilon=0.0, setting="findings", mrn=0,
+      model_downsample=1.0, gate_scores=None, min_tissue=0.0)
   if small_side:  # the GeoJSON's view and the overlay's thumbnail (their defaults: 2048, 1024)
-    ctx["view_side"] = ctx["thumbnail_side"] = small_side
+    model = model._replace(view_side=small_side, thumbnail_side=small_side)
   os.makedirs(workdir, exist_ok=True)
-  predict.predict_slide(config, str(workdir), path, fn, ctx)
+  predict.predict_slide(config, str(workdir), path, model)
   return tifffile.imread(os.path.join(workdir, os.path.splitext(os.path.basename(path))[0],
                                       "mask.tif"))
 

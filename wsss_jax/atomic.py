@@ -3,6 +3,7 @@ figures, arrays) goes to a temporary name beside its target and is renamed over 
 is complete, so a killed run or a full disk never leaves half a file under the real name."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -31,3 +32,29 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, value, indent: int | None = 2) -> None:
   # json.dumps runs the C encoder; json.dump streams through the pure-Python one
   write_text(path, json.dumps(value, indent=indent))
+
+
+class BackgroundWrites:
+  """A thread pool for file writes that holds at most 2 x threads writes in flight, so the
+  host memory of pending masks stays bounded; leaving the block waits for every write."""
+
+  def __init__(self, threads: int):
+    self.threads = threads
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+    self.pending = []
+
+  def submit(self, fn, *args) -> None:
+    while len(self.pending) > 2 * self.threads:
+      self.pending.pop(0).result()
+    self.pending.append(self.pool.submit(fn, *args))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    try:
+      if exc[0] is None:
+        for p in self.pending:
+          p.result()
+    finally:
+      self.pool.shutdown(wait=True)

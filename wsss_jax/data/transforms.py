@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -185,3 +186,30 @@ def window_starts(length: int, size: int, stride: int | None = None) -> list:
     return [0]
   starts = list(range(0, length - size + 1, stride or size))
   return starts if starts[-1] == length - size else starts + [length - size]
+
+
+class ContextWindows(NamedTuple):
+  """An image cut into MRN input pairs: windows covering it, each with its context."""
+  starts: list              # (y, x) of each window
+  targets: np.ndarray       # (N, size, size, 3) windows at full resolution
+  contexts: np.ndarray      # (N, size, size, 3) the scale x larger regions, down-sampled
+
+
+def context_windows(image: np.ndarray, size: int, scale: int) -> ContextWindows:
+  """Windows of `size` covering `image` (window_starts), each with its context (cut_pair)."""
+  h, w = image.shape[:2]
+  starts = [(y, x) for y in window_starts(h, size) for x in window_starts(w, size)]
+  pairs = [cut_pair({"image": image}, y + size // 2, x + size // 2, size, scale)
+           for y, x in starts]
+  return ContextWindows(starts, np.stack([p["image"] for p in pairs]),
+                        np.stack([p["context"] for p in pairs]))
+
+
+def stitch_windows(outputs: np.ndarray, starts: list, shape: tuple) -> np.ndarray:
+  """(N, size, size, C) window outputs -> (H, W, C) at `shape`; a later window overwrites the
+  overlap (the windows of window_starts overlap only at the end of a row or column)."""
+  h, w = shape
+  out = np.zeros((h, w, outputs.shape[-1]), np.float32)
+  for o, (y, x) in zip(outputs, starts):
+    out[y:y + o.shape[0], x:x + o.shape[1]] = o[:h - y, :w - x]
+  return out

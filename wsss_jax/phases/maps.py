@@ -8,16 +8,16 @@ summary.json and table.md.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import re
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import metrics, relevance
+from wsss_jax import atomic, metrics, relevance
 from wsss_jax.data import pipeline
 from wsss_jax.data.synthetic import BACKGROUND
 from wsss_jax.device import parallel
@@ -63,10 +63,9 @@ def write_maps(directory: str, names, maps: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   for i, name in enumerate(names):
     path = os.path.join(directory, _file_name(name))
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **{layer.replace("/", "."): m[i].astype(np.float16)
-                                for layer, m in maps.items()})
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+      np.savez_compressed(tmp, **{layer.replace("/", "."): m[i].astype(np.float16)
+                                  for layer, m in maps.items()})
 
 
 def maps_figure(images_u8, maps: dict, labels, class_names, title: str) -> np.ndarray:
@@ -115,95 +114,132 @@ def validate(config) -> None:
     raise UserError(f"quality.steps={config.quality.steps} must be positive")
 
 
+class MapsRun(NamedTuple):
+  """What every method's pass over the split shares."""
+  config: Any
+  workdir: str
+  classifier: earlier_runs.Classifier
+  data: Any
+  mesh: Any
+  batch: int
+  prepare: Callable         # uint8 tiles -> the classifier's normalised input
+  apply_fn: Callable        # one object for all methods: jit caches on it
+
+
+class MethodPass(NamedTuple):
+  """One method's maps over the split: scores, timing and the first tiles for the figure."""
+  confusion: dict
+  scores: dict
+  overlay: tuple | None
+  seen: int
+  timed: int                # images in the timed (compiled) batches
+  elapsed: float
+  compile_s: float
+
+
 def run(config, workdir: str) -> dict:
   validate(config)
   mesh = parallel.mesh_from_config(config)
-  batch = parallel.eval_batch_size(config.batch_size, mesh)
-  model, variables, meta, step, classifier_data = earlier_runs.load_classifier(config.classifier_workdir, mesh)
-  data = earlier_runs.data_config(config, classifier_data)
+  clf = earlier_runs.load_classifier(config.classifier_workdir, mesh)
+  data = earlier_runs.data_config(config, clf.data)
   specs = [method_options(m, config, data) for m in config.methods]  # fail fast on bad names
-  prepare = jax.jit(lambda u8: prepare_images(u8, data, jnp.float32))
-  apply_fn = model.apply  # one object: jit caches on it
+  ctx = MapsRun(config, workdir, clf, data, mesh, parallel.eval_batch_size(config.batch_size, mesh),
+                jax.jit(lambda u8: prepare_images(u8, data, jnp.float32)), clf.model.apply)
   writer = MetricWriter(workdir, parallel.is_main_process())
-  keys = ("image", "labels", "mask", "name")
   summary = {"phase": "maps", "classifier": os.path.abspath(config.classifier_workdir),
-             "classifier_step": int(step), "backbone": meta["model"]["backbone"],
+             "classifier_step": int(clf.step), "backbone": clf.meta["model"]["backbone"],
              "split": config.split, "devices": int(mesh.devices.size), "methods": {}}
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-  pending = []
-  total_images = len(pipeline.build_source(data, config.split))
-  for spec, (name, options) in zip(config.methods, specs):
-    if name in ("patternnet", "patternattribution"):
-      options = dict(options, patterns=patterns_for(
-          config, workdir, apply_fn, variables, data, step,
-          train_images(config, data, batch, prepare, mesh)))
-    fn = relevance.relevance_fn(
-        name, apply_fn, layers=layers_for(name, config, meta["model"]["backbone"]),
-        target=config.target, normalize=config.normalize, only_present=config.only_present,
-        relu={"method": None, "off": False, "on": True}[config.relu], **options)
-    confusion, scores = {}, {"deletion": [], "insertion": [], "drop": [], "increase": []}
-    overlay, seen, timed, elapsed, compile_s, first = None, 0, 0, 0.0, 0.0, True
-    progress = Progress(f"maps {spec}", total_images, config.get("progress_every_s", 10.0))
-    progress.update(0)
-    for b in pipeline.eval_batches(data, batch, config.split, keys=keys):
-      images = prepare(parallel.shard_identical(b["image"], mesh))
-      labels = jnp.asarray(b["labels"])
-      t0 = time.perf_counter()
-      maps = jax.device_get(fn.maps(variables, images, labels))
-      if first:  # compilation; later batches time the maps alone
-        compile_s, first = time.perf_counter() - t0, False
-      else:
-        timed += int(b["valid"].sum())
-        elapsed += time.perf_counter() - t0
-      valid = b["valid"]
-      host = {layer: m[valid] for layer, m in maps.items()}
-      if config.write_maps and parallel.is_main_process():
-        pending.append(pool.submit(write_maps, os.path.join(workdir, "maps", spec.replace(":", "_")),
-                                   list(b["name"][valid]), host))
-      for layer, m in host.items():
-        pred = quality.pseudo_masks(m, b["labels"][valid])
-        confusion[layer] = confusion.get(layer, 0) + metrics.confusion_matrix(
-            np.asarray(pred), b["mask"][valid], data.num_classes, ignore=BACKGROUND)
-      if seen < config.quality.num_images:
-        last = maps[list(maps)[-1]]
-        _quality(apply_fn, variables, images, last, b, config, scores)
-      if overlay is None:
-        overlay = (b["image"][:config.overlays], {k: v[:config.overlays] for k, v in host.items()},
-                   b["labels"][:config.overlays])
-      seen += int(valid.sum())
-      progress.update(seen)
-    if not timed and seen:  # one batch, and its call compiled: time the compiled call again
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn.maps(variables, images, labels))
-      timed, elapsed = int(b["valid"].sum()), time.perf_counter() - t0
-    k = data.num_classes
-    result = {"layers": {layer: metrics.iou_scores(c, data.class_names)
-                         for layer, c in confusion.items()},
-              "deletion_auc": _mean(scores["deletion"]), "insertion_auc": _mean(scores["insertion"]),
-              "average_drop": _mean(scores["drop"]),
-              "increase_in_confidence": _mean(scores["increase"]),
-              "maps_per_sec": timed * k / elapsed if timed else float("nan"),
-              "compile_s": compile_s, "num_images": seen}
-    summary["methods"][spec] = result
-    if overlay is not None and parallel.is_main_process():
-      layers = ", ".join(layer.split("/")[-1] for layer in overlay[1])
-      figure = maps_figure(*overlay, data.class_names,
-                           f"{spec} maps, {config.split} split; rows: each image at {layers}")
-      overlays.save(os.path.join(workdir, "overlays", spec.replace(":", "_") + ".png"), figure)
-      writer.image(f"maps/{spec}", int(step), figure)
-    print(f"maps {spec}: " + ", ".join(f"{layer.split('/')[-1]} mIoU {v['mIoU']:.3f}"
-                                       for layer, v in result["layers"].items())
-          + f" | deletion {result['deletion_auc']:.3f} insertion {result['insertion_auc']:.3f}"
-          f" | {result['maps_per_sec']:.1f} maps/s", flush=True)
-  for p in pending:
-    p.result()
-  pool.shutdown()
+  with atomic.BackgroundWrites(2) as files:
+    for spec, (name, options) in zip(config.methods, specs):
+      done = method_pass(ctx, spec, name, options, files)
+      summary["methods"][spec] = method_result(done, data.num_classes, data.class_names)
+      report_method(ctx, spec, done, summary["methods"][spec], writer)
   writer.summary(summary)
   if parallel.is_main_process():
-    with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
-      f.write(table(summary))
+    atomic.write_text(os.path.join(workdir, "table.md"), table(summary))
   writer.close()
   return summary
+
+
+def method_fn(ctx: MapsRun, name: str, options: dict):
+  """The compiled relevance callable of one method (patterns fitted first where it needs them)."""
+  config, clf = ctx.config, ctx.classifier
+  if name in ("patternnet", "patternattribution"):
+    options = dict(options, patterns=patterns_for(
+        config, ctx.workdir, ctx.apply_fn, clf.variables, ctx.data, clf.step,
+        train_images(config, ctx.data, ctx.batch, ctx.prepare, ctx.mesh)))
+  return relevance.relevance_fn(
+      name, ctx.apply_fn, layers=layers_for(name, config, clf.meta["model"]["backbone"]),
+      target=config.target, normalize=config.normalize, only_present=config.only_present,
+      relu={"method": None, "off": False, "on": True}[config.relu], **options)
+
+
+def method_pass(ctx: MapsRun, spec: str, name: str, options: dict, files) -> MethodPass:
+  """One method over the split: maps written off-thread, scored against the masks, timed."""
+  config, data, variables = ctx.config, ctx.data, ctx.classifier.variables
+  fn = method_fn(ctx, name, options)
+  confusion, scores = {}, {"deletion": [], "insertion": [], "drop": [], "increase": []}
+  overlay, seen, timed, elapsed, compile_s = None, 0, 0, 0.0, 0.0
+  progress = Progress(f"maps {spec}", len(pipeline.build_source(data, config.split)),
+                      config.get("progress_every_s", 10.0))
+  progress.update(0)
+  for b in pipeline.eval_batches(data, ctx.batch, config.split, keys=("image", "labels", "mask",
+                                                                      "name")):
+    images = ctx.prepare(parallel.shard_identical(b["image"], ctx.mesh))
+    labels = jnp.asarray(b["labels"])
+    t0 = time.perf_counter()
+    maps = jax.device_get(fn.maps(variables, images, labels))
+    if seen == 0:  # compilation; later batches time the maps alone
+      compile_s = time.perf_counter() - t0
+    else:
+      timed, elapsed = timed + int(b["valid"].sum()), elapsed + time.perf_counter() - t0
+    valid = b["valid"]
+    host = {layer: m[valid] for layer, m in maps.items()}
+    if config.write_maps and parallel.is_main_process():
+      files.submit(write_maps, os.path.join(ctx.workdir, "maps", spec.replace(":", "_")),
+                   list(b["name"][valid]), host)
+    for layer, m in host.items():
+      pred = quality.pseudo_masks(m, b["labels"][valid])
+      confusion[layer] = confusion.get(layer, 0) + metrics.confusion_matrix(
+          np.asarray(pred), b["mask"][valid], data.num_classes, ignore=BACKGROUND)
+    if seen < config.quality.num_images:
+      _quality(ctx.apply_fn, variables, images, maps[list(maps)[-1]], b, config, scores)
+    if overlay is None:
+      overlay = (b["image"][:config.overlays], {k: v[:config.overlays] for k, v in host.items()},
+                 b["labels"][:config.overlays])
+    seen += int(valid.sum())
+    progress.update(seen)
+  if not timed and seen:  # one batch, and its call compiled: time the compiled call again
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn.maps(variables, images, labels))
+    timed, elapsed = int(b["valid"].sum()), time.perf_counter() - t0
+  return MethodPass(confusion, scores, overlay, seen, timed, elapsed, compile_s)
+
+
+def method_result(done: MethodPass, num_classes: int, class_names) -> dict:
+  return {"layers": {layer: metrics.iou_scores(c, class_names)
+                     for layer, c in done.confusion.items()},
+          "deletion_auc": _mean(done.scores["deletion"]),
+          "insertion_auc": _mean(done.scores["insertion"]),
+          "average_drop": _mean(done.scores["drop"]),
+          "increase_in_confidence": _mean(done.scores["increase"]),
+          "maps_per_sec": (done.timed * num_classes / done.elapsed if done.timed
+                           else float("nan")),
+          "compile_s": done.compile_s, "num_images": done.seen}
+
+
+def report_method(ctx: MapsRun, spec: str, done: MethodPass, result: dict, writer) -> None:
+  """The method's overlay figure (file and TensorBoard) and its line of scores."""
+  if done.overlay is not None and parallel.is_main_process():
+    layers = ", ".join(layer.split("/")[-1] for layer in done.overlay[1])
+    figure = maps_figure(*done.overlay, ctx.data.class_names,
+                         f"{spec} maps, {ctx.config.split} split; rows: each image at {layers}")
+    overlays.save(os.path.join(ctx.workdir, "overlays", spec.replace(":", "_") + ".png"), figure)
+    writer.image(f"maps/{spec}", int(ctx.classifier.step), figure)
+  print(f"maps {spec}: " + ", ".join(f"{layer.split('/')[-1]} mIoU {v['mIoU']:.3f}"
+                                     for layer, v in result["layers"].items())
+        + f" | deletion {result['deletion_auc']:.3f} insertion {result['insertion_auc']:.3f}"
+        f" | {result['maps_per_sec']:.1f} maps/s", flush=True)
 
 
 def _mean(values) -> float:

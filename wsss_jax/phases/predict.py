@@ -36,13 +36,16 @@ import json
 import math
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tifffile
 from PIL import Image
 
+from wsss_jax import atomic
 from wsss_jax.data import folders, mask_files, slides, transforms
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -120,22 +123,12 @@ def run_batches(fn, images: np.ndarray, batch: int, mesh, contexts=None) -> np.n
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def mrn_tile_probabilities(fn, image: np.ndarray, size: int, scale: int, batch: int,
-                           mesh) -> np.ndarray:
-  """An MRN over a tile at its own resolution: windows of `size` covering it, each with its
-  context (the scale x larger region around it, down-sampled), stitched (a later window
-  overwrites the overlap, as the segment phase's test does)."""
-  h, w = image.shape[:2]
-  starts = [(y, x) for y in transforms.window_starts(h, size)
-            for x in transforms.window_starts(w, size)]
-  pairs = [transforms.cut_pair({"image": image}, y + size // 2, x + size // 2, size, scale)
-           for y, x in starts]
-  probs = run_batches(fn, np.stack([p["image"] for p in pairs]), batch, mesh,
-                      np.stack([p["context"] for p in pairs]))
-  out = np.zeros((h, w, probs.shape[-1]), np.float32)
-  for p, (y, x) in zip(probs, starts):
-    out[y:y + size, x:x + size] = p[:h - y, :w - x]
-  return out
+def mrn_tile_probabilities(model: "Predictor", image: np.ndarray, batch: int) -> np.ndarray:
+  """An MRN over a tile at its own resolution: windows of the input size covering it, each with
+  its context, stitched as the segment phase's test does (transforms.stitch_windows)."""
+  windows = transforms.context_windows(image, model.input_size, model.mrn)
+  probs = run_batches(model.fn, windows.targets, batch, model.mesh, windows.contexts)
+  return transforms.stitch_windows(probs, windows.starts, image.shape[:2])
 
 
 def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -153,13 +146,12 @@ def _read_tile(path: str):
     return str(e)
 
 
-def predict_tiles(config, workdir, files, fn, ctx) -> dict:
-  size, mesh = ctx["input_size"], ctx["mesh"]
+def predict_tiles(config, workdir: str, files: list, model: "Predictor") -> tuple[dict, list]:
+  """masks/, probabilities/, tiles.jsonl and the overlay of a folder of tiles; (summary, figures)."""
   mask_dir = os.path.join(workdir, "masks")
-  prob_dir = os.path.join(workdir, "probabilities")
   os.makedirs(mask_dir, exist_ok=True)
   if config.save_probabilities:
-    os.makedirs(prob_dir, exist_ok=True)
+    os.makedirs(os.path.join(workdir, "probabilities"), exist_ok=True)
   stems = [mask_files.file_stem(os.path.splitext(os.path.basename(f))[0]) for f in files]
   todo = [(f, s) for f, s in zip(files, stems)
           if not os.path.exists(os.path.join(mask_dir, s + ".png"))]  # resumed: done ones kept
@@ -167,73 +159,77 @@ def predict_tiles(config, workdir, files, fn, ctx) -> dict:
   done = len(files) - len(todo)
   progress.update(done)  # starts the clock
   shown, unreadable = [], []
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
-  record = open(os.path.join(workdir, "tiles.jsonl"), "a", encoding="utf-8")
   started = time.perf_counter()
-  try:
-    chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    reading = pool.map(lambda c: [_read_tile(f) for f, _ in c], chunks)
-    for chunk, images in zip(chunks, reading):
+  chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, \
+       open(os.path.join(workdir, "tiles.jsonl"), "a", encoding="utf-8") as record:
+    for chunk, images in zip(chunks, pool.map(lambda c: [_read_tile(f) for f, _ in c], chunks)):
       unreadable += [(path, why) for (path, _), why in zip(chunk, images) if isinstance(why, str)]
       done += len(chunk)
-      chunk = [c for c, im in zip(chunk, images) if not isinstance(im, str)]
-      images = [im for im in images if not isinstance(im, str)]
-      if not chunk:
-        progress.update(done)
-        continue
-      inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                         for im in images])
-      if not ctx["mrn"]:
-        probs = run_batches(fn, inputs, config.batch_size, mesh)
-      scores = ctx["gate_scores"](inputs) if ctx["gate_scores"] else None
-      for j, ((path, stem), image) in enumerate(zip(chunk, images)):
-        p = (mrn_tile_probabilities(fn, image, size, ctx["mrn"], config.batch_size, mesh)
-             if ctx["mrn"] else resize_probabilities(probs[j], *image.shape[:2]))
-        logp = np.log(np.maximum(p, 1e-12))
-        if scores is not None:
-          logp = np.asarray(apply_gate(jnp.asarray(logp[None]), jnp.asarray(scores[j:j + 1]),
-                                       "exclude", ctx["epsilon"]))[0]
-        mask = np.argmax(logp, -1).astype(np.uint8)
-        if config.save_probabilities:
-          tmp = os.path.join(prob_dir, stem + ".tmp.npz")
-          np.savez_compressed(tmp, probabilities=p.transpose(2, 0, 1).astype(np.float16))
-          os.replace(tmp, os.path.join(prob_dir, stem + ".npz"))
-        mask_files.write_mask(os.path.join(mask_dir, stem + ".png"), mask, ctx["palette"])
-        shares = np.bincount(mask.ravel(), minlength=len(ctx["names"])) / mask.size
-        row = {"tile": os.path.basename(path), "mask": f"masks/{stem}.png",
-               "share": {n: round(float(v), 6) for n, v in zip(ctx["names"], shares)}}
-        if scores is not None:
-          row["gate_scores"] = {n: round(float(v), 6) for n, v in
-                                zip(ctx["names"], scores[j])}
+      readable = [(c, im) for c, im in zip(chunk, images) if not isinstance(im, str)]
+      for row, image, mask in predict_chunk(config, workdir, readable, model):
         record.write(json.dumps(row) + "\n")
         if len(shown) < config.overlays:
           shown.append((image, None, {"prediction": mask}))
       record.flush()
       progress.update(done)
-  finally:
-    record.close()
-    pool.shutdown(wait=True)
-  if unreadable:  # new data has the odd broken file: it is named, the others predicted
-    listing = os.path.join(workdir, "unreadable_tiles.txt")
-    with open(listing, "w", encoding="utf-8") as f:
-      f.writelines(f"{why}\n" for _, why in unreadable)
-    print(f"predict: {len(unreadable)} of {len(files)} tiles could not be read and have no "
-          f"mask (listed in {listing})", flush=True)
+  report_unreadable(workdir, unreadable, len(files))
+  figures = []
   if shown:
-    figure = overlays.mask_figure(shown, ctx["palette"], ctx["names"],
-                                  f"predict: segmenter {ctx['model_name']} on {len(files)} tiles")
+    figure = overlays.mask_figure(shown, model.palette, model.names,
+                                  f"predict: segmenter {model.model_name} on {len(files)} tiles")
     overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure)
-    ctx["figures"].append(("predict/tiles", figure))
+    figures.append(("predict/tiles", figure))
   return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo) - len(unreadable),
           "unreadable": [os.path.basename(p) for p, _ in unreadable],
-          "seconds": time.perf_counter() - started}
+          "seconds": time.perf_counter() - started}, figures
+
+
+def predict_chunk(config, workdir: str, chunk: list, model: "Predictor"):
+  """Yields (tiles.jsonl row, tile, mask) for each ((path, stem), tile) of a chunk, its mask
+  (and probabilities) written."""
+  if not chunk:
+    return
+  size = model.input_size
+  inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+                     for _, im in chunk])
+  if not model.mrn:
+    probs = run_batches(model.fn, inputs, config.batch_size, model.mesh)
+  scores = model.gate_scores(inputs) if model.gate_scores else None
+  for j, ((path, stem), image) in enumerate(chunk):
+    p = (mrn_tile_probabilities(model, image, config.batch_size) if model.mrn
+         else resize_probabilities(probs[j], *image.shape[:2]))
+    logp = np.log(np.maximum(p, 1e-12))
+    if scores is not None:
+      logp = np.asarray(apply_gate(jnp.asarray(logp[None]), jnp.asarray(scores[j:j + 1]),
+                                   "exclude", model.epsilon))[0]
+    mask = np.argmax(logp, -1).astype(np.uint8)
+    if config.save_probabilities:
+      with atomic.replacing(os.path.join(workdir, "probabilities", stem + ".npz")) as tmp:
+        np.savez_compressed(tmp, probabilities=p.transpose(2, 0, 1).astype(np.float16))
+    mask_files.write_mask(os.path.join(workdir, "masks", stem + ".png"), mask, model.palette)
+    shares = np.bincount(mask.ravel(), minlength=len(model.names)) / mask.size
+    row = {"tile": os.path.basename(path), "mask": f"masks/{stem}.png",
+           "share": {n: round(float(v), 6) for n, v in zip(model.names, shares)}}
+    if scores is not None:
+      row["gate_scores"] = {n: round(float(v), 6) for n, v in zip(model.names, scores[j])}
+    yield row, image, mask
+
+
+def report_unreadable(workdir: str, unreadable: list, total: int) -> None:
+  """New data has the odd broken file: it is named in unreadable_tiles.txt, the others predicted."""
+  if not unreadable:
+    return
+  listing = os.path.join(workdir, "unreadable_tiles.txt")
+  atomic.write_text(listing, "".join(f"{why}\n" for _, why in unreadable))
+  print(f"predict: {len(unreadable)} of {total} tiles could not be read and have no "
+        f"mask (listed in {listing})", flush=True)
 
 
 # --- Slides --------------------------------------------------------------------------------------------
 def slide_microns_per_pixel(path: str) -> float | None:
   """Level-0 pixel size from the TIFF resolution tags (or an SVS description's MPP), or None."""
   try:
-    import tifffile
     with tifffile.TiffFile(path) as tif:
       page = tif.pages[0]
       desc = page.description or ""
@@ -253,144 +249,215 @@ def slide_microns_per_pixel(path: str) -> float | None:
   return None
 
 
-def _save_progress(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+class WindowPlan(NamedTuple):
+  """Where a slide's windows lie: model px = `d` level-0 px; rows of windows start at `ys`."""
+  d: float
+  height: int               # level-0 px
+  width: int
+  hm: int                   # model px
+  wm: int
+  win: int
+  ys: list
+  xs: list
+  keep: np.ndarray          # [window row, window column]: enough tissue to compute
+  columns: np.ndarray       # level-0 column -> model column
+
+  def row_origins(self, i: int) -> list:
+    """Level-0 (top, left) of row i's computed windows."""
+    return [(int(round(self.ys[i] * self.d)), int(round(x * self.d)))
+            for x, k in zip(self.xs, self.keep[i]) if k]
 
 
-def predict_slide(config, workdir, path, fn, ctx) -> dict:
-  """One slide (see the module docstring); returns its summary."""
-  win, k, mesh = ctx["input_size"], ctx["num_outputs"], ctx["mesh"]
-  background = ctx["background_index"]
+def window_plan(slide, model: "Predictor", config) -> WindowPlan:
+  height, width = slide.shape
+  d = model.model_downsample * config.downsample    # level-0 px per model px
+  win = model.input_size
+  hm, wm = math.ceil(height / d), math.ceil(width / d)
+  stride = max(1, int(round(win * (1 - config.overlap))))
+  ys, xs = transforms.window_starts(hm, win, stride), transforms.window_starts(wm, win, stride)
+  share = (slides.tissue_shares(slide, ((y * d, x * d) for y in ys for x in xs), win * d)
+           if model.min_tissue > 0 else np.ones(len(ys) * len(xs)))
+  keep = (share >= model.min_tissue).reshape(len(ys), len(xs))
+  columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
+  return WindowPlan(d, height, width, hm, wm, win, ys, xs, keep, columns)
+
+
+def read_row(slide, plan: WindowPlan, i: int, mrn: int):
+  """Row i's windows, and for MRN each window's context (same centre, side x scale)."""
+  origins = plan.row_origins(i)
+  targets = [slide.read_region(top, left, plan.win, plan.d) for top, left in origins]
+  if not mrn:
+    return targets, None
+  dc, shift = plan.d * mrn, plan.win * plan.d * (mrn - 1) / 2
+  return targets, [slide.read_region(int(round(top - shift)), int(round(left - shift)),
+                                     plan.win, dc) for top, left in origins]
+
+
+class OpenRows:
+  """The Hann-weighted running sums of the model rows that later windows still touch, the class
+  counts so far, and their record in progress.npz (written then renamed) for a resume."""
+
+  def __init__(self, plan: WindowPlan, num_outputs: int, background: int, progress_path: str):
+    self.plan, self.background, self.path = plan, background, progress_path
+    self.acc = np.zeros((plan.win, plan.wm, num_outputs), np.float32)
+    self.wsum = np.zeros((plan.win, plan.wm), np.float32)
+    self.counts = np.zeros(max(num_outputs, background + 1), np.int64)
+    self.first_row = self.level0_rows = 0
+
+  def resume(self) -> None:
+    saved = np.load(self.path)
+    self.first_row, self.counts = int(saved["rows_done"]), saved["counts"]
+    self.level0_rows = int(saved["level0_rows"])
+    self.acc[:saved["acc"].shape[0]] = saved["acc"]
+    self.wsum[:saved["wsum"].shape[0]] = saved["wsum"]
+
+  def add(self, probs, xs, weights) -> None:
+    for p, x in zip(probs, xs):
+      self.acc[:, x:x + self.plan.win] += p * weights[..., None]
+      self.wsum[:, x:x + self.plan.win] += weights
+
+  def pop(self, n: int) -> tuple:
+    """The first n rows' sums, finished; the open rows slide up by n."""
+    done = self.acc[:n], self.wsum[:n]
+    self.acc = np.concatenate([self.acc[n:], np.zeros((n,) + self.acc.shape[1:], np.float32)])
+    self.wsum = np.concatenate([self.wsum[n:], np.zeros((n, self.plan.wm), np.float32)])
+    return done
+
+  def finish(self, pyramid, done_acc, done_wsum, y, n, rows_done, open_acc, open_wsum) -> None:
+    """Labels of finished model rows -> level-0 mask rows, class counts, progress record."""
+    plan = self.plan
+    labels = np.where(done_wsum > 0, np.argmax(done_acc, -1), self.background).astype(np.uint8)
+    r0, r1 = int(math.ceil(y * plan.d)), min(plan.height, int(math.ceil((y + n) * plan.d)))
+    rows = np.minimum(((np.arange(r0, r1) / plan.d) - y).astype(np.int64), n - 1)
+    level0 = labels[rows][:, plan.columns]
+    pyramid.add_rows(r0, level0)  # raw rows for a resume; every level's tiles encoded
+    self.counts[:] += np.bincount(level0.ravel(), minlength=len(self.counts))[:len(self.counts)]
+    with atomic.replacing(self.path) as tmp:
+      np.savez(tmp, rows_done=rows_done, counts=self.counts, acc=open_acc, wsum=open_wsum,
+               level0_rows=r1)
+
+
+def predict_slide(config, workdir: str, path: str, model: "Predictor") -> tuple[dict, list]:
+  """One slide (see the module docstring); (its summary, its figures)."""
   name = mask_files.file_stem(os.path.splitext(os.path.basename(path))[0])
   out = os.path.join(workdir, name)
   os.makedirs(out, exist_ok=True)
   if os.path.exists(os.path.join(out, "areas.json")):
     print(f"predict {name}: finished before; kept", flush=True)
     with open(os.path.join(out, "areas.json"), encoding="utf-8") as f:
-      return json.load(f)
-  slide = slides.Slide(path)
-  height, width = slide.shape
-  d = ctx["model_downsample"] * config.downsample    # level-0 px per model px
-  hm, wm = math.ceil(height / d), math.ceil(width / d)
-  stride = max(1, int(round(win * (1 - config.overlap))))
-  ys, xs = transforms.window_starts(hm, win, stride), transforms.window_starts(wm, win, stride)
-  weights = hann_weights(win)
-  progress_path = os.path.join(out, "progress.npz")
-  # rows in a raw file without a progress record are redone
-  resume = os.path.exists(progress_path) and os.path.exists(os.path.join(out, RAW_FILE))
-  acc = np.zeros((win, wm, k), np.float32)      # open rows: running sums and weights
-  wsum = np.zeros((win, wm), np.float32)
-  counts = np.zeros(max(k, background + 1), np.int64)
-  first_row, level0_rows = 0, 0
-  if resume:
-    saved = np.load(progress_path)
-    first_row, counts, level0_rows = (int(saved["rows_done"]), saved["counts"],
-                                      int(saved["level0_rows"]))
-    acc[:saved["acc"].shape[0]], wsum[:saved["wsum"].shape[0]] = saved["acc"], saved["wsum"]
-    print(f"predict {name}: resuming at window row {first_row + 1} of {len(ys)}", flush=True)
-  pyramid = MaskPyramid(out, height, width, config.tiff_tile, ctx["palette"],
-                        ctx.get("view_side", 2048), resume_rows=level0_rows)
-  min_tissue = ctx["min_tissue"]
-  share = (slides.tissue_shares(slide, ((y * d, x * d) for y in ys for x in xs), win * d)
-           if min_tissue > 0 else np.ones(len(ys) * len(xs)))
-  keep = (share >= min_tissue).reshape(len(ys), len(xs))   # [window row, window column]
-  columns = np.minimum((np.arange(width) / d).astype(np.int64), wm - 1)
-  progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
-  progress.update(first_row * len(xs))  # starts the clock
-  # wall time the main thread spends waiting for a row's reads (they run ahead in a thread),
-  # computing, handing finished rows to the row writer (and waiting for the one before), and
-  # finishing the outputs (copying the encoded tiles into the TIFF, GeoJSON, overlay)
-  timing = {"read_wait": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
+      return json.load(f), []
   started = time.perf_counter()
-
-  def read_row(i):
-    """Row i's windows, and for MRN each window's context (same centre, side x scale)."""
-    origins = [(int(round(ys[i] * d)), int(round(x * d))) for x, k in zip(xs, keep[i]) if k]
-    targets = [slide.read_region(top, left, win, d) for top, left in origins]
-    if not ctx["mrn"]:
-      return targets, None
-    dc, shift = d * ctx["mrn"], win * d * (ctx["mrn"] - 1) / 2
-    return targets, [slide.read_region(int(round(top - shift)), int(round(left - shift)), win,
-                                       dc) for top, left in origins]
-
-  def finish_rows(done_acc, done_wsum, y, n, rows_done, open_acc, open_wsum):
-    """Labels of finished model rows -> level-0 mask rows, class counts, progress record."""
-    labels = np.where(done_wsum > 0, np.argmax(done_acc, -1), background).astype(np.uint8)
-    r0, r1 = int(math.ceil(y * d)), min(height, int(math.ceil((y + n) * d)))
-    rows = np.minimum(((np.arange(r0, r1) / d) - y).astype(np.int64), n - 1)
-    level0 = labels[rows][:, columns]
-    pyramid.add_rows(r0, level0)  # raw rows for a resume; every level's tiles encoded
-    counts[:] += np.bincount(level0.ravel(), minlength=len(counts))[:len(counts)]
-    _save_progress(progress_path, rows_done=rows_done, counts=counts, acc=open_acc,
-                   wsum=open_wsum, level0_rows=r1)
-
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-  row_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  finishing = None
-  # for the overlay, read while rows compute
-  thumbnail = pool.submit(slide.thumbnail, ctx.get("thumbnail_side", 1024))
-  try:
-    pending = pool.submit(read_row, first_row) if first_row < len(ys) else None
-    for i in range(first_row, len(ys)):
-      y = ys[i]
-      t0 = time.perf_counter()
-      tiles, contexts = pending.result()
-      timing["read_wait"] += time.perf_counter() - t0
-      pending = pool.submit(read_row, i + 1) if i + 1 < len(ys) else None  # read ahead
-      t0 = time.perf_counter()
-      if tiles:
-        probs = run_batches(fn, np.stack(tiles), config.batch_size, mesh,
-                            np.stack(contexts) if contexts else None)
-        for p, x in zip(probs, [x for x, k in zip(xs, keep[i]) if k]):
-          acc[:, x:x + win] += p * weights[..., None]
-          wsum[:, x:x + win] += weights
-      timing["compute"] += time.perf_counter() - t0
-      t0 = time.perf_counter()
-      end = ys[i + 1] if i + 1 < len(ys) else hm   # model rows no later window touches
-      n = min(end - y, win)
-      done_acc, done_wsum = acc[:n], wsum[:n]
-      acc = np.concatenate([acc[n:], np.zeros((n, wm, k), np.float32)])  # slide the open rows
-      wsum = np.concatenate([wsum[n:], np.zeros((n, wm), np.float32)])
-      if finishing is not None:
-        finishing.result()  # one row in flight: its failure surfaces here
-      # the finished rows are written by the row writer while the next row computes
-      finishing = row_writer.submit(finish_rows, done_acc, done_wsum, y, n, i + 1, acc.copy(),
-                                    wsum.copy())
-      timing["write"] += time.perf_counter() - t0
-      progress.update((i + 1) * len(xs))
-    if finishing is not None:
-      finishing.result()
-  except BaseException:
-    pyramid.release()  # its raw rows stay for the next run to resume from
-    raise
-  finally:
-    pool.shutdown(wait=True)
-    row_writer.shutdown(wait=True)
+  slide = slides.Slide(path)
+  plan = window_plan(slide, model, config)
+  rows = OpenRows(plan, model.num_outputs, model.background_index,
+                  os.path.join(out, "progress.npz"))
+  # rows in a raw file without a progress record are redone
+  if os.path.exists(rows.path) and os.path.exists(os.path.join(out, RAW_FILE)):
+    rows.resume()
+    print(f"predict {name}: resuming at window row {rows.first_row + 1} of {len(plan.ys)}",
+          flush=True)
+  pyramid = MaskPyramid(out, plan.height, plan.width, config.tiff_tile, model.palette,
+                        model.view_side, resume_rows=rows.level0_rows)
+  timing, thumb = compute_rows(config, slide, plan, rows, pyramid, model, name)
   t0 = time.perf_counter()
   pyramid.close(os.path.join(out, "mask.tif"))
-  summary = finish_slide(config, out, name, path, thumbnail.result()[0], pyramid, counts, ctx)
+  summary, figure = finish_slide(config, out, name, path, thumb, pyramid, rows.counts, model)
   timing["finish"] += time.perf_counter() - t0
-  os.remove(progress_path)
+  os.remove(rows.path)
   slide.close()
   total = time.perf_counter() - started
-  computed = int(keep.sum())
-  summary |= {"windows": int(keep.size), "windows_computed": computed,
+  computed = int(plan.keep.sum())
+  summary |= {"windows": int(plan.keep.size), "windows_computed": computed,
               "windows_per_sec": computed / max(timing["compute"], 1e-9),
-              "megapixels_per_sec": height * width / 1e6 / max(total, 1e-9),
+              "megapixels_per_sec": plan.height * plan.width / 1e6 / max(total, 1e-9),
               "seconds": total, "time_share": {k: v / max(total, 1e-9) for k, v in
                                                timing.items()}}
-  with open(os.path.join(out, "areas.json.tmp"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(os.path.join(out, "areas.json.tmp"), os.path.join(out, "areas.json"))
-  return summary
+  atomic.write_json(os.path.join(out, "areas.json"), summary)
+  return summary, [(f"predict/{name}", figure)]
 
 
-def finish_slide(config, out, name, path, thumb, pyramid, counts, ctx) -> dict:
-  """overlay.png, areas.csv and regions.geojson of a predicted slide; its summary."""
-  names, background = ctx["names"], ctx["background_index"]
+def compute_rows(config, slide, plan: WindowPlan, rows: OpenRows, pyramid, model: "Predictor",
+                 name: str) -> tuple[dict, np.ndarray]:
+  """Every row of windows from rows.first_row on: read ahead by a thread, computed, and handed
+  to a row writer while the next computes; (wall time per activity, the slide's thumbnail)."""
+  ys, xs, weights = plan.ys, plan.xs, hann_weights(plan.win)
+  progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
+  progress.update(rows.first_row * len(xs))  # starts the clock
+  # wall time the main thread spends waiting for a row's reads, computing, handing finished
+  # rows to the row writer (and waiting for the one before), and finishing the outputs
+  timing = {"read_wait": 0.0, "compute": 0.0, "write": 0.0, "finish": 0.0}
+  finishing = None
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool, \
+       concurrent.futures.ThreadPoolExecutor(max_workers=1) as row_writer:
+    thumbnail = pool.submit(slide.thumbnail, model.thumbnail_side)  # read while rows compute
+    try:
+      pending = (pool.submit(read_row, slide, plan, rows.first_row, model.mrn)
+                 if rows.first_row < len(ys) else None)
+      for i in range(rows.first_row, len(ys)):
+        t0 = time.perf_counter()
+        tiles, contexts = pending.result()
+        timing["read_wait"] += time.perf_counter() - t0
+        if i + 1 < len(ys):  # read ahead
+          pending = pool.submit(read_row, slide, plan, i + 1, model.mrn)
+        t0 = time.perf_counter()
+        if tiles:
+          probs = run_batches(model.fn, np.stack(tiles), config.batch_size, model.mesh,
+                              np.stack(contexts) if contexts else None)
+          rows.add(probs, [x for x, k in zip(xs, plan.keep[i]) if k], weights)
+        timing["compute"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        end = ys[i + 1] if i + 1 < len(ys) else plan.hm   # model rows no later window touches
+        n = min(end - ys[i], plan.win)
+        done_acc, done_wsum = rows.pop(n)
+        if finishing is not None:
+          finishing.result()  # one row in flight: its failure surfaces here
+        finishing = row_writer.submit(rows.finish, pyramid, done_acc, done_wsum, ys[i], n, i + 1,
+                                      rows.acc.copy(), rows.wsum.copy())
+        timing["write"] += time.perf_counter() - t0
+        progress.update((i + 1) * len(xs))
+      if finishing is not None:
+        finishing.result()
+    except BaseException:
+      pyramid.release()  # its raw rows stay for the next run to resume from
+      raise
+    return timing, thumbnail.result()[0]
+
+
+def finish_slide(config, out, name, path, thumb, pyramid, counts,
+                 model: "Predictor") -> tuple[dict, np.ndarray]:
+  """overlay.png, areas.csv and regions.geojson of a predicted slide; (its summary, overlay)."""
+  names, background = model.names, model.background_index
   mpp = slide_microns_per_pixel(path)
+  areas = class_areas(counts, names, background, mpp, model.setting)
+  atomic.write_text(os.path.join(out, "areas.csv"), areas_csv(areas))
+  # GeoJSON and the overlay from the pyramid's view (at most view_side px on its longer side),
+  # the two at once: tracing and PNG compression are mostly outside the interpreter lock
+  step, small = pyramid.view_step, pyramid.view
+  colours = np.asarray(model.palette, np.uint8).reshape(-1, 3)
+
+  def write_regions():
+    regions = polygons.feature_collection(small, names, background, scale=step,
+                                          tolerance=config.geojson_tolerance, colours=colours)
+    atomic.write_json(os.path.join(out, "regions.geojson"), regions, indent=None)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    regions = pool.submit(write_regions)
+    th, tw = thumb.shape[:2]
+    shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
+    legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
+    figure = overlays.grid_figure(
+        [[thumb, overlays.blend(thumb, shown, model.palette, background)]],
+        ["slide", "prediction"], f"{name}: segmenter {model.model_name}", legend)
+    overlays.save(os.path.join(out, "overlay.png"), figure)
+    regions.result()
+  return {"slide": path, "name": name, "shape": [pyramid.height, pyramid.width],
+          "microns_per_pixel": mpp,
+          "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",
+                                      "regions.geojson"]}, figure
+
+
+def class_areas(counts, names: list, background: int, mpp: float | None, setting: str) -> list:
+  """Per class: pixels, mm^2 (with a pixel size), share of the slide and of the tissue."""
   total = int(counts.sum())
   tissue = total - int(counts[background]) if background < len(counts) else total
   areas = []
@@ -401,41 +468,17 @@ def finish_slide(config, out, name, path, thumb, pyramid, counts, ctx) -> dict:
                   "share_of_slide": pixels / total if total else None,
                   # tissue maps: the classes' shares of the tissue (background = glass)
                   "share_of_tissue": (pixels / tissue if tissue and index != background
-                                      and ctx["setting"] == "tissue" else None)})
-  with open(os.path.join(out, "areas.csv.tmp"), "w", encoding="utf-8") as f:
-    f.write("class,pixels,mm2,share_of_slide,share_of_tissue\n")
-    for a in areas:
-      cells = ["" if a[key] is None else f"{a[key]:.6f}"
-               for key in ("mm2", "share_of_slide", "share_of_tissue")]
-      f.write(f"{a['class']},{a['pixels']}," + ",".join(cells) + "\n")
-  os.replace(os.path.join(out, "areas.csv.tmp"), os.path.join(out, "areas.csv"))
-  # GeoJSON and the overlay from the pyramid's view (at most 2048 px on its longer side), the
-  # two at once: tracing and PNG compression are mostly outside the interpreter lock
-  step, small = pyramid.view_step, pyramid.view
-  colours = np.asarray(ctx["palette"], np.uint8).reshape(-1, 3)
+                                      and setting == "tissue" else None)})
+  return areas
 
-  def write_regions():
-    regions = polygons.feature_collection(small, names, background, scale=step,
-                                          tolerance=config.geojson_tolerance, colours=colours)
-    with open(os.path.join(out, "regions.geojson.tmp"), "w", encoding="utf-8") as f:
-      f.write(json.dumps(regions))  # json.dumps runs the C encoder; json.dump does not
-    os.replace(os.path.join(out, "regions.geojson.tmp"), os.path.join(out, "regions.geojson"))
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    regions = pool.submit(write_regions)
-    th, tw = thumb.shape[:2]
-    shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
-    legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
-    figure = overlays.grid_figure(
-        [[thumb, overlays.blend(thumb, shown, ctx["palette"], background)]],
-        ["slide", "prediction"], f"{name}: segmenter {ctx['model_name']}", legend)
-    overlays.save(os.path.join(out, "overlay.png"), figure)
-    ctx["figures"].append((f"predict/{name}", figure))
-    regions.result()
-  return {"slide": path, "name": name, "shape": [pyramid.height, pyramid.width],
-          "microns_per_pixel": mpp,
-          "areas": areas, "outputs": ["mask.tif", "overlay.png", "areas.csv", "areas.json",
-                                      "regions.geojson"]}
+def areas_csv(areas: list) -> str:
+  lines = ["class,pixels,mm2,share_of_slide,share_of_tissue\n"]
+  for a in areas:
+    cells = ["" if a[key] is None else f"{a[key]:.6f}"
+             for key in ("mm2", "share_of_slide", "share_of_tissue")]
+    lines.append(f"{a['class']},{a['pixels']}," + ",".join(cells) + "\n")
+  return "".join(lines)
 
 
 # --- The run -------------------------------------------------------------------------------------------
@@ -471,10 +514,10 @@ def _gate_scores(seg, config, mesh):
 MODEL_RECORD = "model.json"
 
 
-def check_slides(files: list[str], ctx: dict, config) -> None:
+def check_slides(files: list[str], model: "Predictor", config) -> None:
   """Every slide opens and holds one window at least, before anything is written."""
-  win = ctx["input_size"]
-  side = win * ctx["model_downsample"] * config.downsample   # a window in level-0 px
+  win = model.input_size
+  side = win * model.model_downsample * config.downsample   # a window in level-0 px
   for path in files:
     slide = slides.Slide(path)  # an unreadable slide is named in one line
     height, width = slide.shape
@@ -502,9 +545,46 @@ def accept_workdir(config, workdir: str, seg: earlier_runs.Segmenter) -> None:
                       f"{record['model']} (step {record['step']}): use another --workdir")
   write_config(config, workdir)
   if parallel.is_main_process():
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, record, indent=None)
+
+
+class Predictor(NamedTuple):
+  """A finished segmenter as predict applies it."""
+  fn: Callable              # jitted uint8 windows (and MRN contexts) -> class probabilities
+  mesh: Any
+  input_size: int           # model px a side of one window
+  num_outputs: int
+  background_index: int
+  names: list               # class names, background last
+  palette: list
+  model_name: str
+  epsilon: float            # the gate's epsilon
+  setting: str
+  mrn: int                  # an MRN's context scale; 0 for DeepLabV3+
+  model_downsample: float   # slide px per model px before config.downsample
+  gate_scores: Callable | None
+  min_tissue: float         # windows with less tissue are background
+  view_side: int = 2048     # the GeoJSON's and overlay's view of the mask
+  thumbnail_side: int = 1024
+
+
+def predictor(seg: earlier_runs.Segmenter, config, mesh, mode: str) -> Predictor:
+  data = ml_collections.ConfigDict(seg.config["data"])
+  k = int(data.num_classes)
+  setting = folders.resolve(data, "setting")
+  palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
+  mrn = isinstance(seg.model, MRN)
+  return Predictor(
+      make_probabilities(seg, data, mesh), mesh, int(data.image_size), int(seg.meta["num_classes"]),
+      k, list(data.class_names) + ["background"], mask_files.palette_bytes(palette_name, k + 1),
+      seg.config["model"]["name"], seg.config["gate"]["epsilon"], setting,
+      # DeepLabV3+ saw whole tiles resized to its input; MRN pairs at the tiles' resolution
+      int(data.get("context_scale", 2)) if mrn else 0,
+      1.0 if mrn else float(data.get("tile_size", data.image_size)) / data.image_size,
+      _gate_scores(seg, config, mesh) if mode == "tiles" else None,
+      # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
+      # fluorescence) compute every window unless a share is given
+      config.min_tissue if config.min_tissue >= 0 else 0.1 if setting == "tissue" else 0.0)
 
 
 def run(config, workdir: str) -> dict:
@@ -512,41 +592,23 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.batch_size, mesh)
   seg = earlier_runs.load_segmenter(config.model_workdir, mesh, field="model")
-  data = ml_collections.ConfigDict(seg.config["data"])
-  k = int(data.num_classes)
-  outputs = int(seg.meta["num_classes"])
-  names = list(data.class_names) + ["background"]
-  palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
-  palette = mask_files.palette_bytes(palette_name, k + 1)
   mode, files = find_inputs(config.input, config.mode)
-  ctx = {"mesh": mesh, "input_size": int(data.image_size), "figures": [], "num_outputs": outputs,
-         "background_index": k, "names": names, "palette": palette,
-         "model_name": seg.config["model"]["name"], "epsilon": seg.config["gate"]["epsilon"],
-         "setting": folders.resolve(data, "setting"),
-         # DeepLabV3+ saw whole tiles resized to its input; MRN pairs at the tiles' resolution
-         "mrn": int(data.get("context_scale", 2)) if isinstance(seg.model, MRN) else 0,
-         "model_downsample": (1.0 if isinstance(seg.model, MRN) else
-                              float(data.get("tile_size", data.image_size)) / data.image_size),
-         "gate_scores": _gate_scores(seg, config, mesh) if mode == "tiles" else None,
-         # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
-         # fluorescence) compute every window unless a share is given
-         "min_tissue": (config.min_tissue if config.min_tissue >= 0 else
-                        0.1 if folders.resolve(data, "setting") == "tissue" else 0.0)}
+  model = predictor(seg, config, mesh, mode)
   if mode == "slides":
-    check_slides(files, ctx, config)
+    check_slides(files, model, config)
   accept_workdir(config, workdir, seg)  # nothing is written before this point
-  fn = make_probabilities(seg, data, mesh)
   print(f"predict: {len(files)} {mode} with the segment run {seg.workdir} (step {seg.step})",
         flush=True)
   if mode == "tiles":
-    result = predict_tiles(config, workdir, files, fn, ctx)
+    result, figures = predict_tiles(config, workdir, files, model)
   else:
-    result = {"mode": "slides", "slides": [predict_slide(config, workdir, f, fn, ctx)
-                                           for f in files]}
+    done = [predict_slide(config, workdir, f, model) for f in files]
+    result = {"mode": "slides", "slides": [summary for summary, _ in done]}
+    figures = [figure for _, shown in done for figure in shown]
   summary = {"phase": "predict", "model": seg.workdir, "model_step": seg.step,
-             "input": os.path.abspath(config.input), "class_names": names, **result}
+             "input": os.path.abspath(config.input), "class_names": model.names, **result}
   writer = MetricWriter(workdir, parallel.is_main_process())
-  for tag, figure in ctx["figures"]:  # the overlays in TensorBoard too
+  for tag, figure in figures:  # the overlays in TensorBoard too
     writer.image(tag, seg.step, figure)
   writer.summary(summary)
   writer.close()

@@ -8,7 +8,6 @@ a thread pool while the next batch computes -> summary.json, table.md, overlays.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import time
@@ -420,7 +419,7 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
   total = len(pipeline.build_source(source.data, config.split))
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
   confusion, overlay, seen, layers, timed = {}, [], 0, [], 0.0
-  with BoundedWriter(config.writer_threads) as writer:
+  with atomic.BackgroundWrites(config.writer_threads) as writer:
     for i, b in enumerate(pipeline.tile_batches(source.data, config.split, source.batch,
                                                 source.inputs, keys, extra=[background])):
       t0 = time.perf_counter()
@@ -441,32 +440,6 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
     raise UserError(f"split {config.split!r} of data.name={source.data.name!r} has no images")
   rate = (seen - source.batch) / timed if timed else None
   return Written(confusion, overlay, seen, layers, rate, has_truth)
-
-
-class BoundedWriter:
-  """A thread pool for file writes that holds at most 2 x threads writes in flight, so the
-  host memory of pending masks stays bounded; leaving the block waits for every write."""
-
-  def __init__(self, threads: int):
-    self.threads = threads
-    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
-    self.pending = []
-
-  def submit(self, fn, *args) -> None:
-    while len(self.pending) > 2 * self.threads:
-      self.pending.pop(0).result()
-    self.pending.append(self.pool.submit(fn, *args))
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc) -> None:
-    try:
-      if exc[0] is None:
-        for p in self.pending:
-          p.result()
-    finally:
-      self.pool.shutdown(wait=True)
 
 
 def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,

@@ -238,25 +238,20 @@ def tile_logits(seg: Segmentation, state, b, config, mesh):
                         parallel.shard_identical(b["input"], mesh), None)
     h, w = b["mask"].shape[1:3] if "mask" in b else b["image"].shape[1:3]
     return jax.image.resize(logits, (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
-  size, scale = config.data.pair_size, config.data.context_scale
-  n, h, w = b["image"].shape[:3]
-  starts = [(y, x) for y in transforms.window_starts(h, size)
-            for x in transforms.window_starts(w, size)]
-  pairs = [transforms.cut_pair({"image": b["image"][i]}, y + size // 2, x + size // 2, size, scale)
-           for i in range(n) for y, x in starts]
-  targets = np.stack([p["image"] for p in pairs])
-  contexts = np.stack([p["context"] for p in pairs])
-  per = parallel.eval_batch_size(len(pairs), mesh)
-  pad = per - len(pairs)
+  windows = [transforms.context_windows(image, config.data.pair_size, config.data.context_scale)
+             for image in b["image"]]
+  targets = np.concatenate([w.targets for w in windows])
+  contexts = np.concatenate([w.contexts for w in windows])
+  pad = parallel.eval_batch_size(len(targets), mesh) - len(targets)
   targets = np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
   contexts = np.concatenate([contexts, np.repeat(contexts[-1:], pad, 0)])
   out = np.asarray(seg.logits(state.params, state.batch_stats,
                               parallel.shard_identical(targets, mesh),
                               parallel.shard_identical(contexts, mesh)))
-  logits = np.zeros((n, h, w, out.shape[-1]), np.float32)
-  for j, (i, (y, x)) in enumerate((i, s) for i in range(n) for s in starts):
-    logits[i, y:y + size, x:x + size] = out[j]
-  return jnp.asarray(logits)
+  per_image = len(windows[0].starts)
+  return jnp.asarray(np.stack([
+      transforms.stitch_windows(out[i * per_image:(i + 1) * per_image], w.starts,
+                                b["image"].shape[1:3]) for i, w in enumerate(windows)]))
 
 
 def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: int = 0):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_config
 
+from wsss_jax.device import hlo_report, profiler
 from wsss_jax.errors import UserError
 from wsss_jax.phases import benchmark
 
@@ -82,30 +83,30 @@ def test_benchmark_times_the_segmenters(model, tmp_path):
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   forward = jax.make_jaxpr(lambda v, x: seg.model.apply(v, x, context=x))(
       {"params": state.params, "batch_stats": state.batch_stats}, images)
-  ratio = result["gflops_per_image"] * 1e9 / benchmark.jaxpr_flops(forward)
+  ratio = result["gflops_per_image"] * 1e9 / hlo_report.jaxpr_flops(forward)
   assert 2.5 < ratio < 3.05, ratio
 
 
 def test_jaxpr_flops_match_closed_forms():
   """Matmul and convolution FLOPs by hand, through jit, remat, scan and a train-step gradient."""
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
-  assert benchmark.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 4 * 8 * 16
+  assert hlo_report.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 4 * 8 * 16
 
   def conv(img, kernel, stride):
     return jax.lax.conv_general_dilated(img, kernel, (stride, stride), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   img, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
   forward = 2 * (2 * 4 * 4 * 5) * (3 * 3 * 3)  # output size x window, stride 2
-  assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda a, k: conv(a, k, 2))(img, kernel)) == forward
+  assert hlo_report.jaxpr_flops(jax.make_jaxpr(lambda a, k: conv(a, k, 2))(img, kernel)) == forward
   # Gradient w.r.t. kernel and input: each costs as much as the forward pass (the input gradient
   # of the strided conv dilates the cotangent; its zeros are not counted).
   grad = jax.make_jaxpr(jax.grad(lambda a, k: conv(a, k, 2).sum(), argnums=(0, 1)))(img, kernel)
-  assert benchmark.jaxpr_flops(grad) == 3 * forward
+  assert hlo_report.jaxpr_flops(grad) == 3 * forward
 
   def body(carry, _):
     return jax.checkpoint(lambda c: c @ jnp.ones((8, 8)))(carry), None
   scanned = jax.make_jaxpr(jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0]))(x)
-  assert benchmark.jaxpr_flops(scanned) == 5 * 2 * 4 * 8 * 8
+  assert hlo_report.jaxpr_flops(scanned) == 5 * 2 * 4 * 8 * 8
 
 
 def test_profile_summary_attributes_device_time_to_ops(tmp_path):
@@ -116,12 +117,12 @@ def test_profile_summary_attributes_device_time_to_ops(tmp_path):
   with jax.profiler.trace(str(tmp_path)):
     for _ in range(2):
       step(a).block_until_ready()
-  summary = benchmark.profile_summary(str(tmp_path), steps=2)
+  summary = profiler.profile_summary(str(tmp_path), steps=2)
   assert summary["device_busy_ms_per_step"] > 0
   shares = {row["name"]: row["share"] for row in summary["categories"]}
   assert max(shares, key=shares.get) == "matmul"
   assert sum(shares.values()) == pytest.approx(1.0)
-  assert benchmark.profile_summary(str(tmp_path / "nothing"), steps=1) == {}
+  assert profiler.profile_summary(str(tmp_path / "nothing"), steps=1) == {}
 
 
 _HLO = """HloModule m
@@ -149,7 +150,7 @@ ENTRY %main (p: f32[4,8]) -> bf16[4,8] {
 
 
 def test_the_fusion_report_tells_fused_from_unfused_work_by_source():
-  report = benchmark.fusion_report(_HLO)
+  report = hlo_report.fusion_report(_HLO)
   norm, gelu = report["layernorm"], report["gelu"]
   assert (norm["fused_ops"], norm["fusions"], norm["unfused_ops"]) == (1, 1, 1)  # norm2's reduce
   assert norm["fusion_output_bytes"] == {"f32": 4 * 8 * 4}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wsss_jax.data import mixing
-from wsss_jax.device import kernels
+from wsss_jax.device import hlo_report, kernels
 from wsss_jax.models import layers
 from wsss_jax.models.classifier import ViTClassifier, vit_layer_id
 from wsss_jax.models.heads import MultiLabelHead, progressive_dropout_attention
@@ -14,7 +14,6 @@ from wsss_jax.models.layers import feature_key
 from wsss_jax.models.resnet import ResNet
 from wsss_jax.models.resnet38 import ResNet38
 from wsss_jax.models.vit import VisionTransformer
-from wsss_jax.phases import benchmark
 from wsss_jax.tasks import classify as classify_task
 
 
@@ -155,7 +154,7 @@ def test_kernel_gradient_as_a_matmul_matches_the_convolution_and_its_gradients(
   loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
   grad_jaxpr = jax.make_jaxpr(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
   assert "dot_general" in str(grad_jaxpr)  # the kernel gradient is the matmul ...
-  assert benchmark.jaxpr_flops(grad_jaxpr) == benchmark.jaxpr_flops(  # ... counted once
+  assert hlo_report.jaxpr_flops(grad_jaxpr) == hlo_report.jaxpr_flops(  # ... counted once
       jax.make_jaxpr(jax.grad(loss(ref), argnums=(0, 1)))(x, w))
   cts = jax.random.normal(jax.random.key(2), (3,) + ref(x, w).shape)  # vmapped, as LRP does
   got = jax.vmap(lambda ct: jax.vjp(ours, x, w)[1](ct))(cts)

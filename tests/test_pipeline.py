@@ -12,6 +12,7 @@ from PIL import Image
 from wsss_jax.data import mask_files, pipeline as data_pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pipeline
+from wsss_jax import runner
 from wsss_jax.runner import run_phase
 
 
@@ -27,7 +28,7 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   were high, the pseudo masks fuse both rounds, and a re-run resumes every phase and recomputes
   nothing. paper=True: the default adds SEAM and the CRF, each tested in its phase, and costs
   this test 75 s more (under load)."""
-  result = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path))
+  result = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path), dispatch=runner.DISPATCH)
   text = open(tmp_path / "table.md").read()
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |", "Adversarial erasing: 2 round(s) fused"):
@@ -64,7 +65,7 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   # a re-run resumes every phase and finds the pseudo masks current: nothing is written again
   mask = tmp_path / "pseudo_masks" / "masks" / "bn7" / "synthetic_train_3.png"
   written = os.path.getmtime(mask)
-  again = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path))
+  again = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path), dispatch=runner.DISPATCH)
   assert os.path.getmtime(mask) == written
   assert again["erasing"]["rounds"] == summary["rounds"]
   assert again["classify"]["resumed_from"] == again["classify"]["steps"]
@@ -111,12 +112,12 @@ def test_pipeline_paper_and_pretrain_arguments_and_a_workdir_without_checkpoints
     assert modes[arg].pseudo_masks.scales == (1.0,)
     assert modes[arg].classify.equivariance.weight == 0  # SEAM needs a CNN's class maps
   with pytest.raises(UserError, match=f"pretrain_workdir={tmp_path}: no pretrain checkpoints"):
-    pipeline.run(modes[str(tmp_path)], str(tmp_path / "run"))
+    pipeline.run(modes[str(tmp_path)], str(tmp_path / "run"), dispatch=runner.DISPATCH)
   (tmp_path / "checkpoints").mkdir()
   both = modes[str(tmp_path)]
   both.run_pretrain = True
   with pytest.raises(UserError, match="run_pretrain and pretrain_workdir"):
-    pipeline.run(both, str(tmp_path / "run"))
+    pipeline.run(both, str(tmp_path / "run"), dispatch=runner.DISPATCH)
   assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -135,5 +136,5 @@ def test_pipeline_from_a_cnn_pretext_run_takes_its_encoder_and_width(tmp_path):
                                                                   "width": 0.125}))
   with pytest.raises(UserError, match="pretrained model.encoder='resnet50'; the pipeline's "
                                       "classifier is 'resnet38'"):
-    pipeline.run(r50, str(tmp_path / "run"))
+    pipeline.run(r50, str(tmp_path / "run"), dispatch=runner.DISPATCH)
   assert not (tmp_path / "run").exists()

@@ -1,25 +1,21 @@
-"""Phase dispatch shared by the command line (`wsss_jax.main`) and the pipeline phase."""
+"""Phase dispatch: the command line (`wsss_jax.main`) runs a config through `run_phase`, and the
+phases that compose others (pipeline, erasing, pretrain's evaluation) get `DISPATCH` to do the same."""
 from __future__ import annotations
 
-import importlib
 import os
+from typing import Callable, NamedTuple
 
 from wsss_jax.device import kernels
 from wsss_jax.errors import UserError
+from wsss_jax.phases import (benchmark, classify, dataset, erasing, maps, pipeline, predict,
+                             pretrain, pseudo_masks, segment)
 from wsss_jax.train import run_record
 
-PHASES = {
-    "pretrain": "wsss_jax.phases.pretrain",
-    "classify": "wsss_jax.phases.classify",
-    "benchmark": "wsss_jax.phases.benchmark",
-    "maps": "wsss_jax.phases.maps",
-    "pseudo_masks": "wsss_jax.phases.pseudo_masks",
-    "segment": "wsss_jax.phases.segment",
-    "pipeline": "wsss_jax.phases.pipeline",
-    "dataset": "wsss_jax.phases.dataset",
-    "erasing": "wsss_jax.phases.erasing",
-    "predict": "wsss_jax.phases.predict",
-}
+PHASES = {"pretrain": pretrain, "classify": classify, "benchmark": benchmark, "maps": maps,
+          "pseudo_masks": pseudo_masks, "segment": segment, "pipeline": pipeline,
+          "dataset": dataset, "erasing": erasing, "predict": predict}
+# phases that run other phases are given the dispatch below (a phase never imports the runner)
+COMPOSING = ("pretrain", "erasing", "pipeline")
 # phases that resume from checkpoints: they record their config once those are accepted
 # (loop.start_run); the others record it before they start
 RESUMING = ("pretrain", "classify", "segment", "predict")  # write their own config.json once accepted
@@ -47,7 +43,10 @@ def validate_phase(config) -> None:
   phase = config.get("phase")
   if phase not in PHASES:
     raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
-  importlib.import_module(PHASES[phase]).validate(config)
+  if phase == "pretrain":  # its evaluation's classify sections are checked before it starts
+    pretrain.validate(config, DISPATCH)
+  else:
+    PHASES[phase].validate(config)
 
 
 def run_phase(config, workdir: str) -> dict:
@@ -65,4 +64,15 @@ def run_phase(config, workdir: str) -> dict:
   if phase not in RESUMING:
     run_record.write_config(config, workdir)
   with kernels.selected_kernels(chosen):
-    return importlib.import_module(PHASES[phase]).run(config, workdir)
+    if phase in COMPOSING:
+      return PHASES[phase].run(config, workdir, dispatch=DISPATCH)
+    return PHASES[phase].run(config, workdir)
+
+
+class Dispatch(NamedTuple):
+  """What a phase composing others is given to run and check them."""
+  run: Callable
+  validate: Callable
+
+
+DISPATCH = Dispatch(run_phase, validate_phase)

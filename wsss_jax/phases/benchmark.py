@@ -8,17 +8,15 @@ Input is a fixed device-resident batch: this measures the step, not the input pi
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jax_core
 
-from wsss_jax.device import parallel
+from wsss_jax.device import hlo_report, parallel, profiler
+from wsss_jax import atomic
 from wsss_jax.errors import UserError
 from wsss_jax.tasks import classify, pretrain, segment
 from wsss_jax.tasks.common import compute_dtype
@@ -61,203 +59,6 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def xla_cost_flops(compiled) -> float:
-  """FLOPs of the compiled per-device program by XLA's cost analysis (NaN when unavailable).
-
-  GPU backends leave most cuBLAS/cuDNN custom calls out of it (an H100 ViT-B/16 train step read
-  10 GFLOPs per image instead of 105), so MFU uses `jaxpr_flops` instead; this is reported beside.
-  """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returns one dict per module
-    cost = cost[0]
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
-def _dot_general_flops(eqn) -> int:
-  (contract_lhs, _), _ = eqn.params["dimension_numbers"]
-  lhs = eqn.invars[0].aval.shape
-  return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract_lhs)
-
-
-def _conv_flops(eqn) -> int:
-  """2 x output size x (kernel input features x kernel window) / input dilation; also right for
-  the gradient convolutions (the weight gradient's "kernel" is the output cotangent; the input
-  gradient of a strided conv dilates its input, whose inserted zeros cost nothing)."""
-  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
-  rhs = eqn.invars[1].aval.shape
-  window = math.prod(rhs[d] for d in rhs_spec[1:])
-  dilation = math.prod(eqn.params["lhs_dilation"] or (1,))
-  return 2 * math.prod(eqn.outvars[0].aval.shape) * window // dilation
-
-
-def jaxpr_flops(jaxpr) -> int:
-  """Matmul and convolution FLOPs of a (closed) jaxpr over global shapes: the model-FLOPs count
-  of MFU, independent of the backend. Sub-jaxprs are walked (scan bodies times their length,
-  the largest branch of a cond, while bodies once)."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      total += _dot_general_flops(eqn)
-    elif name == "conv_general_dilated":
-      total += _conv_flops(eqn)
-    subs = [v for p in eqn.params.values() for v in (p if isinstance(p, (tuple, list)) else (p,))
-            if isinstance(v, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
-    if not subs:
-      continue
-    counts = [jaxpr_flops(sub) for sub in subs]
-    if name == "cond":
-      total += max(counts)
-    elif name == "scan":
-      total += sum(counts) * eqn.params["length"]
-    else:
-      total += sum(counts)
-  return total
-
-
-def _op_category(name: str) -> str:
-  """A coarse class of a device op or kernel name, to read a profile at a glance."""
-  n = name.lower()
-  if any(k in n for k in ("fmha", "flash", "attention", "softmax")):
-    return "attention"
-  if any(k in n for k in ("gemm", "cublas", "cutlass", "xmma", "nvjet", "dot", "matmul",
-                          "ynn_fusion")):
-    return "matmul"
-  if "conv" in n:
-    return "convolution"
-  if any(k in n for k in ("reduce", "all-reduce", "all-gather", "nccl", "collective")):
-    return "reduction/collective"
-  if any(k in n for k in ("copy", "memcpy", "memset", "transpose")):
-    return "copy/transpose"
-  if "fusion" in n or "loop" in n or "input" in n:
-    return "elementwise fusion"
-  return "other"
-
-
-# The memory-bound passes of the transformer steps, found in the compiled HLO by the source
-# path XLA keeps in each instruction's metadata (flax module names).
-PASSES = {"layernorm": r"/(?:norm\d*|fc_norm|decoder_norm)/",
-          "gelu": r"mlp\.activation",
-          # the visible tokens' gather and the decoder's unshuffle (model.gather=take)
-          "mae_gather": r"MaskedAutoencoder\.(?:encode_visible|decode)/jit\(take_along_axis\)"}
-_HLO_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s([a-z][a-z0-9\-]*)\(")
-_NOT_WORK = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "fusion",
-             "copy", "transpose", "custom-call", "dot", "convolution", "while", "call",
-             "conditional", "after-all", "partition-id", "replica-id"}
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8}
-
-
-def _hlo_computations(text: str) -> dict:
-  """{computation name: [(opcode, result type, line)]} of an optimised HLO module's text."""
-  computations, current = {}, None
-  for line in text.splitlines():
-    header = _HLO_HEADER.match(line)
-    if header:
-      current = header.group(1)
-      computations[current] = []
-    elif line.startswith("}"):
-      current = None
-    elif current is not None:
-      m = _HLO_INSTRUCTION.match(line)
-      if m:
-        computations[current].append((m.group(2), m.group(1), line))
-  return computations
-
-
-def _result_bytes(result_type: str) -> dict:
-  """{element type: bytes} of an HLO result type (arrays and tuples of them)."""
-  out = {}
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result_type):
-    if dtype in _BYTES:
-      n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-      out[dtype] = out.get(dtype, 0) + n * _BYTES[dtype]
-  return out
-
-
-def fusion_report(hlo_text: str) -> dict:
-  """Per memory-bound pass (PASSES): its instructions inside fusions and outside them (work
-  XLA left as a kernel of its own, re-reading memory), the fusions it is in, and the bytes
-  those fusions write by element type (bf16 activations show as bf16)."""
-  computations = _hlo_computations(hlo_text)
-  fused, reducers = {}, set()
-  for instructions in computations.values():
-    for opcode, result, line in instructions:
-      if opcode == "fusion":
-        for callee in re.findall(r"calls=%?([\w.\-]+)", line):
-          fused[callee] = result
-      reducers.update(re.findall(r"to_apply=%?([\w.\-]+)", line))
-  report = {}
-  for name, pattern in PASSES.items():
-    source = re.compile(r'op_name="[^"]*' + pattern)
-    entry = {"fused_ops": 0, "unfused_ops": 0, "fusions": 0, "fusion_output_bytes": {},
-             "unfused_by_op": {}, "unfused": []}
-    for computation, instructions in computations.items():
-      if computation in reducers:
-        continue
-      hits = [(op, line) for op, result, line in instructions if source.search(line)
-              and not re.fullmatch(r"[a-z]+\d*\[\]", result)]  # scalars: loop counters
-      if computation in fused:
-        entry["fused_ops"] += len(hits)
-        if hits:
-          entry["fusions"] += 1
-          for dtype, n in _result_bytes(fused[computation]).items():
-            entry["fusion_output_bytes"][dtype] = entry["fusion_output_bytes"].get(dtype, 0) + n
-      else:
-        work = [(op, line) for op, line in hits if op not in _NOT_WORK]
-        entry["unfused_ops"] += len(work)
-        for op, _ in work:
-          entry["unfused_by_op"][op] = entry["unfused_by_op"].get(op, 0) + 1
-        entry["unfused"] += [line.strip()[:200] for _, line in work[:3]]
-    entry["unfused"] = entry["unfused"][:5]
-    report[name] = entry
-  return report
-
-
-def profile_summary(trace_dir: str, steps: int, top: int = 25) -> dict:
-  """Device time per step by XLA op, from the xplane a `jax.profiler.trace` wrote.
-
-  Events that carry an `hlo_op` stat are the device's work (kernels on a GPU, thunks on a
-  CPU); they are summed per op and per category and divided by the traced steps."""
-  import glob
-
-  from jax._src.lib import _profile_data
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
-  if not paths:
-    return {}
-  data = _profile_data.ProfileData.from_file(paths[-1])
-  planes = [p for p in data.planes if p.name.startswith("/device:")] or list(data.planes)
-  by_op, by_kernel, by_category = {}, {}, {}
-  for plane in planes:
-    for line in plane.lines:
-      for event in line.events:
-        stats = dict(event.stats)
-        op = stats.get("hlo_op")
-        if not op or line.name.startswith("XLA"):  # XLA Modules/Ops lines repeat the kernels
-          continue
-        ms = event.duration_ns / 1e6 / steps
-        by_op[op] = by_op.get(op, 0.0) + ms
-        by_kernel[event.name] = by_kernel.get(event.name, 0.0) + ms
-        category = _op_category(event.name + " " + op)
-        by_category[category] = by_category.get(category, 0.0) + ms
-  total = sum(by_op.values())
-  ranked = lambda d: [{"name": k, "ms_per_step": v, "share": v / total if total else 0.0}
-                      for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-  return {"device_busy_ms_per_step": total, "trace": paths[-1],
-          "categories": ranked(by_category), "ops": ranked(by_op), "kernels": ranked(by_kernel)}
-
-
-def _profile(compiled, state, batch, workdir: str, steps: int = 3) -> dict:
-  trace_dir = os.path.join(workdir, "profile")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-  return profile_summary(trace_dir, steps)
-
-
 def _training(config, mesh):
   """(built training, a device-resident random batch, the compute dtype) for `model.name`."""
   size = config.data.image_size
@@ -287,7 +88,7 @@ def model_flops(config, mesh, state, batch) -> float:
   plain = config.copy_and_resolve_references()
   plain.model.remat = "none"
   t, _, _ = _training(plain, mesh)
-  return jaxpr_flops(t.train_step.trace(state, batch).jaxpr) / mesh.devices.size
+  return hlo_report.jaxpr_flops(t.train_step.trace(state, batch).jaxpr) / mesh.devices.size
 
 
 def fed_by_pipeline(config, compiled, state, mesh) -> dict:
@@ -327,15 +128,51 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
   n_dev = mesh.devices.size
   t, batch, dtype = _training(config, mesh)
   state = jax.jit(t.init_state, out_shardings=t.state_sharding)()
-  size = config.data.image_size
   batch = jax.device_put(batch, parallel.batch_sharded(mesh))
   t0 = time.perf_counter()
   traced = t.train_step.trace(state, batch)  # one trace serves the FLOP count and the compile
   compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
-  hardware_flops = jaxpr_flops(traced.jaxpr) / n_dev
+  hardware_flops = hlo_report.jaxpr_flops(traced.jaxpr) / n_dev
   flops_per_device = model_flops(config, mesh, state, batch) if _remat(config) else hardware_flops
+  state, metrics, times = timed_steps(compiled, state, batch, config)
+  step_s = float(np.median(times))
+  fed = fed_by_pipeline(config, compiled, state, mesh) if config.get("real_input") else {}
+  fusion = (hlo_report.fusion_report(compiled.as_text()) if config.model.name in ("mae", "vit")
+            else None)
+  peak = matmul_peak(dtype, config.matmul_size)
+  achieved = flops_per_device / step_s
+  kind = jax.devices()[0].device_kind
+  sheet = datasheet_peak(kind) if config.mixed_precision else None
+  memory = peak_memory_bytes()
+  if config.get("profile") and workdir:
+    summary = profiler.profile_steps(compiled, state, batch, workdir)
+    atomic.write_json(os.path.join(workdir, "profile_summary.json"), summary)
+    profiler.print_summary(summary, step_s)
+  per_image = n_dev / config.batch_size / 1e9  # per-device FLOPs -> GFLOPs per image
+  return {
+      "model": config.model.name, **model_description(config),
+      "image_size": config.data.image_size, "batch_size": config.batch_size,
+      "mixed_precision": bool(config.mixed_precision),
+      "num_devices": int(n_dev), "mesh": dict(mesh.shape), "device_kind": kind,
+      "compile_seconds": compile_s,
+      "step_time_median": step_s, "step_time_p10": float(np.percentile(times, 10)),
+      "step_time_p90": float(np.percentile(times, 90)),
+      "images_per_sec": config.batch_size / step_s,
+      "images_per_sec_per_device": config.batch_size / step_s / n_dev,
+      "gflops_per_image": flops_per_device * per_image,
+      "hardware_gflops_per_image": hardware_flops * per_image,
+      "xla_cost_gflops_per_image": hlo_report.xla_cost_flops(compiled) * per_image,
+      "matmul_peak_gflops_per_device": peak / 1e9,
+      "achieved_gflops_per_device": achieved / 1e9,
+      "mfu": achieved / peak, "mfu_datasheet": achieved / sheet if sheet else None,
+      "peak_memory_gib": None if memory is None else memory / 2**30,
+      "final_loss": float(metrics["loss"]), **fed, **({"fusion": fusion} if fusion else {}),
+  }
 
+
+def timed_steps(compiled, state, batch, config) -> tuple:
+  """(state, last metrics, seconds of each of `total_steps` synchronised steps after warm-up)."""
   for _ in range(config.warmup_steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
@@ -345,62 +182,21 @@ def benchmark_step(config, workdir: str | None = None) -> dict:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  step_s = float(np.median(times))
-  fed = fed_by_pipeline(config, compiled, state, mesh) if config.get("real_input") else {}
-  fusion = fusion_report(compiled.as_text()) if config.model.name in ("mae", "vit") else None
-  peak = matmul_peak(dtype, config.matmul_size)
-  achieved = flops_per_device / step_s
+  return state, metrics, times
+
+
+def model_description(config) -> dict:
+  """The benchmarked variant's fields in the result."""
   if config.model.name == "mae":
-    model = {"variant": config.model.variant, "gather": config.model.gather,
-             "decoder": [config.model.decoder_depth, config.model.decoder_width],
-             "remat": config.model.remat, "scan_blocks": bool(config.model.scan_blocks)}
-  elif config.model.name in SEGMENTERS:
-    model = {"variant": (f"{config.model.backbone} width {config.model.width}"
-                         if config.model.name == "deeplabv3plus"
-                         else f"depth {config.model.mrn_depth} width {config.model.width}")}
-  else:
-    model = {"variant": config.model.variant if config.model.name == "vit"
-             else f"width {config.model.width}", "pda": bool(config.pda.enabled)}
-  kind = jax.devices()[0].device_kind
-  sheet = datasheet_peak(kind) if config.mixed_precision else None
-  memory = peak_memory_bytes()
-  if config.get("profile") and workdir:
-    summary = _profile(compiled, state, batch, workdir)
-    with open(os.path.join(workdir, "profile_summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    _print_profile(summary, step_s)
-  return {
-      "model": config.model.name, **model, "image_size": size,
-      "batch_size": config.batch_size, "mixed_precision": bool(config.mixed_precision),
-      "num_devices": int(n_dev), "mesh": dict(mesh.shape), "device_kind": kind,
-      "compile_seconds": compile_s,
-      "step_time_median": step_s, "step_time_p10": float(np.percentile(times, 10)),
-      "step_time_p90": float(np.percentile(times, 90)),
-      "images_per_sec": config.batch_size / step_s,
-      "images_per_sec_per_device": config.batch_size / step_s / n_dev,
-      "gflops_per_image": flops_per_device * n_dev / config.batch_size / 1e9,
-      "hardware_gflops_per_image": hardware_flops * n_dev / config.batch_size / 1e9,
-      "xla_cost_gflops_per_image": xla_cost_flops(compiled) * n_dev / config.batch_size / 1e9,
-      "matmul_peak_gflops_per_device": peak / 1e9,
-      "achieved_gflops_per_device": achieved / 1e9,
-      "mfu": achieved / peak,
-      "mfu_datasheet": achieved / sheet if sheet else None,
-      "peak_memory_gib": None if memory is None else memory / 2**30,
-      "final_loss": float(metrics["loss"]),
-      **fed,
-      **({"fusion": fusion} if fusion else {}),
-  }
-
-
-def _print_profile(summary: dict, step_s: float) -> None:
-  if not summary or jax.process_index() != 0:
-    return
-  busy = summary["device_busy_ms_per_step"]
-  print(f"profile: device busy {busy:.2f} ms of a {step_s * 1e3:.2f} ms step")
-  for section in ("categories", "ops", "kernels"):
-    print(f"  top {section}:")
-    for row in summary[section][:15 if section != "categories" else None]:
-      print(f"    {row['ms_per_step']:8.3f} ms {100 * row['share']:5.1f}%  {row['name'][:110]}")
+    return {"variant": config.model.variant, "gather": config.model.gather,
+            "decoder": [config.model.decoder_depth, config.model.decoder_width],
+            "remat": config.model.remat, "scan_blocks": bool(config.model.scan_blocks)}
+  if config.model.name in SEGMENTERS:
+    return {"variant": (f"{config.model.backbone} width {config.model.width}"
+                        if config.model.name == "deeplabv3plus"
+                        else f"depth {config.model.mrn_depth} width {config.model.width}")}
+  return {"variant": config.model.variant if config.model.name == "vit"
+          else f"width {config.model.width}", "pda": bool(config.pda.enabled)}
 
 
 def benchmark_maps(config) -> dict:
@@ -435,7 +231,7 @@ def benchmark_maps(config) -> dict:
           "call_time_median": step_s, "call_time_p10": float(np.percentile(times, 10)),
           "call_time_p90": float(np.percentile(times, 90)),
           "maps_per_sec": config.batch_size * k / step_s,
-          "gflops_per_call": jaxpr_flops(traced.jaxpr) / 1e9}
+          "gflops_per_call": hlo_report.jaxpr_flops(traced.jaxpr) / 1e9}
 
 
 def run(config, workdir: str) -> dict:

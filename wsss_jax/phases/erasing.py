@@ -120,8 +120,8 @@ def validate(config) -> None:
                     f"method (cam, gradcam, gradcam++, xgradcam, layercam, hirescam)")
 
 
-def run(config, workdir: str) -> dict:
-  from wsss_jax.runner import run_phase
+def run(config, workdir: str, *, dispatch) -> dict:
+  """The rounds, each a classify run through `dispatch.run` (the runner's)."""
   validate(config)
   mesh = parallel.mesh_from_config(config)
   settings = settings_of(config)
@@ -137,7 +137,7 @@ def run(config, workdir: str) -> dict:
     if k == 0 and e.get("round0_workdir"):
       directory = os.path.abspath(os.path.expanduser(e.round0_workdir))  # trained already
     else:
-      run_phase(cls, directory)
+      dispatch.run(cls, directory)
     batch = parallel.eval_batch_size(cls.batch_size, mesh)
     score = train_score(directory, cls.data, batch, mesh)
     reference = score if reference is None else reference

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import numpy as np
 
-from wsss_jax import config_lib
+from wsss_jax import atomic, config_lib
 from wsss_jax.data import mask_files
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
+from wsss_jax.outputs import overlays
+from wsss_jax.train.checkpoint import Checkpointer
 from wsss_jax.train.writers import MetricWriter
 
 
-def _run(config, workdir: str) -> dict:
-  from wsss_jax.runner import run_phase  # as a single phase: writes config.json
-  return run_phase(config, workdir)
-
-
 def _classifier_step(classify_dir: str) -> int | None:
-  from wsss_jax.train.checkpoint import Checkpointer
   directory = os.path.join(classify_dir, "checkpoints")
   if not os.path.isdir(directory):
     return None
@@ -95,77 +92,107 @@ def validate(config) -> None:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
 
 
-def run(config, workdir: str) -> dict:
+class Dirs(NamedTuple):
+  """The phases' sub-directories of the pipeline's workdir."""
+  pretrain: str
+  classify: str
+  erasing: str
+  pseudo_masks: str
+  segment: str
+  segment_full: str
+  pseudo_masks_test: str
+
+  @classmethod
+  def under(cls, workdir: str) -> "Dirs":
+    return cls(*(os.path.join(workdir, name) for name in cls._fields))
+
+
+def run(config, workdir: str, *, dispatch) -> dict:
+  """Every phase in turn through `dispatch.run` (the runner's: each writes its config.json)."""
   validate(config)
-  dirs = {name: os.path.join(workdir, name) for name in
-          ("pretrain", "classify", "erasing", "pseudo_masks", "segment", "segment_full",
-           "pseudo_masks_test")}
+  dirs = Dirs.under(workdir)
   result = {"phase": "pipeline", "workdir": workdir}
   for section in ("pretrain", "classify", "erasing", "pseudo_masks", "segment"):
     with config[section].unlocked():
       config[section].seed, config[section].num_devices = config.seed, config.num_devices
-
-  if config.run_pretrain:
-    result["pretrain"] = _summary(_run(config.pretrain, dirs["pretrain"]))
-    config.classify.model.init_from = dirs["pretrain"]
-  elif config.get("pretrain_workdir"):  # a finished run: its summary, not a new run
-    config.classify.model.init_from = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
-    result["pretrain"] = {"workdir": config.classify.model.init_from,
-                          **_summary(_read_summary(config.classify.model.init_from))}
-  result["classify"] = _summary(_run(config.classify, dirs["classify"]))
-
+  run_classifier(config, dirs, result, dispatch)
   seg = config.segment
   with seg.unlocked():
-    seg.gate.classifier_workdir = dirs["classify"]
+    seg.gate.classifier_workdir = dirs.classify
     if seg.model.init_from:
-      seg.model.init_from = dirs["classify"]
+      seg.model.init_from = dirs.classify
     seg.data.num_train = config.classify.data.num_train  # the tiles that have pseudo masks
   erasing = None
-  if config.run_erasing and config.supervision == "pseudo":
-    result["erasing"] = _run(erasing_config(config, dirs["classify"]), dirs["erasing"])
-    config.pseudo_masks.erasing_workdir = dirs["erasing"]
-    erasing = {"workdir": os.path.abspath(dirs["erasing"]),
-               "rounds": len(result["erasing"]["rounds"])}
   if config.supervision == "pseudo":
-    config.pseudo_masks.classifier_workdir = dirs["classify"]
-    done = pseudo_masks_done(dirs["pseudo_masks"], dirs["classify"],
-                             config.classify.data.num_train, erasing)
-    if done is not None:
-      print(f"pseudo masks in {dirs['pseudo_masks']} are current; not recomputed", flush=True)
-    result["pseudo_masks"] = done or _run(config.pseudo_masks, dirs["pseudo_masks"])
-    seg.data.masks_dir = os.path.join(dirs["pseudo_masks"], "masks")
-    layer = segment_layer(config.get("segment_layer", ""), result["pseudo_masks"])
-    if layer:
-      seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
-  result["segment"] = _run(seg, dirs["segment"])
-  if config.supervision == "pseudo":  # the test tiles' own pseudo masks: scores and overlays
-    test_pm = config.pseudo_masks.copy_and_resolve_references()
-    test_pm.split, test_pm.data.num_test = seg.test_split, seg.data.num_test
-    result["pseudo_masks_test"] = (
-        pseudo_masks_done(dirs["pseudo_masks_test"], dirs["classify"], seg.data.num_test,
-                          erasing)
-        or _run(test_pm, dirs["pseudo_masks_test"]))
-    if parallel.is_main_process():
-      save_overlays(workdir, dirs, seg.data.mask_layers[-1],
-                    result["pseudo_masks_test"].get("palette") or "luad", seg.data.num_classes,
-                    result["pseudo_masks_test"])
+    erasing = run_pseudo_masks(config, dirs, result, dispatch)
+  result["segment"] = dispatch.run(seg, dirs.segment)
+  if config.supervision == "pseudo":
+    run_test_pseudo_masks(config, dirs, result, erasing, workdir, dispatch)
   if config.upper_bound and config.supervision == "pseudo":
     full = seg.copy_and_resolve_references()
     full.supervision = "full"
-    result["segment_full"] = _run(full, dirs["segment_full"])
-
+    result["segment_full"] = dispatch.run(full, dirs.segment_full)
   result["class_names"] = list(seg.data.class_names)
   result["setting"] = result["segment"].get("setting", "tissue")
   result["test_split"] = seg.test_split
   text = table(result)
   print(text, flush=True)
   if parallel.is_main_process():
-    with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
-      f.write(text)
+    atomic.write_text(os.path.join(workdir, "table.md"), text)
   writer = MetricWriter(workdir, parallel.is_main_process())
   writer.summary(result)
   writer.close()
   return result
+
+
+def run_classifier(config, dirs: Dirs, result: dict, dispatch) -> None:
+  """[pretrain ->] classify; a finished pretrain run named by pretrain_workdir is only read."""
+  if config.run_pretrain:
+    result["pretrain"] = _summary(dispatch.run(config.pretrain, dirs.pretrain))
+    config.classify.model.init_from = dirs.pretrain
+  elif config.get("pretrain_workdir"):  # a finished run: its summary, not a new run
+    config.classify.model.init_from = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
+    result["pretrain"] = {"workdir": config.classify.model.init_from,
+                          **_summary(_read_summary(config.classify.model.init_from))}
+  result["classify"] = _summary(dispatch.run(config.classify, dirs.classify))
+
+
+def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
+  """[erasing ->] the training tiles' pseudo masks (kept when current); points the segment
+  section at them and its layer. Returns the erasing record the summaries compare."""
+  erasing = None
+  if config.run_erasing:
+    result["erasing"] = dispatch.run(erasing_config(config, dirs.classify), dirs.erasing)
+    config.pseudo_masks.erasing_workdir = dirs.erasing
+    erasing = {"workdir": os.path.abspath(dirs.erasing),
+               "rounds": len(result["erasing"]["rounds"])}
+  config.pseudo_masks.classifier_workdir = dirs.classify
+  done = pseudo_masks_done(dirs.pseudo_masks, dirs.classify, config.classify.data.num_train,
+                           erasing)
+  if done is not None:
+    print(f"pseudo masks in {dirs.pseudo_masks} are current; not recomputed", flush=True)
+  result["pseudo_masks"] = done or dispatch.run(config.pseudo_masks, dirs.pseudo_masks)
+  seg = config.segment
+  seg.data.masks_dir = os.path.join(dirs.pseudo_masks, "masks")
+  layer = segment_layer(config.get("segment_layer", ""), result["pseudo_masks"])
+  if layer:
+    seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
+  return erasing
+
+
+def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: str,
+                          dispatch) -> None:
+  """The test tiles' own pseudo masks: their scores, and overlays.png beside the segmenter."""
+  seg = config.segment
+  test_pm = config.pseudo_masks.copy_and_resolve_references()
+  test_pm.split, test_pm.data.num_test = seg.test_split, seg.data.num_test
+  result["pseudo_masks_test"] = (
+      pseudo_masks_done(dirs.pseudo_masks_test, dirs.classify, seg.data.num_test, erasing)
+      or dispatch.run(test_pm, dirs.pseudo_masks_test))
+  if parallel.is_main_process():
+    save_overlays(workdir, dirs, seg.data.mask_layers[-1],
+                  result["pseudo_masks_test"].get("palette") or "luad", seg.data.num_classes,
+                  result["pseudo_masks_test"])
 
 
 def segment_layer(choice: str, pm_summary: dict) -> str | None:
@@ -199,12 +226,11 @@ def erasing_config(config, classify_dir: str):
   return er
 
 
-def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
+def save_overlays(workdir: str, dirs: Dirs, layer: str, palette_name: str,
                   num_classes: int, pm_summary: dict) -> None:
   """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
   the segment phase kept, blended over the image, with a legend."""
-  from wsss_jax.outputs import overlays
-  path = os.path.join(dirs["segment"], "overlays", "test.npz")
+  path = os.path.join(dirs.segment, "overlays", "test.npz")
   if not os.path.exists(path):
     return
   shown = np.load(path)
@@ -212,7 +238,7 @@ def save_overlays(workdir: str, dirs: dict, layer: str, palette_name: str,
   items = []
   for image, truth, pred, name in zip(shown["image"], shown["truth"], shown["prediction"],
                                       shown["name"]):
-    pm = mask_files.read_mask(os.path.join(dirs["pseudo_masks_test"], "masks", layer,
+    pm = mask_files.read_mask(os.path.join(dirs.pseudo_masks_test, "masks", layer,
                                       mask_files.file_stem(str(name)) + ".png"), truth.shape,
                          num_classes)
     items.append((image, truth, {f"pseudo mask {layer}": pm, "segmenter": pred}))

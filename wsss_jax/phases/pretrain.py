@@ -29,11 +29,10 @@ EVALUATION_RUNS = {"both": ("linear_probe", "finetune"), "probe": ("linear_probe
                    "finetune": ("finetune",), "none": ()}
 
 
-def evaluate_representation(config, workdir: str) -> dict:
+def evaluate_representation(config, workdir: str, dispatch) -> dict:
   """The end-of-run check of the encoder: each classify run of `config.evaluation.runs` starts
   from this workdir (its own workdir: <workdir>/eval/<name>; resumed, so a finished one only
-  re-validates) and reports its validation scores."""
-  from wsss_jax.runner import run_phase
+  re-validates) and reports its validation scores. `dispatch`: the runner's (run, validate)."""
   results = {}
   for name in EVALUATION_RUNS[config.evaluation.runs]:
     cls = config.evaluation[name].copy_and_resolve_references()
@@ -46,14 +45,14 @@ def evaluate_representation(config, workdir: str) -> dict:
         cls.data.normalize = config.data.normalize
       cls.model.init_from, cls.seed = workdir, config.seed
       cls.num_devices, cls.parallel = config.num_devices, config.parallel
-    summary = run_phase(cls, os.path.join(workdir, "eval", name))
+    summary = dispatch.run(cls, os.path.join(workdir, "eval", name))
     results[name] = {k[len("val/"):]: v for k, v in summary.items()
                      if k in ("val/mAP", "val/mean_f1", "val/exact_match")}
     results[name]["steps"] = summary["steps"]
   return results
 
 
-def validate(config) -> None:
+def validate(config, dispatch=None) -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be a positive integer")
@@ -77,19 +76,22 @@ def validate(config) -> None:
   if evaluation and evaluation.runs not in EVALUATION_RUNS:
     raise UserError(f"evaluation.runs={evaluation.runs!r} is not one of "
                     f"{tuple(EVALUATION_RUNS)}")
-  if evaluation:  # fail before pretraining, not after it
-    from wsss_jax.runner import validate_phase
-    for name in EVALUATION_RUNS[evaluation.runs]:
-      validate_phase(evaluation[name])
+  runs = EVALUATION_RUNS[evaluation.runs] if evaluation else ()
+  if runs and dispatch is None:
+    raise ValueError("pretrain's evaluation runs classify runs: run it through "
+                     "wsss_jax.runner.run_phase, or with dispatch=runner.DISPATCH")
+  for name in runs:  # fail before pretraining, not after it
+    dispatch.validate(evaluation[name])
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     raise UserError(f"data.crop_scale={tuple(config.data.crop_scale)} must satisfy "
                     f"0 < low <= high <= 1")
 
 
-def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
-  """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
-  validate(config)
+def run(config, workdir: str, *, step_callback: Callable | None = None, dispatch=None) -> dict:
+  """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`;
+  `dispatch` (the runner's run / validate) runs the evaluation's classify runs."""
+  validate(config, dispatch)
   mesh = parallel.mesh_from_config(config)
   t = build_training(config, mesh)
   initialize = None
@@ -120,7 +122,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None) -> dict:
   summary, writer = fitted.summary, fitted.run.writer
   writer.summary(summary)  # written before the evaluation runs, and again with them
   if config.get("evaluation") and config.evaluation.runs != "none":
-    summary["evaluation"] = evaluate_representation(config, workdir)
+    summary["evaluation"] = evaluate_representation(config, workdir, dispatch)
   writer.summary(summary)
   writer.close()
   return summary

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from wsss_jax import atomic
 from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -32,8 +33,8 @@ def save_overlays(directory: str, shown, figure) -> None:
   overlays.save(os.path.join(directory, "test.png"), figure)
   arrays = {k: np.stack([row[i] for row in shown]) for i, k in enumerate(
       ("image", "truth", "prediction", "labels", "name"))}
-  np.savez_compressed(os.path.join(directory, "test.tmp.npz"), **arrays)
-  os.replace(os.path.join(directory, "test.tmp.npz"), os.path.join(directory, "test.npz"))
+  with atomic.replacing(os.path.join(directory, "test.npz")) as tmp:
+    np.savez_compressed(tmp, **arrays)
 
 
 # --- The run ---------------------------------------------------------------------------------------------
@@ -59,6 +60,40 @@ def validate(config) -> None:
   pipeline.check_dataset_name(config.data.name)
 
 
+class BestCheckpoint:
+  """best/: the step of the highest validation mIoU, kept beside the periodic checkpoints. Opened
+  at the first validation, once the run has been accepted (a refused run writes nothing)."""
+
+  def __init__(self, workdir: str, seg: Segmentation, config, mesh, meta: dict):
+    self.workdir, self.seg, self.config, self.mesh, self.meta = workdir, seg, config, mesh, meta
+    self.eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
+    self._checkpointer = None
+
+  def checkpointer(self) -> Checkpointer:
+    if self._checkpointer is None:
+      self._checkpointer = Checkpointer(os.path.join(self.workdir, "best"), max_to_keep=1,
+                                        async_save=False, best_metric="mIoU")
+    return self._checkpointer
+
+  def validation(self, step, state) -> dict:
+    """loop.fit's validation hook: val scores every eval_every steps and at the end."""
+    if step % self.eval_every and step != self.seg.total_steps:
+      return {}
+    scores = evaluate(self.seg, state, self.config, self.mesh, "val")[0]["off"]
+    self.checkpointer().save(step, state, {}, self.meta, metrics={"mIoU": scores["mIoU"]})
+    return {f"val/{k}": v for k, v in scores.items()}
+
+  def restore(self, state) -> tuple:
+    """(best step, the state at it)."""
+    if self.checkpointer().best_step() is None:  # resumed at the end before any validation
+      self.validation(self.seg.total_steps, state)
+    best = self.checkpointer()
+    step = best.best_step()
+    fields, _ = best.restore_fields(step, parallel.replicated(self.mesh))
+    best.close()
+    return step, state.replace(**fields)
+
+
 def run(config, workdir: str) -> dict:
   validate(config)
   if config.supervision == "full":
@@ -75,52 +110,35 @@ def run(config, workdir: str) -> dict:
         s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
       f"mask_{layer}" for layer in config.data.mask_layers)
-  eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
-  kept = []  # best/: opened at the first validation, once the run has been accepted
-
-  def best_checkpoints() -> Checkpointer:
-    if not kept:
-      kept.append(Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False,
-                               best_metric="mIoU"))
-    return kept[0]
-
-  def validation(step, state):
-    if step % eval_every and step != seg.total_steps:
-      return {}
-    scores = evaluate(seg, state, config, mesh, "val")[0]["off"]
-    best_checkpoints().save(step, state, {}, meta, metrics={"mIoU": scores["mIoU"]})
-    return {f"val/{k}": v for k, v in scores.items()}
-
+  best = BestCheckpoint(workdir, seg, config, mesh, meta)
   fitted = loop.fit("segment", config, workdir, seg, meta, mesh, total_steps=seg.total_steps,
                     keys=keys, initialize=initialize, eval_splits=("val", config.test_split),
-                    validation=validation)
-  job, state = fitted.run, fitted.state
-  best = best_checkpoints()
-  if best.best_step() is None:  # resumed at the end before any validation was kept
-    validation(seg.total_steps, state)
-  best_step = best.best_step()
-  fields, _ = best.restore_fields(best_step, parallel.replicated(mesh))
-  best.close()
-  best_state = state.replace(**fields)
+                    validation=best.validation)
+  best_step, best_state = best.restore(fitted.state)
   test, shown = evaluate(seg, best_state, config, mesh, config.test_split, classifier,
                          config.overlays)
-  palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
-                                config.data.num_classes + 1)
-  if parallel.is_main_process() and shown:
-    names = tuple(config.data.class_names) + ("background",)
-    figure = overlay_figure(shown, palette, names, f"segmenter {config.model.name} "
-                            f"({config.supervision} supervision), {config.test_split} split")
-    save_overlays(os.path.join(workdir, "overlays"), shown, figure)
-    job.writer.image("segment/test", best_step, figure)
+  report_test(config, workdir, shown, best_step, fitted.run.writer)
   summary = fitted.summary | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config), "loss": loss_kind(config),
-      "steps_per_epoch": seg.steps_per_epoch,
-      "scoring": scoring(config),
+      "steps_per_epoch": seg.steps_per_epoch, "scoring": scoring(config),
       "test_split": config.test_split, "test": test}
   for mode, s in test.items():
     print(f"test ({mode} gate): mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
           f"accuracy {s['accuracy']:.3f}", flush=True)
-  job.writer.summary(summary)
-  job.writer.close()
+  fitted.run.writer.summary(summary)
+  fitted.run.writer.close()
   return summary
+
+
+def report_test(config, workdir: str, shown: list, step: int, writer) -> None:
+  """overlays/test.png and test.npz of the first test tiles, the figure in TensorBoard too."""
+  if not (parallel.is_main_process() and shown):
+    return
+  palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
+                                     config.data.num_classes + 1)
+  names = tuple(config.data.class_names) + ("background",)
+  figure = overlay_figure(shown, palette, names, f"segmenter {config.model.name} "
+                          f"({config.supervision} supervision), {config.test_split} split")
+  save_overlays(os.path.join(workdir, "overlays"), shown, figure)
+  writer.image("segment/test", step, figure)

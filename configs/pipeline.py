@@ -70,11 +70,8 @@ def get_config(arg=None):
   config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none" + data_arg)  # the pipeline's
   # own classifier is the evaluation
   backbone = "vit" if vit else "resnet38"
-  # PDA off and 12 epochs: on the embedded data the from-scratch 1/8-width ResNet38 with PDA
-  # (paper schedule) can collapse once the attention starts (loss stuck at ln 2), and without it
-  # reaches val mAP 0.97 and pseudo masks of mIoU 0.63 (BENCHMARKS.md).
-  # SEAM's equivariance loss and the dense CRF are on unless paper=True (the authors' method
-  # alone): on the embedded data they took the segmenter from 0.776 to 0.805 mIoU (BENCHMARKS.md)
+  # PDA off and 12 epochs (the from-scratch ResNet38 with PDA can collapse: BENCHMARKS.md);
+  # SEAM's equivariance loss and the dense CRF on unless paper=True (the authors' method alone)
   seam = not (arg.paper or vit)  # class maps of a CNN only
   config.classify = config_lib.sibling_config(
       __file__, "classify", f"backbone={backbone},pda=off,epochs=12,seam={seam}"
@@ -85,23 +82,30 @@ def get_config(arg=None):
   del config.erasing.classify  # its rounds train the classify section's classifier
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks",
                                                   f"crf={not arg.paper}" + data_arg)
-  config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps: mIoU 0.68 vs 0.61 (bn7, BENCHMARKS.md)
+  config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps (BENCHMARKS.md)
   config.segment = config_lib.sibling_config(  # its backbone starts from the classifier's
       __file__, "segment", f"supervision={arg.supervision}"
       + (f",width={cnn_width}" if cnn_width else "") + data_arg)
-  finding = config.classify.data.setting == "finding"
-  if finding:  # the map threshold, alpha chosen on the validation masks (else the negatives)
+  _finding_recipe(config)
+  _mask_layers(config, arg.paper, vit)
+  return config
+
+
+def _finding_recipe(config) -> None:
+  """Findings against a background: alpha chosen on the validation masks (else the negatives),
+  and the CRF kept per layer only where those masks show it helps (speckle and shadows can
+  pull it off a finding)."""
+  if config.classify.data.setting == "finding":
     config.pseudo_masks.background.alpha = "auto"
-    # speckle and shadows can pull the CRF off a finding: keep it per layer only where the
-    # val masks show it helps
     config.pseudo_masks.crf.validate = True
-  # "auto": where the pseudo-mask phase swept alpha on validation masks, the segmenter learns
-  # from the layer that scored best there; otherwise (and with a layer name) from
-  # segment.data.mask_layers as set below. "": always the section's layers.
-  config.segment_layer = "" if arg.paper else "auto"
-  if not arg.paper:  # the segmenter learns from the layer whose pseudo masks of the training
-    # tiles score best (with SEAM and CRF: b4_5 0.814, b5_2 0.738, bn7 0.759; BENCHMARKS.md), not
-    # from the paper's 0.2/0.2/0.6 mix of the three (segmenter 0.776 against 0.805)
+
+
+def _mask_layers(config, paper: bool, vit: bool) -> None:
+  """The layer(s) the segmenter learns from. "auto": where the pseudo-mask phase swept alpha on
+  validation masks, the layer that scored best there, else segment.data.mask_layers as set
+  here; "": always the section's layers (the paper's 0.2/0.2/0.6 mix of three)."""
+  config.segment_layer = "" if paper else "auto"
+  if not paper:  # one layer, b4_5 (BENCHMARKS.md, "Pseudo-mask layers")
     config.segment.data.mask_layers = ("b4_5",)
     config.segment.loss_weights = (1.0,)
   if vit:  # a ViT's maps come from one token layer at its own input size (fixed
@@ -110,4 +114,3 @@ def get_config(arg=None):
     config.segment.data.mask_layers = ("norm1",)
     config.segment.loss_weights = (1.0,)
     config.segment.model.init_from = ""
-  return config

@@ -90,7 +90,7 @@ def test_phase_writes_one_mask_per_tile_and_layer_and_scores_them(tiny_classifie
   assert "| b5_2 |" in open(tmp_path / "table.md").read()
   for layer in ("b4_5", "b5_2", "bn7"):
     files = sorted(glob.glob(str(tmp_path / "masks" / layer / "*.png")))
-    assert len(files) == 32 and not glob.glob(str(tmp_path / "masks" / layer / "*.tmp"))
+    assert len(files) == 32 and not glob.glob(str(tmp_path / "masks" / layer / "*.tmp*"))
     preds, truths = [], []
     for i in range(32):
       image, truth, labels = synthetic.generate_tile(0, "train", i, 48)

@@ -4,12 +4,12 @@ and is renamed, so no reader sees half a file; every read is checked (size, inde
 bad file is one error naming it."""
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 from PIL import Image
 
+from wsss_jax import atomic
 from wsss_jax.errors import UserError
 
 # Mask palettes of the public releases, index 4 = background (white). `finding`: up to four
@@ -39,9 +39,8 @@ def write_mask(path: str, mask: np.ndarray, palette: list) -> None:
   """An indexed PNG, written to a temporary name and renamed (never half-written)."""
   image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
   image.putpalette(palette)
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    image.save(tmp, format="PNG")
 
 
 def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
@@ -67,9 +66,8 @@ def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
 
 def write_binary(path: str, region: np.ndarray) -> None:
   """A greyscale PNG, 255 inside `region` (bool), written then renamed."""
-  tmp = path + ".tmp"
-  Image.fromarray(np.asarray(region, np.uint8) * 255, mode="L").save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    Image.fromarray(np.asarray(region, np.uint8) * 255, mode="L").save(tmp, format="PNG")
 
 
 def read_binary(path: str, size: tuple[int, int]) -> np.ndarray:

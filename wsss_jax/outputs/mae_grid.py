@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from wsss_jax import atomic
 from wsss_jax.models.mae import patchify, unpatchify
 
 
@@ -31,7 +32,6 @@ def save_grid(panels, path: str) -> np.ndarray:
   columns = [np.concatenate(list(np.asarray(p)), axis=0) for p in panels]
   grid = (np.concatenate(columns, axis=1) * 255).round().astype(np.uint8)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(grid).save(tmp)
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    Image.fromarray(grid).save(tmp)
   return grid

@@ -17,6 +17,9 @@ import os
 import zlib
 
 import numpy as np
+import tifffile
+
+from wsss_jax import atomic
 
 
 def pyramid_factors(height: int, width: int, tile: int) -> list[int]:
@@ -124,21 +127,19 @@ class MaskPyramid:
 
   def close(self, path: str) -> None:
     """Writes the TIFF to `path` (through a temporary name) once every row has arrived."""
-    import tifffile
     if self.rows != self.height:
       raise ValueError(f"{self.rows} of {self.height} rows arrived")
     for level in self.levels:
       if level.filled:
         self._encode_band(level)
-    tmp = path + ".tmp.tif"
     options = dict(tile=(self.tile, self.tile), dtype=np.uint8, photometric="palette",
                    colormap=palette_colourmap(self.palette), compression="zlib")
-    with tifffile.TiffWriter(tmp, bigtiff=self.height * self.width > 2**31) as tif:
+    with atomic.replacing(path) as tmp, \
+         tifffile.TiffWriter(tmp, bigtiff=self.height * self.width > 2**31) as tif:
       base, *smaller = self.levels
       tif.write(self._encoded(base), shape=base.shape, subifds=len(smaller), **options)
       for level in smaller:
         tif.write(self._encoded(level), shape=level.shape, subfiletype=1, **options)
-    os.replace(tmp, path)
     self.discard()
 
   def discard(self) -> None:

@@ -7,6 +7,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from wsss_jax import atomic
+
 MIN_SIDE = 192     # small tiles are enlarged (nearest) to at least this many pixels
 ALPHA = 0.45       # mask opacity over the image
 HEADER, GAP = 22, 6
@@ -98,5 +100,5 @@ def save(path: str, figure: np.ndarray) -> None:
   """A PNG written to a temporary name and renamed (zlib level 3: as small as the default level
   6 on these figures, in half the time)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(figure).save(path + ".tmp.png", format="PNG", compress_level=3)
-  os.replace(path + ".tmp.png", path)
+  with atomic.replacing(path) as tmp:
+    Image.fromarray(figure).save(tmp, format="PNG", compress_level=3)

@@ -17,7 +17,6 @@ it is scored, not trained again, and there is no round_0/.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from wsss_jax import relevance
+from wsss_jax import atomic
 from wsss_jax.data import mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -160,9 +160,6 @@ def run(config, workdir: str, *, dispatch) -> dict:
       break
   plan = {"rounds": accepted, **settings, "report": report, "stopped": stop}
   if parallel.is_main_process():
-    path = os.path.join(workdir, "erasing.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(plan, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(os.path.join(workdir, "erasing.json"), plan)
   print(f"erasing: {len(accepted)} round(s) used; {stop}", flush=True)
   return {"phase": "erasing", **plan}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from wsss_jax import atomic
 from wsss_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -38,8 +39,6 @@ def write_config(config, workdir: str) -> None:
     return
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, config.to_json_best_effort(indent=2))
   except OSError as e:
     raise UserError(f"{path} cannot be written: {e.strerror}") from None

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from wsss_jax import atomic
+
 
 def _plain(value):
   """numpy / jax scalars -> Python numbers for JSON."""
@@ -30,9 +32,7 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     rows = [line for line in f if line.strip()]
   kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
   if len(kept) != len(rows):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "".join(kept))
 
 
 def _summary_writer(logdir: str):
@@ -94,10 +94,7 @@ class MetricWriter:
   def summary(self, summary: dict) -> None:
     if self.enabled:
       path = os.path.join(self.workdir, "summary.json")
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({k: _plain(v) for k, v in summary.items()}, f, indent=2)
-      os.replace(tmp, path)  # atomic: never a half-written summary
+      atomic.write_json(path, {k: _plain(v) for k, v in summary.items()})
 
   def close(self) -> None:
     if self.enabled:

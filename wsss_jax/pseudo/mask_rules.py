@@ -1,4 +1,4 @@
-"""Pseudo masks from relevance maps: the multi-layer pseudo-supervision rule and the background rules.
+"""Pseudo masks from relevance maps: the multi-layer rule and the background rules.
 
 The multi-layer pseudo-supervision rule (Han et al. 2022): the maps of one layer, jointly min-max
 normalised over classes, are resized to the tile, the classes absent from the tile's label vector

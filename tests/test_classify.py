@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import load_config
 
-from wsss_jax import metrics
+from wsss_jax import metrics, runner
 from wsss_jax.data import pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -131,7 +131,7 @@ def test_classifier_learns_the_embedded_dataset(tmp_path):
 def test_vit_starts_from_the_mae_encoder(tiny_pretrain_config, tmp_path):
   mae_dir = str(tmp_path / "mae")
   tiny_pretrain_config.total_steps = 3
-  pretrain.run(tiny_pretrain_config, mae_dir)
+  pretrain.run(tiny_pretrain_config, mae_dir, dispatch=runner.DISPATCH)
   mae = pretrain.build_training(tiny_pretrain_config, parallel.make_mesh(1))
   from wsss_jax.train.checkpoint import Checkpointer
   ck = Checkpointer(os.path.join(mae_dir, "checkpoints"))

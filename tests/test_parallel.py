@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from wsss_jax import runner
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
@@ -81,7 +82,7 @@ def test_fsdp_training_equals_data_parallel_training(tiny_pretrain_config, tmp_p
     config.total_steps, config.checkpoint_every, config.num_devices = 3, 3, 4
     config.parallel.data, config.parallel.fsdp, config.parallel.fsdp_min_size = data, fsdp, 1024
     states = []
-    pretrain.run(config, str(tmp_path / name), step_callback=lambda step, s: states.append(s))
+    pretrain.run(config, str(tmp_path / name), step_callback=lambda step, s: states.append(s), dispatch=runner.DISPATCH)
     runs[name] = (config, states[-1], [l["loss"] for l in map(
         __import__("json").loads, open(tmp_path / name / "metrics.jsonl"))])
   (_, dp_state, dp_losses), (config, fsdp_state, fsdp_losses) = runs["dp"], runs["fsdp"]
@@ -168,7 +169,7 @@ def test_chained_pretraining_copies_the_encoder_across_layouts(tiny_pretrain_con
   from wsss_jax.models.vit import stack_blocks, unstack_blocks
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.total_steps = 3
-  pretrain.run(config, str(tmp_path / "a"))
+  pretrain.run(config, str(tmp_path / "a"), dispatch=runner.DISPATCH)
   a = jax.device_get(_restored_params(config, str(tmp_path / "a")))
   chained = config.copy_and_resolve_references()
   chained.model.scan_blocks, chained.model.decoder_width = True, 64

@@ -9,10 +9,10 @@ import pytest
 from conftest import load_config, tiny_pipeline_config
 from PIL import Image
 
+from wsss_jax import runner
 from wsss_jax.data import mask_files, pipeline as data_pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pipeline
-from wsss_jax import runner
 from wsss_jax.runner import run_phase
 
 

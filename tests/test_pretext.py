@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wsss_jax import runner
 from wsss_jax.errors import UserError
 from wsss_jax.models import pretext
 from wsss_jax.phases import pretrain
@@ -138,7 +139,7 @@ def test_rotation_run_learns_and_initialises_a_classifier(tiny_pretrain_config, 
   config.data.crop_scale = (0.5, 1.0)
   config.optim.base_lr = 0.05  # 1.6e-3 at batch 8 (the lr scales with batch / 256)
   config.total_steps, config.checkpoint_every, config.log_every = 60, 60, 1
-  summary = pretrain.run(config, str(tmp_path / "pre"))
+  summary = pretrain.run(config, str(tmp_path / "pre"), dispatch=runner.DISPATCH)
   rows = [json.loads(line) for line in open(tmp_path / "pre" / "metrics.jsonl")]
   chance = np.log(4)
   assert rows[0]["loss"] == pytest.approx(chance, rel=0.1)
@@ -158,7 +159,7 @@ def test_jigsaw_run_starts_at_chance_and_initialises_a_classifier(tiny_pretrain_
   config.objective = "jigsaw"
   config.jigsaw.grid, config.jigsaw.permutations = 2, 24
   config.total_steps, config.checkpoint_every, config.log_every = 4, 4, 1
-  summary = pretrain.run(config, str(tmp_path / "pre"))
+  summary = pretrain.run(config, str(tmp_path / "pre"), dispatch=runner.DISPATCH)
   rows = [json.loads(line) for line in open(tmp_path / "pre" / "metrics.jsonl")]
   assert rows[0]["loss"] == pytest.approx(np.log(24), rel=0.1)
   assert np.isfinite(summary["final_loss"]) and 0 <= rows[-1]["pretext_accuracy"] <= 1
@@ -174,7 +175,7 @@ def test_exemplar_run_tells_instances_apart_and_initialises_a_classifier(tiny_pr
   config.objective = "exemplar"
   config.total_steps, config.checkpoint_every, config.log_every = 30, 30, 1
   config.exemplar.update(crop_min=0.5, blur_p=0.0, colour_strength=0.3)
-  pretrain.run(config, str(tmp_path / "pre"))
+  pretrain.run(config, str(tmp_path / "pre"), dispatch=runner.DISPATCH)
   rows = [json.loads(line) for line in open(tmp_path / "pre" / "metrics.jsonl")][-15:]
   chance = 1 / (2 * config.batch_size - 1)
   assert np.mean([r["instance_accuracy"] for r in rows]) > 2.5 * chance
@@ -201,30 +202,30 @@ def test_bad_pretext_settings_are_refused(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.objective, config.jigsaw.grid = "jigsaw", 3  # 32 px does not split into 3 tiles
   with pytest.raises(UserError, match="jigsaw.grid=3 must be >= 2 and divide data.image_size=32"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.objective, config.exemplar.temperature = "exemplar", 0.0
   with pytest.raises(UserError, match="exemplar.temperature=0.0 must be positive"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.exemplar.temperature, config.exemplar.blur_p = 0.1, 1.5
   with pytest.raises(UserError, match=r"exemplar.blur_p=1.5 must lie in \[0, 1\]"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.objective, config.evaluation.runs = "mae", "always"
   with pytest.raises(UserError, match="evaluation.runs='always' is not one of"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.evaluation.runs = "probe"  # the probe's config is checked before pretraining starts
   config.evaluation.linear_probe.data.class_names = ("TE", "NEC")
   with pytest.raises(UserError, match="data.class_names has 2 names but data.num_classes=4"):
-    pretrain.run(config, str(tmp_path / "never"))
+    pretrain.run(config, str(tmp_path / "never"), dispatch=runner.DISPATCH)
   assert not (tmp_path / "never" / "checkpoints").exists()
   config.objective = "colorization"
   with pytest.raises(UserError, match="objective='colorization' is not one of"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.objective, config.model.encoder = "mae", "resnet38"
   with pytest.raises(UserError, match="model.encoder='resnet38': MAE pretrains a ViT"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   config.model.encoder = "vgg16"
   with pytest.raises(UserError, match="model.encoder='vgg16' is not one of"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
 
 
 def test_context_free_network_sees_each_tile_alone():
@@ -272,7 +273,7 @@ def test_resnet_pretext_run_initialises_a_resnet_classifier(tiny_pretrain_config
                   "epochs=1,num_train=16")
   probe.data.num_val, probe.data.tile_size, probe.data.num_threads = 8, 48, 1
   workdir = tmp_path / "pre"
-  summary = pretrain.run(config, str(workdir))
+  summary = pretrain.run(config, str(workdir), dispatch=runner.DISPATCH)
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert rows[0]["loss"] == pytest.approx(np.log(24), rel=0.1)  # a fresh head: chance
   assert np.isfinite(summary["final_loss"])

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from wsss_jax import runner
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pretrain
@@ -60,7 +61,7 @@ def test_sharded_training_equals_single_device_training(tiny_pretrain_config, tm
     config.num_devices = n
     config.total_steps = 3
     config.checkpoint_every = 3
-    summary = pretrain.run(config, str(tmp_path / f"d{n}"))
+    summary = pretrain.run(config, str(tmp_path / f"d{n}"), dispatch=runner.DISPATCH)
     assert summary["num_devices"] == n
     results[n] = _params(str(tmp_path / f"d{n}"), 3, config)
     losses[n] = [json.loads(l)["loss"] for l in open(tmp_path / f"d{n}" / "metrics.jsonl")]
@@ -77,16 +78,16 @@ class _Killed(Exception):
 
 def test_kill_and_resume_matches_uninterrupted_run(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config
-  pretrain.run(config, str(tmp_path / "straight"))
+  pretrain.run(config, str(tmp_path / "straight"), dispatch=runner.DISPATCH)
 
   def die_after_step_4(step, state):
     if step == 4:  # checkpoint 3 is on disk, step 4 is lost
       raise _Killed()
 
   with pytest.raises(_Killed):
-    pretrain.run(config, str(tmp_path / "resumed"), step_callback=die_after_step_4)
+    pretrain.run(config, str(tmp_path / "resumed"), step_callback=die_after_step_4, dispatch=runner.DISPATCH)
   assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).all_steps() == [3]
-  summary = pretrain.run(config, str(tmp_path / "resumed"))
+  summary = pretrain.run(config, str(tmp_path / "resumed"), dispatch=runner.DISPATCH)
   assert summary["resumed_from"] == 3
   _assert_trees_close(_params(str(tmp_path / "straight"), 6, config),
                       _params(str(tmp_path / "resumed"), 6, config), rtol=1e-5, atol=1e-7)
@@ -101,13 +102,13 @@ def test_restore_on_a_different_device_count(tiny_pretrain_config, tmp_path, res
   config.num_devices = 8
   config.parallel.data, config.parallel.fsdp, config.parallel.fsdp_min_size = 2, 4, 0
   config.total_steps = 3
-  pretrain.run(config, str(tmp_path))
+  pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   saved = _params(str(tmp_path), 3, config)
   # continue the same run on fewer devices, the state split over all of them
   config.num_devices = restore_devices
   config.parallel.data, config.parallel.fsdp = 1, -1
   config.total_steps = 6
-  summary = pretrain.run(config, str(tmp_path))
+  summary = pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   assert summary["resumed_from"] == 3 and summary["num_devices"] == restore_devices
   resumed = _params(str(tmp_path), 6, config)
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), saved, resumed))
@@ -117,12 +118,12 @@ def test_restore_on_a_different_device_count(tiny_pretrain_config, tmp_path, res
 def test_checkpoint_of_another_model_is_refused(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.total_steps = 3
-  pretrain.run(config, str(tmp_path))
+  pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   record = (tmp_path / "config.json").read_text()
   config.model.decoder_depth = 2
   with pytest.raises(UserError, match=r"pretrain phase.*model.decoder_depth 1 -> 2.*--workdir"
                      ) as refused:
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   assert len(str(refused.value)) < 300 and "\n" not in str(refused.value)
   assert (tmp_path / "config.json").read_text() == record  # the refused run changed nothing
 
@@ -134,7 +135,7 @@ def test_outputs_in_workdir(tiny_pretrain_config, tmp_path):
   for cls in (config.evaluation.linear_probe, config.evaluation.finetune):
     cls.num_epochs, cls.batch_size, cls.log_every, cls.async_checkpointing = 1, 8, 2, False
     cls.data.update(num_train=32, num_val=8, tile_size=48, num_threads=1)
-  summary = pretrain.run(config, str(tmp_path))
+  summary = pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {"step", "loss", "lr", "images_per_sec", "step_time"} <= set(rows[-1])
   assert json.load(open(tmp_path / "summary.json"))["steps"] == 6 == summary["steps"]
@@ -167,7 +168,7 @@ def test_bad_batch_size_is_reported(tiny_pretrain_config, tmp_path):
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.batch_size, config.num_devices = 12, -1  # all 8
   with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of .* 8"):
-    pretrain.run(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)
 
 
 def test_mixed_precision_keeps_fp32_params_and_a_close_loss(tiny_pretrain_config):
@@ -195,7 +196,7 @@ def test_keep_checkpoints_bounds_the_steps_on_disk(tiny_pretrain_config, tmp_pat
   config = tiny_pretrain_config.copy_and_resolve_references()
   config.total_steps, config.checkpoint_every, config.log_every = 12, 2, 4
   config.keep_checkpoints = 3
-  pretrain.run(config, str(tmp_path))  # six saves: 2, 4, ..., 12
+  pretrain.run(config, str(tmp_path), dispatch=runner.DISPATCH)  # six saves: 2, 4, ..., 12
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [8, 10, 12]
   assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [
       "10", "12", "8"]

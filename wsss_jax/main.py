@@ -13,8 +13,8 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
+from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.runner import run_phase
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -31,9 +31,11 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    from wsss_jax.device import parallel
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
+    # imported here, not at the top: the phases build device constants when imported, and
+    # jax.distributed.initialize must come before anything touches the backend
+    from wsss_jax.runner import run_phase
     if _CONFIG.value is None:
       raise UserError("--config is required, e.g. --config=configs/mae.py")
     summary = run_phase(_CONFIG.value, _WORKDIR.value)

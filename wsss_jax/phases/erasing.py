@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from wsss_jax import relevance
-from wsss_jax import atomic
+from wsss_jax import atomic, relevance
 from wsss_jax.data import mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError

@@ -24,7 +24,7 @@ from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
 from wsss_jax.relevance import quality
-from wsss_jax.relevance.options import layers_for, method_options
+from wsss_jax.relevance.options import layers_for, method_options, relu_flag
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.train import earlier_runs
 from wsss_jax.train.progress import Progress
@@ -108,8 +108,7 @@ def validate(config) -> None:
     raise UserError(f"split={config.split!r} is not 'train' or 'val'")
   if not config.methods:
     raise UserError("methods is empty")
-  if config.relu not in ("method", "off", "on"):
-    raise UserError(f"relu={config.relu!r} is not one of ('method', 'off', 'on')")
+  relu_flag(config.relu)
   if config.quality.steps <= 0:
     raise UserError(f"quality.steps={config.quality.steps} must be positive")
 
@@ -171,7 +170,7 @@ def method_fn(ctx: MapsRun, name: str, options: dict):
   return relevance.relevance_fn(
       name, ctx.apply_fn, layers=layers_for(name, config, clf.meta["model"]["backbone"]),
       target=config.target, normalize=config.normalize, only_present=config.only_present,
-      relu={"method": None, "off": False, "on": True}[config.relu], **options)
+      relu=relu_flag(config.relu), **options)
 
 
 def method_pass(ctx: MapsRun, spec: str, name: str, options: dict, files) -> MethodPass:

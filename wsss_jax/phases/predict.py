@@ -575,16 +575,21 @@ def predictor(seg: earlier_runs.Segmenter, config, mesh, mode: str) -> Predictor
   palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
   mrn = isinstance(seg.model, MRN)
   return Predictor(
-      make_probabilities(seg, data, mesh), mesh, int(data.image_size), int(seg.meta["num_classes"]),
-      k, list(data.class_names) + ["background"], mask_files.palette_bytes(palette_name, k + 1),
-      seg.config["model"]["name"], seg.config["gate"]["epsilon"], setting,
+      fn=make_probabilities(seg, data, mesh), mesh=mesh, input_size=int(data.image_size),
+      num_outputs=int(seg.meta["num_classes"]), background_index=k,
+      names=list(data.class_names) + ["background"],
+      palette=mask_files.palette_bytes(palette_name, k + 1),
+      model_name=seg.config["model"]["name"], epsilon=seg.config["gate"]["epsilon"],
+      setting=setting,
       # DeepLabV3+ saw whole tiles resized to its input; MRN pairs at the tiles' resolution
-      int(data.get("context_scale", 2)) if mrn else 0,
-      1.0 if mrn else float(data.get("tile_size", data.image_size)) / data.image_size,
-      _gate_scores(seg, config, mesh) if mode == "tiles" else None,
+      mrn=int(data.get("context_scale", 2)) if mrn else 0,
+      model_downsample=(1.0 if mrn else
+                        float(data.get("tile_size", data.image_size)) / data.image_size),
+      gate_scores=_gate_scores(seg, config, mesh) if mode == "tiles" else None,
       # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
       # fluorescence) compute every window unless a share is given
-      config.min_tissue if config.min_tissue >= 0 else 0.1 if setting == "tissue" else 0.0)
+      min_tissue=(config.min_tissue if config.min_tissue >= 0 else
+                  0.1 if setting == "tissue" else 0.0))
 
 
 def run(config, workdir: str) -> dict:

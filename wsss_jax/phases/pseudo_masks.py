@@ -26,7 +26,7 @@ from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
 from wsss_jax.outputs import overlays
 from wsss_jax.pseudo import adversarial_erasing, crf, mask_rules
-from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options
+from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options, relu_flag
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.train import earlier_runs
 from wsss_jax.train.progress import Progress
@@ -167,31 +167,30 @@ def validate(config) -> None:
   if config.palette:
     mask_files.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
+  relu_choice(config.relu, "tissue")  # refuses an unknown mode before the classifier loads
   if config.crf.enabled:
     crf.check_settings(dict(config.crf))
-
-
-RELU_MODES = ("setting", "method", "off", "on")
 
 
 def relu_choice(relu: str, setting: str):
   """config.relu: "setting" (tissue: off, the authors' Grad-CAM; finding: on, evidence against
   a finding is not a finding), "method" (the method's default), "off" or "on"."""
-  if relu not in RELU_MODES:
-    raise UserError(f"relu={relu!r} is not one of {RELU_MODES}")
   if relu == "setting":
     return setting == "finding"
-  return {"method": None, "off": False, "on": True}[relu]
+  return relu_flag(relu, extra_modes=("setting",))
 
 
 # --- One mask rule, one jitted mask function ----------------------------------------------------
 class MaskRule(NamedTuple):
   """How a layer's maps become a mask and how it is scored (static under jit, so hashable)."""
   map_rule: str | None      # None: the tissue rule (argmax of the present classes, image background)
-  background_index: int     # palette index of background, after the classes
   num_classes: int
   convention: str           # metrics.device_confusion's convention for the scores
   crf: tuple = ()           # dense-CRF settings as (name, value) pairs; () = off
+
+  @property
+  def background_index(self) -> int:
+    return self.num_classes  # the palette index after the classes
 
 
 def layer_mask(rule: MaskRule, maps, labels, background, images, alpha, level, with_crf: bool):
@@ -240,7 +239,7 @@ class MapSource(NamedTuple):
   plan: dict | None         # the adversarial-erasing plan, or None
 
 
-def map_source(config, mesh, setting_of) -> MapSource:
+def map_source(config, mesh) -> MapSource:
   """The classifier (or the erasing rounds) rebuilt from its workdir, with its maps function."""
   plan = None
   if config.get("erasing_workdir"):  # adversarial erasing: its rounds replace the classifier
@@ -255,7 +254,7 @@ def map_source(config, mesh, setting_of) -> MapSource:
   if clf.meta["model"]["backbone"] == "vit" and tuple(config.scales) != (1.0,):
     raise UserError(f"scales={tuple(config.scales)}: a ViT classifier takes only its own input "
                     f"size (fixed position embeddings); use scales=(1.0,)")
-  maps_fn = classifier_maps_fn(config, data, clf.meta, setting_of(data))
+  maps_fn = classifier_maps_fn(config, data, clf.meta)
   inputs = {f"input_{i}": size for i, size in enumerate(input_sizes(data.image_size,
                                                                     config.scales))}
   batch = parallel.eval_batch_size(config.batch_size, mesh)
@@ -263,14 +262,14 @@ def map_source(config, mesh, setting_of) -> MapSource:
   return MapSource(data, batch, inputs, batch_maps, mesh, clf, workdir, plan)
 
 
-def classifier_maps_fn(config, data, meta: dict, setting: str) -> Callable:
+def classifier_maps_fn(config, data, meta: dict) -> Callable:
   """classifier module -> its compiled relevance callable for the configured layers."""
   method, options = method_options(config.method, config, data)
   layers = tuple(config.layers) or DEFAULT_LAYERS.get(meta["model"]["backbone"], ())
   map_rule = mask_rules.split_rule(folders.resolve(data, "background", config.background.rule))[1]
   # map rules normalise by the per-image maximum themselves (mask_rules.max_normalize)
   normalize = "none" if map_rule else config.normalize
-  relu = relu_choice(config.relu, setting)
+  relu = relu_choice(config.relu, folders.resolve(data, "setting"))
   return lambda classifier: relevance.relevance_fn(
       method, classifier.apply, layers=list(layers) or None, target=config.target,
       upsample=False, normalize=normalize, only_present=True, relu=relu, **options)
@@ -366,7 +365,7 @@ def run(config, workdir: str) -> dict:
   validate(config)
   started = time.perf_counter()
   mesh = parallel.mesh_from_config(config)
-  source = map_source(config, mesh, lambda data: folders.resolve(data, "setting"))
+  source = map_source(config, mesh)
   data = source.data
   setting = folders.resolve(data, "setting")
   rule_name = folders.resolve(data, "background", config.background.rule)
@@ -376,7 +375,7 @@ def run(config, workdir: str) -> dict:
                     f"rule ({', '.join(mask_rules.MAP_RULES)}, or white+<one of them>)")
   palette_name = folders.resolve(data, "palette", config.palette)
   palette = mask_files.palette_bytes(palette_name, data.num_classes + 1)
-  rule = MaskRule(map_rule, data.num_classes, data.num_classes,
+  rule = MaskRule(map_rule, data.num_classes,
                   "finding" if setting == "finding" else "stage1",
                   tuple(sorted(dict(config.crf).items())) if config.crf.enabled else ())
   chosen = choose_background(config, source, rule, image_rule)
@@ -404,19 +403,19 @@ class Written(NamedTuple):
   seen: int
   layers: list              # layer names written
   images_per_sec: float | None
-  has_truth: bool
 
 
 def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, rule_name: str,
                 palette: list, workdir: str) -> Written:
   """Every tile's masks, PNGs written by a thread pool while the next batch computes."""
-  has_truth = "mask" in pipeline.build_source(source.data, config.split)[0]
+  tiles = pipeline.build_source(source.data, config.split)
+  has_truth = "mask" in tiles[0]
   keys = (("image", "labels", "name", "background") + tuple(source.inputs)
           + (("mask",) if has_truth else ()))
   background = mask_rules.BackgroundMask(rule_name, config.background.threshold,
                                          config.background.min_size)
   directory = os.path.join(workdir, "masks")
-  total = len(pipeline.build_source(source.data, config.split))
+  total = len(tiles)
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
   confusion, overlay, seen, layers, timed = {}, [], 0, [], 0.0
   with atomic.BackgroundWrites(config.writer_threads) as writer:
@@ -439,7 +438,7 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
   if not seen:
     raise UserError(f"split {config.split!r} of data.name={source.data.name!r} has no images")
   rate = (seen - source.batch) / timed if timed else None
-  return Written(confusion, overlay, seen, layers, rate, has_truth)
+  return Written(confusion, overlay, seen, layers, rate)
 
 
 def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
@@ -533,9 +532,11 @@ def negative_map_values(source: MapSource, config) -> dict:
   return {layer: np.concatenate(v) for layer, v in values.items()}
 
 
-def val_confusions(source: MapSource, config, image_rule: str, layer_confusion) -> dict:
+def val_confusions(source: MapSource, config, image_rule: str, layer_confusion,
+                   with_images: bool = False) -> dict:
   """{layer: summed confusion(s)} over the val split: per batch and layer,
-  layer_confusion(name, maps of every scale, labels, background, truth, valid, images)."""
+  layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (images
+  on the devices only `with_images`, else None)."""
   keys = ("image", "labels", "mask", "background") + tuple(source.inputs)
   white = mask_rules.BackgroundMask(image_rule, config.background.threshold,
                                     config.background.min_size)
@@ -546,7 +547,7 @@ def val_confusions(source: MapSource, config, image_rule: str, layer_confusion) 
     scale_maps = source.batch_maps(b, labels)
     background = parallel.shard_identical(b["background"], mesh)
     truth = parallel.shard_identical(b["mask"], mesh)
-    images = parallel.shard_identical(b["image"], mesh)
+    images = parallel.shard_identical(b["image"], mesh) if with_images else None
     for layer in scale_maps[0]:
       name = layer_name(layer)
       c = layer_confusion(name, [m[layer] for m in scale_maps], labels, background, truth,
@@ -587,5 +588,5 @@ def crf_val_scores(source: MapSource, config, rule: MaskRule, image_rule: str, a
                               jnp.float32(alpha[name]), jnp.float32(levels.get(name, 0.0)),
                               with_crf=True)[1]
 
-  totals = val_confusions(source, config, image_rule, layer_confusion)
+  totals = val_confusions(source, config, image_rule, layer_confusion, with_images=True)
   return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

@@ -14,6 +14,17 @@ DEFAULT_LAYERS = {"resnet38": ("b4_5", "b5_2", "bn7"), "resnet50": ("layer3", "l
                   "vit": ()}
 
 
+# config.relu of the maps and pseudo-mask phases -> relevance_fn's relu (None: the method's own)
+RELU_MODES = {"method": None, "off": False, "on": True}
+
+
+def relu_flag(mode: str, extra_modes: tuple = ()):
+  """relevance_fn's relu for the named mode; a name outside RELU_MODES + extra_modes is refused."""
+  if mode not in RELU_MODES:
+    raise UserError(f"relu={mode!r} is not one of {extra_modes + tuple(RELU_MODES)}")
+  return RELU_MODES[mode]
+
+
 def method_options(spec: str, config, data) -> tuple[str, dict]:
   """'lrp:EpsilonGammaBox' -> ('lrp', options); bounds for z-box from the input range."""
   name, _, variant = spec.partition(":")

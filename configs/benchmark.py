@@ -20,8 +20,8 @@ convolution FLOPs (counted from its jaxpr) by a matmul peak measured in the same
 from wsss_jax import config_lib
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, model="mae", variant="B/16", image_size=224, batch=32,
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, model="mae", variant="B/16", image_size=224, batch=32,
                              steps=10, warmup=2, bf16=False, gather="take", paper=True,
                              width=1.0, relevance="", matmul=2048,
                              attention="xla", gelu="exact", profile=False, fsdp=1,

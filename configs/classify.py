@@ -14,8 +14,8 @@ from wsss_jax import config_lib
 from wsss_jax.data import folders
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, backbone="resnet38", variant="S/16", width=0.125,
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, backbone="resnet38", variant="S/16", width=0.125,
                              image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False, hide=False, hide_grid=4,
                              seam=False, attention="xla", gelu="exact")

@@ -13,8 +13,8 @@ from wsss_jax import config_lib
 from wsss_jax.data import folders
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, action="stats", **config_lib.DATASET_ARGS, image_size=224,
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, action="stats", **config_lib.DATASET_ARGS, image_size=224,
                              threads=2, batch=32)
   config = config_lib.common("dataset")
   config.action = arg.action

@@ -12,11 +12,12 @@ rounds' maps by a per-pixel maximum (the union of the mined regions).
 from wsss_jax import config_lib
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, rounds=3, threshold=0.5, round0="")
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, rounds=3, threshold=0.5, round0="", classify=True)
   config = config_lib.common("erasing")
   # The rounds' classifier: the pipeline's (ResNet38 at 1/8 width, 64 px, PDA off, 12 epochs)
-  config.classify = config_lib.sibling_config(__file__, "classify", "pda=off,epochs=12")
+  if arg.classify:  # False inside the pipeline, whose classify section trains every round
+    config.classify = config_lib.sibling_config(__file__, "classify", pda="off", epochs=12)
   config.erasing = dict(
       rounds=arg.rounds,          # at most this many classifiers (the paper stops after 3)
       method="gradcam",           # the class-activation method whose maps mine the regions

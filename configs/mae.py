@@ -18,8 +18,8 @@ from wsss_jax import config_lib
 from wsss_jax.data import folders
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, variant="S/16", image_size=112, batch=32, steps=200,
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, variant="S/16", image_size=112, batch=32, steps=200,
                              mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="",
                              objective="mae", jigsaw_grid=3, eval="both", eval_epochs=2,
                              encoder="vit", width=0.125, attention="xla", gelu="exact")
@@ -55,11 +55,11 @@ def get_config(arg=None):
   # and width), image size and seed are this run's; the rest (data, epochs, lr) is theirs:
   # --config.evaluation...
   config.evaluation = dict(runs=arg.eval)  # both | probe | finetune | none
-  labelled = f"backbone={arg.encoder},width={arg.width},pda=off,dataset={arg.dataset}," \
-             f"epochs={arg.eval_epochs}" + (f",root={arg.root}" if arg.root else "")
-  config.evaluation.linear_probe = config_lib.sibling_config(__file__, "classify",
-                                                             labelled + ",probe=True")
-  config.evaluation.finetune = config_lib.sibling_config(__file__, "classify", labelled)
+  labelled = dict(backbone=arg.encoder, width=arg.width, pda="off", dataset=arg.dataset,
+                  root=arg.root, epochs=arg.eval_epochs)
+  config.evaluation.linear_probe = config_lib.sibling_config(__file__, "classify", probe=True,
+                                                             **labelled)
+  config.evaluation.finetune = config_lib.sibling_config(__file__, "classify", **labelled)
   # a short fine-tune at small batch: the recipe's lr at batch 256 (5e-4), not scaled down to
   # 16/256 of it, which barely moves in 64 steps (val mAP 0.78 vs 0.85 after the default run)
   config.evaluation.finetune.optim.lr_batch_scaling = False

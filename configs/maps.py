@@ -14,8 +14,8 @@ DEFAULT_METHODS = ("cam+gradcam+gradcampp+xgradcam+layercam+hirescam+eigencam+sc
                    "lrp:EpsilonPlusFlat+lrp:EpsilonGammaBox+patternattribution")
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, classifier="runs/cls", methods=DEFAULT_METHODS, split="val",
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, classifier="runs/cls", methods=DEFAULT_METHODS, split="val",
                              batch=16)
   config = config_lib.common("maps")
   config.classifier_workdir = arg.classifier  # a classify run; its latest checkpoint is explained

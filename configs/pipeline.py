@@ -16,7 +16,8 @@ configs are sections of this one (`--config.classify.num_epochs=4`, `--config.se
 `upper_bound=True` runs both and puts them side by side in table.md.
 `pretrain=<workdir>` starts the classifier from a finished pretrain run of configs/mae.py instead
 of running one: a ViT from any MAE variant or pretext task, the ResNet38 from a pretext task on it
-(`encoder=resnet38`); `pretrain=scratch` trains the same ViT from random weights (the floor a
+(`encoder=resnet38,width=<its width>`, as that run was configured; the phase checks they match
+before it starts); `pretrain=scratch` trains the same ViT from random weights (the floor a
 ViT pretraining should clear; the CNN's is the default run).
 `paper=True` is the authors' method alone: no SEAM loss, no CRF, the segmenter on the 0.2/0.2/0.6
 mix of the three layers' masks (the default adds SEAM and the CRF and learns from b4_5's masks,
@@ -47,17 +48,16 @@ def _pretrain_mode(text: str) -> str:
   return "scratch" if word == "scratch" else text
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, supervision="pseudo",
-                             upper_bound=False, pretrain="", erasing=0, paper=False)
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
+                             upper_bound=False, pretrain="", encoder="vit", width=0.125,
+                             erasing=0, paper=False)
   # the dataset arguments the user gave reach every section, which applies its dataset preset
-  data_arg = "".join(f",{k}={arg[k]}" for k in config_lib.DATASET_ARGS if k in arg.given_args)
+  dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
-  # a pretext run of a CNN trunk (configs/mae.py:encoder=resnet38) starts the CNN classifier;
-  # any other pretraining (true, scratch, a ViT's workdir) a ViT classifier
-  pretrained = config_lib.run_model(pretrain) if pretrain not in ("", "true", "scratch") else {}
-  cnn_width = pretrained.get("width") if pretrained.get("encoder", "vit") != "vit" else None
-  vit = bool(pretrain) and cnn_width is None
+  # a ViT classifier when one is pretrained (here, from scratch, or a ViT run's workdir); a
+  # pretext run of a CNN trunk starts the CNN classifier of its width (encoder=resnet38,width=)
+  vit = bool(pretrain) and arg.encoder == "vit"
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
@@ -67,25 +67,24 @@ def get_config(arg=None):
   config.run_pretrain = pretrain == "true"  # MAE first, then a ViT classifier from it
   # a finished pretrain run whose encoder starts the classifier (nothing is pretrained here)
   config.pretrain_workdir = "" if pretrain in ("", "true", "scratch") else pretrain
-  config.pretrain = config_lib.sibling_config(__file__, "mae", "eval=none" + data_arg)  # the pipeline's
-  # own classifier is the evaluation
-  backbone = "vit" if vit else "resnet38"
+  # the pipeline's own classifier is the pretraining's evaluation
+  config.pretrain = config_lib.sibling_config(__file__, "mae", eval="none", **dataset)
   # PDA off and 12 epochs (the from-scratch ResNet38 with PDA can collapse: BENCHMARKS.md);
   # SEAM's equivariance loss and the dense CRF on unless paper=True (the authors' method alone)
-  seam = not (arg.paper or vit)  # class maps of a CNN only
   config.classify = config_lib.sibling_config(
-      __file__, "classify", f"backbone={backbone},pda=off,epochs=12,seam={seam}"
-      + (",image_size=112" if vit else "") + (f",width={cnn_width}" if cnn_width else "")
-      + data_arg)
+      __file__, "classify", backbone="vit" if vit else "resnet38", pda="off", epochs=12,
+      seam=not (arg.paper or vit), width=arg.width, **({"image_size": 112} if vit else {}),
+      **dataset)
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
-  config.erasing = config_lib.sibling_config(__file__, "erasing", f"rounds={arg.erasing or 3}")
-  del config.erasing.classify  # its rounds train the classify section's classifier
-  config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks",
-                                                  f"crf={not arg.paper}" + data_arg)
+  # its rounds train the classify section's classifier, so it has no classify section
+  config.erasing = config_lib.sibling_config(__file__, "erasing", rounds=arg.erasing or 3,
+                                             classify=False)
+  config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks", crf=not arg.paper,
+                                                  **dataset)
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps (BENCHMARKS.md)
-  config.segment = config_lib.sibling_config(  # its backbone starts from the classifier's
-      __file__, "segment", f"supervision={arg.supervision}"
-      + (f",width={cnn_width}" if cnn_width else "") + data_arg)
+  # its backbone starts from the classifier's
+  config.segment = config_lib.sibling_config(__file__, "segment", supervision=arg.supervision,
+                                             width=arg.width, **dataset)
   _finding_recipe(config)
   _mask_layers(config, arg.paper, vit)
   return config

@@ -12,8 +12,8 @@ wsss_jax/phases/predict.py and docs/predict.md. A re-run continues a killed one.
 from wsss_jax import config_lib
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, model="runs/seg", input="", mode="auto", probs=False,
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, model="runs/seg", input="", mode="auto", probs=False,
                              gate="exclude", overlap=0.25, batch=16, downsample=1.0,
                              min_tissue=-1.0, tolerance=2.0)
   config = config_lib.common("predict")

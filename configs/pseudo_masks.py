@@ -13,8 +13,8 @@ from wsss_jax.data import folders
 from wsss_jax.pseudo import crf
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, classifier="runs/cls", method="gradcam", split="train",
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, classifier="runs/cls", method="gradcam", split="train",
                              background="", palette="", batch=32, crf=False, erasing="")
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier

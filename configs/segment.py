@@ -16,8 +16,8 @@ from wsss_jax import config_lib
 from wsss_jax.data import folders
 
 
-def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, **config_lib.DATASET_ARGS, pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
+def get_config(arg=None, **overrides):
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
                              model="deeplabv3plus", backbone="resnet38", width=0.125,
                              image_size=64, batch=16, epochs=6, num_train=512, init=True,
                              paper=False)

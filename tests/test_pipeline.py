@@ -121,20 +121,49 @@ def test_pipeline_paper_and_pretrain_arguments_and_a_workdir_without_checkpoints
   assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
-def test_pipeline_from_a_cnn_pretext_run_takes_its_encoder_and_width(tmp_path):
+def test_pipeline_from_a_cnn_pretext_run_needs_its_encoder_and_width(tmp_path):
   def pretext_run(name, model):
     (tmp_path / name / "checkpoints").mkdir(parents=True)
     (tmp_path / name / "config.json").write_text(json.dumps({"phase": "pretrain", "model": model}))
     return str(tmp_path / name)
 
-  cnn = load_config("pipeline", "pretrain=" + pretext_run("r38", {"encoder": "resnet38",
-                                                                  "width": 0.25}))
+  r38 = pretext_run("r38", {"encoder": "resnet38", "width": 0.25})
+  with pytest.raises(UserError, match=f"encoder='resnet38' of width 0.25; the pipeline's "
+                                      f"classifier is 'vit' of width 0.125: give configs/"
+                                      f"pipeline.py:pretrain={r38},encoder=resnet38,width=0.25$"):
+    pipeline.run(load_config("pipeline", f"pretrain={r38}"), str(tmp_path / "run"),
+                 dispatch=runner.DISPATCH)
+  with pytest.raises(UserError, match="of width 0.25; the pipeline's classifier is 'resnet38' "
+                                      "of width 0.5"):
+    pipeline.validate(load_config("pipeline", f"pretrain={r38},encoder=resnet38,width=0.5"))
+  cnn = load_config("pipeline", f"pretrain={r38},encoder=resnet38,width=0.25")
+  pipeline.validate(cnn)
   assert cnn.classify.model.backbone == "resnet38" and cnn.classify.model.width == 0.25
   assert cnn.segment.model.width == 0.25  # the segmenter starts from that classifier
   assert cnn.classify.equivariance.weight == 1.0 and cnn.pseudo_masks.scales == (1.0, 1.5, 2.0)
   r50 = load_config("pipeline", "pretrain=" + pretext_run("r50", {"encoder": "resnet50",
                                                                   "width": 0.125}))
   with pytest.raises(UserError, match="pretrained model.encoder='resnet50'; the pipeline's "
-                                      "classifier is 'resnet38'"):
+                                      "classifier starts from a ViT run or a ResNet38"):
     pipeline.run(r50, str(tmp_path / "run"), dispatch=runner.DISPATCH)
   assert not (tmp_path / "run").exists()
+
+
+def test_config_sections_take_keyword_overrides_checked_like_text(tmp_path):
+  from conftest import load_config as load
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "classify_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "classify.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  by_text = module.get_config("backbone=vit,epochs=3,seam=True,width=1")
+  by_keyword = module.get_config(backbone="vit", epochs=3, seam=True, width=1)
+  assert by_text.to_json(sort_keys=True) == by_keyword.to_json(sort_keys=True)
+  assert by_keyword.num_epochs == 3 and by_keyword.equivariance.weight == 1.0
+  with pytest.raises(UserError, match="config argument epochs='3x' is not a valid int"):
+    module.get_config(epochs="3x")
+  with pytest.raises(UserError, match="config argument seam=2 is not a valid bool"):
+    module.get_config(seam=2)
+  with pytest.raises(UserError, match="config argument 'epoch' is unknown"):
+    module.get_config(epoch=3)
+  assert load("pipeline").erasing.get("classify") is None  # the pipeline's classify trains it

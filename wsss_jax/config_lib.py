@@ -5,6 +5,7 @@ Config files follow big_vision: `get_config(arg)` where `arg` is the text after 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -32,35 +33,44 @@ SETTINGS = ("tissue", "finding")
 DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="")
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'a=1,b=x' -> ConfigDict with the defaults' keys and types; unknown keys are refused.
-  `given_args` lists the keys the text set, so that a dataset preset never overwrites them."""
+def parse_arg(arg: str | None, overrides: dict | None = None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,b=x' and keyword `overrides` -> ConfigDict with the defaults' keys and types; unknown
+  keys are refused. `given_args` lists the keys set, so that a dataset preset never overwrites
+  them."""
   out, given = dict(defaults), []
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
+  items = [item.partition("=") for item in filter(None, (arg or "").split(","))]
+  for key, sep, value in items + [(k, "=", v) for k, v in (overrides or {}).items()]:
     if not sep:
-      raise UserError(f"config argument {item!r} is not KEY=VALUE")
+      raise UserError(f"config argument {key!r} is not KEY=VALUE")
     if key not in defaults:
       raise UserError(f"config argument {key!r} is unknown; known: {sorted(defaults)}")
-    try:
-      out[key] = _convert(value, defaults[key])
-    except ValueError:
-      raise UserError(f"config argument {key}={value!r} is not a valid "
-                      f"{type(defaults[key]).__name__}") from None
+    out[key] = _typed(key, value, defaults[key])
     given.append(key)
   return ml_collections.ConfigDict(out | {"given_args": tuple(given)})
 
 
-def sibling_config(config_file: str, name: str, arg: str | None = None):
-  """`get_config(arg)` of the config file `<name>.py` next to `config_file` (config files are
-  loaded by path, not imported as a package)."""
-  import importlib.util
-  import os
+def _typed(key: str, value, default):
+  """A config argument's value in its default's type: text converted, other values checked."""
+  try:
+    if isinstance(value, str):
+      return _convert(value, default)
+    if isinstance(default, float) and type(value) is int:
+      return float(value)
+    if default is None or type(value) is type(default):
+      return value
+  except ValueError:
+    pass
+  raise UserError(f"config argument {key}={value!r} is not a valid {type(default).__name__}")
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None, **overrides):
+  """`get_config(arg, **overrides)` of the config file `<name>.py` next to `config_file` (config
+  files are loaded by path, not imported as a package)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"wsss_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module.get_config(arg, **overrides)
 
 
 def run_model(workdir: str) -> dict:

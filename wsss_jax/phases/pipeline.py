@@ -79,17 +79,30 @@ def validate(config) -> None:
   if found and not os.path.isdir(os.path.join(os.path.expanduser(found), "checkpoints")):
     raise UserError(f"pretrain_workdir={found}: no pretrain checkpoints there; run "
                     f"configs/mae.py there first")
-  encoder = config_lib.run_model(found).get("encoder", "vit") if found else None
-  wanted = config.classify.model.backbone
-  if encoder and encoder != wanted:
-    raise UserError(f"pretrain_workdir={found} pretrained model.encoder={encoder!r}; the "
-                    f"pipeline's classifier is {wanted!r} (a pretext run on the ResNet38 or "
-                    f"any ViT run starts it)")
+  if found:
+    check_pretrained_matches(found, config.classify.model)
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")
   if config.run_erasing and config.pseudo_masks.dilations:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
+
+
+def check_pretrained_matches(workdir: str, model) -> None:
+  """The classifier the pipeline builds has the encoder (and a CNN's width) of the pretrain run
+  that starts it; the config arguments to give are named when it does not."""
+  pretrained = config_lib.run_model(workdir)
+  encoder = pretrained.get("encoder", "vit")
+  width = pretrained.get("width", model.width)
+  if encoder not in ("vit", "resnet38"):
+    raise UserError(f"pretrain_workdir={workdir} pretrained model.encoder={encoder!r}; the "
+                    f"pipeline's classifier starts from a ViT run or a ResNet38 pretext run")
+  if encoder != model.backbone or (encoder != "vit" and width != model.width):
+    width_arg = "" if encoder == "vit" else f",width={width:g}"
+    raise UserError(f"pretrain_workdir={workdir} pretrained model.encoder={encoder!r}"
+                    f"{width_arg.replace(',width=', ' of width ')}; the pipeline's classifier "
+                    f"is {model.backbone!r} of width {model.width:g}: give configs/pipeline.py:"
+                    f"pretrain={workdir},encoder={encoder}{width_arg}")
 
 
 class Dirs(NamedTuple):

@@ -68,7 +68,7 @@ def main() -> None:
       config = config_lib.sibling_config(config_file, "pseudo_masks",
                                          f"classifier={args.classifier},method={method},"
                                          f"split={args.split},background={rule}")
-      config.background.alpha = "" if rule == "otsu" else "auto"
+      config.background.alpha = "default" if rule == "otsu" else "auto"
       config.data.num_test = args.num_test
       config.overlays = 4
       if method == "cam":  # CAM reads only the layer the head pools

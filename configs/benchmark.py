@@ -36,7 +36,7 @@ def get_config(arg=None, **overrides):
   config.parallel.fsdp = arg.fsdp   # devices each parameter is split over (ZeRO-3)
   config.profile = arg.profile  # trace 3 steps to <workdir>/profile, print device time by op
   config.matmul_size = arg.matmul  # side of the peak-FLOP/s matmul (8192 on big GPUs)
-  config.data = config_lib.data("synthetic", arg.image_size)
+  config.data = config_lib.data(arg.image_size)
   # also time the step fed by the grain pipeline (the embedded tiles by default): images/s with
   # input and data_wait_fraction; workers = grain processes, threads = reader threads
   config.real_input = arg.real_input
@@ -52,6 +52,7 @@ def get_config(arg=None, **overrides):
     config.data.pair_size = arg.image_size  # MRN: target and context windows of this size
     config.data.context_scale = 2
     config.loss_weights = (0.2, 0.2, 0.6)
+    config.loss = "setting"  # ce for the tissue-map tiles
     config.model = config_lib.segment_model(arg.model, arg.backbone, arg.width, arg.paper)
     config.optim = config_lib.classify_optim("resnet38")
     config.num_epochs, config.data.num_train = 1, arg.batch * arg.steps

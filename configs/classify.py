@@ -15,8 +15,8 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, backbone="resnet38", variant="S/16", width=0.125,
-                             image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, backbone="resnet38",
+                             variant="S/16", width=0.125, image_size=64, batch=16, epochs=8, num_train=512, pda="paper",
                              init="", probe=False, paper=False, hide=False, hide_grid=4,
                              seam=False, attention="xla", gelu="exact")
   vit = arg.backbone == "vit"
@@ -28,11 +28,12 @@ def get_config(arg=None, **overrides):
   config.checkpoint_every = 200
   config.eval_every = 0         # steps between validations; 0: once per epoch
 
-  config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
+  dataset = folders.choose_dataset(arg)  # a release on disk: names, setting, statistics
+  config.data = config_lib.data(224 if arg.paper else arg.image_size, dataset)
   config.data.num_train = 16384 if arg.paper else arg.num_train
   config.data.num_val = 128
-  config.data.num_classes = 4
-  config.data.class_names = ("TE", "NEC", "LYM", "TAS")
+  config.data.class_names = dataset.class_names or ("TE", "NEC", "LYM", "TAS")
+  config.data.num_classes = len(config.data.class_names)
   config.data.crop_scale = (1.0, 1.0)  # (1, 1): no cropping, resize to image_size
   config.data.vflip = True
   config.data.normalize = vit          # False: inputs in [0, 1] (the ResNet38 recipe)
@@ -54,5 +55,4 @@ def get_config(arg=None, **overrides):
   config.hide_and_seek = dict(prob=0.5 if arg.hide else 0.0, grid=arg.hide_grid)
   # SEAM's equivariant regularisation: L1 between A(CAM(I)) and CAM(A(I)), A = rescale + flip
   config.equivariance = dict(weight=1.0 if arg.seam else 0.0, scale=0.5)
-  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

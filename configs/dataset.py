@@ -14,8 +14,8 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, action="stats", **config_lib.DATASET_ARGS, image_size=224,
-                             threads=2, batch=32)
+  arg = config_lib.parse_arg(arg, overrides, action="stats", **config_lib.DATASET_ARGS,
+                             image_size=224, threads=2, batch=32)
   config = config_lib.common("dataset")
   config.action = arg.action
   config.batch_size = arg.batch        # input: batch of the timed grain pipeline
@@ -23,11 +23,11 @@ def get_config(arg=None, **overrides):
   config.per_core_images = 200         # input: images timed on one thread
   config.embedded_train = 512          # build/input without a root: embedded tiles written
   config.embedded_val = 64
-  config.data = config_lib.data("synthetic", arg.image_size)
-  config.data.num_classes = 4
-  config.data.class_names = ()
+  dataset = folders.choose_dataset(arg)
+  config.data = config_lib.data(arg.image_size, dataset)
+  config.data.class_names = dataset.class_names
+  config.data.num_classes = len(dataset.class_names) or 4
   config.data.crop_scale = (1.0, 1.0)  # the classifier recipe: resize, flips
   config.data.vflip = True
   config.data.num_threads = arg.threads
-  folders.use_dataset(config, arg)
   return config

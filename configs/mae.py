@@ -19,16 +19,18 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, variant="S/16", image_size=112, batch=32, steps=200,
-                             mask_ratio=0.75, paper=False, sampling="random", crop_min=0.2, init="",
-                             objective="mae", jigsaw_grid=3, eval="both", eval_epochs=2,
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, variant="S/16",
+                             image_size=112, batch=32, steps=200, mask_ratio=0.75, paper=False,
+                             sampling="random", crop_min=0.2, init="", objective="mae", jigsaw_grid=3, eval="both", eval_epochs=2,
                              encoder="vit", width=0.125, attention="xla", gelu="exact")
   config = config_lib.common("pretrain")
   config.batch_size = arg.batch
   config.total_steps = arg.steps
   config.checkpoint_every = 100
   config.num_figure_images = 8
-  config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
+  # a release on disk: its name and statistics
+  config.data = config_lib.data(224 if arg.paper else arg.image_size,
+                                folders.choose_dataset(arg))
   config.data.crop_scale = (arg.crop_min, 1.0)  # 0.5 for X-ray-like data
   # what the classify phase feeds this encoder: (x - mean) / std for a ViT, [0, 1] for a CNN
   config.data.normalize = arg.encoder == "vit"
@@ -48,7 +50,6 @@ def get_config(arg=None, **overrides):
   config.exemplar = dict(temperature=0.1, hidden=1024, dim=128, crop_min=0.08,
                          colour_strength=0.5, colour_p=0.8, grayscale_p=0.2, blur_p=0.5)
   config.optim = config_lib.mae_optim(arg.steps)
-  folders.use_dataset(config, arg)  # a release on disk: names, stats
   # The representation check at the end of the run (so variants meet on one table): a classifier
   # started from this run's encoder, trained as a linear probe (frozen encoder) and fine-tuned,
   # on the labelled tiles; their val mAP lands in summary.json. The encoder (ViT variant or CNN

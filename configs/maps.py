@@ -15,8 +15,8 @@ DEFAULT_METHODS = ("cam+gradcam+gradcampp+xgradcam+layercam+hirescam+eigencam+sc
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, classifier="runs/cls", methods=DEFAULT_METHODS, split="val",
-                             batch=16)
+  arg = config_lib.parse_arg(arg, overrides, classifier="runs/cls", methods=DEFAULT_METHODS,
+                             split="val", batch=16)
   config = config_lib.common("maps")
   config.classifier_workdir = arg.classifier  # a classify run; its latest checkpoint is explained
   config.batch_size = arg.batch
@@ -31,7 +31,7 @@ def get_config(arg=None, **overrides):
   config.write_maps = True
 
   # The data section is the classifier run's (config.json); these fields are the maps phase's.
-  config.data = config_lib.data("synthetic", 0)  # image_size 0: the classifier's
+  config.data = config_lib.data(0)  # image_size 0: the classifier's
   config.data.num_val = 128
 
   config_lib.relevance_options(config)  # lrp.composite/epsilon/gamma, scorecam.score_batch

@@ -102,8 +102,8 @@ def _finding_recipe(config) -> None:
 def _mask_layers(config, paper: bool, vit: bool) -> None:
   """The layer(s) the segmenter learns from. "auto": where the pseudo-mask phase swept alpha on
   validation masks, the layer that scored best there, else segment.data.mask_layers as set
-  here; "": always the section's layers (the paper's 0.2/0.2/0.6 mix of three)."""
-  config.segment_layer = "" if paper else "auto"
+  here; "section": always the section's layers (the paper's 0.2/0.2/0.6 mix of three)."""
+  config.segment_layer = "section" if paper else "auto"
   if not paper:  # one layer, b4_5 (BENCHMARKS.md, "Pseudo-mask layers")
     config.segment.data.mask_layers = ("b4_5",)
     config.segment.loss_weights = (1.0,)

@@ -14,8 +14,10 @@ from wsss_jax.pseudo import crf
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, classifier="runs/cls", method="gradcam", split="train",
-                             background="", palette="", batch=32, crf=False, erasing="")
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, classifier="runs/cls",
+                             method="gradcam", split="train", background="dataset",
+                             palette="dataset", batch=32, crf=False, erasing="")
+  dataset = folders.choose_dataset(arg)  # a release on disk: its setting, palette, rule
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
   # adversarial erasing: the rounds of this erasing run (configs/erasing.py) replace the
@@ -30,26 +32,26 @@ def get_config(arg=None, **overrides):
   config.relu = "setting"        # by setting (tissue: Grad-CAM without ReLU, as the authors;
                                  # finding: with); "method": the method's default; "off"; "on"
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
-  # rule "": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for BCSS-WSSS
-  # and tissue folders, threshold for findings); white / none / threshold / power / otsu /
-  # negatives or white+<map rule> (wsss_jax/pseudo/mask_rules.py). alpha: "" the rule's default, a number,
-  # or "auto": swept on the val split's ground truth (alpha_sweep.md / .png), without it the
-  # negatives rule. threshold / min_size: the white-glass rule's grey level and smallest region.
-  config.background = dict(rule=arg.background, alpha="", threshold=200, min_size=50,
-                           negatives_images=512)
-  # dense-CRF refinement of every mask (wsss_jax/pseudo/crf.py; pydensecrf's label-refinement settings).
+  # rule "dataset": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for
+  # BCSS-WSSS and tissue folders, threshold for findings); white / none / threshold / power /
+  # otsu / negatives or white+<map rule> (wsss_jax/pseudo/mask_rules.py). alpha: "default" (the
+  # rule's), a number, or "auto": swept on the val split's ground truth (alpha_sweep.md / .png),
+  # without it the negatives rule. threshold / min_size: the white-glass rule's grey level and
+  # smallest region.
+  config.background = dict(rule=dataset.background, alpha="default", threshold=200,
+                           min_size=50, negatives_images=512)
+  # dense-CRF refinement of every mask (wsss_jax/pseudo/crf.py; pydensecrf's label refinement)
   # validate=True (with alpha=auto's val masks): refine only the layers whose val mIoU it raises
   config.crf = dict(enabled=arg.crf, validate=False, **crf.DEFAULTS)
   # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as
   # H_trained + mean_r H_r (the dilated-convolution paper's weighting); () = off
   config.dilations = ()
-  config.palette = arg.palette   # luad, bcss or finding colours ("": the dataset's)
+  config.palette = dataset.palette  # luad, bcss or finding colours, or the dataset's
   config.writer_threads = 4      # PNG encoding and writing overlap the next batch
   config.overlays = 6
 
   # Input fields come from the classifier's config.json; num_train 0 = the classifier's.
-  config.data = config_lib.data("synthetic", 0)
+  config.data = config_lib.data(0, dataset)
   config.data.num_train = 0
   config_lib.relevance_options(config)
-  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

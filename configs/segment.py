@@ -17,10 +17,11 @@ from wsss_jax.data import folders
 
 
 def get_config(arg=None, **overrides):
-  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, pseudo="runs/pm", classifier="runs/cls", supervision="pseudo",
-                             model="deeplabv3plus", backbone="resnet38", width=0.125,
+  arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, pseudo="runs/pm",
+                             classifier="runs/cls", supervision="pseudo", model="deeplabv3plus", backbone="resnet38", width=0.125,
                              image_size=64, batch=16, epochs=6, num_train=512, init=True,
                              paper=False)
+  dataset = folders.choose_dataset(arg)  # a release on disk: names, setting, statistics
   config = config_lib.common("segment")
   config.supervision = arg.supervision  # pseudo (masks of a pseudo_masks run) or full (ground truth)
   config.batch_size = 20 if arg.paper else arg.batch
@@ -32,16 +33,16 @@ def get_config(arg=None, **overrides):
   config.eval_batch_size = 32
   config.test_split = "test"
   config.loss_weights = (0.2, 0.2, 0.6)  # per data.mask_layers
-  config.loss = ""                      # ce, ce+dice ("": ce for tissue maps, ce+dice for findings)
-  config.palette = ""                   # luad, bcss, finding ("": the dataset's)
+  config.loss = "setting"               # ce | ce+dice | setting (tissue: ce, finding: ce+dice)
+  config.palette = dataset.palette      # luad, bcss, finding, or the dataset's
   config.overlays = 6
 
-  config.data = config_lib.data("synthetic", 224 if arg.paper else arg.image_size)
+  config.data = config_lib.data(224 if arg.paper else arg.image_size, dataset)
   config.data.num_train = 16384 if arg.paper else arg.num_train
   config.data.num_val = 64
   config.data.num_test = 128
-  config.data.num_classes = 4
-  config.data.class_names = ("TE", "NEC", "LYM", "TAS")
+  config.data.class_names = dataset.class_names or ("TE", "NEC", "LYM", "TAS")
+  config.data.num_classes = len(config.data.class_names)
   config.data.normalize = False         # inputs in [0, 1], as the ResNet38 classifier
   config.data.crop_scale = (1.0, 1.0)   # resize the tile to image_size
   config.data.vflip = True
@@ -61,5 +62,4 @@ def get_config(arg=None, **overrides):
   config.optim = config_lib.classify_optim("resnet38")  # SGD 0.9, lr 0.01 poly 0.9, wd 5e-4, head x10
   config.gate = dict(classifier_workdir=arg.classifier, epsilon=0.1,
                      modes=("off", "exclude", "multiply"))
-  folders.use_dataset(config, arg)  # a release on disk: names, stats
   return config

@@ -64,7 +64,7 @@ def test_crop_flip_moves_mask_with_image():
 
 def _data_cfg(**kw):
   from wsss_jax import config_lib
-  d = config_lib.data("synthetic", 32)
+  d = config_lib.data(32)
   d.num_train, d.num_val, d.tile_size, d.num_threads = 24, 4, 48, 1
   d.update(kw)
   return d

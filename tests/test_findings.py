@@ -95,8 +95,10 @@ def test_white_glass_combines_with_a_map_rule():
 def test_alpha_outside_its_range_is_one_clear_error(rule, alpha):
   with pytest.raises(UserError, match=r"background.alpha=.*(outside \(0, 1\]|must be positive)"):
     pseudo_masks.parse_alpha(str(alpha), rule)
-  assert pseudo_masks.parse_alpha("", rule) == mask_rules.DEFAULT_ALPHA[rule]
+  assert pseudo_masks.parse_alpha("default", rule) == mask_rules.DEFAULT_ALPHA[rule]
   assert pseudo_masks.parse_alpha("auto", rule) == "auto"
+  with pytest.raises(UserError, match="background.alpha='' is not a number, 'default' or 'auto'"):
+    pseudo_masks.parse_alpha("", rule)
 
 
 def test_finding_scoring_counts_background_as_a_class():
@@ -334,7 +336,7 @@ def test_segment_layer_auto_takes_the_best_validated_layer():
   sweep["b4_5"]["crf"] = False  # without its CRF b4_5 scores 0.64 < 0.66
   assert pipeline_phase.segment_layer("auto", summary) == "b5_2"
   assert pipeline_phase.segment_layer("auto", {"layers_written": ["b4_5"]}) is None
-  assert pipeline_phase.segment_layer("", summary) is None
+  assert pipeline_phase.segment_layer("section", summary) is None
   assert pipeline_phase.segment_layer("b4_5", summary) == "b4_5"
   with pytest.raises(UserError, match="segment_layer='bn7'"):
     pipeline_phase.segment_layer("bn7", summary)

@@ -49,7 +49,7 @@ def write_release(root: str, spec: str = "luad_histoseg", n_train: int = 12, n_v
 
 
 def _cfg(root, name="luad_histoseg", **kw):
-  d = config_lib.data(name, 32)
+  d = config_lib.data(32, folders.DatasetChoice(name))
   d.root, d.num_classes, d.class_names, d.num_threads = root, 4, (), 1
   d.update(kw)
   return d
@@ -150,15 +150,33 @@ def test_unlabelled_folder_for_pretraining(tmp_path):
   assert len(source) == 3 and set(source[2]) == {"image", "name"}
 
 
-def test_use_dataset_sets_the_release_fields():
+def test_choose_dataset_sets_the_release_fields_and_settle_names_the_setting():
   from conftest import load_config as load
   config = load("segment", "dataset=bcss_wsss,root=/data/bcss")
   assert (config.data.name, config.data.root) == ("bcss_wsss", "/data/bcss")
   assert config.data.class_names == ("TUM", "STR", "LYM", "NEC") and config.palette == "bcss"
   assert config.data.mean == (0.7062, 0.4779, 0.6679)  # REFERENCE.md's BGR statistics, reversed
+  assert config.data.setting == "tissue"
   assert load("pseudo_masks", "dataset=bcss_wsss").background.rule == "none"
+  assert load("pseudo_masks", "dataset=bcss_wsss,background=otsu").background.rule == "otsu"
   with pytest.raises(UserError, match="dataset='kitti' is not one of"):
     load("classify", "dataset=kitti")
+  with pytest.raises(UserError, match="setting='lesion' is not one of"):
+    load("classify", "setting=lesion")
+  # no dataset argument: the setting stays "dataset" until the phase settles it once
+  default = load("segment")
+  assert default.data.setting == "dataset" and default.palette == "dataset"
+  assert folders.settle(default.data).setting == "tissue"
+  lesions = load("segment")
+  lesions.data.name = "synthetic_lesions"
+  assert folders.settle(lesions.data).setting == "finding"
+  lesions.data.setting = "tissue"  # a named setting wins over the dataset's
+  assert folders.settle(lesions.data).setting == "tissue"
+  lesions.data.setting = ""  # what runs written before the named mode recorded
+  assert folders.settle(lesions.data).setting == "finding"
+  lesions.data.setting = "lesions"
+  with pytest.raises(UserError, match="data.setting='lesions' is not one of"):
+    folders.settle(lesions.data)
 
 
 # --- ArrayRecord ------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def test_ce_plus_dice_matches_a_per_pixel_reimplementation_and_weighs_a_rare_fin
 def test_loss_follows_the_setting_unless_given():
   cfg = load_config("segment", "dataset=synthetic_lesions")
   assert segment.loss_kind(cfg) == "ce+dice"
-  assert segment.loss_kind(load_config("segment")) == "ce"
+  assert segment.loss_kind(segment.phase_config(load_config("segment"))) == "ce"
+  with pytest.raises(ValueError, match="settle the data section first"):
+    segment.loss_kind(load_config("segment"))  # "dataset" is a mode, never read as tissue
   cfg.loss = "ce"
   assert segment.loss_kind(cfg) == "ce"
   cfg.loss = "dice"

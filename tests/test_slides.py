@@ -5,7 +5,7 @@ import tifffile
 from PIL import Image
 
 from wsss_jax import config_lib
-from wsss_jax.data import pipeline, slides, synthetic
+from wsss_jax.data import folders, pipeline, slides, synthetic
 from wsss_jax.data.transforms import downsample
 from wsss_jax.errors import UserError
 
@@ -115,7 +115,7 @@ def test_tissue_tiles_and_mrn_pairs(pyramid):
 
 def test_slides_feed_the_training_pipeline(pyramid, tmp_path):
   path, _ = pyramid
-  d = config_lib.data("slides", 32)
+  d = config_lib.data(32, folders.DatasetChoice("slides"))
   d.root, d.slide_tile, d.slide_downsample, d.num_threads = path, 64, 2.0, 1
   it = iter(pipeline.train_dataset(d, seed=0, local_batch=4))
   batch = next(it)

@@ -28,9 +28,8 @@ def _convert(text: str, default):
   return type(default)(text) if default is not None else text
 
 
-SETTINGS = ("tissue", "finding")
-# The config arguments every phase file accepts to point it at a dataset (folders.use_dataset).
-DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="")
+# The config arguments every phase file accepts to point it at a dataset (folders.choose_dataset).
+DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="dataset")
 
 
 def parse_arg(arg: str | None, overrides: dict | None = None, **defaults) -> ml_collections.ConfigDict:
@@ -111,10 +110,12 @@ def parallel() -> ml_collections.ConfigDict:
   return p
 
 
-def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.ConfigDict:
+def data(image_size: int = 224, dataset=None) -> ml_collections.ConfigDict:
+  """The data section; `dataset` (a folders.DatasetChoice) names the dataset and its setting
+  and statistics (None: the embedded tiles)."""
   d = ml_collections.ConfigDict()
-  d.name = name
-  d.root = ""                 # folder of a release (luad_histoseg, bcss_wsss, folder)
+  d.name = dataset.name if dataset else "synthetic"
+  d.root = dataset.root if dataset else ""  # folder of a release (luad_histoseg, bcss_wsss, ...)
   d.records_dir = ""          # read ArrayRecord shards built from data.root here instead
   d.bad_files = "strict"      # strict: stop listing every bad file; skip: drop and list them
   d.decode_check = True       # decode every tile when a folder split is opened (cached)
@@ -124,9 +125,10 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.slide_stride = 0          # slides: tile grid step in tile pixels (0: the tile side)
   d.min_tissue = 0.5          # slides: tissue share a tile needs to be kept
   d.slide_context_scale = 0   # slides: > 1 adds the MRN context at slide_downsample * this
-  d.setting = ""              # tissue: every pixel is a labelled class; finding: findings on an
-                              # unlabelled background (index K), negatives with all-zero labels;
-                              # "": the dataset's (phases reading a classifier: the classifier's)
+  # tissue: every pixel is a labelled class; finding: findings on an unlabelled background
+  # (index K), negatives with all-zero labels; dataset: the dataset's (phases reading a
+  # classifier: the classifier's), settled once by the phase (folders.settle)
+  d.setting = dataset.setting if dataset else "dataset"
   d.seed = 0                  # the embedded dataset's generator seed
   d.num_train = 4096
   d.num_val = 64
@@ -135,8 +137,8 @@ def data(name: str = "synthetic", image_size: int = 224) -> ml_collections.Confi
   d.image_size = image_size   # network input size after cropping
   d.crop_scale = (0.2, 1.0)   # random-resized-crop area range (0.5-1.0 for X-ray-like data)
   d.hflip = True
-  d.mean = HISTOLOGY_MEAN
-  d.std = HISTOLOGY_STD
+  d.mean = (dataset and dataset.mean) or HISTOLOGY_MEAN
+  d.std = (dataset and dataset.std) or HISTOLOGY_STD
   d.num_threads = 2           # grain reader threads per process
   d.num_workers = 0           # grain worker processes (0: in-process threads only)
   d.prefetch = 4              # batches buffered ahead of the step

@@ -373,52 +373,80 @@ def preset(name: str, setting: str) -> Preset:
   return Preset(spec.class_names, setting, background, palette, spec.mean, spec.std)
 
 
-def resolve(data_cfg, field: str, value: str = ""):
+SETTINGS = ("tissue", "finding")
+# "dataset": the dataset preset's value, or for a phase reading a classifier the classifier's
+FROM_DATASET = "dataset"
+
+
+def _given(value: str) -> bool:
+  return value not in ("", FROM_DATASET)  # "": what runs written before the named mode hold
+
+
+def resolve(data_cfg, field: str, value: str = FROM_DATASET):
   """A preset-backed field's value: `value` when the user gave one, else the preset of
   data.name in data.setting (field: setting, background, palette)."""
-  return value or getattr(preset(data_cfg.name, data_cfg.get("setting", "")), field)
+  setting = data_cfg.get("setting", FROM_DATASET)
+  return value if _given(value) else getattr(
+      preset(data_cfg.name, setting if _given(setting) else ""), field)
 
 
-def use_dataset(config, arg) -> None:
-  """Points a phase config at a dataset from its config arguments (`dataset`, `root`,
-  `classes` joined by '+', `setting`): data.name/root, class names and count, setting, channel
-  statistics, and where the config has them the mask palette and background rule. A field
-  whose config argument the user gave (`arg.given_args`) keeps the user's value."""
-  from wsss_jax import config_lib
-  name, root, given = arg.dataset, arg.root, set(arg.get("given_args", ()))
-  if name == "slides":  # tiles cut from large images (wsss_jax.data.slides): unlabelled
-    config.data.name, config.data.root = name, root
-    return
+def settle(data_cfg):
+  """A copy of a data section with its setting resolved: the one place `setting=dataset`
+  becomes tissue or finding (each phase calls it once, on the data it ends up with)."""
+  data = data_cfg.copy_and_resolve_references()
+  with data.unlocked():
+    data.setting = resolve(data_cfg, "setting", data_cfg.get("setting", FROM_DATASET))
+  if data.setting not in SETTINGS:
+    raise UserError(f"data.setting={data.setting!r} is not one of {SETTINGS + (FROM_DATASET,)}")
+  return data
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetChoice:
+  """What a config file's dataset arguments (`dataset`, `root`, `classes` joined by '+',
+  `setting`, and where it has them `palette`, `background`) pick. The setting, palette and
+  background rule stay "dataset" unless a dataset or setting argument was given: a phase
+  reading a classifier then takes the classifier's."""
+  name: str = "synthetic"
+  root: str = ""
+  class_names: tuple = ()            # (): the config's own
+  setting: str = FROM_DATASET
+  palette: str = FROM_DATASET
+  background: str = FROM_DATASET
+  mean: tuple | None = None          # None: the config's own
+  std: tuple | None = None
+
+
+def choose_dataset(arg) -> DatasetChoice:
+  """The dataset a config file's arguments name, checked; the preset fills what they leave."""
+  given = set(arg.get("given_args", ()))
+  if arg.dataset == "slides":  # tiles cut from large images (wsss_jax.data.slides): unlabelled
+    return DatasetChoice(arg.dataset, arg.root)
   known = ("slides",) + tuple(EMBEDDED) + tuple(SPECS)
-  if name not in known:
-    raise UserError(f"dataset={name!r} is not one of {known}")
-  if arg.get("setting") and arg.setting not in config_lib.SETTINGS:
-    raise UserError(f"setting={arg.setting!r} is not one of {config_lib.SETTINGS}")
-  p, data = preset(name, arg.get("setting", "")), config.data
-  data.name, data.root = name, root
+  if arg.dataset not in known:
+    raise UserError(f"dataset={arg.dataset!r} is not one of {known}")
+  if _given(arg.get("setting", "")) and arg.setting not in SETTINGS:
+    raise UserError(f"setting={arg.setting!r} is not one of {SETTINGS}")
+  setting = arg.setting if _given(arg.get("setting", "")) else ""
+  p = preset(arg.dataset, setting)
   names = tuple(n for n in arg.get("classes", "").split("+") if n)
   if "classes" in given and p.class_names and names != p.class_names:
-    raise UserError(f"classes={arg.classes} but {name} has classes {'+'.join(p.class_names)}")
+    raise UserError(f"classes={arg.classes} but {arg.dataset} has classes "
+                    f"{'+'.join(p.class_names)}")
   names = names or p.class_names or ()
-  if names:
-    if "class_names" in data:
-      data.class_names = names
-    if "num_classes" in data:
-      data.num_classes = len(names)
-  if p.mean:
-    data.mean, data.std = p.mean, p.std
-  # without a dataset or setting argument these stay "": a phase reading a classifier takes its
-  # setting, and `resolve` gives the rest from the data the phase ends up with
-  if "dataset" in given or "setting" in given:
-    data.setting = p.setting
-    if "palette" in config and "palette" not in given:
-      config.palette = p.palette
-    if "background" in config and "background" not in given:
-      config.background.rule = p.background
-  if data.get("setting") == "finding" and any(n.lower() == "background" for n in names):
+  chose = "dataset" in given or "setting" in given
+  if chose and p.setting == "finding" and any(n.lower() == "background" for n in names):
     raise UserError(f"classes={'+'.join(names)}: in the finding setting background is not a "
                     f"class (index {len(names)}, after the findings); name only "
                     f"the findings, e.g. classes=nucleus")
+
+  def own(field: str, from_preset: str) -> str:  # the user's argument, else the preset's
+    if field in given and _given(arg[field]):
+      return arg[field]
+    return from_preset if chose else FROM_DATASET
+
+  return DatasetChoice(arg.dataset, arg.root, names, p.setting if chose else FROM_DATASET,
+                       own("palette", p.palette), own("background", p.background), p.mean, p.std)
 
 
 def folder_source(data_cfg, split: str) -> FolderSource:

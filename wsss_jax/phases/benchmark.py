@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.device import hlo_report, parallel, profiler
 from wsss_jax import atomic
+from wsss_jax.data import folders
+from wsss_jax.device import hlo_report, parallel, profiler
 from wsss_jax.errors import UserError
 from wsss_jax.tasks import classify, pretrain, segment
 from wsss_jax.tasks.common import compute_dtype
@@ -72,6 +73,7 @@ def _training(config, mesh):
       batch[f"mask_{layer}"] = rng.integers(0, k + 1, (config.batch_size, size, size), np.uint8)
     if config.model.name == "mrn":
       batch["context"] = rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
+    config.data = folders.settle(config.data)
     return segment.Segmentation(config, mesh), batch, compute_dtype(config)
   batch["labels"] = (rng.random((config.batch_size, config.data.num_classes)) < 0.5).astype(
       np.float32)

@@ -187,7 +187,7 @@ def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
   result["pseudo_masks"] = done or dispatch.run(config.pseudo_masks, dirs.pseudo_masks)
   seg = config.segment
   seg.data.masks_dir = os.path.join(dirs.pseudo_masks, "masks")
-  layer = segment_layer(config.get("segment_layer", ""), result["pseudo_masks"])
+  layer = segment_layer(config.segment_layer, result["pseudo_masks"])
   if layer:
     seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
   return erasing
@@ -211,9 +211,10 @@ def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: st
 def segment_layer(choice: str, pm_summary: dict) -> str | None:
   """The one pseudo-mask layer the segmenter learns from: `choice` when it names a layer the
   pseudo-mask run wrote; for "auto" the layer of the best validation mIoU where the run swept
-  alpha on validation masks (with the CRF where crf.validate kept it); None: leave the config's."""
+  alpha on validation masks (with the CRF where crf.validate kept it); None ("section", or "auto"
+  without a sweep): the segment section's own mask_layers."""
   written = pm_summary.get("layers_written", [])
-  if choice not in ("", "auto"):
+  if choice not in ("section", "auto"):
     if choice not in written:
       raise UserError(f"segment_layer={choice!r}: the pseudo-mask run wrote {written}")
     return choice

@@ -569,10 +569,10 @@ class Predictor(NamedTuple):
 
 
 def predictor(seg: earlier_runs.Segmenter, config, mesh, mode: str) -> Predictor:
-  data = ml_collections.ConfigDict(seg.config["data"])
+  data = folders.settle(ml_collections.ConfigDict(seg.config["data"]))
   k = int(data.num_classes)
-  setting = folders.resolve(data, "setting")
-  palette_name = folders.resolve(data, "palette", seg.config.get("palette", ""))
+  setting = data.setting
+  palette_name = folders.resolve(data, "palette", seg.config.get("palette", folders.FROM_DATASET))
   mrn = isinstance(seg.model, MRN)
   return Predictor(
       fn=make_probabilities(seg, data, mesh), mesh=mesh, input_size=int(data.image_size),

@@ -72,14 +72,14 @@ ALPHA_GRID = {"threshold": tuple(round(0.05 * i, 2) for i in range(1, 20)),
 
 
 def parse_alpha(text, map_rule: str):
-  """background.alpha: "" (the rule's default), "auto", or a number (checked for the rule)."""
+  """background.alpha: "default" (the rule's), "auto", or a number (checked for the rule)."""
   text = str(text).strip().lower()
   if text == "auto":
     return "auto"
   try:
-    alpha = float(text) if text else mask_rules.DEFAULT_ALPHA[map_rule]
+    alpha = mask_rules.DEFAULT_ALPHA[map_rule] if text == "default" else float(text)
   except ValueError:
-    raise UserError(f"background.alpha={text!r} is not a number, '' or 'auto'") from None
+    raise UserError(f"background.alpha={text!r} is not a number, 'default' or 'auto'") from None
   mask_rules.check_alpha(map_rule, alpha)
   return alpha
 
@@ -162,9 +162,9 @@ def validate(config) -> None:
     raise UserError(f"split={config.split!r} is not one of {SPLITS}")
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
-  if config.background.rule:
+  if config.background.rule != folders.FROM_DATASET:
     mask_rules.check_rule(config.background.rule)
-  if config.palette:
+  if config.palette != folders.FROM_DATASET:
     mask_files.palette_bytes(config.palette, 1)
   relevance.check_method(config.method.partition(":")[0])
   relu_choice(config.relu, "tissue")  # refuses an unknown mode before the classifier loads
@@ -269,7 +269,7 @@ def classifier_maps_fn(config, data, meta: dict) -> Callable:
   map_rule = mask_rules.split_rule(folders.resolve(data, "background", config.background.rule))[1]
   # map rules normalise by the per-image maximum themselves (mask_rules.max_normalize)
   normalize = "none" if map_rule else config.normalize
-  relu = relu_choice(config.relu, folders.resolve(data, "setting"))
+  relu = relu_choice(config.relu, data.setting)
   return lambda classifier: relevance.relevance_fn(
       method, classifier.apply, layers=list(layers) or None, target=config.target,
       upsample=False, normalize=normalize, only_present=True, relu=relu, **options)
@@ -367,7 +367,7 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.mesh_from_config(config)
   source = map_source(config, mesh)
   data = source.data
-  setting = folders.resolve(data, "setting")
+  setting = data.setting
   rule_name = folders.resolve(data, "background", config.background.rule)
   image_rule, map_rule = mask_rules.split_rule(rule_name)  # checks the rule
   if setting == "finding" and map_rule is None:

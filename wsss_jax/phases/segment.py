@@ -49,8 +49,8 @@ def validate(config) -> None:
   if len(config.loss_weights) != len(config.data.mask_layers):
     raise UserError(f"loss_weights {tuple(config.loss_weights)} and data.mask_layers "
                     f"{tuple(config.data.mask_layers)} differ in length")
-  if config.get("loss") and config.loss not in LOSSES:
-    raise UserError(f"loss={config.loss!r} is not one of {LOSSES} (or '' for the setting's)")
+  if config.loss not in LOSSES + ("setting",):
+    raise UserError(f"loss={config.loss!r} is not one of {LOSSES + ('setting',)}")
   for mode in config.gate.modes:
     if mode not in GATE_MODES:
       raise UserError(f"gate.modes: {mode!r} is not one of {GATE_MODES}")
@@ -94,12 +94,19 @@ class BestCheckpoint:
     return step, state.replace(**fields)
 
 
+def phase_config(config):
+  """The config the run follows: its setting settled, no masks_dir under full supervision."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data = folders.settle(config.data)
+    if config.supervision == "full":
+      config.data.masks_dir = ""  # MaskedSource reads the ground truth
+  return config
+
+
 def run(config, workdir: str) -> dict:
   validate(config)
-  if config.supervision == "full":
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.masks_dir = ""  # MaskedSource reads the ground truth
+  config = phase_config(config)
   mesh = parallel.mesh_from_config(config)
   seg = Segmentation(config, mesh)
   classifier = load_gate_classifier(config, mesh)  # fail fast on a mismatched classifier

@@ -87,8 +87,10 @@ def multilayer_loss(logits, batch, weights: dict, num_classes: int, kind: str = 
 
 
 def loss_kind(config) -> str:
-  """config.loss, or by setting when "": CE for tissue maps, CE + Dice for findings."""
-  return config.get("loss") or ("ce+dice" if setting(config) == "finding" else "ce")
+  """config.loss, or by setting ("setting"): CE for tissue maps, CE + Dice for findings."""
+  if config.loss != "setting":
+    return config.loss
+  return "ce+dice" if setting(config) == "finding" else "ce"
 
 
 def output_classes(config) -> int:
@@ -97,7 +99,10 @@ def output_classes(config) -> int:
 
 
 def setting(config) -> str:
-  return folders.resolve(config.data, "setting")
+  """tissue or finding: the data section is settled when the phase starts (folders.settle)."""
+  if config.data.setting not in folders.SETTINGS:
+    raise ValueError(f"data.setting={config.data.setting!r}: settle the data section first")
+  return config.data.setting
 
 
 def scoring(config) -> str:

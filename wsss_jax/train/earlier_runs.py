@@ -12,6 +12,7 @@ import flax.traverse_util as traverse_util
 import jax
 import ml_collections
 
+from wsss_jax.data import folders
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import ViTClassifier, build_classifier
@@ -56,14 +57,16 @@ DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size",
 
 
 def data_config(config, classifier_data: dict):
-  """The maps phase's data section: the classifier's input fields, this config's split sizes."""
+  """A classifier-reading phase's data section: the classifier's input fields (its setting,
+  unless this config names one), this config's split sizes; its setting settled."""
   data = ml_collections.ConfigDict(config.data.to_dict())
+  own = {"image_size": bool(config.data.get("image_size")),
+         "setting": config.data.get("setting", "") not in ("", folders.FROM_DATASET)}
   for field in DATA_FIELDS:
-    own = field in ("image_size", "setting") and config.data.get(field)
-    if field in classifier_data and not own:
+    if field in classifier_data and not own.get(field):
       value = classifier_data[field]
       data[field] = tuple(value) if isinstance(value, list) else value
-  return data
+  return folders.settle(data)
 
 
 # --- Pretrained weights -----------------------------------------------------------------------------

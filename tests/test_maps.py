@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from wsss_jax import metrics, relevance
+from wsss_jax import metrics, relevance, runner
 from wsss_jax.data import synthetic, transforms
 from wsss_jax.data.synthetic import BACKGROUND
 from wsss_jax.device import parallel
@@ -46,4 +46,5 @@ def test_maps_phase_writes_the_relevance_maps_and_scores_them(tiny_classifier, t
   assert (tmp_path / "overlays" / "gradcam.png").exists() and (tmp_path / "table.md").exists()
   config.relu = "maybe"
   with pytest.raises(UserError, match="relu='maybe' is not one of"):
-    maps.run(config, str(tmp_path / "bad"))
+    runner.run_phase(config, str(tmp_path / "bad"))
+  assert os.listdir(tmp_path / "bad") == []  # refused before its config.json is recorded

@@ -177,7 +177,7 @@ def test_chained_pretraining_copies_the_encoder_across_layouts(tiny_pretrain_con
   mesh = parallel.make_mesh(1)
   t = pretrain.build_training(chained, mesh)
   fresh = jax.jit(t.init_state)()
-  state = pretrain.load_pretrained(fresh, chained.model.init_from, True, mesh)
+  state = pretrain.load_chained(fresh, chained.model.init_from, True, mesh)
   got = jax.device_get(state.params)
   jax.tree.map(np.testing.assert_array_equal, unstack_blocks(got)["encoder"], a["encoder"])
   jax.tree.map(np.testing.assert_array_equal, got["decoder_blocks"],
@@ -188,7 +188,7 @@ def test_chained_pretraining_copies_the_encoder_across_layouts(tiny_pretrain_con
   other.model.variant = "Ti/8"
   t2 = pretrain.build_training(other, mesh)
   with pytest.raises(UserError, match=r"model.init_from=.*encoder/.* another model.variant"):
-    pretrain.load_pretrained(jax.jit(t2.init_state)(), str(tmp_path / "a"), False, mesh)
+    pretrain.load_chained(jax.jit(t2.init_state)(), str(tmp_path / "a"), False, mesh)
 
 
 def _restored_params(config, workdir):

@@ -27,10 +27,17 @@ from __future__ import annotations
 import os
 import re
 
+import jax
 import numpy as np
 from absl import app, flags
+from flax import traverse_util
 
+from wsss_jax import runner
 from wsss_jax.errors import UserError
+from wsss_jax.models.resnet import DEPTHS
+from wsss_jax.models.resnet38 import ResNet38
+from wsss_jax.models.vit import VARIANTS, sincos_2d_posemb
+from wsss_jax.train import checkpoint
 
 ARCHS = ("mae", "vit", "resnet50", "resnet101", "resnet38")
 IGNORED = re.compile(r"(^|\.)num_batches_tracked$")  # BatchNorm step counters: no Flax state
@@ -40,7 +47,7 @@ IGNORED = re.compile(r"(^|\.)num_batches_tracked$")  # BatchNorm step counters: 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """The tensors of a .pth/.pt file as float32 numpy arrays, unwrapped from `model`/`state_dict`
   and with DataParallel's `module.` prefix removed."""
-  try:
+  try:  # optional (the torch extra): only this reader needs it
     import torch
   except ImportError:
     raise UserError("reading PyTorch files needs torch: pip install -e '.[torch]'") from None
@@ -112,7 +119,6 @@ def _count(prefix: str, keys) -> int:
 
 # --- ViT and MAE ------------------------------------------------------------------------------------
 def _vit_variant(width: int, depth: int, mlp_dim: int, patch: int) -> str:
-  from wsss_jax.models.vit import VARIANTS
   for name, (w, d, m, _) in VARIANTS.items():
     if (w, d, m) == (width, depth, mlp_dim):
       return f"{name}/{patch}"
@@ -123,7 +129,6 @@ def _vit_variant(width: int, depth: int, mlp_dim: int, patch: int) -> str:
 def _check_fixed_table(m: Mapper, key: str, width: int, grid: int) -> None:
   """MAE's position embeddings are the fixed 2-D sin-cos table; a file whose table differs was
   trained with learned ones (use --arch=vit)."""
-  from wsss_jax.models.vit import sincos_2d_posemb
   if not m.has(key):
     return
   table = m.take(key)[0]
@@ -198,7 +203,6 @@ def convert_vit(m: Mapper) -> dict:
 
 # --- CNNs -------------------------------------------------------------------------------------------
 def convert_resnet(m: Mapper, depth: int) -> dict:
-  from wsss_jax.models.resnet import DEPTHS
   found = tuple(_count(f"layer{s}", m.sd) for s in range(1, 5))
   if found != DEPTHS[depth]:
     raise UserError(f"the checkpoint has {found} blocks per stage; ResNet-{depth} has "
@@ -219,7 +223,6 @@ def convert_resnet(m: Mapper, depth: int) -> dict:
 
 
 def convert_resnet38(m: Mapper) -> dict:
-  from wsss_jax.models.resnet38 import ResNet38
   bb = ("backbone",)
   m.conv("conv1a", bb + ("conv1a",))
   names = [p if i == 0 else f"{p}_{i}" for p, blocks, *_ in ResNet38.STAGES for i in range(blocks)]
@@ -241,7 +244,6 @@ def convert_resnet38(m: Mapper) -> dict:
 # --- Writing ----------------------------------------------------------------------------------------
 def convert(state_dict: dict[str, np.ndarray], arch: str, decoder_heads: int = 16):
   """(params, batch_stats, info, not_converted) as nested dicts of numpy arrays."""
-  from flax import traverse_util
   if arch not in ARCHS:
     raise UserError(f"--arch={arch!r} is not one of {ARCHS}")
   m = Mapper(state_dict)
@@ -260,10 +262,7 @@ def convert(state_dict: dict[str, np.ndarray], arch: str, decoder_heads: int = 1
 
 def write_workdir(workdir: str, params: dict, batch_stats: dict, meta: dict) -> str:
   """An orbax checkpoint (step 0) holding {params, batch_stats}, as the phases write them."""
-  import jax
 
-  from wsss_jax import runner
-  from wsss_jax.train import checkpoint
   path = runner.prepare_workdir(workdir)
   directory = os.path.join(path, "checkpoints")
   if os.path.isdir(directory) and os.listdir(directory):

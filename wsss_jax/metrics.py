@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsss_jax.errors import UserError
+
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
   """AP = sum_n (R_n - R_{n-1}) P_n over the ranking by decreasing score (scikit-learn's
@@ -109,8 +111,7 @@ CONVENTIONS = ("stage1", "stage2", "finding")
 
 def check_convention(convention: str) -> None:
   if convention not in CONVENTIONS:
-    from wsss_jax.errors import UserError
-    raise UserError(f"scoring convention {convention!r} is not one of {CONVENTIONS}")
+      raise UserError(f"scoring convention {convention!r} is not one of {CONVENTIONS}")
 
 
 def device_confusion(pred, truth, num_classes: int, background: int, convention: str,

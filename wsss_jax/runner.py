@@ -14,7 +14,8 @@ from wsss_jax.train import run_record
 PHASES = {"pretrain": pretrain, "classify": classify, "benchmark": benchmark, "maps": maps,
           "pseudo_masks": pseudo_masks, "segment": segment, "pipeline": pipeline,
           "dataset": dataset, "erasing": erasing, "predict": predict}
-# phases that run other phases are given the dispatch below (a phase never imports the runner)
+# phases that run other phases are given the dispatch below in their run and validate (a phase
+# never imports the runner)
 COMPOSING = ("pretrain", "erasing", "pipeline")
 # phases that resume from checkpoints: they record their config once those are accepted
 # (loop.start_run); the others record it before they start
@@ -38,15 +39,18 @@ def prepare_workdir(workdir: str | None) -> str:
 
 
 def validate_phase(config) -> None:
-  """The checks of the phase named by `config.phase` (a phase composing another checks its
-  section before it starts)."""
+  """The checks of the phase named by `config.phase` (a phase composing others checks their
+  sections through the dispatch before it starts)."""
   phase = config.get("phase")
   if phase not in PHASES:
     raise UserError(f"config field phase={phase!r} is not one of {sorted(PHASES)}")
-  if phase == "pretrain":  # its evaluation's classify sections are checked before it starts
-    pretrain.validate(config, DISPATCH)
+  check = getattr(PHASES[phase], "validate", None)
+  if check is None:  # benchmark, dataset: their config has nothing to check ahead
+    return
+  if phase in COMPOSING:
+    check(config, DISPATCH)
   else:
-    PHASES[phase].validate(config)
+    check(config)
 
 
 def run_phase(config, workdir: str) -> dict:
@@ -61,7 +65,8 @@ def run_phase(config, workdir: str) -> dict:
   if "data" in config and "report_dir" in config.data and not config.data.report_dir:
     config.data.report_dir = workdir  # lists of skipped bad files land in the run's workdir
   run_record.check_phase(config, workdir)
-  if phase not in RESUMING:
+  if phase not in RESUMING:  # a refused config leaves no config.json behind
+    validate_phase(config)
     run_record.write_config(config, workdir)
   with kernels.selected_kernels(chosen):
     if phase in COMPOSING:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from wsss_jax.data import folders, lesions, mask_files, randaugment, synthetic, transforms
+from wsss_jax.data import folders, lesions, mask_files, randaugment, slides, synthetic, transforms
 from wsss_jax.errors import UserError
 
 DATASETS = ("synthetic", "synthetic_lesions", "slides") + tuple(folders.SPECS)
@@ -37,7 +37,6 @@ def build_source(data_cfg, split: str):
             else lesions.SyntheticLesions)
     source = kind(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
   elif data_cfg.name == "slides":  # tissue tiles cut from large TIFF/PNG images
-    from wsss_jax.data import slides
     source = slides.slide_source(data_cfg, split)
   elif data_cfg.get("records_dir"):  # ArrayRecord shards written by configs/dataset.py
     from wsss_jax.data import records  # imports tensorflow_datasets: only when used

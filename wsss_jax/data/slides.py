@@ -21,6 +21,7 @@ import os
 import threading
 
 import numpy as np
+import tifffile
 from PIL import Image
 from scipy import ndimage
 
@@ -68,7 +69,6 @@ class Slide:
     self.downsamples = [self.levels[0][0] / h for h, _ in self.levels]
 
   def _open_tiff(self) -> None:
-    import tifffile
     self._tiff = tifffile.TiffFile(self.path)
     series = self._tiff.series[0]
     self._pages = [level.keyframe for level in series.levels]
@@ -76,7 +76,7 @@ class Slide:
     self._cache = {}
 
   def _open_openslide(self) -> None:
-    try:
+    try:  # optional (the openslide extra): only formats tifffile does not read need it
       import openslide
     except ImportError:
       raise UserError(f"slide {self.path}: this format needs the optional openslide-python "

@@ -15,6 +15,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wsss_jax.errors import UserError
@@ -86,7 +87,6 @@ def _axis_sizes(n: int, data: int, fsdp: int) -> tuple[int, int]:
 
 
 def _device_grid(shape, devices) -> np.ndarray:
-  from jax.experimental import mesh_utils
   try:
     return mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
@@ -228,7 +228,6 @@ def to_host(tree):
       return np.asarray(x.addressable_data(0))
     if x.is_fully_addressable:
       return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(one, tree)
 

@@ -123,6 +123,7 @@ def pallas_attention(q, k, v, multiple: int = PAD_MULTIPLE["pallas"]):
   """The same through the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops`): the
   padded tokens form a segment of their own (segment ids 0 against 1), so real queries never see
   padded keys. Runs on TPUs, and anywhere under `pltpu.force_tpu_interpret_mode()`."""
+  # TPU-only kernel module: imported when this attention is chosen, not by every ViT
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   b, n, _, d = q.shape
   padded = -(-n // multiple) * multiple

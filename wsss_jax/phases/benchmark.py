@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax import atomic
-from wsss_jax.data import folders
+from wsss_jax import atomic, relevance
+from wsss_jax.data import folders, pipeline
 from wsss_jax.device import hlo_report, parallel, profiler
 from wsss_jax.errors import UserError
+from wsss_jax.relevance.options import method_options
 from wsss_jax.tasks import classify, pretrain, segment
 from wsss_jax.tasks.common import compute_dtype
 
@@ -74,7 +75,7 @@ def _training(config, mesh):
     if config.model.name == "mrn":
       batch["context"] = rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8)
     config.data = folders.settle(config.data)
-    return segment.Segmentation(config, mesh), batch, compute_dtype(config)
+    return segment.build_training(config, mesh), batch, compute_dtype(config)
   batch["labels"] = (rng.random((config.batch_size, config.data.num_classes)) < 0.5).astype(
       np.float32)
   return classify.build_training(config, mesh), batch, compute_dtype(config)
@@ -97,7 +98,6 @@ def fed_by_pipeline(config, compiled, state, mesh) -> dict:
   """The same compiled step fed by the real grain pipeline (decode, augment, batch, global
   arrays) for `total_steps` steps after a warm-up: images/s and the share of wall time spent
   waiting for input, as the training loop measures it."""
-  from wsss_jax.data import pipeline
   keys = ("image",) if config.model.name == "mae" else ("image", "labels")
   local = parallel.check_batch_size(config.batch_size, mesh)
   it = iter(pipeline.train_dataset(config.data, seed=config.seed, local_batch=local, keys=keys,
@@ -204,8 +204,6 @@ def model_description(config) -> dict:
 def benchmark_maps(config) -> dict:
   """Steady-state relevance maps/s of `config.relevance` (e.g. gradcam, lrp:EpsilonPlusFlat) for
   all classes of a freshly initialised classifier, batch sharded over the devices."""
-  from wsss_jax import relevance
-  from wsss_jax.relevance.options import method_options
   if config.model.name not in CLASSIFIERS:
     raise UserError("relevance= benchmarks a classifier: use model=resnet38, resnet50 or vit")
   mesh = parallel.mesh_from_config(config)

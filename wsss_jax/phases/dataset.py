@@ -17,9 +17,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from wsss_jax.data import folders, pipeline, stats, synthetic
+from wsss_jax.data import folders, mask_files, pipeline, records, stats, synthetic
 from wsss_jax.errors import UserError
-from wsss_jax.data import mask_files
 
 ACTIONS = ("stats", "build", "input")
 
@@ -99,7 +98,6 @@ def run_stats(config, workdir: str, data) -> dict:
 
 
 def run_build(config, workdir: str, data) -> dict:
-  from wsss_jax.data import records
   out = data.records_dir or os.path.join(workdir, "records")
   folder = records.build(data, out)
   print(f"ArrayRecord shards of {data.root} in {folder}; train with "
@@ -128,7 +126,6 @@ def _pipeline_rate(data, batch: int, batches: int) -> float:
 
 
 def run_input(config, workdir: str, data) -> dict:
-  from wsss_jax.data import records
   rec = data.copy_and_resolve_references()
   rec.records_dir = data.records_dir or os.path.join(workdir, "records")
   records.build(data, rec.records_dir)

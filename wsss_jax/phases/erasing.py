@@ -100,7 +100,9 @@ def settings_of(config) -> dict:
   return {"method": e.method, "layer": e.layer, "threshold": float(e.threshold)}
 
 
-def validate(config) -> None:
+def validate(config, dispatch=None) -> None:
+  """The erasing settings, and through `dispatch` (the runner's) the rounds' classify section
+  where this config has one (in the pipeline the classify section is the pipeline's)."""
   e = config.erasing
   if e.rounds < 1:
     raise UserError(f"erasing.rounds={e.rounds} must be at least 1")
@@ -117,11 +119,13 @@ def validate(config) -> None:
   if e.method not in ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"):
     raise UserError(f"erasing.method={e.method!r}: the regions come from a class-activation "
                     f"method (cam, gradcam, gradcam++, xgradcam, layercam, hirescam)")
+  if dispatch is not None and "classify" in config:
+    dispatch.validate(config.classify)
 
 
 def run(config, workdir: str, *, dispatch) -> dict:
   """The rounds, each a classify run through `dispatch.run` (the runner's)."""
-  validate(config)
+  validate(config, dispatch)
   mesh = parallel.mesh_from_config(config)
   settings = settings_of(config)
   e = config.erasing

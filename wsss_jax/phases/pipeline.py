@@ -72,7 +72,9 @@ def table(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def validate(config) -> None:
+def validate(config, dispatch=None) -> None:
+  """The pipeline's own choices, and through `dispatch` (the runner's) the sections it will
+  run, before the first of them starts."""
   if config.supervision not in ("pseudo", "full"):
     raise UserError(f"supervision={config.supervision!r} is not 'pseudo' or 'full'")
   found = config.get("pretrain_workdir")
@@ -86,6 +88,10 @@ def validate(config) -> None:
                     f"start from that run, not both")
   if config.run_erasing and config.pseudo_masks.dilations:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
+  if dispatch is not None:
+    sections = ("pretrain",) * config.run_pretrain + ("classify", "pseudo_masks", "segment")
+    for section in sections + ("erasing",) * config.run_erasing:
+      dispatch.validate(config[section])
 
 
 def check_pretrained_matches(workdir: str, model) -> None:
@@ -122,7 +128,7 @@ class Dirs(NamedTuple):
 
 def run(config, workdir: str, *, dispatch) -> dict:
   """Every phase in turn through `dispatch.run` (the runner's: each writes its config.json)."""
-  validate(config)
+  validate(config, dispatch)
   dirs = Dirs.under(workdir)
   result = {"phase": "pipeline", "workdir": workdir}
   for section in ("pretrain", "classify", "erasing", "pseudo_masks", "segment"):

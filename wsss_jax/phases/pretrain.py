@@ -21,7 +21,7 @@ from wsss_jax.models import pretext
 from wsss_jax.models.mae import MaskedAutoencoder
 from wsss_jax.outputs import mae_grid
 from wsss_jax.tasks.common import compute_dtype
-from wsss_jax.tasks.pretrain import (build_training, checkpoint_meta, encoder_name, load_pretrained,
+from wsss_jax.tasks.pretrain import (build_training, checkpoint_meta, encoder_name, load_chained,
                                      make_reconstruct_fn)
 from wsss_jax.train import loop
 
@@ -96,7 +96,7 @@ def run(config, workdir: str, *, step_callback: Callable | None = None, dispatch
   t = build_training(config, mesh)
   initialize = None
   if config.model.get("init_from"):  # chained pretraining: start from another run's weights
-    initialize = lambda state: load_pretrained(state, config.model.init_from,  # noqa: E731
+    initialize = lambda state: load_chained(state, config.model.init_from,  # noqa: E731
                                                bool(config.model.get("scan_blocks")), mesh)
   mae = isinstance(t.model, MaskedAutoencoder)
   reconstruct, eval_images = None, None

@@ -16,7 +16,8 @@ from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
-from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, Segmentation, checkpoint_meta, evaluate,
+from wsss_jax.tasks.common import Training
+from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, build_training, checkpoint_meta, evaluate,
                                     load_gate_classifier, loss_kind, overlay_figure, scoring,
                                     setting)
 from wsss_jax.train import earlier_runs, loop
@@ -64,7 +65,7 @@ class BestCheckpoint:
   """best/: the step of the highest validation mIoU, kept beside the periodic checkpoints. Opened
   at the first validation, once the run has been accepted (a refused run writes nothing)."""
 
-  def __init__(self, workdir: str, seg: Segmentation, config, mesh, meta: dict):
+  def __init__(self, workdir: str, seg: Training, config, mesh, meta: dict):
     self.workdir, self.seg, self.config, self.mesh, self.meta = workdir, seg, config, mesh, meta
     self.eval_every = config.eval_every if config.eval_every > 0 else seg.steps_per_epoch
     self._checkpointer = None
@@ -108,7 +109,7 @@ def run(config, workdir: str) -> dict:
   validate(config)
   config = phase_config(config)
   mesh = parallel.mesh_from_config(config)
-  seg = Segmentation(config, mesh)
+  seg = build_training(config, mesh)
   classifier = load_gate_classifier(config, mesh)  # fail fast on a mismatched classifier
   meta = checkpoint_meta(config)
   initialize = None

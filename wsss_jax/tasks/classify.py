@@ -6,7 +6,7 @@ PDA's mu lives in the train state and changes at epoch ends inside the jitted st
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ from wsss_jax import metrics
 from wsss_jax.data import mixing, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.models.classifier import build_classifier, lr_multipliers, param_labels
-from wsss_jax.tasks.common import compute_dtype, prepare_images, steps_per_epoch, total_steps
+from wsss_jax.tasks.common import (Training, compute_dtype, prepare_images, steps_per_epoch,
+                                   total_steps)
 from wsss_jax.train import optim
 from wsss_jax.train.checkpoint import model_meta
 from wsss_jax.train.train_state import ClassifierState
@@ -150,17 +151,6 @@ def make_predict_fn(model, config):
   return predict
 
 
-class Training(NamedTuple):
-  model: Any
-  init_state: Callable
-  abstract_state: Any
-  state_sharding: Any
-  train_step: Callable      # jitted; state donated
-  predict: Callable         # jitted
-  total_steps: int
-  steps_per_epoch: int
-
-
 def build_training(config, mesh) -> Training:
   model = build_classifier(config.model, config.data.image_size, config.data.num_classes,
                            compute_dtype(config))
@@ -181,8 +171,8 @@ def build_training(config, mesh) -> Training:
                     in_shardings=(state_sharding.params, state_sharding.batch_stats,
                                   parallel.batch_sharded(mesh)),
                     out_shardings=parallel.replicated(mesh))
-  return Training(model, init_state, abstract_state, state_sharding, train_step, predict, steps,
-                  spe)
+  return Training(model, init_state, abstract_state, state_sharding, train_step,
+                  total_steps=steps, steps_per_epoch=spe, predict=predict)
 
 
 # --- Validation -----------------------------------------------------------------------------------

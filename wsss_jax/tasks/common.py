@@ -1,9 +1,23 @@
 """Pieces every task shares: the compute dtype, images prepared on device, epochs in steps."""
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax.numpy as jnp
 
 from wsss_jax.data import pipeline
+
+
+class Training(NamedTuple):
+  """What every trained phase (and the benchmark) builds from a config and a mesh."""
+  model: Any
+  init_state: Callable      # () -> the train state, to be jitted with `state_sharding`
+  abstract_state: Any       # its shapes and dtypes
+  state_sharding: Any
+  train_step: Callable      # jitted (state, batch) -> (state, metrics); state donated
+  total_steps: int
+  steps_per_epoch: int = 0  # 0: counted in steps only (pretraining)
+  predict: Callable | None = None  # jitted inference (classify: logits; segment: per pixel)
 
 
 # --- Epochs and PDA's mu --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ the benchmark), the reconstruction figure, and chained pretraining from another 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from wsss_jax.models import classifier, pretext
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
 from wsss_jax.models.vit import stack_blocks, unstack_blocks
 from wsss_jax.outputs import mae_grid
-from wsss_jax.tasks.common import compute_dtype, prepare_images
+from wsss_jax.tasks.common import Training, compute_dtype, prepare_images
 from wsss_jax.train import optim
 from wsss_jax.train.checkpoint import model_meta, restore_latest
 from wsss_jax.train.train_state import BatchNormState, TrainState
@@ -111,15 +111,6 @@ def make_reconstruct_fn(model: MaskedAutoencoder, mean, std, dtype, seed: int):
                               out.mask, p, model.norm_pix_loss, mean, std)
 
   return reconstruct
-
-
-class Training(NamedTuple):
-  """What the pretrain and benchmark phases build alike from a config and a mesh."""
-  model: MaskedAutoencoder
-  init_state: Callable      # () -> TrainState, to be jitted with `state_sharding`
-  abstract_state: Any       # its shapes and dtypes
-  state_sharding: Any
-  train_step: Callable      # jitted (state, batch) -> (state, metrics); state donated
 
 
 def make_exemplar_step(model: pretext.InstanceEmbedder, tx, schedule, config, dtype) -> Callable:
@@ -217,10 +208,11 @@ def build_training(config, mesh) -> Training:
       parallel.with_mesh(mesh, step),
       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
       out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-  return Training(model, init_state, abstract_state, state_sharding, train_step)
+  return Training(model, init_state, abstract_state, state_sharding, train_step,
+                  total_steps=config.total_steps)
 
 
-def load_pretrained(state: TrainState, workdir: str, scanned: bool, mesh) -> TrainState:
+def load_chained(state: TrainState, workdir: str, scanned: bool, mesh) -> TrainState:
   """Chained pretraining: this run's parameters (and a CNN encoder's BatchNorm statistics) from
   the latest checkpoint of another pretrain run (MAE on a larger unlabelled set, say). The
   encoder must match and is always copied; the decoder and the other top-level parts (pretext

@@ -1,5 +1,5 @@
 """Segmentation task: DeepLabV3+ (or MRN) trained on pseudo masks with multi-layer
-pseudo-supervision, its losses and classification gate, the jitted steps (`Segmentation`, shared
+pseudo-supervision, its losses and classification gate, the jitted steps (`build_training`, shared
 with the benchmark), evaluation of a split at tile size (MRN by windows with their context), and
 the test figure.
 
@@ -34,7 +34,8 @@ from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
 from wsss_jax.outputs import overlays
-from wsss_jax.tasks.common import compute_dtype, prepare_images, steps_per_epoch, total_steps
+from wsss_jax.tasks.common import (Training, compute_dtype, prepare_images, steps_per_epoch,
+                                   total_steps)
 from wsss_jax.train import earlier_runs, optim
 from wsss_jax.train.checkpoint import model_meta
 from wsss_jax.train.train_state import ClassifierState
@@ -192,33 +193,31 @@ def layer_weights(config) -> dict:
   return dict(zip(config.data.mask_layers, config.loss_weights))
 
 
-class Segmentation:
-  """Model, optimiser, jitted steps and the numbers of steps."""
+def build_training(config, mesh) -> Training:
+  """Model, optimiser, jitted steps and the numbers of steps; `predict` gives the logits of
+  (params, batch_stats, images, context or None) at the model's output size."""
+  model = build_segmenter(config.model, output_classes(config), compute_dtype(config))
+  spe = steps_per_epoch(config)
+  steps = total_steps(config, spe)
+  tx, schedule = optim.classifier_optimizer(
+      config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
+      config.batch_size, steps)
+  init_state = make_init_fn(model, tx, config)
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
+  train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(model, tx, schedule, config)),
+                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                       out_shardings=(state_sharding, parallel.replicated(mesh)),
+                       donate_argnums=0)
+  dtype, data = compute_dtype(config), config.data
 
-  def __init__(self, config, mesh):
-    self.model = build_segmenter(config.model, output_classes(config), compute_dtype(config))
-    self.steps_per_epoch = steps_per_epoch(config)
-    self.total_steps = total_steps(config, self.steps_per_epoch)
-    tx, schedule = optim.classifier_optimizer(
-        config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
-        config.batch_size, self.total_steps)
-    self.init_state = make_init_fn(self.model, tx, config)
-    self.abstract_state = jax.eval_shape(self.init_state)
-    self.state_sharding = parallel.state_shardings(self.abstract_state, mesh,
-                                                   config.get("parallel"))
-    self.train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(self.model, tx, schedule,
-                                                                       config)),
-                              in_shardings=(self.state_sharding, parallel.batch_sharded(mesh)),
-                              out_shardings=(self.state_sharding, parallel.replicated(mesh)),
-                              donate_argnums=0)
-    dtype, data = compute_dtype(config), config.data
-
-    @jax.jit
-    def logits_fn(params, batch_stats, images_u8, context_u8):
-      context = None if context_u8 is None else prepare_images(context_u8, data, dtype)
-      return self.model.apply({"params": params, "batch_stats": batch_stats},
-                              prepare_images(images_u8, data, dtype), context=context)
-    self.logits = logits_fn
+  @jax.jit
+  def logits_fn(params, batch_stats, images_u8, context_u8):
+    context = None if context_u8 is None else prepare_images(context_u8, data, dtype)
+    return model.apply({"params": params, "batch_stats": batch_stats},
+                       prepare_images(images_u8, data, dtype), context=context)
+  return Training(model, init_state, abstract_state, state_sharding, train_step,
+                  total_steps=steps, steps_per_epoch=spe, predict=logits_fn)
 
 
 # --- Evaluation ----------------------------------------------------------------------------------------
@@ -235,11 +234,11 @@ def _scores(logits, probs, truth_valid, num_classes, modes, epsilon, convention)
   return out
 
 
-def tile_logits(seg: Segmentation, state, b, config, mesh):
+def tile_logits(seg: Training, state, b, config, mesh):
   """(B, H, W, K) logits at tile size: DeepLab on the resized tile, upsampled; MRN by windows of
   `pair_size` with their context, stitched (a later window overwrites the overlap)."""
   if not isinstance(seg.model, MRN):
-    logits = seg.logits(state.params, state.batch_stats,
+    logits = seg.predict(state.params, state.batch_stats,
                         parallel.shard_identical(b["input"], mesh), None)
     h, w = b["mask"].shape[1:3] if "mask" in b else b["image"].shape[1:3]
     return jax.image.resize(logits, (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
@@ -250,7 +249,7 @@ def tile_logits(seg: Segmentation, state, b, config, mesh):
   pad = parallel.eval_batch_size(len(targets), mesh) - len(targets)
   targets = np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
   contexts = np.concatenate([contexts, np.repeat(contexts[-1:], pad, 0)])
-  out = np.asarray(seg.logits(state.params, state.batch_stats,
+  out = np.asarray(seg.predict(state.params, state.batch_stats,
                               parallel.shard_identical(targets, mesh),
                               parallel.shard_identical(contexts, mesh)))
   per_image = len(windows[0].starts)

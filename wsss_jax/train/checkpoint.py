@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -114,7 +115,8 @@ def _register_array_handler() -> None:
   global _array_handler_processes
   if _array_handler_processes == jax.process_count():
     return
-  from orbax.checkpoint._src.metadata import array_metadata_store  # as orbax's default handler
+  # orbax's private module, as its own default handler builds it; imported only when registering
+  from orbax.checkpoint._src.metadata import array_metadata_store
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
@@ -234,7 +236,6 @@ class Checkpointer:
         raise UserError(f"checkpoint {source} is damaged and cannot be moved aside: "
                         f"{e.strerror}") from None
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"quarantine {source}")
     self._manager.reload()
     return target

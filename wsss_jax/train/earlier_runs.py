@@ -10,14 +10,16 @@ from typing import Any, NamedTuple
 
 import flax.traverse_util as traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from wsss_jax.data import folders
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import ViTClassifier, build_classifier
+from wsss_jax.models.segmentation import build_segmenter
 from wsss_jax.models.vit import unstack_blocks
-from wsss_jax.train.checkpoint import restore_latest
+from wsss_jax.train.checkpoint import Checkpointer, restore_latest
 from wsss_jax.train.train_state import ClassifierState
 
 
@@ -155,10 +157,7 @@ class Segmenter(NamedTuple):
 def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:
   """The segment run in `workdir`: the best-mIoU step of `best/` when there is one, else the
   latest of `checkpoints/`; errors name the user's `field`."""
-  import jax.numpy as jnp
 
-  from wsss_jax.models.segmentation import build_segmenter
-  from wsss_jax.train.checkpoint import Checkpointer
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:

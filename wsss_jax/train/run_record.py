@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
 from wsss_jax import atomic
 from wsss_jax.errors import UserError
 
@@ -34,7 +36,6 @@ def check_phase(config, workdir: str) -> None:
 
 def write_config(config, workdir: str) -> None:
   """config.json of the run (main process only), atomically."""
-  import jax
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, CONFIG_FILE)

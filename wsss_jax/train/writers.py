@@ -42,7 +42,7 @@ def _summary_writer(logdir: str):
   hide = "torch" not in sys.modules
   if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
-  try:
+  try:  # imported here so that torch can be hidden from it first
     from tensorboardX import SummaryWriter
   finally:
     if hide:

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_config
 
+from wsss_jax.data import folders
 from wsss_jax.device import hlo_report, profiler
 from wsss_jax.errors import UserError
 from wsss_jax.phases import benchmark
+from wsss_jax.tasks import segment
 
 def _config(batch):
   config = load_config("benchmark", f"variant=mu/8,image_size=32,batch={batch},steps=2,"
@@ -74,11 +76,11 @@ def test_benchmark_times_the_classifiers(model, tmp_path):
 @pytest.mark.parametrize("model", ["deeplabv3plus", "mrn"])
 def test_benchmark_times_the_segmenters(model, tmp_path):
   """A train step costs about 3 forward passes (input and weight gradients of every layer)."""
-  from wsss_jax.phases import segment
   config, result = _small_run(f"model={model},backbone=resnet38,width=0.0625,batch=2,paper=False",
                               tmp_path)
   assert result["model"] == model and result["images_per_sec"] > 0
-  seg = segment.Segmentation(config, benchmark.parallel.make_mesh(1))
+  config.data = folders.settle(config.data)
+  seg = segment.build_training(config, benchmark.parallel.make_mesh(1))
   state = jax.eval_shape(seg.init_state)  # shapes are all a jaxpr needs
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   forward = jax.make_jaxpr(lambda v, x: seg.model.apply(v, x, context=x))(

@@ -10,13 +10,14 @@ summary.json and, when the split has ground truth, table.md with the stage-1 mIo
 """
 from wsss_jax import config_lib
 from wsss_jax.data import folders
-from wsss_jax.pseudo import crf
+from wsss_jax.pseudo import crf, par
 
 
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, classifier="runs/cls",
                              method="gradcam", split="train", background="dataset",
-                             palette="dataset", batch=32, crf=False, erasing="")
+                             palette="dataset", batch=32, crf=False, par=False, band=0.0,
+                             erasing="")
   dataset = folders.choose_dataset(arg)  # a release on disk: its setting, palette, rule
   config = config_lib.common("pseudo_masks")
   config.classifier_workdir = arg.classifier
@@ -43,6 +44,12 @@ def get_config(arg=None, **overrides):
   # dense-CRF refinement of every mask (wsss_jax/pseudo/crf.py; pydensecrf's label refinement)
   # validate=True (with alpha=auto's val masks): refine only the layers whose val mIoU it raises
   config.crf = dict(enabled=arg.crf, validate=False, **crf.DEFAULTS)
+  # pixel-adaptive refinement of the maps by the image (wsss_jax/pseudo/par.py, AFA's settings);
+  # validate=True (with val masks): kept only for the layers whose val mIoU it raises
+  config.par = dict(enabled=arg.par, validate=False, **par.DEFAULTS)
+  # ignore band (0 = off): pixels whose map score lies within this of the background score
+  # (findings) or of the runner-up class (tissue) are label 255, skipped by the segmenter's loss
+  config.ignore_band = arg.band
   # multi-dilation maps (ResNet38): b7 also run at these rates on the same weights, fused as
   # H_trained + mean_r H_r (the dilated-convolution paper's weighting); () = off
   config.dilations = ()

@@ -303,11 +303,12 @@ def test_negatives_rule_without_negative_images_is_one_clear_error(tiny_classifi
     pseudo_masks.run(config, str(tmp_path))
 
 
-def test_alpha_auto_picks_the_best_swept_alpha_and_the_crf_only_where_it_helps(tiny_classifier,
-                                                                             tmp_path):
+def test_alpha_auto_picks_the_best_swept_alpha_and_par_and_crf_only_where_they_help(
+    tiny_classifier, tmp_path):
   config = load_config("pseudo_masks", f"classifier={tiny_classifier},setting=finding,"
-                       "background=threshold,crf=True")
+                       "background=threshold,crf=True,par=True")
   config.background.alpha, config.crf.validate, config.split = "auto", True, "val"
+  config.par.validate, config.par.iterations, config.par.dilations = True, 2, (1, 2)
   config.crf.iterations = 2
   config.data.num_val = 8
   summary = pseudo_masks.run(config, str(tmp_path))
@@ -318,22 +319,26 @@ def test_alpha_auto_picks_the_best_swept_alpha_and_the_crf_only_where_it_helps(t
     assert s["alpha"] == list(pseudo_masks.ALPHA_GRID["threshold"])
     assert s["best"] == s["alpha"][int(np.nanargmax(s["mIoU"]))]
     assert summary["background_alpha"][layer] == s["best"]
-    assert s["crf"] == (s["crf_mIoU"] > max(s["mIoU"]))
+    plain = max(s["mIoU"])
+    assert s["par"] == (s["par_mIoU"] > plain)  # each kept only where it raised the val mIoU
+    after_par = max(plain, s["par_mIoU"])
+    assert s["crf"] == (s["crf_mIoU"] > after_par)
+    assert summary["refinements"][layer] == ["par"] * s["par"] + ["crf"] * s["crf"]
     assert (layer in summary["crf_layers"]) == s["crf"]
-    assert f"{layer}: {s['crf_mIoU']:.3f}" in text
-    # the phase's own scoring of the val masks (written with the chosen alpha and CRF choice)
-    # agrees with what the sweep measured for that choice
-    want = s["crf_mIoU"] if s["crf"] else max(s["mIoU"])
-    assert summary["layers"][layer]["mIoU"] == pytest.approx(want, abs=1e-6)
+    assert f"{layer}: {s['crf_mIoU']:.3f}" in text and f"{layer}: {s['par_mIoU']:.3f}" in text
+    # the phase's own scoring of the val masks (written with the chosen alpha and refinements)
+    # agrees with what the validation measured for that choice
+    assert s["refined_mIoU"] == max(after_par, s["crf_mIoU"])
+    assert summary["layers"][layer]["mIoU"] == pytest.approx(s["refined_mIoU"], abs=1e-6)
 
 
 def test_segment_layer_auto_takes_the_best_validated_layer():
   from wsss_jax.phases import pipeline as pipeline_phase
-  sweep = {"b4_5": {"mIoU": [0.5, 0.64], "crf_mIoU": 0.70, "crf": True},  # the CRF raised it
-           "b5_2": {"mIoU": [0.66, 0.6], "crf_mIoU": 0.5, "crf": False}}
+  sweep = {"b4_5": {"mIoU": [0.5, 0.64], "refined_mIoU": 0.70},  # a refinement raised it
+           "b5_2": {"mIoU": [0.66, 0.6], "refined_mIoU": 0.66}}
   summary = {"layers_written": ["b4_5", "b5_2"], "alpha_sweep": sweep}
   assert pipeline_phase.segment_layer("auto", summary) == "b4_5"
-  sweep["b4_5"]["crf"] = False  # without its CRF b4_5 scores 0.64 < 0.66
+  sweep["b4_5"]["refined_mIoU"] = 0.64  # without it b4_5 scores 0.64 < 0.66
   assert pipeline_phase.segment_layer("auto", summary) == "b5_2"
   assert pipeline_phase.segment_layer("auto", {"layers_written": ["b4_5"]}) is None
   assert pipeline_phase.segment_layer("section", summary) is None

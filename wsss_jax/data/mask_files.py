@@ -26,6 +26,11 @@ def file_stem(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9._\[\]+-]+", "_", name).strip("_")
 
 
+# A pseudo-mask pixel in the uncertain band: every loss and score skips it (the VOC convention)
+IGNORE = 255
+IGNORE_COLOUR = (160, 160, 160)
+
+
 def palette_bytes(palette: str, num_colours: int) -> list:
   if palette not in PALETTES:
     raise UserError(f"palette={palette!r} is not one of {sorted(PALETTES)}")
@@ -38,13 +43,14 @@ def palette_bytes(palette: str, num_colours: int) -> list:
 def write_mask(path: str, mask: np.ndarray, palette: list) -> None:
   """An indexed PNG, written to a temporary name and renamed (never half-written)."""
   image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
-  image.putpalette(palette)
+  image.putpalette(list(palette) + [0] * (3 * IGNORE - len(palette)) + list(IGNORE_COLOUR))
   with atomic.replacing(path) as tmp:
     image.save(tmp, format="PNG")
 
 
 def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
-  """(H, W) uint8 palette indices of a mask PNG, checked: readable, `size`, indices <= max_index."""
+  """(H, W) uint8 palette indices of a mask PNG, checked: readable, `size`, indices <= max_index
+  or IGNORE (the uncertain band of a pseudo mask)."""
   try:
     with Image.open(path) as image:
       if image.mode not in ("P", "L"):
@@ -58,7 +64,8 @@ def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:
   if mask.shape != tuple(size):
     raise UserError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
                     f"{size[0]}x{size[1]}")
-  top = int(mask.max()) if mask.size else 0
+  labelled = mask[mask != IGNORE]
+  top = int(labelled.max()) if labelled.size else 0
   if top > max_index:
     raise UserError(f"mask {path} has palette index {top}, outside the class range 0..{max_index}")
   return mask

@@ -227,8 +227,8 @@ def segment_layer(choice: str, pm_summary: dict) -> str | None:
   sweep = pm_summary.get("alpha_sweep") or {}
   if choice != "auto" or not sweep:
     return None
-  def val_score(s):
-    return s["crf_mIoU"] if s.get("crf") else max(s["mIoU"])
+  def val_score(s):  # with the refinements the val masks kept (par / crf .validate)
+    return s.get("refined_mIoU", max(s["mIoU"]))
   best = max(sweep, key=lambda layer: val_score(sweep[layer]))
   print(f"segment_layer=auto: the segmenter learns from {best} (val pseudo-mask mIoU "
         f"{val_score(sweep[best]):.3f})", flush=True)

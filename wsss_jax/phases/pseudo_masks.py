@@ -25,7 +25,7 @@ from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import build_classifier
 from wsss_jax.outputs import overlays
-from wsss_jax.pseudo import adversarial_erasing, crf, mask_rules
+from wsss_jax.pseudo import adversarial_erasing, crf, mask_rules, par
 from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options, relu_flag
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.train import earlier_runs
@@ -95,10 +95,11 @@ def sweep_table(sweep: dict, rule: str) -> str:
                  + " |")
   best = ", ".join(f"{l}: {sweep[l]['best']:g}" for l in layers)
   text = "\n".join(lines) + f"\n\nChosen (best mIoU): {best}\n"
-  if any("crf_mIoU" in s for s in sweep.values()):
-    text += "\nDense CRF at the chosen alpha (crf.validate): " + ", ".join(
-        f"{l}: {sweep[l]['crf_mIoU']:.3f} ({'kept' if sweep[l]['crf'] else 'dropped'})"
-        for l in layers) + "\n"
+  for name, title in (("par", "PAR (par.validate)"), ("crf", "Dense CRF (crf.validate)")):
+    if any(f"{name}_mIoU" in s for s in sweep.values()):
+      text += f"\n{title} at the chosen alpha: " + ", ".join(
+          f"{l}: {sweep[l][f'{name}_mIoU']:.3f} ({'kept' if sweep[l][name] else 'dropped'})"
+          for l in layers) + "\n"
   return text
 
 
@@ -170,6 +171,11 @@ def validate(config) -> None:
   relu_choice(config.relu, "tissue")  # refuses an unknown mode before the classifier loads
   if config.crf.enabled:
     crf.check_settings(dict(config.crf))
+  if config.par.enabled:
+    par.check_settings(dict(config.par))
+  if not 0 <= config.ignore_band < 1:
+    raise UserError(f"ignore_band={config.ignore_band} must lie in [0, 1) (map scores are in "
+                    f"[0, 1])")
 
 
 def relu_choice(relu: str, setting: str):
@@ -187,42 +193,67 @@ class MaskRule(NamedTuple):
   num_classes: int
   convention: str           # metrics.device_confusion's convention for the scores
   crf: tuple = ()           # dense-CRF settings as (name, value) pairs; () = off
+  par: tuple = ()           # PAR settings as (name, value) pairs; () = off
+  band: float = 0.0         # the ignore band's half-width in map scores; 0 = off
 
   @property
   def background_index(self) -> int:
     return self.num_classes  # the palette index after the classes
 
+  def refinements(self) -> tuple:
+    """The refinements this rule applies when none were validated: PAR on the maps, the CRF
+    on the mask."""
+    return ("par",) * bool(self.par) + ("crf",) * bool(self.crf)
 
-def layer_mask(rule: MaskRule, maps, labels, background, images, alpha, level, with_crf: bool):
-  """(B, H, W) uint8 mask of one layer's maps (a list over scales) under `rule`."""
+
+def rule_mask(rule: MaskRule, maps, labels, background, alpha, level, band: float):
+  """(B, H, W) uint8 mask of one layer's maps (a list over scales) under the background rule."""
   size = background.shape[1:]
   if rule.map_rule:
-    mask = mask_rules.finding_mask(maps, labels, background, size, rule.background_index,
-                                   rule.map_rule, alpha, level)
-  else:
-    mask = mask_rules.pseudo_mask(maps, labels, background, size, rule.background_index)
-  if with_crf:
+    return mask_rules.finding_mask(maps, labels, background, size, rule.background_index,
+                                   rule.map_rule, alpha, level, band)
+  return mask_rules.pseudo_mask(maps, labels, background, size, rule.background_index, band)
+
+
+def layer_mask(rule: MaskRule, maps, labels, background, images, alpha, level, refine: tuple):
+  """The mask of one layer under `rule`, with the refinements named in `refine`: "par" on the
+  maps (fused at tile size), "crf" on the mask; the ignore band marked last."""
+  if "par" in refine:
+    maps = [par.refine(mask_rules.fuse_maps(maps, background.shape[1:]), images,
+                       **dict(rule.par))]
+  mask = rule_mask(rule, maps, labels, background, alpha, level, 0.0)
+  if "crf" in refine:
     mask = crf.refine_labels(mask, images, labels, background, rule.background_index,
                              dict(rule.crf), free_background=bool(rule.map_rule))
+  if rule.band > 0:  # uncertain pixels stay ignored whatever the CRF made of them
+    banded = rule_mask(rule, maps, labels, background, alpha, level, rule.band)
+    mask = jnp.where(banded == mask_files.IGNORE, banded, mask)
   return mask
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "with_crf"))
+@functools.partial(jax.jit, static_argnames=("rule", "refine"))
 def mask_and_confusion(rule: MaskRule, maps, labels, background, truth, valid, images, alpha,
-                       level, with_crf: bool = False):
-  """The mask of one layer and, where `truth` is given, its confusion matrix on device."""
-  mask = layer_mask(rule, maps, labels, background, images, alpha, level, with_crf)
+                       level, refine: tuple = ()):
+  """The mask of one layer and, where `truth` is given, its confusion matrix on device (the
+  ignored band is not scored)."""
+  mask = layer_mask(rule, maps, labels, background, images, alpha, level, refine)
   if truth is None:
     return mask, None
   return mask, metrics.device_confusion(mask, truth, rule.num_classes, rule.background_index,
                                         rule.convention, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("rule",))
-def sweep_confusions(rule: MaskRule, maps, labels, background, truth, valid, alphas, levels):
+@functools.partial(jax.jit, static_argnames=("rule", "refine"))
+def sweep_confusions(rule: MaskRule, maps, labels, background, truth, valid, images, alphas,
+                     levels, refine: tuple = ()):
   """(A, M, M) confusions of one layer for every (alpha, negatives level) pair."""
+  if "par" in refine:  # the refined maps do not depend on alpha: once for the sweep
+    maps = [par.refine(mask_rules.fuse_maps(maps, background.shape[1:]), images,
+                       **dict(rule.par))]
+
   def one(alpha, level):
-    return mask_and_confusion(rule, maps, labels, background, truth, valid, None, alpha, level)[1]
+    return mask_and_confusion(rule, maps, labels, background, truth, valid, images, alpha, level,
+                              tuple(r for r in refine if r != "par"))[1]
   return jax.vmap(one)(alphas, levels)
 
 
@@ -308,17 +339,20 @@ class Background(NamedTuple):
   alpha: Any                # None, a number, or {layer: alpha} chosen on the val split
   levels: dict              # {layer: raw negatives level} for the negatives rule, else {}
   sweep: dict | None        # the val alpha sweep, when one ran
-  crf_layers: set | None    # layers the CRF refines (None: every layer)
+  refine: dict | None       # {layer: refinements kept on the val masks} (None: the rule's)
 
   def alpha_of(self, layer: str):
     return self.alpha[layer] if isinstance(self.alpha, dict) else self.alpha
+
+  def refinements(self, rule: MaskRule, layer: str) -> tuple:
+    return rule.refinements() if self.refine is None else self.refine[layer]
 
 
 def choose_background(config, source: MapSource, rule: MaskRule, image_rule: str) -> Background:
   """alpha as given, swept on the val masks (alpha=auto) or bounded by the negatives."""
   map_rule = rule.map_rule
   alpha = parse_alpha(config.background.alpha, map_rule) if map_rule else None
-  val_truth = alpha == "auto" and "mask" in pipeline.build_source(source.data, "val")[0]
+  val_truth = alpha == "auto" and has_val_truth(source)
   negatives = {}
   if map_rule == "negatives" or (alpha == "auto" and not val_truth):
     negatives = negative_map_values(source, config)
@@ -329,7 +363,8 @@ def choose_background(config, source: MapSource, rule: MaskRule, image_rule: str
   sweep = None
   if val_truth:
     sweep = sweep_alpha(source, config, rule, image_rule,
-                        negatives if map_rule == "negatives" else None)
+                        negatives if map_rule == "negatives" else None,
+                        ("par",) * bool(rule.par and not config.par.validate))
     alpha = {layer: s["best"] for layer, s in sweep.items()}
   elif alpha == "auto" and negatives:  # no ground truth: what the negatives show bounds it
     print(f"background.alpha=auto: the val split has no ground truth; using the negatives rule "
@@ -345,19 +380,30 @@ def choose_background(config, source: MapSource, rule: MaskRule, image_rule: str
   return chosen
 
 
-def validate_crf(config, source: MapSource, rule: MaskRule, image_rule: str,
-                 chosen: Background) -> set:
-  """crf.validate: the layers whose val mIoU the dense CRF raises at their chosen alpha."""
-  scores = crf_val_scores(source, config, rule._replace(map_rule=chosen.map_rule), image_rule,
-                          {layer: s["best"] for layer, s in chosen.sweep.items()}, chosen.levels)
-  kept = set()
-  for layer, score in scores.items():
-    s = chosen.sweep[layer]
-    s.update(crf_mIoU=score, crf=score > max(s["mIoU"]))
-    kept |= {layer} if s["crf"] else set()
-    print(f"crf.validate {layer}: val mIoU {max(s['mIoU']):.3f} without the CRF, "
-          f"{score:.3f} with it: {'kept' if s['crf'] else 'dropped'}", flush=True)
-  return kept
+def validate_refinements(config, source: MapSource, rule: MaskRule, image_rule: str,
+                         chosen: Background) -> Background:
+  """par.validate / crf.validate: each refinement (PAR, then the CRF) kept for the layers whose
+  val mIoU it raises at their chosen alpha; the others keep what they had."""
+  rule = rule._replace(map_rule=chosen.map_rule)
+  checked = [name for name in rule.refinements() if config[name].get("validate")]
+  base = tuple(r for r in rule.refinements() if r not in checked)
+  kept = {}
+  scores = refined_val_scores(source, config, rule, image_rule, chosen,
+                              lambda layer: kept.get(layer, base))
+  for name in checked:
+    tried = refined_val_scores(source, config, rule, image_rule, chosen,
+                               lambda layer: kept.get(layer, base) + (name,))  # noqa: B023
+    for layer, score in tried.items():
+      better = score > scores[layer]
+      if chosen.sweep:
+        chosen.sweep[layer].update({f"{name}_mIoU": score, name: better})
+      print(f"{name}.validate {layer}: val mIoU {scores[layer]:.3f} without {name}, "
+            f"{score:.3f} with it: {'kept' if better else 'dropped'}", flush=True)
+      kept[layer] = kept.get(layer, base) + (name,) * better
+      scores[layer] = max(score, scores[layer])
+      if chosen.sweep:
+        chosen.sweep[layer]["refined_mIoU"] = scores[layer]
+  return chosen._replace(refine=kept)
 
 
 # --- The phase ----------------------------------------------------------------------------------
@@ -375,12 +421,10 @@ def run(config, workdir: str) -> dict:
                     f"rule ({', '.join(mask_rules.MAP_RULES)}, or white+<one of them>)")
   palette_name = folders.resolve(data, "palette", config.palette)
   palette = mask_files.palette_bytes(palette_name, data.num_classes + 1)
-  rule = MaskRule(map_rule, data.num_classes,
-                  "finding" if setting == "finding" else "stage1",
-                  tuple(sorted(dict(config.crf).items())) if config.crf.enabled else ())
+  rule = mask_rule(config, map_rule, data.num_classes, setting)
   chosen = choose_background(config, source, rule, image_rule)
-  if rule.crf and config.crf.get("validate") and chosen.sweep:
-    chosen = chosen._replace(crf_layers=validate_crf(config, source, rule, image_rule, chosen))
+  if any(config[name].get("validate") for name in rule.refinements()) and has_val_truth(source):
+    chosen = validate_refinements(config, source, rule, image_rule, chosen)
   if chosen.sweep and parallel.is_main_process():
     write_sweep(workdir, chosen.sweep, rule_name)
   rule = rule._replace(map_rule=chosen.map_rule)
@@ -389,6 +433,21 @@ def run(config, workdir: str) -> dict:
   summary["wall_seconds"] = time.perf_counter() - started
   report(summary, written.overlay, palette, workdir, config.method)
   return summary
+
+
+def mask_rule(config, map_rule: str | None, num_classes: int, setting: str) -> MaskRule:
+  """The configured rule: scoring by setting, the CRF's and PAR's settings where enabled."""
+  def settings(section, known) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                        for k, v in dict(section).items() if k in known))
+  return MaskRule(map_rule, num_classes, "finding" if setting == "finding" else "stage1",
+                  settings(config.crf, crf.DEFAULTS) if config.crf.enabled else (),
+                  settings(config.par, par.DEFAULTS) if config.par.enabled else (),
+                  float(config.ignore_band))
+
+
+def has_val_truth(source: MapSource) -> bool:
+  return "mask" in pipeline.build_source(source.data, "val")[0]
 
 
 def write_sweep(workdir: str, sweep: dict, rule_name: str) -> None:
@@ -403,6 +462,7 @@ class Written(NamedTuple):
   seen: int
   layers: list              # layer names written
   images_per_sec: float | None
+  ignored: dict             # {layer: share of the pixels in the ignore band}
 
 
 def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, rule_name: str,
@@ -418,6 +478,7 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
   total = len(tiles)
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
   confusion, overlay, seen, layers, timed = {}, [], 0, [], 0.0
+  ignored, pixels = {}, {}
   with atomic.BackgroundWrites(config.writer_threads) as writer:
     for i, b in enumerate(pipeline.tile_batches(source.data, config.split, source.batch,
                                                 source.inputs, keys, extra=[background])):
@@ -425,6 +486,9 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
       host, conf = batch_masks(source, rule, chosen, b, has_truth)
       timed += (time.perf_counter() - t0) if i else 0.0  # the first batch compiles
       layers = list(host)
+      for k, m in host.items():
+        ignored[k] = ignored.get(k, 0) + int((m == mask_files.IGNORE).sum())
+        pixels[k] = pixels.get(k, 0) + m.size
       for k, c in conf.items():
         confusion[k] = confusion.get(k, 0) + np.asarray(c, np.int64)
       valid = b["valid"]
@@ -438,7 +502,8 @@ def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, r
   if not seen:
     raise UserError(f"split {config.split!r} of data.name={source.data.name!r} has no images")
   rate = (seen - source.batch) / timed if timed else None
-  return Written(confusion, overlay, seen, layers, rate)
+  return Written(confusion, overlay, seen, layers, rate,
+                 {k: v / max(pixels[k], 1) for k, v in ignored.items()})
 
 
 def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
@@ -454,10 +519,10 @@ def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
   for layer in scale_maps[0]:
     name = layer_name(layer)
     level = jnp.float32(chosen.levels[name]) if chosen.levels else None
-    with_crf = bool(rule.crf) and (chosen.crf_layers is None or name in chosen.crf_layers)
     masks[name], c = mask_and_confusion(
         rule, [m[layer] for m in scale_maps], labels, background, truth, jnp.asarray(b["valid"]),
-        images, jnp.float32(chosen.alpha_of(name) or 0.0), level, with_crf=with_crf)
+        images, jnp.float32(chosen.alpha_of(name) or 0.0), level,
+        refine=chosen.refinements(rule, name))
     if c is not None:
       confusion[name] = c
   valid = b["valid"]
@@ -480,8 +545,11 @@ def summarize(config, source: MapSource, rule: MaskRule, chosen: Background, wri
           "negatives_level": {k: float(v) for k, v in chosen.levels.items()} or None,
           "alpha_sweep": chosen.sweep, "palette": palette_name,
           "crf": dict(config.crf) if config.crf.enabled else None,
-          "crf_layers": (sorted(chosen.crf_layers) if chosen.crf_layers is not None
-                         else written.layers) if rule.crf else [],
+          "par": dict(config.par) if config.par.enabled else None,
+          "refinements": {k: list(chosen.refinements(rule, k)) for k in written.layers},
+          "crf_layers": [k for k in written.layers if "crf" in chosen.refinements(rule, k)],
+          "ignore_band": rule.band,
+          "ignored_share": written.ignored,
           "dilations": list(config.dilations),
           "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
                       "rounds": len(plan["rounds"])} if plan else None,
@@ -557,36 +625,41 @@ def val_confusions(source: MapSource, config, image_rule: str, layer_confusion,
 
 
 def sweep_alpha(source: MapSource, config, rule: MaskRule, image_rule: str,
-                negatives: dict | None) -> dict:
-  """{layer: {alpha: [...], mIoU: [...], best}}: the pseudo-mask mIoU (finding scoring) of the
-  val split for every alpha of ALPHA_GRID[rule.map_rule]."""
+                negatives: dict | None, refine: tuple = ()) -> dict:
+  """{layer: {alpha: [...], mIoU: [...], best}}: the pseudo-mask mIoU (finding scoring, no
+  ignore band) of the val split for every alpha of ALPHA_GRID[rule.map_rule], the maps refined
+  by PAR where `refine` names it."""
   grid = ALPHA_GRID[rule.map_rule]
-  scoring = rule._replace(convention="finding", crf=())
+  scoring = rule._replace(convention="finding", crf=(), band=0.0)
   names = tuple(source.data.class_names) + ("background",)
 
   def layer_confusions(name, maps, labels, background, truth, valid, images):
     levels = (np.quantile(negatives[name], grid) if negatives is not None
               else np.zeros(len(grid)))
-    return sweep_confusions(scoring, maps, labels, background, truth, valid,
-                            jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32))
+    return sweep_confusions(scoring, maps, labels, background, truth, valid, images,
+                            jnp.asarray(grid, jnp.float32), jnp.asarray(levels, jnp.float32),
+                            refine)
 
   out = {}
-  for name, c in val_confusions(source, config, image_rule, layer_confusions).items():
+  for name, c in val_confusions(source, config, image_rule, layer_confusions,
+                                with_images=bool(refine)).items():
     miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
     out[name] = {"alpha": list(grid), "mIoU": miou, "best": grid[int(np.nanargmax(miou))]}
   return out
 
 
-def crf_val_scores(source: MapSource, config, rule: MaskRule, image_rule: str, alpha: dict,
-                   levels: dict) -> dict:
-  """{layer: val pseudo-mask mIoU (finding scoring) with the dense CRF at the layer's alpha}."""
-  scoring = rule._replace(convention="finding")
-  names = tuple(source.data.class_names) + ("background",)
+def refined_val_scores(source: MapSource, config, rule: MaskRule, image_rule: str,
+                       chosen: Background, refine_of: Callable) -> dict:
+  """{layer: val pseudo-mask mIoU (no ignore band) at the layer's alpha with the refinements
+  `refine_of(layer)`}."""
+  scoring = rule._replace(band=0.0)
+  names = tuple(source.data.class_names) + ("background",) * (rule.convention == "finding")
 
   def layer_confusion(name, maps, labels, background, truth, valid, images):
     return mask_and_confusion(scoring, maps, labels, background, truth, valid, images,
-                              jnp.float32(alpha[name]), jnp.float32(levels.get(name, 0.0)),
-                              with_crf=True)[1]
+                              jnp.float32(chosen.alpha_of(name) or 0.0),
+                              jnp.float32(chosen.levels.get(name, 0.0)),
+                              refine=refine_of(name))[1]
 
   totals = val_confusions(source, config, image_rule, layer_confusion, with_images=True)
   return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

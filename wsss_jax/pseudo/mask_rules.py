@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from wsss_jax.data.mask_files import IGNORE
 from wsss_jax.errors import UserError
 
 IMAGE_RULES = ("white", "none")
@@ -112,18 +113,25 @@ def fuse_maps(maps, size):
              for m in maps_list) / len(maps_list)
 
 
-def pseudo_mask(maps, labels, background, size, background_index: int):
+def pseudo_mask(maps, labels, background, size, background_index: int, band: float = 0.0):
   """(B, K, h, w) maps (or a list of them, e.g. one per input scale) -> (B, H, W) uint8 mask at
   `size` = (H, W).
 
   maps are resized bilinearly (and averaged over the list); classes with label 0 cannot win;
   `background` (B, H, W) bool pixels and tiles without any positive label take
-  `background_index`."""
+  `background_index`; with `band` > 0 a pixel whose two best present classes lie within `band`
+  of each other is IGNORE (the ignore band of tissue maps)."""
   maps = fuse_maps(maps, size)
   present = labels > 0
-  cls = jnp.argmax(jnp.where(present[:, :, None, None], maps, -jnp.inf), axis=1)
-  empty = ~present.any(axis=1)
-  return jnp.where(background | empty[:, None, None], background_index, cls).astype(jnp.uint8)
+  scores = jnp.where(present[:, :, None, None], maps, -jnp.inf)
+  cls = jnp.argmax(scores, axis=1)
+  fixed = background | ~present.any(axis=1)[:, None, None]
+  mask = jnp.where(fixed, background_index, cls)
+  if band > 0 and maps.shape[1] > 1:
+    top2 = jax.lax.top_k(jnp.moveaxis(scores, 1, -1), 2)[0]
+    close = (top2[..., 0] - top2[..., 1] < band) & (present.sum(axis=1) > 1)[:, None, None]
+    mask = jnp.where(close & ~fixed, IGNORE, mask)
+  return mask.astype(jnp.uint8)
 
 
 # --- Findings against a background (on device) -----------------------------------------------------
@@ -187,16 +195,20 @@ def background_score(map_rule: str, scores, peak, alpha, level=None):
 
 
 def finding_mask(maps, labels, background, size, background_index: int, map_rule: str, alpha,
-                 level=None):
+                 level=None, band: float = 0.0):
   """(B, H, W) uint8 mask of findings against a background: maps (or a list over scales) fused
   at `size`, max-normalised over the present classes, then each pixel the largest present class
   where it beats the rule's background score, else `background_index`; `background` (B, H, W)
-  bool pixels (white glass) and negative images (no label) are background."""
+  bool pixels (white glass) and negative images (no label) are background. With `band` > 0 a
+  pixel whose score lies within `band` of the background score is IGNORE: confident finding
+  above bg + band, confident background below bg - band (the PSA / IRN ignore band)."""
   scores, peak = max_normalize(fuse_maps(maps, size), labels > 0)
   bg = background_score(map_rule, scores, peak, alpha, level)
   best, cls = scores.max(axis=1), jnp.argmax(scores, axis=1)
-  empty = ~(labels > 0).any(axis=1)
-  found = (best > bg) & ~background & ~empty[:, None, None]
-  return jnp.where(found, cls, background_index).astype(jnp.uint8)
+  free = ~background & (labels > 0).any(axis=1)[:, None, None]
+  mask = jnp.where((best > bg) & free, cls, background_index)
+  if band > 0:
+    mask = jnp.where((jnp.abs(best - bg) <= band) & free, IGNORE, mask)
+  return mask.astype(jnp.uint8)
 
 

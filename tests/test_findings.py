@@ -347,15 +347,21 @@ def test_segment_layer_auto_takes_the_best_validated_layer():
     pipeline_phase.segment_layer("bn7", summary)
 
 
-def test_pipeline_table_names_the_finding_scoring():
+def test_pipeline_table_names_the_finding_scoring_and_its_iou_and_dice():
   from wsss_jax.phases import pipeline as pipeline_phase
-  scores = {"mIoU": 0.6, "FwIoU": 0.9, "accuracy": 0.95, "IoU/lesion": 0.3,
-            "IoU/background": 0.9}
+  # one lesion on a 10-pixel image: truth 2 px, prediction 3 px, overlap 2 px
+  confusion = np.array([[2, 0], [1, 7]])
+  scores = metrics.iou_scores(confusion, ("lesion", "background"), ("lesion",))
+  assert scores["finding_IoU"] == pytest.approx(2 / 3)  # TP / (TP + FP + FN)
+  assert scores["finding_Dice"] == pytest.approx(4 / 5)  # 2 TP / (2 TP + FP + FN)
+  assert scores["mIoU"] == pytest.approx((2 / 3 + 7 / 8) / 2)  # the background inflates it
   result = {"class_names": ["lesion"], "setting": "finding", "test_split": "test",
             "segment": {"supervision": "pseudo", "test": {"off": scores}}}
   text = pipeline_phase.table(result)
   assert "stage-2" not in text and "finding scoring: background a class" in text
-  assert "| pseudo | off | 0.600 | 0.900 | 0.950 | 0.300 | 0.900 |" in text
+  assert "| supervision | gate | mIoU | finding IoU | finding Dice | FwIoU | accuracy |" in text
+  assert (f"| pseudo | off | {scores['mIoU']:.3f} | 0.667 | 0.800 | {scores['FwIoU']:.3f} | "
+          f"0.900 | 0.667 | 0.875 |") in text
 
 
 # --- Progress --------------------------------------------------------------------------------------

@@ -77,13 +77,15 @@ def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int,
                      minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def iou_scores(confusion: np.ndarray, class_names) -> dict:
+def iou_scores(confusion: np.ndarray, class_names, findings=()) -> dict:
   """Scores of the first len(class_names) classes of a (square) confusion matrix; further rows
   and columns (a background class) count in the unions and the total only.
 
   IoU_k = TP / (TP + FP + FN) and Dice_k = 2 TP / (2 TP + FP + FN), NaN for a class absent from
   both truth and prediction; mIoU / mDice average the non-NaN classes; FwIoU weights IoU by each
-  class's share of the truth pixels; pixel accuracy = trace / total.
+  class's share of the truth pixels; pixel accuracy = trace / total. `findings` (names among
+  class_names) adds finding_IoU / finding_Dice, their own means: the medical convention, which a
+  large background class cannot inflate.
   """
   c = np.asarray(confusion, np.float64)
   k = len(class_names)
@@ -99,7 +101,18 @@ def iou_scores(confusion: np.ndarray, class_names) -> dict:
   for i, name in enumerate(class_names):
     out[f"IoU/{name}"] = float(iou[i])
     out[f"Dice/{name}"] = float(dice[i])
+  if findings:
+    index = [list(class_names).index(name) for name in findings]
+    out["finding_IoU"], out["finding_Dice"] = _nanmean(iou[index]), _nanmean(dice[index])
   return out
+
+
+def headline(scores: dict) -> list:
+  """(name, value) pairs a table or a log line shows first: mIoU, the findings' own IoU and
+  Dice where scored, FwIoU, accuracy."""
+  names = ["mIoU"] + ["finding_IoU", "finding_Dice"] * ("finding_IoU" in scores) + [
+      "FwIoU", "accuracy"]
+  return [(name, scores[name]) for name in names]
 
 
 def _nanmean(x) -> float:

@@ -53,23 +53,25 @@ def table(result: dict) -> str:
             ""] if erasing else [])
   finding = result.get("setting") == "finding"
   scored = ("finding scoring: background a class" if finding else "{} scoring")
+  keys = ["mIoU"] + ["finding_IoU", "finding_Dice"] * finding + ["FwIoU", "accuracy"]
+  heads = [key.replace("_", " ") for key in keys]
   lines += [f"Pseudo masks ({scored.format('stage-1')}):", "",
-           "| split | layer | mIoU | FwIoU | accuracy |", "|---|---|---|---|---|"]
+            "| split | layer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
   for key in ("pseudo_masks", "pseudo_masks_test"):
     for layer, s in result.get(key, {}).get("layers", {}).items():
-      lines.append(f"| {result[key]['split']} | {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | "
-                   f"{s['accuracy']:.3f} |")
+      lines.append(f"| {result[key]['split']} | {layer} | {_cells(s, keys)} |")
   lines += ["", f"Segmentation ({result['test_split']} split, {scored.format('stage-2')}):", "",
-            "| supervision | gate | mIoU | FwIoU | accuracy | " + " | ".join(names) + " |",
-            "|---" * (5 + len(names)) + "|"]
+            "| supervision | gate | " + " | ".join(heads + names) + " |",
+            "|---" * (2 + len(heads) + len(names)) + "|"]
   for key in ("segment", "segment_full"):
-    if key not in result:
-      continue
-    for gate, s in result[key]["test"].items():
+    for gate, s in result.get(key, {}).get("test", {}).items():
       per = " | ".join(f"{s[f'IoU/{c}']:.3f}" for c in names)
-      lines.append(f"| {result[key]['supervision']} | {gate} | {s['mIoU']:.3f} | "
-                   f"{s['FwIoU']:.3f} | {s['accuracy']:.3f} | {per} |")
+      lines.append(f"| {result[key]['supervision']} | {gate} | {_cells(s, keys)} | {per} |")
   return "\n".join(lines) + "\n"
+
+
+def _cells(scores: dict, keys: list) -> str:
+  return " | ".join(f"{scores.get(key, float('nan')):.3f}" for key in keys)
 
 
 def validate(config, dispatch=None) -> None:

@@ -55,12 +55,17 @@ def write_batch(directory: str, names, layer_masks: dict, palette: list) -> None
 
 
 def table(summary: dict) -> str:
-  lines = ["| layer | mIoU | FwIoU | accuracy | " + " | ".join(summary["class_names"]) + " |",
-           "|---" * (4 + len(summary["class_names"])) + "|"]
+  """Markdown: each layer's scores (the findings' own IoU and Dice where scored), the share in
+  the ignore band, the IoU per class."""
+  names = summary["class_names"]
+  heads = [name for name, _ in metrics.headline(next(iter(summary["layers"].values())))]
+  lines = ["| layer | " + " | ".join(heads + ["ignored"] + names) + " |",
+           "|---" * (2 + len(heads) + len(names)) + "|"]
   for layer, s in summary["layers"].items():
-    per_class = " | ".join(f"{s[f'IoU/{c}']:.3f}" for c in summary["class_names"])
-    lines.append(f"| {layer} | {s['mIoU']:.3f} | {s['FwIoU']:.3f} | {s['accuracy']:.3f} | "
-                 f"{per_class} |")
+    cells = [f"{v:.3f}" for _, v in metrics.headline(s)]
+    cells.append(f"{summary.get('ignored_share', {}).get(layer, 0.0):.3f}")
+    cells += [f"{s[f'IoU/{c}']:.3f}" for c in names]
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -554,7 +559,8 @@ def summarize(config, source: MapSource, rule: MaskRule, chosen: Background, wri
           "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
                       "rounds": len(plan["rounds"])} if plan else None,
           "images_per_sec": written.images_per_sec,
-          "layers": {k: metrics.iou_scores(c, scored_names) for k, c in written.confusion.items()}}
+          "layers": {k: metrics.iou_scores(c, scored_names, names * (rule.convention == "finding"))
+                     for k, c in written.confusion.items()}}
 
 
 def report(summary: dict, overlay: list, palette: list, workdir: str, method: str) -> None:
@@ -572,8 +578,8 @@ def report(summary: dict, overlay: list, palette: list, workdir: str, method: st
     if summary["layers"]:
       atomic.write_text(os.path.join(workdir, "table.md"), table(summary))
   for layer, s in summary["layers"].items():
-    print(f"pseudo masks {layer}: mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
-          f"accuracy {s['accuracy']:.3f}", flush=True)
+    print(f"pseudo masks {layer}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.headline(s)),
+          flush=True)
   writer.summary(summary)
   writer.close()
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from wsss_jax import atomic
+from wsss_jax import atomic, metrics
 from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
@@ -132,8 +132,8 @@ def run(config, workdir: str) -> dict:
       "steps_per_epoch": seg.steps_per_epoch, "scoring": scoring(config),
       "test_split": config.test_split, "test": test}
   for mode, s in test.items():
-    print(f"test ({mode} gate): mIoU {s['mIoU']:.3f} FwIoU {s['FwIoU']:.3f} "
-          f"accuracy {s['accuracy']:.3f}", flush=True)
+    print(f"test ({mode} gate): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.headline(s)),
+          flush=True)
   fitted.run.writer.summary(summary)
   fitted.run.writer.close()
   return summary

@@ -286,7 +286,8 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
     for i in range(min(int(b["valid"].sum()), overlays - len(shown))):
       shown.append((b["image"][i], b["mask"][i], np.asarray(out[modes[0]][0][i]), b["labels"][i],
                     b["name"][i]))
-  return {m: metrics.iou_scores(c, names) for m, c in confusion.items()}, shown
+  findings = tuple(config.data.class_names) if convention == "finding" else ()
+  return {m: metrics.iou_scores(c, names, findings) for m, c in confusion.items()}, shown
 
 
 def load_gate_classifier(config, mesh):

@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_models import SmallCNN
 
 from wsss_jax import metrics, relevance as R
-from wsss_jax.data import lesions, pipeline
+from wsss_jax.data import cells, lesions, pipeline
 from wsss_jax.errors import UserError
 from wsss_jax.phases import pseudo_masks
 from wsss_jax.pseudo import mask_rules
@@ -212,6 +212,29 @@ def test_intensity_threshold_does_not_solve_synthetic_lesions():
   assert np.mean(ious) < 0.3
 
 
+def test_synthetic_cells_is_deterministic_and_an_intensity_threshold_is_strong_on_it():
+  """The fluorescence-like set: labels follow the masks, both kinds of image occur, and on the
+  images with cells Otsu's threshold of the grey image finds most of them (the baseline a weak
+  method must beat there), while on a normal image it always marks something."""
+  a, b = cells.generate_image(3, "val", 5, 96), cells.generate_image(3, "val", 5, 96)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+  kinds, ious, normal_marked = [], [], []
+  for i in range(24):
+    image, mask, labels = cells.generate_image(0, "test", i, 96)
+    assert image.shape == (96, 96, 3) and set(np.unique(mask)) <= {0, cells.BACKGROUND}
+    assert labels[0] == float((mask == 0).any())
+    kinds.append(labels[0])
+    grey = image.mean(-1) / 255.0
+    pred, truth = grey >= np_otsu(grey.ravel()), mask == 0
+    if labels[0]:
+      ious.append((pred & truth).sum() / (pred | truth).sum())
+    else:
+      normal_marked.append(pred.mean())
+  assert 0.25 < np.mean(kinds) < 0.75
+  assert np.mean(ious) > 0.7 and min(normal_marked) > 0.05
+
+
 def test_pipeline_reads_synthetic_lesions_through_a_phase_config():
   config = load_config("segment", "dataset=synthetic_lesions")
   assert config.data.class_names == ("lesion",) and config.data.num_classes == 1
@@ -220,6 +243,8 @@ def test_pipeline_reads_synthetic_lesions_through_a_phase_config():
   source = pipeline.build_source(config.data, "test")
   assert len(source) == 3 and source[1]["labels"].shape == (1,)
   assert segment_task.output_classes(config) == 2
+  cells_config = load_config("classify", "dataset=synthetic_cells")
+  assert cells_config.data.class_names == ("cell",) and cells_config.data.setting == "finding"
 
 
 # --- Presets never overwrite what the user gave ---------------------------------------------------

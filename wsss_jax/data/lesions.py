@@ -28,19 +28,9 @@ SPLITS = {"train": 10, "val": 11, "test": 12}  # not the histology generator's s
 MALIGNANT_SHARE = 0.5
 
 
-def _smooth(rng: np.random.Generator, shape, sigma_px: float) -> np.ndarray:
-  """Gaussian-correlated noise, unit variance, by an FFT low-pass (periodic, fast)."""
-  noise = rng.standard_normal(shape).astype(np.float32)
-  fy = np.fft.fftfreq(shape[0])[:, None]
-  fx = np.fft.rfftfreq(shape[1])[None, :]
-  kernel = np.exp(-2 * (np.pi * sigma_px) ** 2 * (fy**2 + fx**2))
-  field = np.fft.irfft2(np.fft.rfft2(noise) * kernel, s=shape).astype(np.float32)
-  return field / (field.std() + 1e-6)
-
-
 def _speckle(rng: np.random.Generator, shape, grain_px: float) -> np.ndarray:
   """Fully developed speckle: the magnitude of smoothed complex Gaussian noise (Rayleigh), mean 1."""
-  re, im = _smooth(rng, shape, grain_px), _smooth(rng, shape, grain_px)
+  re, im = synthetic.smooth_noise(rng, shape, grain_px), synthetic.smooth_noise(rng, shape, grain_px)
   amplitude = np.sqrt(re**2 + im**2)
   return amplitude / amplitude.mean()
 
@@ -88,11 +78,11 @@ def generate_image(seed: int, split: str, index: int, size: int = 224):
   inside, border, depth, theta, r, (apex_y, apex_x) = _fan(size, rng)
 
   # Layered tissue: a bright skin line, dark fat, brighter glandular tissue, deeper darker.
-  wobble = _smooth(rng, shape, size / 10) * 0.04
+  wobble = synthetic.smooth_noise(rng, shape, size / 10) * 0.04
   d = depth + wobble
   skin, fat_end = rng.uniform(0.03, 0.06), rng.uniform(0.2, 0.35)
   echo = np.where(d < skin, 0.95, np.where(d < fat_end, 0.38, 0.62)).astype(np.float32)
-  echo += 0.12 * _smooth(rng, shape, size / 18)  # glandular texture
+  echo += 0.12 * synthetic.smooth_noise(rng, shape, size / 18)  # glandular texture
   echo *= np.exp(-rng.uniform(0.4, 0.9) * depth)  # attenuation the gain does not undo
 
   lobules = np.zeros(shape, bool)  # hypoechoic fat lobules: dark, smooth, in every kind of image
@@ -120,7 +110,7 @@ def generate_image(seed: int, split: str, index: int, size: int = 224):
                    0.35, rng, spicules=int(rng.integers(2, 7))) & inside
     halo = _blob(shape, cy, cx, ry * 1.3, ry * 1.3, 0.0, 0.1, rng) & ~lesion
     echo = np.where(halo, echo * 1.35, echo)
-    echo = np.where(lesion, 0.12 + 0.08 * _smooth(rng, shape, size / 40), echo)
+    echo = np.where(lesion, 0.12 + 0.08 * synthetic.smooth_noise(rng, shape, size / 40), echo)
     r_c, theta_c = np.hypot(cy - apex_y, cx - apex_x), np.arctan2(cx - apex_x, cy - apex_y)
     below = (np.abs(theta - theta_c) < 0.7 * ry / r_c) & (r > r_c + 0.5 * ry)
     shadow = np.maximum(shadow, below * (~lesion) * rng.uniform(0.3, 0.6))

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from wsss_jax.data import folders, lesions, mask_files, randaugment, slides, synthetic, transforms
+from wsss_jax.data import cells, folders, lesions, mask_files, randaugment, slides, synthetic, transforms
 from wsss_jax.errors import UserError
 
-DATASETS = ("synthetic", "synthetic_lesions", "slides") + tuple(folders.SPECS)
+EMBEDDED = {"synthetic": synthetic.SyntheticHistology, "synthetic_lesions": lesions.SyntheticLesions,
+            "synthetic_cells": cells.SyntheticCells}
+DATASETS = tuple(EMBEDDED) + ("slides",) + tuple(folders.SPECS)
 
 
 def check_dataset_name(name: str) -> None:
@@ -30,12 +32,10 @@ def build_source(data_cfg, split: str):
   """The random-access source named by `data.name` for one split; for segmentation training
   (`data.mask_layers` set) with the per-layer masks attached (`MaskedSource`)."""
   check_dataset_name(data_cfg.name)
-  if data_cfg.name in ("synthetic", "synthetic_lesions"):
+  if data_cfg.name in EMBEDDED:
     num = {"train": data_cfg.num_train, "val": data_cfg.num_val,
            "test": data_cfg.get("num_test", data_cfg.num_val)}[split]
-    kind = (synthetic.SyntheticHistology if data_cfg.name == "synthetic"
-            else lesions.SyntheticLesions)
-    source = kind(num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
+    source = EMBEDDED[data_cfg.name](num, split, seed=data_cfg.seed, size=data_cfg.tile_size)
   elif data_cfg.name == "slides":  # tissue tiles cut from large TIFF/PNG images
     source = slides.slide_source(data_cfg, split)
   elif data_cfg.get("records_dir"):  # ArrayRecord shards written by configs/dataset.py

@@ -108,6 +108,16 @@ def generate_tile(seed: int, split: str, index: int, size: int = 224,
   return image, mask, labels
 
 
+def smooth_noise(rng: np.random.Generator, shape, sigma_px: float) -> np.ndarray:
+  """Gaussian-correlated noise, unit variance, by an FFT low-pass (periodic, fast)."""
+  noise = rng.standard_normal(shape).astype(np.float32)
+  fy = np.fft.fftfreq(shape[0])[:, None]
+  fx = np.fft.rfftfreq(shape[1])[None, :]
+  kernel = np.exp(-2 * (np.pi * sigma_px) ** 2 * (fy**2 + fx**2))
+  field = np.fft.irfft2(np.fft.rfft2(noise) * kernel, s=shape).astype(np.float32)
+  return field / (field.std() + 1e-6)
+
+
 def memoised(generate):
   """`generate(seed, split, index, size)` memoised per process (about 200 KB a 224 px image):
   the phases of one pipeline and the epochs of one run read the same images, and generating

@@ -35,6 +35,12 @@ def get_config(arg=None, **overrides):
   config.loss_weights = (0.2, 0.2, 0.6)  # per data.mask_layers
   config.loss = "setting"               # ce | ce+dice | setting (tissue: ce, finding: ce+dice)
   config.palette = dataset.palette      # luad, bcss, finding, or the dataset's
+  # finding setting: image-level terms from the segmenter's own output (0 = off). image_loss:
+  # BCE of each finding's pooled probability (lse: log-sum-exp with sharpness r; topk: the mean
+  # of the top_k share of pixels) against the image label, so a normal image can show no
+  # finding; size_prior: the finding's pixel share kept within [lower, upper] where present
+  config.image_loss = dict(weight=0.0, pooling="lse", r=5.0, top_k=0.05)
+  config.size_prior = dict(weight=0.0, lower=0.0, upper=1.0)
   config.overlays = 6
 
   config.data = config_lib.data(224 if arg.paper else arg.image_size, dataset)

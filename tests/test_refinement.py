@@ -169,3 +169,49 @@ def test_pseudo_mask_phase_writes_the_band_and_the_segmenter_reads_it(tiny_class
   assert example["mask_b4_5"].shape == example["image"].shape[:2]  # read, not refused
   with pytest.raises(UserError, match="ignore_band=1.5 must lie in"):
     pseudo_masks.validate(load_config("pseudo_masks", "band=1.5"))
+
+
+# --- The negatives as pixel evidence ---------------------------------------------------------------
+def _logits(finding_pixels, shape=(1, 4, 4)):
+  """Two-channel logits (finding, background): +-20 so the probabilities are 0 or 1 to 1e-9."""
+  z = np.full(shape + (2,), [-20.0, 20.0], np.float32)
+  z[finding_pixels] = [20.0, -20.0]
+  return jnp.asarray(z)
+
+
+def test_image_label_loss_is_zero_for_a_clean_normal_image_and_positive_otherwise():
+  normal = jnp.zeros((1, 1))
+  for pooling in segment_task.POOLINGS:
+    clean = segment_task.image_label_loss(_logits(np.zeros((1, 4, 4), bool)), normal, 1, pooling)
+    assert float(clean) < 1e-6
+    spot = np.zeros((1, 4, 4), bool)
+    spot[0, 1, 1] = True
+    assert float(segment_task.image_label_loss(_logits(spot), normal, 1, pooling)) > 0.01
+    # a positive image that shows no finding pays too
+    assert float(segment_task.image_label_loss(_logits(np.zeros((1, 4, 4), bool)),
+                                               jnp.ones((1, 1)), 1, pooling)) > 1.0
+
+
+def test_image_scores_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  flat = p[..., :2].reshape(2, -1, 2)
+  lse = np.log(np.mean(np.exp(4.0 * flat), axis=1)) / 4.0
+  top = np.sort(flat, axis=1)[:, ::-1][:, :3].mean(1)  # 10% of 30 pixels
+  np.testing.assert_allclose(segment_task.image_scores(jnp.asarray(logits), 2, "lse", 4.0, 0.1),
+                             lse, rtol=1e-5)
+  np.testing.assert_allclose(segment_task.image_scores(jnp.asarray(logits), 2, "topk", 4.0, 0.1),
+                             top, rtol=1e-5)
+
+
+def test_size_prior_by_hand():
+  share = np.zeros((2, 4, 4), bool)
+  share[0, :2] = True  # image 0: half its pixels a finding
+  share[1, 0, 0] = True  # image 1: 1/16 of its pixels
+  logits = _logits(share, (2, 4, 4))
+  # image 0 present with bounds [0.1, 0.3]: (0.5 - 0.3)^2; image 1 normal: (1/16 - 0)^2
+  got = segment_task.size_prior_loss(logits, jnp.array([[1.0], [0.0]]), 1, 0.1, 0.3)
+  assert float(got) == pytest.approx(((0.5 - 0.3) ** 2 + (1 / 16) ** 2) / 2, rel=1e-5)
+  inside = segment_task.size_prior_loss(logits, jnp.array([[1.0], [1.0]]), 1, 0.05, 0.6)
+  assert float(inside) == pytest.approx(0.0, abs=1e-9)

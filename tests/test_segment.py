@@ -220,3 +220,20 @@ def test_mrn_trains_on_pairs_and_tests_by_windows(pseudo_dir, tiny_classifier, t
   config.model.mrn_depth, config.model.mrn_upsample = 2, "bilinear"
   summary = segment.run(config, str(tmp_path))
   assert summary["model"] == "mrn" and 0 <= summary["test"]["off"]["mIoU"] <= 1
+
+
+def test_finding_segmenter_learns_with_the_image_level_terms(tiny_classifier, tmp_path):
+  """image_loss and size_prior read the image labels during training and appear in the logged
+  loss parts; in a tissue-map setting they are refused before anything starts."""
+  config = _segment_config("", tiny_classifier, ",supervision=full,dataset=synthetic_lesions,"
+                                                "init=False,epochs=1")
+  config.gate.classifier_workdir, config.gate.modes = "", ("off",)
+  config.image_loss.weight, config.size_prior.weight, config.size_prior.upper = 0.5, 1.0, 0.4
+  summary = segment.run(config, str(tmp_path / "finding"))
+  rows = [json.loads(l) for l in open(tmp_path / "finding" / "metrics.jsonl")]
+  assert {"loss/image_label", "loss/size_prior"} <= set(rows[0])
+  assert rows[0]["loss/image_label"] > 0 and "finding_IoU" in summary["test"]["off"]
+  tissue = _segment_config("", tiny_classifier, ",supervision=full")
+  tissue.image_loss.weight = 0.5
+  with pytest.raises(UserError, match="image_loss and size_prior are terms of the finding"):
+    segment.run(tissue, str(tmp_path / "tissue"))

@@ -17,9 +17,9 @@ from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
 from wsss_jax.tasks.common import Training
-from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, build_training, checkpoint_meta, evaluate,
-                                    load_gate_classifier, loss_kind, overlay_figure, scoring,
-                                    setting)
+from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, POOLINGS, build_training, checkpoint_meta,
+                                    evaluate, load_gate_classifier, loss_kind, overlay_figure,
+                                    scoring, setting, uses_labels)
 from wsss_jax.train import earlier_runs, loop
 from wsss_jax.train.checkpoint import Checkpointer
 
@@ -52,6 +52,15 @@ def validate(config) -> None:
                     f"{tuple(config.data.mask_layers)} differ in length")
   if config.loss not in LOSSES + ("setting",):
     raise UserError(f"loss={config.loss!r} is not one of {LOSSES + ('setting',)}")
+  if config.image_loss.pooling not in POOLINGS:
+    raise UserError(f"image_loss.pooling={config.image_loss.pooling!r} is not one of {POOLINGS}")
+  if not 0 <= config.size_prior.lower <= config.size_prior.upper <= 1:
+    raise UserError(f"size_prior bounds lower={config.size_prior.lower}, "
+                    f"upper={config.size_prior.upper} must satisfy 0 <= lower <= upper <= 1")
+  if (config.image_loss.weight > 0 or config.size_prior.weight > 0) and (
+      folders.settle(config.data).setting != "finding"):
+    raise UserError("image_loss and size_prior are terms of the finding setting (a normal "
+                    "image's pixels are all background); this data is a tissue map")
   for mode in config.gate.modes:
     if mode not in GATE_MODES:
       raise UserError(f"gate.modes: {mode!r} is not one of {GATE_MODES}")
@@ -117,7 +126,7 @@ def run(config, workdir: str) -> dict:
     initialize = lambda s: earlier_runs.load_pretrained(  # noqa: E731
         s, config.model.init_from, seg.model, mesh, config.model.backbone)
   keys = ("image",) + (("context",) if config.model.name == "mrn" else ()) + tuple(
-      f"mask_{layer}" for layer in config.data.mask_layers)
+      f"mask_{layer}" for layer in config.data.mask_layers) + ("labels",) * uses_labels(config)
   best = BestCheckpoint(workdir, seg, config, mesh, meta)
   fitted = loop.fit("segment", config, workdir, seg, meta, mesh, total_steps=seg.total_steps,
                     keys=keys, initialize=initialize, eval_splits=("val", config.test_split),

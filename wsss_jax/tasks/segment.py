@@ -87,6 +87,63 @@ def multilayer_loss(logits, batch, weights: dict, num_classes: int, kind: str = 
   return sum(w * parts[layer] for layer, w in weights.items()), parts
 
 
+POOLINGS = ("lse", "topk")
+
+
+def image_scores(logits, num_findings: int, pooling: str, r: float, top_k: float):
+  """(B, K) image-level finding scores pooled from the per-pixel probabilities p_ic:
+  lse: (1/r) log(mean_i exp(r p_ic)); topk: the mean of the largest `top_k` share of p_ic."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :num_findings]
+  flat = probs.reshape(probs.shape[0], -1, num_findings)
+  if pooling == "lse":  # log-sum-exp pooling (REFERENCE.md section 10)
+    return (jax.nn.logsumexp(r * flat, axis=1) - jnp.log(flat.shape[1])) / r
+  k = max(1, int(round(top_k * flat.shape[1])))
+  return jax.lax.top_k(jnp.swapaxes(flat, 1, 2), k)[0].mean(-1)
+
+
+def image_label_loss(logits, labels, num_findings: int, pooling: str = "lse", r: float = 5.0,
+                     top_k: float = 0.05):
+  """BCE of the pooled finding scores against the image labels (multiple-instance learning): a
+  normal image pays for any finding it shows, a positive one for showing none."""
+  s = image_scores(logits, num_findings, pooling, r, top_k)
+  y = labels.astype(jnp.float32)  # each log's argument kept off 0, one side each
+  return -jnp.mean(y * jnp.log(jnp.maximum(s, 1e-6))
+                   + (1 - y) * jnp.log1p(-jnp.minimum(s, 1 - 1e-6)))
+
+
+def size_prior_loss(logits, labels, num_findings: int, lower: float, upper: float):
+  """Kervadec et al.'s size constraint on V_c = the finding's mean probability: (V - a)^2
+  below the lower bound a, (V - b)^2 above the upper bound b, 0 between; a class absent from
+  the image has b = 0 (and a = 0)."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :num_findings]
+  share = probs.reshape(probs.shape[0], -1, num_findings).mean(axis=1)  # (B, K)
+  present = labels > 0
+  a = jnp.where(present, lower, 0.0)
+  b = jnp.where(present, upper, 0.0)
+  return jnp.mean(jnp.where(share < a, (share - a) ** 2, 0.0)
+                  + jnp.where(share > b, (share - b) ** 2, 0.0))
+
+
+def image_losses(logits, labels, config):
+  """The finding setting's image-level terms from the segmenter's own output: {name: (weight,
+  value)} of those switched on (image_loss, size_prior)."""
+  k = config.data.num_classes
+  out = {}
+  il, sp = config.image_loss, config.size_prior
+  if il.weight > 0:
+    out["image_label"] = (il.weight, image_label_loss(logits, labels, k, il.pooling, il.r,
+                                                      il.top_k))
+  if sp.weight > 0:
+    out["size_prior"] = (sp.weight, size_prior_loss(logits, labels, k, sp.lower, sp.upper))
+  return out
+
+
+def uses_labels(config) -> bool:
+  """Whether training reads the image labels (the image-level losses of the finding setting)."""
+  return setting(config) == "finding" and (config.image_loss.weight > 0
+                                           or config.size_prior.weight > 0)
+
+
 def loss_kind(config) -> str:
   """config.loss, or by setting ("setting"): CE for tissue maps, CE + Dice for findings."""
   if config.loss != "setting":
@@ -170,6 +227,9 @@ def make_train_step(model, tx, schedule, config):
                                     train=True, context=context, mutable=["batch_stats"],
                                     rngs={"dropout": state.step_rng()})
       loss, parts = multilayer_loss(logits, batch, weights, k, kind, dice_classes)
+      if "labels" in batch:  # the finding setting's image-level terms
+        for name, (weight, value) in image_losses(logits, batch["labels"], config).items():
+          loss, parts = loss + weight * value, parts | {name: value}
       return loss, (logits, parts, updates)
 
     (loss, (logits, parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -51,7 +51,7 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False)
+                             erasing=0, paper=False, rounds="0")
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
@@ -75,6 +75,9 @@ def get_config(arg=None, **overrides):
       __file__, "classify", backbone="vit" if vit else "resnet38", pda="off", epochs=12,
       seam=not (arg.paper or vit), width=arg.width, **({"image_size": 112} if vit else {}),
       **dataset)
+  # self-training: rounds of segmenters, each on the previous one's confident labels of the
+  # training tiles; "auto": up to max_rounds, stopping when the val mIoU stops improving
+  config.self_training = dict(rounds=arg.rounds, max_rounds=3)
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
   # its rounds train the classify section's classifier, so it has no classify section
   config.erasing = config_lib.sibling_config(__file__, "erasing", rounds=arg.erasing or 3,

@@ -167,3 +167,27 @@ def test_config_sections_take_keyword_overrides_checked_like_text(tmp_path):
   with pytest.raises(UserError, match="config argument 'epoch' is unknown"):
     module.get_config(epoch=3)
   assert load("pipeline").erasing.get("classify") is None  # the pipeline's classify trains it
+
+
+def test_self_training_rounds_relabel_and_keep_the_best_round(tmp_path):
+  """rounds=2: the first segmenter writes its confident labels of the training tiles, round 1
+  learns from them (and writes its own), round 2 from round 1's; the pipeline's segmenter is the
+  round of the best val mIoU and table.md names every round."""
+  config = tiny_pipeline_config("paper=True,rounds=2")
+  result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  rounds = result["self_training"]["rounds"]
+  assert [h["round"] for h in rounds] == [0, 1, 2]
+  best = max(rounds, key=lambda h: h["val_mIoU"])
+  assert result["self_training"]["kept"] == best["round"]
+  assert result["segment"]["test"] == best["test"]
+  r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
+  assert r1["data"]["masks_dir"] == str(tmp_path / "segment" / "self_labels" / "masks")
+  assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]
+  assert not json.load(open(tmp_path / "segment_round2" / "config.json"))["self_labels"]["write"]
+  labels = os.listdir(tmp_path / "segment" / "self_labels" / "masks" / "self")
+  assert len(labels) == config.classify.data.num_train
+  assert "Self-training (val mIoU per round" in open(tmp_path / "table.md").read()
+  with pytest.raises(UserError, match="self_training.rounds='two' is not a number"):
+    pipeline.validate(tiny_pipeline_config("rounds=two"))
+  with pytest.raises(UserError, match="relabels pseudo masks; supervision=full has none"):
+    pipeline.validate(tiny_pipeline_config("rounds=auto,supervision=full"))

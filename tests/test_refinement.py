@@ -215,3 +215,25 @@ def test_size_prior_by_hand():
   assert float(got) == pytest.approx(((0.5 - 0.3) ** 2 + (1 / 16) ** 2) / 2, rel=1e-5)
   inside = segment_task.size_prior_loss(logits, jnp.array([[1.0], [1.0]]), 1, 0.05, 0.6)
   assert float(inside) == pytest.approx(0.0, abs=1e-9)
+
+
+# --- Self-training labels ----------------------------------------------------------------------------
+def test_self_labels_by_hand():
+  """Findings: confident argmax, IGNORE below the confidence, a normal image all background.
+  Tissue: absent classes excluded, the previous masks' background (K) kept."""
+  # one finding (channel 0) + background (channel 1); two images of 1 x 3 pixels
+  p_finding = np.array([[0.95, 0.6, 0.02], [0.95, 0.6, 0.02]], np.float32)
+  logits = np.log(np.stack([p_finding, 1 - p_finding], -1))[:, None]  # (2, 1, 3, 2)
+  labels = jnp.array([[1.0], [0.0]])  # image 1 is normal
+  images = jnp.zeros((2, 1, 3, 3), jnp.uint8)
+  got = segment_task.self_labels(jnp.asarray(logits), images, labels, jnp.zeros((2, 1, 3)),
+                                 0.9, (), True)
+  np.testing.assert_array_equal(np.asarray(got)[:, 0], [[0, 255, 1], [1, 1, 1]])
+  # tissue: 3 classes, class 1 absent; pixel 2 was background (K = 3) in the previous masks
+  probs = np.array([[0.5, 0.45, 0.05], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05]], np.float32)
+  logits = np.log(probs)[None, None]  # (1, 1, 3, 3)
+  previous = jnp.array([[[0, 0, 3]]])
+  got = segment_task.self_labels(jnp.asarray(logits), jnp.zeros((1, 1, 3, 3), jnp.uint8),
+                                 jnp.array([[1.0, 0.0, 1.0]]), previous, 0.8, (), False)
+  # pixel 0: 0.5 / 0.55 = 0.91 -> class 0; pixel 1: class 1 absent, 0.05 / 0.1 = 0.5 -> IGNORE
+  np.testing.assert_array_equal(np.asarray(got)[0, 0], [0, 255, 3])

@@ -4,6 +4,7 @@ and is renamed, so no reader sees half a file; every read is checked (size, inde
 bad file is one error naming it."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -46,6 +47,13 @@ def write_mask(path: str, mask: np.ndarray, palette: list) -> None:
   image.putpalette(list(palette) + [0] * (3 * IGNORE - len(palette)) + list(IGNORE_COLOUR))
   with atomic.replacing(path) as tmp:
     image.save(tmp, format="PNG")
+
+
+def write_masks(directory: str, names, masks, palette: list) -> None:
+  """One mask PNG per example name in `directory` (names made file stems, as readers expect)."""
+  os.makedirs(directory, exist_ok=True)
+  for name, mask in zip(names, masks):
+    write_mask(os.path.join(directory, file_stem(name) + ".png"), mask, palette)
 
 
 def read_mask(path: str, size: tuple[int, int], max_index: int) -> np.ndarray:

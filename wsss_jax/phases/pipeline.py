@@ -19,6 +19,7 @@ from wsss_jax.data import mask_files
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
+from wsss_jax.tasks.segment import SELF_LAYER
 from wsss_jax.train.checkpoint import Checkpointer
 from wsss_jax.train.writers import MetricWriter
 
@@ -55,6 +56,11 @@ def table(result: dict) -> str:
   scored = ("finding scoring: background a class" if finding else "{} scoring")
   keys = ["mIoU"] + ["finding_IoU", "finding_Dice"] * finding + ["FwIoU", "accuracy"]
   heads = [key.replace("_", " ") for key in keys]
+  rounds = result.get("self_training")
+  if rounds:
+    lines += ["Self-training (val mIoU per round; the best round is the segmenter below): "
+              + ", ".join(f"round {h['round']} {h['val_mIoU']:.3f}" for h in rounds["rounds"])
+              + f"; kept round {rounds['kept']}.", ""]
   lines += [f"Pseudo masks ({scored.format('stage-1')}):", "",
             "| split | layer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
   for key in ("pseudo_masks", "pseudo_masks_test"):
@@ -85,6 +91,9 @@ def validate(config, dispatch=None) -> None:
                     f"configs/mae.py there first")
   if found:
     check_pretrained_matches(found, config.classify.model)
+  rounds = self_training_rounds(config)[0]  # refuses a misspelt number of rounds
+  if rounds and config.supervision != "pseudo":
+    raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")
@@ -146,7 +155,10 @@ def run(config, workdir: str, *, dispatch) -> dict:
   erasing = None
   if config.supervision == "pseudo":
     erasing = run_pseudo_masks(config, dirs, result, dispatch)
+  seg.self_labels.write = config.supervision == "pseudo" and self_training_rounds(config)[0] > 0
   result["segment"] = dispatch.run(seg, dirs.segment)
+  if seg.self_labels.write:
+    run_self_training(config, workdir, result, dispatch)
   if config.supervision == "pseudo":
     run_test_pseudo_masks(config, dirs, result, erasing, workdir, dispatch)
   if config.upper_bound and config.supervision == "pseudo":
@@ -164,6 +176,43 @@ def run(config, workdir: str, *, dispatch) -> dict:
   writer.summary(result)
   writer.close()
   return result
+
+
+def self_training_rounds(config) -> tuple[int, bool]:
+  """(rounds at most, stop early): self_training.rounds is a number or "auto" (up to
+  max_rounds, stopping at the first round whose val mIoU does not improve)."""
+  text = str(config.self_training.rounds).strip().lower()
+  if text == "auto":
+    return int(config.self_training.max_rounds), True
+  if not text.isdigit():
+    raise UserError(f"self_training.rounds={config.self_training.rounds!r} is not a number of "
+                    f"rounds or 'auto'")
+  return int(text), False
+
+
+def run_self_training(config, workdir: str, result: dict, dispatch) -> None:
+  """Rounds of self-training (segment_round<r>/): each segmenter learns from the previous one's
+  confident labels of the training tiles; the round of the best val mIoU is the result."""
+  rounds, auto = self_training_rounds(config)
+  previous = best = result["segment"]
+  history = [{"round": 0, "val_mIoU": best["val"]["mIoU"], "test": best["test"]}]
+  for r in range(1, rounds + 1):
+    section = config.segment.copy_and_resolve_references()
+    section.data.masks_dir = previous["self_labels"]["masks_dir"]
+    section.data.mask_layers, section.loss_weights = (SELF_LAYER,), (1.0,)
+    section.self_labels.write = r < rounds
+    out = dispatch.run(section, os.path.join(workdir, f"segment_round{r}"))
+    history.append({"round": r, "val_mIoU": out["val"]["mIoU"], "test": out["test"]})
+    improved = out["val"]["mIoU"] > best["val"]["mIoU"]
+    best = out if improved else best
+    print(f"self-training round {r}: val mIoU {out['val']['mIoU']:.3f} "
+          f"({'best so far' if improved else 'no better'})", flush=True)
+    if auto and not improved:
+      break
+    previous = out
+  result["segment"] = best
+  result["self_training"] = {"rounds": history, "kept": next(
+      h["round"] for h in history if h["val_mIoU"] == best["val"]["mIoU"])}
 
 
 def run_classifier(config, dirs: Dirs, result: dict, dispatch) -> None:

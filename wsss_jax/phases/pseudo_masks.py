@@ -48,10 +48,7 @@ def layer_name(path: str) -> str:
 
 def write_batch(directory: str, names, layer_masks: dict, palette: list) -> None:
   for layer, m in layer_masks.items():
-    os.makedirs(os.path.join(directory, layer), exist_ok=True)
-    for name, mask in zip(names, m):
-      mask_files.write_mask(os.path.join(directory, layer, mask_files.file_stem(name) + ".png"), mask,
-                       palette)
+    mask_files.write_masks(os.path.join(directory, layer), names, m, palette)
 
 
 def table(summary: dict) -> str:

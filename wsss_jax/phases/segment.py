@@ -16,10 +16,11 @@ from wsss_jax.data import folders, mask_files, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
+from wsss_jax.pseudo import par
 from wsss_jax.tasks.common import Training
 from wsss_jax.tasks.segment import (GATE_MODES, LOSSES, POOLINGS, build_training, checkpoint_meta,
                                     evaluate, load_gate_classifier, loss_kind, overlay_figure,
-                                    scoring, setting, uses_labels)
+                                    relabel_batches, SELF_LAYER, scoring, setting, uses_labels)
 from wsss_jax.train import earlier_runs, loop
 from wsss_jax.train.checkpoint import Checkpointer
 
@@ -61,6 +62,11 @@ def validate(config) -> None:
       folders.settle(config.data).setting != "finding"):
     raise UserError("image_loss and size_prior are terms of the finding setting (a normal "
                     "image's pixels are all background); this data is a tissue map")
+  if config.self_labels.write and config.supervision != "pseudo":
+    raise UserError("self_labels.write relabels the training tiles of a pseudo-supervised run; "
+                    "this run learns from the ground truth")
+  if not 0 < config.self_labels.confidence <= 1:
+    raise UserError(f"self_labels.confidence={config.self_labels.confidence} must lie in (0, 1]")
   for mode in config.gate.modes:
     if mode not in GATE_MODES:
       raise UserError(f"gate.modes: {mode!r} is not one of {GATE_MODES}")
@@ -135,17 +141,42 @@ def run(config, workdir: str) -> dict:
   test, shown = evaluate(seg, best_state, config, mesh, config.test_split, classifier,
                          config.overlays)
   report_test(config, workdir, shown, best_step, fitted.run.writer)
+  val = evaluate(seg, best_state, config, mesh, "val")[0]["off"]
+  written = (write_self_labels(seg, best_state, config, mesh, workdir)
+             if config.self_labels.write else None)
   summary = fitted.summary | {
       "model": config.model.name, "supervision": config.supervision, "best_step": best_step,
       "setting": setting(config), "loss": loss_kind(config),
       "steps_per_epoch": seg.steps_per_epoch, "scoring": scoring(config),
-      "test_split": config.test_split, "test": test}
+      "test_split": config.test_split, "test": test, "val": val, "self_labels": written}
   for mode, s in test.items():
     print(f"test ({mode} gate): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.headline(s)),
           flush=True)
   fitted.run.writer.summary(summary)
   fitted.run.writer.close()
   return summary
+
+
+def write_self_labels(seg: Training, state, config, mesh, workdir: str) -> dict:
+  """self_labels/masks/self/<tile>.png: the best checkpoint's confident labels of the training
+  tiles (tasks.segment.self_labels), for the next self-training round."""
+  cfg = config.self_labels
+  directory = os.path.join(workdir, "self_labels", "masks", SELF_LAYER)
+  palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
+                                     config.data.num_classes + 1)
+  par_settings = (tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                               for k, v in par.DEFAULTS.items())) if cfg.par else ())
+  ignored = pixels = 0
+  with atomic.BackgroundWrites(4) as writer:
+    for names, masks in relabel_batches(seg, state, config, mesh, cfg.confidence, par_settings):
+      ignored += int((masks == mask_files.IGNORE).sum())
+      pixels += masks.size
+      if parallel.is_main_process():
+        writer.submit(mask_files.write_masks, directory, names, masks, palette)
+  share = ignored / max(pixels, 1)
+  print(f"self labels: {directory} ({share:.1%} of the pixels ignored, confidence "
+        f"{cfg.confidence:g}{', PAR' if cfg.par else ''})", flush=True)
+  return {"masks_dir": os.path.dirname(directory), "ignored_share": share}
 
 
 def report_test(config, workdir: str, shown: list, step: int, writer) -> None:

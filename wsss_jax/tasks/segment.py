@@ -29,11 +29,12 @@ import numpy as np
 import optax
 
 from wsss_jax import metrics
-from wsss_jax.data import folders, pipeline, transforms
+from wsss_jax.data import folders, mask_files, pipeline, transforms
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN, build_segmenter
 from wsss_jax.outputs import overlays
+from wsss_jax.pseudo import par
 from wsss_jax.tasks.common import (Training, compute_dtype, prepare_images, steps_per_epoch,
                                    total_steps)
 from wsss_jax.train import earlier_runs, optim
@@ -348,6 +349,50 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
                     b["name"][i]))
   findings = tuple(config.data.class_names) if convention == "finding" else ()
   return {m: metrics.iou_scores(c, names, findings) for m, c in confusion.items()}, shown
+
+
+# --- Self-training: the segmenter relabels its training tiles --------------------------------------
+SELF_LAYER = "self"  # the mask layer of the self labels the next round learns from
+
+
+@functools.partial(jax.jit, static_argnames=("par_settings", "finding"))
+def self_labels(logits, images, labels, previous, confidence, par_settings: tuple, finding: bool):
+  """(B, H, W) uint8 labels for the next round from the segmenter's tile-size logits: classes
+  absent from the image label excluded, the probabilities refined by the image (PAR) where
+  `par_settings`, the argmax where its probability reaches `confidence`, IGNORE elsewhere.
+  Findings: a normal image is all background. Tissue maps: the pixels the previous masks gave
+  the background (white glass, index K) and tiles without a label keep index K."""
+  k = labels.shape[1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  allowed = labels > 0
+  if finding:  # the background channel K is always allowed
+    allowed = jnp.concatenate([allowed, jnp.ones_like(allowed[:, :1])], axis=1)
+  probs = jnp.where(allowed[:, None, None, :], probs, 0.0)
+  if par_settings:
+    probs = jnp.moveaxis(par.refine(jnp.moveaxis(probs, -1, 1), images, **dict(par_settings)),
+                         1, -1)
+  probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-12)
+  mask = jnp.where(probs.max(-1) >= confidence, jnp.argmax(probs, -1), mask_files.IGNORE)
+  if not finding:
+    fixed = (previous == k) | ~allowed.any(axis=1)[:, None, None]
+    mask = jnp.where(fixed, k, mask)
+  return mask.astype(jnp.uint8)
+
+
+def relabel_batches(seg, state, config, mesh, confidence: float, par_settings: tuple):
+  """(names, labels) of the valid rows of each batch of the training split (self_labels)."""
+  batch = parallel.eval_batch_size(config.eval_batch_size, mesh)
+  inputs = {} if isinstance(seg.model, MRN) else {"input": config.data.image_size}
+  previous = f"mask_{config.data.mask_layers[-1]}"
+  keys = ("image", "labels", "name", previous) + tuple(inputs)
+  finding = scoring(config) == "finding"
+  for b in pipeline.tile_batches(config.data, "train", batch, inputs, keys):
+    logits = tile_logits(seg, state, b, config, mesh)
+    masks = self_labels(logits, parallel.shard_identical(b["image"], mesh),
+                        jnp.asarray(b["labels"]), parallel.shard_identical(b[previous], mesh),
+                        jnp.float32(confidence), par_settings, finding)
+    valid = b["valid"]
+    yield list(b["name"][valid]), np.asarray(masks)[valid]
 
 
 def load_gate_classifier(config, mesh):

@@ -191,3 +191,16 @@ def test_self_training_rounds_relabel_and_keep_the_best_round(tmp_path):
     pipeline.validate(tiny_pipeline_config("rounds=two"))
   with pytest.raises(UserError, match="relabels pseudo masks; supervision=full has none"):
     pipeline.validate(tiny_pipeline_config("rounds=auto,supervision=full"))
+
+
+def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):
+  """A re-run keeps the pseudo masks only when their recorded config.json is the section's
+  (the runner's report_dir aside): a changed refinement is never served stale masks."""
+  section = load_config("pseudo_masks", "classifier=runs/cls")
+  recorded = section.copy_and_resolve_references()
+  recorded.data.report_dir = str(tmp_path)
+  (tmp_path / "config.json").write_text(recorded.to_json_best_effort())
+  assert pipeline._same_settings(str(tmp_path), section)
+  section.par.enabled = True
+  assert not pipeline._same_settings(str(tmp_path), section)
+  assert not pipeline._same_settings(str(tmp_path / "missing"), section)

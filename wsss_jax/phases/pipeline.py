@@ -35,14 +35,30 @@ def _classifier_step(classify_dir: str) -> int | None:
 
 
 def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
-                      erasing: dict | None = None) -> dict | None:
+                      erasing: dict | None = None, section=None) -> dict | None:
   """The pseudo-mask summary when the masks there are those of the current classifier (and of
-  the same erasing rounds: `erasing` as the pseudo-mask summary records it, or None)."""
+  the same erasing rounds: `erasing` as the pseudo-mask summary records it, or None) and, where
+  `section` is given, of the same pseudo-mask settings (its recorded config.json)."""
   summary = _read_summary(pm_dir)
   if summary and (summary.get("classifier_step") == _classifier_step(classify_dir)
-      and summary.get("num_images") == num_images and summary.get("erasing") == erasing):
+      and summary.get("num_images") == num_images and summary.get("erasing") == erasing
+      and (section is None or _same_settings(pm_dir, section))):
     return summary
   return None
+
+
+def _same_settings(workdir: str, section) -> bool:
+  """Whether `workdir`'s config.json records `section` (the data's report_dir, which the runner
+  fills in with the workdir, aside)."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return False
+  current = json.loads(section.to_json_best_effort())
+  for settings in (recorded, current):
+    settings.get("data", {}).pop("report_dir", None)
+  return recorded == current
 
 
 def table(result: dict) -> str:
@@ -238,7 +254,7 @@ def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
                "rounds": len(result["erasing"]["rounds"])}
   config.pseudo_masks.classifier_workdir = dirs.classify
   done = pseudo_masks_done(dirs.pseudo_masks, dirs.classify, config.classify.data.num_train,
-                           erasing)
+                           erasing, config.pseudo_masks)
   if done is not None:
     print(f"pseudo masks in {dirs.pseudo_masks} are current; not recomputed", flush=True)
   result["pseudo_masks"] = done or dispatch.run(config.pseudo_masks, dirs.pseudo_masks)
@@ -257,7 +273,8 @@ def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: st
   test_pm = config.pseudo_masks.copy_and_resolve_references()
   test_pm.split, test_pm.data.num_test = seg.test_split, seg.data.num_test
   result["pseudo_masks_test"] = (
-      pseudo_masks_done(dirs.pseudo_masks_test, dirs.classify, seg.data.num_test, erasing)
+      pseudo_masks_done(dirs.pseudo_masks_test, dirs.classify, seg.data.num_test, erasing,
+                        test_pm)
       or dispatch.run(test_pm, dirs.pseudo_masks_test))
   if parallel.is_main_process():
     save_overlays(workdir, dirs, seg.data.mask_layers[-1],

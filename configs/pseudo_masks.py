@@ -33,6 +33,9 @@ def get_config(arg=None, **overrides):
   config.relu = "setting"        # by setting (tissue: Grad-CAM without ReLU, as the authors;
                                  # finding: with); "method": the method's default; "off"; "on"
   config.scales = (1.0,)         # input scales whose maps are averaged (multi-scale inference)
+  # True (with val masks): each layer fuses the subset of the scales (with the first) whose maps
+  # score best on the val masks
+  config.scales_validate = False
   # rule "dataset": the dataset's (white for LUAD-HistoSeg and the embedded tiles, none for
   # BCSS-WSSS and tissue folders, threshold for findings); white / none / threshold / power /
   # otsu / negatives or white+<map rule> (wsss_jax/pseudo/mask_rules.py). alpha: "default" (the

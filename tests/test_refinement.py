@@ -237,3 +237,25 @@ def test_self_labels_by_hand():
                                  jnp.array([[1.0, 0.0, 1.0]]), previous, 0.8, (), False)
   # pixel 0: 0.5 / 0.55 = 0.91 -> class 0; pixel 1: class 1 absent, 0.05 / 0.1 = 0.5 -> IGNORE
   np.testing.assert_array_equal(np.asarray(got)[0, 0], [0, 255, 3])
+
+
+def test_scales_validate_keeps_the_best_scoring_subset_per_layer(tiny_classifier, tmp_path):
+  from conftest import load_config
+
+  from wsss_jax.phases import pseudo_masks
+
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},split=val")
+  config.scales, config.scales_validate, config.data.num_val = (1.0, 2.0), True, 8
+  summary = pseudo_masks.run(config, str(tmp_path / "auto"))
+  kept = summary["scales_kept"]
+  assert set(kept) == set(summary["layers"]) and all(s[0] == 1.0 for s in kept.values())
+  for subset in {tuple(s) for s in kept.values()}:  # the same scores with those scales fixed
+    fixed = config.copy_and_resolve_references()
+    fixed.scales, fixed.scales_validate = subset, False
+    again = pseudo_masks.run(fixed, str(tmp_path / "x".join(map(str, subset))))
+    for layer, s in kept.items():
+      if tuple(s) == subset:
+        assert again["layers"][layer]["mIoU"] == pytest.approx(summary["layers"][layer]["mIoU"])
+  config.dilations = (2,)
+  with pytest.raises(UserError, match="scales_validate chooses among plain multi-scale maps"):
+    pseudo_masks.validate(config)

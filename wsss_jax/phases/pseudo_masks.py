@@ -175,6 +175,9 @@ def validate(config) -> None:
     crf.check_settings(dict(config.crf))
   if config.par.enabled:
     par.check_settings(dict(config.par))
+  if config.scales_validate and (config.dilations or config.get("erasing_workdir")):
+    raise UserError("scales_validate chooses among plain multi-scale maps; it does not combine "
+                    "with dilations or erasing")
   if not 0 <= config.ignore_band < 1:
     raise UserError(f"ignore_band={config.ignore_band} must lie in [0, 1) (map scores are in "
                     f"[0, 1])")
@@ -342,6 +345,10 @@ class Background(NamedTuple):
   levels: dict              # {layer: raw negatives level} for the negatives rule, else {}
   sweep: dict | None        # the val alpha sweep, when one ran
   refine: dict | None       # {layer: refinements kept on the val masks} (None: the rule's)
+  scales: dict | None = None  # {layer: indices of the scales whose maps it fuses} (None: all)
+
+  def maps_of(self, layer: str, maps: list) -> list:
+    return maps if self.scales is None else [maps[i] for i in self.scales[layer]]
 
   def alpha_of(self, layer: str):
     return self.alpha[layer] if isinstance(self.alpha, dict) else self.alpha
@@ -408,6 +415,27 @@ def validate_refinements(config, source: MapSource, rule: MaskRule, image_rule: 
   return chosen._replace(refine=kept)
 
 
+def choose_scales(config, source: MapSource, rule: MaskRule, image_rule: str,
+                  chosen: Background) -> Background:
+  """scales_validate: per layer, the subset of config.scales (each with the first scale) whose
+  fused maps give the best val mIoU at the layer's alpha and refinements."""
+  rule = rule._replace(map_rule=chosen.map_rule)
+  rest = range(1, len(config.scales))
+  subsets = [(0,) + tuple(i for i in rest if mask >> (i - 1) & 1)
+             for mask in range(2 ** len(rest))]
+  scores = {s: refined_val_scores(source, config, rule, image_rule, chosen,
+                                  lambda layer: chosen.refinements(rule, layer), s)
+            for s in subsets}
+  best = {}
+  for layer in scores[subsets[0]]:
+    best[layer] = max(subsets, key=lambda s: scores[s][layer])  # noqa: B023
+    print(f"scales_validate {layer}: " + ", ".join(
+        f"{'/'.join(f'{config.scales[i]:g}' for i in s)} {scores[s][layer]:.3f}"
+        for s in subsets) + f": {'/'.join(f'{config.scales[i]:g}' for i in best[layer])} kept",
+        flush=True)
+  return chosen._replace(scales=best)
+
+
 # --- The phase ----------------------------------------------------------------------------------
 def run(config, workdir: str) -> dict:
   validate(config)
@@ -427,6 +455,8 @@ def run(config, workdir: str) -> dict:
   chosen = choose_background(config, source, rule, image_rule)
   if any(config[name].get("validate") for name in rule.refinements()) and has_val_truth(source):
     chosen = validate_refinements(config, source, rule, image_rule, chosen)
+  if config.scales_validate and len(config.scales) > 1 and has_val_truth(source):
+    chosen = choose_scales(config, source, rule, image_rule, chosen)
   if chosen.sweep and parallel.is_main_process():
     write_sweep(workdir, chosen.sweep, rule_name)
   rule = rule._replace(map_rule=chosen.map_rule)
@@ -522,7 +552,8 @@ def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
     name = layer_name(layer)
     level = jnp.float32(chosen.levels[name]) if chosen.levels else None
     masks[name], c = mask_and_confusion(
-        rule, [m[layer] for m in scale_maps], labels, background, truth, jnp.asarray(b["valid"]),
+        rule, chosen.maps_of(name, [m[layer] for m in scale_maps]), labels, background, truth,
+        jnp.asarray(b["valid"]),
         images, jnp.float32(chosen.alpha_of(name) or 0.0), level,
         refine=chosen.refinements(rule, name))
     if c is not None:
@@ -551,6 +582,8 @@ def summarize(config, source: MapSource, rule: MaskRule, chosen: Background, wri
           "refinements": {k: list(chosen.refinements(rule, k)) for k in written.layers},
           "crf_layers": [k for k in written.layers if "crf" in chosen.refinements(rule, k)],
           "ignore_band": rule.band,
+          "scales_kept": ({k: [config.scales[i] for i in chosen.scales[k]]
+                           for k in written.layers} if chosen.scales else None),
           "ignored_share": written.ignored,
           "dilations": list(config.dilations),
           "erasing": {"workdir": os.path.abspath(config.erasing_workdir),
@@ -652,13 +685,14 @@ def sweep_alpha(source: MapSource, config, rule: MaskRule, image_rule: str,
 
 
 def refined_val_scores(source: MapSource, config, rule: MaskRule, image_rule: str,
-                       chosen: Background, refine_of: Callable) -> dict:
+                       chosen: Background, refine_of: Callable, subset: tuple | None = None) -> dict:
   """{layer: val pseudo-mask mIoU (no ignore band) at the layer's alpha with the refinements
-  `refine_of(layer)`}."""
+  `refine_of(layer)`, from the maps of the scales chosen (or of the indices in `subset`)}."""
   scoring = rule._replace(band=0.0)
   names = tuple(source.data.class_names) + ("background",) * (rule.convention == "finding")
 
   def layer_confusion(name, maps, labels, background, truth, valid, images):
+    maps = [maps[i] for i in subset] if subset is not None else chosen.maps_of(name, maps)
     return mask_and_confusion(scoring, maps, labels, background, truth, valid, images,
                               jnp.float32(chosen.alpha_of(name) or 0.0),
                               jnp.float32(chosen.levels.get(name, 0.0)),

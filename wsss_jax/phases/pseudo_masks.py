@@ -220,15 +220,38 @@ def rule_mask(rule: MaskRule, maps, labels, background, alpha, level, band: floa
   return mask_rules.pseudo_mask(maps, labels, background, size, rule.background_index, band)
 
 
-def layer_mask(rule: MaskRule, maps, labels, background, images, alpha, level, refine: tuple):
+class TileImages(NamedTuple):
+  """A batch's tiles on the devices and what every layer's refinement shares: PAR's affinity
+  weights (computed once per batch, not per layer), or None."""
+  u8: Any
+  par_weights: Any
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def tile_images(rule: MaskRule, images_u8) -> TileImages:
+  settings = dict(rule.par)
+  weights = par.affinity(images_u8, tuple(settings["dilations"]), settings["w_rgb"],
+                         settings["w_pos"], settings["pos_weight"],
+                         settings["smooth"]) if rule.par else None
+  return TileImages(images_u8, weights)
+
+
+def par_maps(rule: MaskRule, maps, images: TileImages, size) -> list:
+  """PAR on the maps fused at tile size, with the batch's affinity weights."""
+  settings = dict(rule.par)
+  return [par.propagate(mask_rules.fuse_maps(maps, size), images.par_weights,
+                        tuple(settings["dilations"]), int(settings["iterations"]))]
+
+
+def layer_mask(rule: MaskRule, maps, labels, background, images: TileImages, alpha, level,
+               refine: tuple):
   """The mask of one layer under `rule`, with the refinements named in `refine`: "par" on the
   maps (fused at tile size), "crf" on the mask; the ignore band marked last."""
   if "par" in refine:
-    maps = [par.refine(mask_rules.fuse_maps(maps, background.shape[1:]), images,
-                       **dict(rule.par))]
+    maps = par_maps(rule, maps, images, background.shape[1:])
   mask = rule_mask(rule, maps, labels, background, alpha, level, 0.0)
   if "crf" in refine:
-    mask = crf.refine_labels(mask, images, labels, background, rule.background_index,
+    mask = crf.refine_labels(mask, images.u8, labels, background, rule.background_index,
                              dict(rule.crf), free_background=bool(rule.map_rule))
   if rule.band > 0:  # uncertain pixels stay ignored whatever the CRF made of them
     banded = rule_mask(rule, maps, labels, background, alpha, level, rule.band)
@@ -253,8 +276,7 @@ def sweep_confusions(rule: MaskRule, maps, labels, background, truth, valid, ima
                      levels, refine: tuple = ()):
   """(A, M, M) confusions of one layer for every (alpha, negatives level) pair."""
   if "par" in refine:  # the refined maps do not depend on alpha: once for the sweep
-    maps = [par.refine(mask_rules.fuse_maps(maps, background.shape[1:]), images,
-                       **dict(rule.par))]
+    maps = par_maps(rule, maps, images, background.shape[1:])
 
   def one(alpha, level):
     return mask_and_confusion(rule, maps, labels, background, truth, valid, images, alpha, level,
@@ -546,7 +568,9 @@ def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,
   scale_maps = source.batch_maps(b, labels)
   truth = parallel.shard_identical(b["mask"], mesh) if has_truth else None
   background = parallel.shard_identical(b["background"], mesh)
-  images = parallel.shard_identical(b["image"], mesh)
+  uses_par = chosen.refine is None or any("par" in r for r in chosen.refine.values())
+  images = tile_images(rule if uses_par else rule._replace(par=()),
+                       parallel.shard_identical(b["image"], mesh))
   masks, confusion = {}, {}
   for layer in scale_maps[0]:
     name = layer_name(layer)
@@ -637,10 +661,10 @@ def negative_map_values(source: MapSource, config) -> dict:
 
 
 def val_confusions(source: MapSource, config, image_rule: str, layer_confusion,
-                   with_images: bool = False) -> dict:
+                   with_images: MaskRule | None = None) -> dict:
   """{layer: summed confusion(s)} over the val split: per batch and layer,
-  layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (images
-  on the devices only `with_images`, else None)."""
+  layer_confusion(name, maps of every scale, labels, background, truth, valid, images) (the
+  TileImages of `with_images`'s rule on the devices, else None)."""
   keys = ("image", "labels", "mask", "background") + tuple(source.inputs)
   white = mask_rules.BackgroundMask(image_rule, config.background.threshold,
                                     config.background.min_size)
@@ -651,7 +675,8 @@ def val_confusions(source: MapSource, config, image_rule: str, layer_confusion,
     scale_maps = source.batch_maps(b, labels)
     background = parallel.shard_identical(b["background"], mesh)
     truth = parallel.shard_identical(b["mask"], mesh)
-    images = parallel.shard_identical(b["image"], mesh) if with_images else None
+    images = (tile_images(with_images, parallel.shard_identical(b["image"], mesh))
+              if with_images else None)
     for layer in scale_maps[0]:
       name = layer_name(layer)
       c = layer_confusion(name, [m[layer] for m in scale_maps], labels, background, truth,
@@ -678,7 +703,7 @@ def sweep_alpha(source: MapSource, config, rule: MaskRule, image_rule: str,
 
   out = {}
   for name, c in val_confusions(source, config, image_rule, layer_confusions,
-                                with_images=bool(refine)).items():
+                                with_images=scoring if refine else None).items():
     miou = [metrics.iou_scores(c[i], names)["mIoU"] for i in range(len(grid))]
     out[name] = {"alpha": list(grid), "mIoU": miou, "best": grid[int(np.nanargmax(miou))]}
   return out
@@ -698,5 +723,5 @@ def refined_val_scores(source: MapSource, config, rule: MaskRule, image_rule: st
                               jnp.float32(chosen.levels.get(name, 0.0)),
                               refine=refine_of(name))[1]
 
-  totals = val_confusions(source, config, image_rule, layer_confusion, with_images=True)
+  totals = val_confusions(source, config, image_rule, layer_confusion, with_images=scoring)
   return {name: metrics.iou_scores(c, names)["mIoU"] for name, c in totals.items()}

@@ -51,7 +51,7 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False, rounds="0")
+                             erasing=0, paper=False, rounds="0", affinity=False)
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
@@ -85,6 +85,12 @@ def get_config(arg=None, **overrides):
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks", crf=not arg.paper,
                                                   **dataset)
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps (BENCHMARKS.md)
+  # AffinityNet + random walk between the pseudo masks and the segmenter; it learns from the
+  # confident pixels, so the pseudo masks get an ignore band
+  config.run_affinity = arg.affinity
+  config.affinity = config_lib.sibling_config(__file__, "affinity", width=arg.width, **dataset)
+  if arg.affinity:
+    config.pseudo_masks.ignore_band = 0.1
   # its backbone starts from the classifier's
   config.segment = config_lib.sibling_config(__file__, "segment", supervision=arg.supervision,
                                              width=arg.width, **dataset)

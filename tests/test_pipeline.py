@@ -204,3 +204,20 @@ def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):
   section.par.enabled = True
   assert not pipeline._same_settings(str(tmp_path), section)
   assert not pipeline._same_settings(str(tmp_path / "missing"), section)
+
+
+def test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks(tmp_path):
+  config = tiny_pipeline_config("paper=True,affinity=True")
+  aff = config.affinity
+  aff.model.width, aff.data.image_size, aff.batch_size, aff.num_epochs = 0.0625, 32, 8, 1
+  aff.data.tile_size, aff.data.num_threads, aff.async_checkpointing = 48, 1, False
+  assert config.pseudo_masks.ignore_band == 0.1  # AffinityNet learns from confident pixels
+  result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  seg = json.load(open(tmp_path / "segment" / "config.json"))["data"]
+  assert seg["masks_dir"] == str(tmp_path / "affinity" / "masks") and seg["mask_layers"] == ["rw"]
+  aff_config = json.load(open(tmp_path / "affinity" / "config.json"))
+  assert aff_config["pseudo_workdir"] == str(tmp_path / "pseudo_masks")
+  assert aff_config["data"]["mask_layers"] == [result["affinity"]["layer"]]
+  assert len(os.listdir(tmp_path / "affinity" / "masks" / "rw")) == config.classify.data.num_train
+  with pytest.raises(UserError, match="AffinityNet's trunk is the ResNet38"):
+    pipeline.validate(tiny_pipeline_config("pretrain=scratch,affinity=True"))

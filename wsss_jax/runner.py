@@ -7,19 +7,19 @@ from typing import Callable, NamedTuple
 
 from wsss_jax.device import kernels
 from wsss_jax.errors import UserError
-from wsss_jax.phases import (benchmark, classify, dataset, erasing, maps, pipeline, predict,
-                             pretrain, pseudo_masks, segment)
+from wsss_jax.phases import (affinity, benchmark, classify, dataset, erasing, maps, pipeline,
+                             predict, pretrain, pseudo_masks, segment)
 from wsss_jax.train import run_record
 
 PHASES = {"pretrain": pretrain, "classify": classify, "benchmark": benchmark, "maps": maps,
           "pseudo_masks": pseudo_masks, "segment": segment, "pipeline": pipeline,
-          "dataset": dataset, "erasing": erasing, "predict": predict}
+          "dataset": dataset, "erasing": erasing, "predict": predict, "affinity": affinity}
 # phases that run other phases are given the dispatch below in their run and validate (a phase
 # never imports the runner)
 COMPOSING = ("pretrain", "erasing", "pipeline")
 # phases that resume from checkpoints: they record their config once those are accepted
 # (loop.start_run); the others record it before they start
-RESUMING = ("pretrain", "classify", "segment", "predict")  # write their own config.json once accepted
+RESUMING = ("pretrain", "classify", "segment", "predict", "affinity")  # write their own config.json once accepted
 
 
 def prepare_workdir(workdir: str | None) -> str:

@@ -82,6 +82,10 @@ def table(result: dict) -> str:
   for key in ("pseudo_masks", "pseudo_masks_test"):
     for layer, s in result.get(key, {}).get("layers", {}).items():
       lines.append(f"| {result[key]['split']} | {layer} | {_cells(s, keys)} |")
+  walked = result.get("affinity", {})
+  if walked.get("scores"):
+    lines.append(f"| train | rw (random walk of {walked['layer']}) | "
+                 f"{_cells(walked['scores'], keys)} |")
   lines += ["", f"Segmentation ({result['test_split']} split, {scored.format('stage-2')}):", "",
             "| supervision | gate | " + " | ".join(heads + names) + " |",
             "|---" * (2 + len(heads) + len(names)) + "|"]
@@ -113,11 +117,15 @@ def validate(config, dispatch=None) -> None:
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")
+  if config.run_affinity and config.classify.model.backbone != "resnet38":
+    raise UserError(f"affinity: AffinityNet's trunk is the ResNet38; the classifier is "
+                    f"{config.classify.model.backbone!r}")
   if config.run_erasing and config.pseudo_masks.dilations:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
   if dispatch is not None:
     sections = ("pretrain",) * config.run_pretrain + ("classify", "pseudo_masks", "segment")
-    for section in sections + ("erasing",) * config.run_erasing:
+    for section in sections + ("erasing",) * config.run_erasing + (
+        ("affinity",) * config.run_affinity):
       dispatch.validate(config[section])
 
 
@@ -144,6 +152,7 @@ class Dirs(NamedTuple):
   classify: str
   erasing: str
   pseudo_masks: str
+  affinity: str
   segment: str
   segment_full: str
   pseudo_masks_test: str
@@ -158,7 +167,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
   validate(config, dispatch)
   dirs = Dirs.under(workdir)
   result = {"phase": "pipeline", "workdir": workdir}
-  for section in ("pretrain", "classify", "erasing", "pseudo_masks", "segment"):
+  for section in ("pretrain", "classify", "erasing", "pseudo_masks", "affinity", "segment"):
     with config[section].unlocked():
       config[section].seed, config[section].num_devices = config.seed, config.num_devices
   run_classifier(config, dirs, result, dispatch)
@@ -263,7 +272,22 @@ def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
   layer = segment_layer(config.segment_layer, result["pseudo_masks"])
   if layer:
     seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
+  if config.run_affinity:
+    run_affinity(config, dirs, result, dispatch)
   return erasing
+
+
+def run_affinity(config, dirs: Dirs, result: dict, dispatch) -> None:
+  """AffinityNet on the segment section's pseudo-mask layer, then the segmenter learns from the
+  random walk's masks."""
+  aff, seg = config.affinity, config.segment
+  aff.classifier_workdir, aff.pseudo_workdir = dirs.classify, dirs.pseudo_masks
+  aff.data.masks_dir = seg.data.masks_dir
+  aff.data.mask_layers = (seg.data.mask_layers[-1],)
+  aff.data.num_train, aff.method = seg.data.num_train, config.pseudo_masks.method
+  result["affinity"] = dispatch.run(aff, dirs.affinity)
+  seg.data.masks_dir = result["affinity"]["masks_dir"]
+  seg.data.mask_layers, seg.loss_weights = (result["affinity"]["mask_layer"],), (1.0,)
 
 
 def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: str,
@@ -277,7 +301,8 @@ def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: st
                         test_pm)
       or dispatch.run(test_pm, dirs.pseudo_masks_test))
   if parallel.is_main_process():
-    save_overlays(workdir, dirs, seg.data.mask_layers[-1],
+    layer = result.get("affinity", {}).get("layer") or seg.data.mask_layers[-1]
+    save_overlays(workdir, dirs, layer,
                   result["pseudo_masks_test"].get("palette") or "luad", seg.data.num_classes,
                   result["pseudo_masks_test"])
 

@@ -42,8 +42,9 @@ def get_config(arg=None, **overrides):
   config.image_loss = dict(weight=0.0, pooling="lse", r=5.0, top_k=0.05)
   config.size_prior = dict(weight=0.0, lower=0.0, upper=1.0)
   # self-training: after testing, write the best checkpoint's confident labels of the training
-  # tiles (PAR-refined; top probability >= confidence, else ignored) to self_labels/masks/self/
-  config.self_labels = dict(write=False, confidence=0.9, par=True)
+  # tiles (top probability >= confidence, else ignored; par=True refines the probabilities by
+  # the image first, which shrinks small findings: BENCHMARKS.md) to self_labels/masks/self/
+  config.self_labels = dict(write=False, confidence=0.7, par=False)
   config.overlays = 6
 
   config.data = config_lib.data(224 if arg.paper else arg.image_size, dataset)

@@ -22,6 +22,18 @@ def batch_norm(use_running_average: bool, dtype: Any = jnp.float32):
                            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)
 
 
+class ResidualBlock(nn.Module):
+  """What every residual block of the CNNs shares: BatchNorm that can be frozen (running
+  statistics and affine kept) and the compute dtype. Subclasses declare `kw_only=True` so their
+  own fields may come without defaults."""
+  frozen_bn: bool = False
+  dtype: Any = jnp.float32
+
+  def norm(self, train: bool):
+    """The block's BatchNorm: batch statistics only while training an unfrozen block."""
+    return batch_norm(not train or self.frozen_bn, self.dtype)
+
+
 
 
 # --- LayerNorm that keeps 16-bit activations 16-bit -------------------------------------------------

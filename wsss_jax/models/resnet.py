@@ -14,23 +14,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wsss_jax.errors import UserError
-from wsss_jax.models.layers import batch_norm, conv, max_pool, named_feature
+from wsss_jax.models.layers import ResidualBlock, batch_norm, conv, max_pool, named_feature
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock, kw_only=True):
   planes: int
   stride: int = 1
   dilation: int = 1
   first_dilation: int = 1
-  frozen_bn: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = batch_norm(not train or self.frozen_bn, self.dtype)
+    norm = self.norm(train)
     out = 4 * self.planes
     y = nn.relu(norm(name="bn1")(conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)))
     y = conv(self.planes, 3, self.stride, self.first_dilation, dtype=self.dtype, name="conv2")(y)
@@ -87,9 +85,9 @@ class ResNet(nn.Module):
         # multi-grid sets every block of the last stage, the first included.
         multi_grid = s == 3 and tuple(self.multi_grid) != (1, 1, 1)
         first = previous_dilation if i == 0 and not multi_grid else rate
-        x = Bottleneck(c(64 * 2**s), stride if i == 0 else 1, rate, first,
-                       frozen_bn=self.frozen_bn, dtype=self.dtype, name=f"layer{s + 1}_{i}")(
-                           x, train)
+        x = Bottleneck(planes=c(64 * 2**s), stride=stride if i == 0 else 1, dilation=rate,
+                       first_dilation=first, frozen_bn=self.frozen_bn, dtype=self.dtype,
+                       name=f"layer{s + 1}_{i}")(x, train)
       previous_dilation = dilation
       x = named_feature(self, f"layer{s + 1}", x)
       out[f"layer{s + 1}"] = x

@@ -16,25 +16,23 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wsss_jax.models.layers import batch_norm, conv, named_feature
+from wsss_jax.models.layers import ResidualBlock, batch_norm, conv, named_feature
 
 FEATURES = ("b4_5", "b5_2", "bn7")  # named for relevance maps
 STAGE_OUTPUTS = ("b2_2", "b3_2", "b4_5", "b5_2", "bn7")  # what `features` may ask for
 
 
-class ResBlock(nn.Module):
+class ResBlock(ResidualBlock, kw_only=True):
   """Pre-activation basic block: two 3x3 convolutions; a 1x1 projection when the shape changes."""
   mid: int
   out: int
   stride: int = 1
   dilation: int = 1
   first_dilation: int | None = None
-  frozen_bn: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = batch_norm(not train or self.frozen_bn, self.dtype)
+    norm = self.norm(train)
     first = self.dilation if self.first_dilation is None else self.first_dilation
     y = nn.relu(norm(name="bn_branch2a")(x))
     shortcut = x
@@ -46,17 +44,15 @@ class ResBlock(nn.Module):
     return shortcut + y
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResidualBlock, kw_only=True):
   """Pre-activation bottleneck: 1x1 to out/4, 3x3 to out/2, 1x1 to out, channel dropout inside."""
   out: int
   dilation: int = 1
   dropout: float = 0.0
-  frozen_bn: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = batch_norm(not train or self.frozen_bn, self.dtype)
+    norm = self.norm(train)
     drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)  # Dropout2d
     y = nn.relu(norm(name="bn_branch2a")(x))
     shortcut = conv(self.out, 1, dtype=self.dtype, name="conv_branch1")(y)
@@ -94,13 +90,14 @@ class ResNet38(nn.Module):
     for prefix, blocks, mid, out, stride, dilation, first in self.STAGES:
       for i in range(blocks):
         name = prefix if i == 0 else f"{prefix}_{i}"
-        x = ResBlock(c(mid), c(out), stride if i == 0 else 1, dilation,
-                     first if i == 0 else None, name=name, **kw)(x, train)
+        x = ResBlock(mid=c(mid), out=c(out), stride=stride if i == 0 else 1, dilation=dilation,
+                     first_dilation=first if i == 0 else None, name=name, **kw)(x, train)
         if name in FEATURES:
           x = named_feature(self, name, x)
         outputs[name] = x
-    x = BottleneckBlock(c(2048), 4, 0.3, name="b6", **kw)(x, train)
-    x = BottleneckBlock(c(4096), self.last_dilation, 0.5, name="b7", **kw)(x, train)
+    x = BottleneckBlock(out=c(2048), dilation=4, dropout=0.3, name="b6", **kw)(x, train)
+    x = BottleneckBlock(out=c(4096), dilation=self.last_dilation, dropout=0.5, name="b7",
+                        **kw)(x, train)
     x = nn.relu(batch_norm(not train or self.frozen_bn, self.dtype)(name="bn7")(x))
     outputs["bn7"] = x = named_feature(self, "bn7", x)
     return {name: outputs[name] for name in self.features} if self.features else x

@@ -20,11 +20,9 @@ import numpy as np
 import optax
 
 from wsss_jax.data import mask_files
-from wsss_jax.device import parallel
 from wsss_jax.models.affinity import AffinityNet
-from wsss_jax.tasks.common import (Training, compute_dtype, prepare_images, steps_per_epoch,
-                                   total_steps)
-from wsss_jax.train import optim
+from wsss_jax.tasks.common import (Training, backbone_head_optimizer, compute_dtype, jit_train_step,
+                                   prepare_images, state_sharding_of, steps_per_epoch, total_steps)
 from wsss_jax.train.train_state import ClassifierState
 
 STRIDE = 8  # the trunk's output stride
@@ -160,17 +158,11 @@ def build_training(config, mesh, background: int) -> Training:
   model = AffinityNet(config.model.width, config.model.dim, compute_dtype(config))
   spe = steps_per_epoch(config)
   steps = total_steps(config, spe)
-  tx, schedule = optim.classifier_optimizer(
-      config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
-      config.batch_size, steps)
+  tx, schedule = backbone_head_optimizer(config, param_labels, steps)
   init_state = make_init_fn(model, tx, config)
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
-  train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(model, tx, schedule, config,
-                                                                background)),
-                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-                       out_shardings=(state_sharding, parallel.replicated(mesh)),
-                       donate_argnums=0)
+  abstract_state, state_sharding = state_sharding_of(init_state, mesh, config)
+  train_step = jit_train_step(make_train_step(model, tx, schedule, config, background),
+                              state_sharding, mesh)
   data = config.data
 
   @jax.jit

@@ -17,8 +17,8 @@ from wsss_jax import metrics
 from wsss_jax.data import mixing, pipeline
 from wsss_jax.device import parallel
 from wsss_jax.models.classifier import build_classifier, lr_multipliers, param_labels
-from wsss_jax.tasks.common import (Training, compute_dtype, prepare_images, steps_per_epoch,
-                                   total_steps)
+from wsss_jax.tasks.common import (Training, compute_dtype, jit_train_step, prepare_images,
+                                   state_sharding_of, steps_per_epoch, total_steps)
 from wsss_jax.train import optim
 from wsss_jax.train.checkpoint import model_meta
 from wsss_jax.train.train_state import ClassifierState
@@ -161,12 +161,9 @@ def build_training(config, mesh) -> Training:
       config.optim, labels, lr_multipliers(model, config.model, config.optim), config.batch_size,
       steps)
   init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
-  train_step = jax.jit(parallel.with_mesh(mesh, make_train_step(model, tx, schedule, config, spe)),
-                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-                       out_shardings=(state_sharding, parallel.replicated(mesh)),
-                       donate_argnums=0)
+  abstract_state, state_sharding = state_sharding_of(init_state, mesh, config)
+  train_step = jit_train_step(make_train_step(model, tx, schedule, config, spe), state_sharding,
+                              mesh)
   predict = jax.jit(make_predict_fn(model, config),
                     in_shardings=(state_sharding.params, state_sharding.batch_stats,
                                   parallel.batch_sharded(mesh)),

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from wsss_jax.data import pipeline
+from wsss_jax.device import parallel
+from wsss_jax.train import optim
 
 
 class Training(NamedTuple):
@@ -18,6 +21,28 @@ class Training(NamedTuple):
   total_steps: int
   steps_per_epoch: int = 0  # 0: counted in steps only (pretraining)
   predict: Callable | None = None  # jitted inference (classify: logits; segment: per pixel)
+
+
+def state_sharding_of(init_state, mesh, config) -> tuple:
+  """(abstract state, its sharding over `mesh` by config.parallel's rules)."""
+  abstract_state = jax.eval_shape(init_state)
+  return abstract_state, parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
+
+
+def jit_train_step(step: Callable, state_sharding, mesh) -> Callable:
+  """The train step jitted once: state sharded and donated, the batch split over the data
+  axis, the metrics replicated."""
+  return jax.jit(parallel.with_mesh(mesh, step),
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def backbone_head_optimizer(config, param_labels: Callable, steps: int):
+  """(tx, schedule): the SGD recipe with the head's lr x optim.head_lr_mult (segmenters,
+  AffinityNet)."""
+  return optim.classifier_optimizer(
+      config.optim, param_labels, {"backbone": 1.0, "head": config.optim.head_lr_mult},
+      config.batch_size, steps)
 
 
 # --- Epochs and PDA's mu --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from wsss_jax.models import classifier, pretext
 from wsss_jax.models.mae import MaskedAutoencoder, build_mae
 from wsss_jax.models.vit import stack_blocks, unstack_blocks
 from wsss_jax.outputs import mae_grid
-from wsss_jax.tasks.common import Training, compute_dtype, prepare_images
+from wsss_jax.tasks.common import Training, compute_dtype, jit_train_step, prepare_images
 from wsss_jax.train import optim
 from wsss_jax.train.checkpoint import model_meta, restore_latest
 from wsss_jax.train.train_state import BatchNormState, TrainState
@@ -204,10 +204,7 @@ def build_training(config, mesh) -> Training:
     step = make_exemplar_step(model, tx, schedule, config, dtype)
   else:
     step = make_pretext_step(model, tx, schedule, config, dtype)
-  train_step = jax.jit(
-      parallel.with_mesh(mesh, step),
-      in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-      out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+  train_step = jit_train_step(step, state_sharding, mesh)
   return Training(model, init_state, abstract_state, state_sharding, train_step,
                   total_steps=config.total_steps)
 

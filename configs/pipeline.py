@@ -29,7 +29,8 @@ dataset's white-glass rule or none) or findings against a background (one or a f
 classes, normal images with no label; `data.name=synthetic_lesions` is the embedded example):
 the finding recipe keeps ReLU on the maps, takes the background from the maps with the
 threshold rule and alpha swept on the validation masks (`background.alpha=auto`, without masks
-the negatives rule), trains the segmenter's background as a class and scores it as one.
+the negatives rule), refines the maps by the image (PAR) on the layers where the validation
+masks say it helps, trains the segmenter's background as a class and scores it as one.
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
 """
@@ -101,11 +102,13 @@ def get_config(arg=None, **overrides):
 
 def _finding_recipe(config) -> None:
   """Findings against a background: alpha chosen on the validation masks (else the negatives),
-  and the CRF kept per layer only where those masks show it helps (speckle and shadows can
-  pull it off a finding)."""
+  the CRF kept per layer only where those masks show it helps (speckle and shadows can pull it
+  off a finding), and PAR likewise (it raised every layer's val mIoU on both embedded finding
+  sets: BENCHMARKS.md, "Masks that follow the image")."""
   if config.classify.data.setting == "finding":
     config.pseudo_masks.background.alpha = "auto"
     config.pseudo_masks.crf.validate = True
+    config.pseudo_masks.par.enabled = config.pseudo_masks.par.validate = True
 
 
 def _mask_layers(config, paper: bool, vit: bool) -> None:

@@ -87,3 +87,20 @@ def test_affinity_phase_trains_resumes_and_writes_walked_masks(tiny_classifier, 
   config.data.mask_layers = ("bn7",)
   with pytest.raises(UserError, match=r"data.mask_layers=\('bn7',\): the pseudo-mask run"):
     affinity.run(config, str(tmp_path / "other"))
+
+
+def test_walked_finding_masks_apply_the_rule_after_the_walk():
+  """A finding whose map peaks on part of an object: after the walk along features that are
+  equal inside the object, the threshold rule (alpha 0.5, taken on the walked, max-normalised
+  maps) marks the whole object and nothing outside; a normal image stays background."""
+  inside = np.zeros((8, 8), bool)
+  inside[2:6, 2:6] = True
+  features = np.repeat(np.where(inside[..., None], 0.0, 5.0)[None], 2, 0).astype(np.float32)
+  maps = np.zeros((2, 1, 8, 8), np.float32)
+  maps[:, 0, 2:4, 2:4] = 1.0  # a quarter of the object
+  labels = jnp.array([[1.0], [0.0]])
+  masks = np.asarray(affinity.walked_masks(
+      jnp.asarray(maps), jnp.asarray(features), labels, jnp.zeros((2, 8, 8)), jnp.float32(0.5),
+      jnp.float32(0.0), (8, 8), "threshold", True, (5, 8.0, 8)))
+  np.testing.assert_array_equal(masks[0] == 0, inside)
+  assert (masks[1] == 1).all()

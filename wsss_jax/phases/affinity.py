@@ -117,26 +117,24 @@ def classifier_maps(config, mesh, layer: str, finding: bool) -> tuple[Callable, 
 @functools.partial(jax.jit, static_argnames=("size", "map_rule", "finding", "walk"))
 def walked_masks(maps, features, labels, previous, alpha, level, size: tuple,
                  map_rule: str | None, finding: bool, walk: tuple):
-  """(B, H, W) uint8 masks at tile `size`: the maps (with the rule's background score for
-  findings) resized to the feature grid, propagated by the random walk (`walk` = radius, beta,
-  log2_steps), upsampled, and the best allowed channel taken."""
+  """(B, H, W) uint8 masks at tile `size`: the present classes' maps resized to the feature
+  grid and propagated by the random walk (`walk` = radius, beta, log2_steps); then findings:
+  the pseudo-mask run's background rule on the walked maps (the walk lowers a map's peaks, so
+  the rule's scale is taken after it, as AffinityNet applies its background after the walk);
+  tissue maps: the best present class, the pseudo masks' background (white glass) kept."""
   present = labels > 0
   k = labels.shape[1]
-  if finding:
-    scores, peak = mask_rules.max_normalize(maps, present)
-    bg = mask_rules.background_score(map_rule, scores, peak, alpha, level)
-    channels = jnp.concatenate([scores, bg[:, None]], axis=1)
-    allowed = jnp.concatenate([present, jnp.ones_like(present[:, :1])], axis=1)
-  else:
-    channels, allowed = jnp.where(present[:, :, None, None], maps, 0.0), present
-  b, c = channels.shape[:2]
-  grid = jax.image.resize(channels.astype(jnp.float32), (b, c) + features.shape[1:3], "bilinear")
+  scores = (mask_rules.max_normalize(maps, present)[0] if finding
+            else jnp.where(present[:, :, None, None], maps, 0.0))
+  b, c = scores.shape[:2]
+  grid = jax.image.resize(scores.astype(jnp.float32), (b, c) + features.shape[1:3], "bilinear")
   walked = task.random_walk(grid, features, *walk)
+  if finding:
+    return mask_rules.finding_mask([walked], labels, jnp.zeros((b,) + size, bool), size, k,
+                                   map_rule, alpha, level)
   up = jax.image.resize(walked, (b, c) + size, "bilinear")
-  mask = jnp.argmax(jnp.where(allowed[:, :, None, None], up, -jnp.inf), axis=1)
-  fixed = ~present.any(axis=1)[:, None, None]
-  if not finding:  # tissue maps: the pseudo masks' background (white glass) stays
-    fixed = fixed | (previous == k)
+  mask = jnp.argmax(jnp.where(present[:, :, None, None], up, -jnp.inf), axis=1)
+  fixed = ~present.any(axis=1)[:, None, None] | (previous == k)
   return jnp.where(fixed, k, mask).astype(jnp.uint8)
 
 

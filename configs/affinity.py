@@ -29,7 +29,10 @@ def get_config(arg=None, **overrides):
   config.checkpoint_every = 200
   config.radius = 5                           # pairs within 5 cells of the stride-8 grid
   config.beta = 8.0                           # A = a^beta sharpens the affinities
-  config.log2_steps = 8                       # t = 2^8 = 256 random-walk steps
+  # t = 2^k random-walk steps. The walk spreads a map over about sqrt(t) grid cells: the paper's
+  # 256 steps on a 56 x 56 grid (448 px crops) reach about 29% of it; 16 steps on this 16 x 16
+  # grid (128 px) about 25%. 256 here spread every map over the whole image (BENCHMARKS.md).
+  config.log2_steps = 4
   config.palette = dataset.palette
   config.model = dict(width=arg.width, dim=448)
   config.data = config_lib.data(arg.image_size, dataset)

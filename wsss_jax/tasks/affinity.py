@@ -8,7 +8,7 @@ same label (background pairs and finding / tissue pairs counted apart), negative
 Loss: 1/4 of the mean -log a over background positives + 1/4 over the other positives + 1/2 of the
 mean -log(1 - a) over negatives (class-balanced as the paper).
 Random walk: A = [a_ij^beta] over the same radius (a_ii = 1), T = D^-1 A, maps' = T^(2^k) maps
-with k squarings of T (k = 8: t = 256 steps).
+with k squarings of T (the paper: k = 8, t = 256 steps on a 56 x 56 grid).
 """
 from __future__ import annotations
 

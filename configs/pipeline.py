@@ -8,6 +8,8 @@ classify -> pseudo masks -> segment -> test evaluation (optionally MAE pretraini
   python -m wsss_jax.main --config=configs/pipeline.py:pretrain=True --workdir=runs/wsss_vit
   python -m wsss_jax.main --config=configs/pipeline.py:erasing=3 --workdir=runs/wsss_ae
   python -m wsss_jax.main --config=configs/pipeline.py:pretrain=runs/mae_block --workdir=runs/wsss_b
+  python -m wsss_jax.main --config=configs/pipeline.py:dataset=synthetic_lesions,rounds=auto --workdir=runs/les_st
+  python -m wsss_jax.main --config=configs/pipeline.py:dataset=synthetic_lesions,affinity=True --workdir=runs/les_aff
 
 Each phase works in its own sub-directory of the workdir (pretrain/, classify/, pseudo_masks/,
 segment/, segment_full/) and resumes from what is already there when re-run. The phases' own
@@ -33,6 +35,9 @@ the negatives rule), refines the maps by the image (PAR) on the layers where the
 masks say it helps, trains the segmenter's background as a class and scores it as one.
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
+`affinity=True` puts AffinityNet and its random walk (affinity/) between the pseudo masks (given an
+ignore band) and the segmenter; `rounds=N|auto` adds self-training rounds (segment_round<r>/),
+each segmenter learning from the previous one's confident labels, the best on val kept.
 """
 import ml_collections
 

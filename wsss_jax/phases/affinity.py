@@ -145,15 +145,15 @@ def write_walked_masks(config, training, state, mesh, workdir: str, rule: tuple)
   finding = config.data.setting == "finding"
   map_rule, alpha, level = rule
   maps_fn, clf_size, clf_variables = classifier_maps(config, mesh, layer, finding)
-  has_truth = "mask" in pipeline.build_source(config.data, "train")[0]
+  tiles = pipeline.build_source(config.data, "train")
+  has_truth = "mask" in tiles[0]
   inputs = {"cls_input": clf_size, "aff_input": config.data.image_size}
   keys = ("image", "labels", "name", f"mask_{layer}") + tuple(inputs) + ("mask",) * has_truth
   palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
                                      k + 1)
   batch = parallel.eval_batch_size(config.batch_size, mesh)
   confusion, changed, pixels = 0, 0, 0
-  progress = Progress("random walk", len(pipeline.build_source(config.data, "train")),
-                      config.get("progress_every_s", 10.0))
+  progress = Progress("random walk", len(tiles), config.get("progress_every_s", 10.0))
   done = 0
   with atomic.BackgroundWrites(4) as writer:
     for b in pipeline.tile_batches(config.data, "train", batch, inputs, keys):

@@ -491,12 +491,9 @@ def run(config, workdir: str) -> dict:
 
 def mask_rule(config, map_rule: str | None, num_classes: int, setting: str) -> MaskRule:
   """The configured rule: scoring by setting, the CRF's and PAR's settings where enabled."""
-  def settings(section, known) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                        for k, v in dict(section).items() if k in known))
   return MaskRule(map_rule, num_classes, "finding" if setting == "finding" else "stage1",
-                  settings(config.crf, crf.DEFAULTS) if config.crf.enabled else (),
-                  settings(config.par, par.DEFAULTS) if config.par.enabled else (),
+                  par.static_settings(config.crf, crf.DEFAULTS) if config.crf.enabled else (),
+                  par.static_settings(config.par) if config.par.enabled else (),
                   float(config.ignore_band))
 
 

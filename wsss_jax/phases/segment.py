@@ -164,8 +164,7 @@ def write_self_labels(seg: Training, state, config, mesh, workdir: str) -> dict:
   directory = os.path.join(workdir, "self_labels", "masks", SELF_LAYER)
   palette = mask_files.palette_bytes(folders.resolve(config.data, "palette", config.palette),
                                      config.data.num_classes + 1)
-  par_settings = (tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                               for k, v in par.DEFAULTS.items())) if cfg.par else ())
+  par_settings = par.static_settings(par.DEFAULTS) if cfg.par else ()
   ignored = pixels = 0
   with atomic.BackgroundWrites(4) as writer:
     for names, masks in relabel_batches(seg, state, config, mesh, cfg.confidence, par_settings):

@@ -45,6 +45,13 @@ def check_settings(settings: dict) -> None:
     raise UserError(f"par.smooth={settings['smooth']!r} is not one of {SMOOTHING}")
 
 
+def static_settings(settings: dict, known=DEFAULTS) -> tuple:
+  """The `known` fields of a settings section as sorted (name, value) pairs, lists made tuples:
+  hashable, for jit's static arguments (PAR's and the CRF's)."""
+  return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                      for k, v in dict(settings).items() if k in known))
+
+
 def offsets(dilations) -> list:
   """(dy, dx) of the 8 neighbours at each dilation, dilation by dilation."""
   return [(dy * int(d), dx * int(d)) for d in dilations for dy, dx in EIGHT]

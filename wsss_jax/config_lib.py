@@ -94,6 +94,10 @@ def common(phase: str, seed: int = 0) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.kernels = "rewrite"       # CPU convolutions: rewrite (faster there) or xla (kernels.py)
   c.async_checkpointing = True
+  # a step whose loss or gradient norm is not finite: "stop" the run there, or "skip_step" (its
+  # update is dropped) until nan_max_in_a_row such steps come in a row
+  c.nan_policy = "stop"
+  c.nan_max_in_a_row = 10
   c.num_devices = -1          # -1: every device; n > 0: the first n of a single process
   c.mixed_precision = False   # bf16 compute, fp32 parameters and optimiser state
   c.parallel = parallel()

@@ -2,7 +2,8 @@
 
 `--config` is an ml_collections config file, optionally with a big_vision-style argument
 (`configs/mae.py:variant=B/16`); every field can be overridden as `--config.x.y=value`. The
-config's `phase` field picks the runner. User mistakes end in one `error: ...` line and exit 2.
+config's `phase` field picks the runner. User mistakes end in one `error: ...` line and exit 2;
+a run stopped by SIGTERM / SIGINT writes its checkpoint, prints one line and exits 75.
 """
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import json
 import os
 import sys
 
+# XLA's C++ logs: errors only (set before jaxlib loads): JAX's preemption notifier logs each SIGTERM
+# as one, and a run's stderr is its own lines (TF_CPP_MIN_LOG_LEVEL=0 shows them all)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from wsss_jax.device import parallel
-from wsss_jax.errors import UserError
+from wsss_jax.errors import Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -27,7 +32,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv) -> None:
   if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log every save at INFO
+    # orbax and jax log every save at INFO, and orbax a preemption's save as a WARNING
+    absl_logging.set_verbosity(absl_logging.ERROR)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -42,6 +48,8 @@ def main(argv) -> None:
     print(json.dumps(summary, default=str))
   except UserError as e:
     _fail(str(e))
+  except Preempted as e:  # the checkpoint is written: a scheduler may re-run the same command
+    _fail(str(e), Preempted.EXIT_STATUS, prefix="")
 
 
 def _config_override(argv, key: str) -> str:
@@ -71,9 +79,9 @@ def _flags_parser(argv):
     _fail(f"cannot load the config: {str(e).splitlines()[0]}")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+def _fail(message: str, status: int = 2, prefix: str = "error: ") -> None:
+  print(f"{prefix}{message}", file=sys.stderr)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ RW_LAYER = "rw"  # the mask layer this phase writes
 
 
 def validate(config) -> None:
+  loop.check_trainer_fields(config)
   if config.radius < 2:
     raise UserError(f"radius={config.radius} must be at least 2 (pairs within it)")
   if config.beta <= 0 or config.log2_steps < 0:

@@ -18,9 +18,7 @@ BOUNDS = ("clip", "check")
 
 
 def validate(config) -> None:
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[field] <= 0:
-      raise UserError(f"{field}={config[field]} must be a positive integer")
+  loop.check_trainer_fields(config)
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise UserError("set num_epochs or total_steps to a positive integer")
   pipeline.check_dataset_name(config.data.name)

@@ -53,9 +53,9 @@ def evaluate_representation(config, workdir: str, dispatch) -> dict:
 
 
 def validate(config, dispatch=None) -> None:
-  for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[field] <= 0:
-      raise UserError(f"{field}={config[field]} must be a positive integer")
+  if config.total_steps <= 0:
+    raise UserError(f"total_steps={config.total_steps} must be a positive integer")
+  loop.check_trainer_fields(config)
   pipeline.check_dataset_name(config.data.name)
   objective = config.get("objective", "mae")
   if objective not in pretext.OBJECTIVES:

@@ -41,9 +41,7 @@ def save_overlays(directory: str, shown, figure) -> None:
 
 # --- The run ---------------------------------------------------------------------------------------------
 def validate(config) -> None:
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[field] <= 0:
-      raise UserError(f"{field}={config[field]} must be a positive integer")
+  loop.check_trainer_fields(config)
   if config.supervision not in SUPERVISION:
     raise UserError(f"supervision={config.supervision!r} is not one of {SUPERVISION}")
   if config.supervision == "pseudo" and not config.data.masks_dir:

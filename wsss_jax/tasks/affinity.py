@@ -162,7 +162,7 @@ def build_training(config, mesh, background: int) -> Training:
   init_state = make_init_fn(model, tx, config)
   abstract_state, state_sharding = state_sharding_of(init_state, mesh, config)
   train_step = jit_train_step(make_train_step(model, tx, schedule, config, background),
-                              state_sharding, mesh)
+                              state_sharding, mesh, config.nan_policy)
   data = config.data
 
   @jax.jit

@@ -163,7 +163,7 @@ def build_training(config, mesh) -> Training:
   init_state = make_init_fn(model, tx, config.data.image_size, config.seed)
   abstract_state, state_sharding = state_sharding_of(init_state, mesh, config)
   train_step = jit_train_step(make_train_step(model, tx, schedule, config, spe), state_sharding,
-                              mesh)
+                              mesh, config.nan_policy)
   predict = jax.jit(make_predict_fn(model, config),
                     in_shardings=(state_sharding.params, state_sharding.batch_stats,
                                   parallel.batch_sharded(mesh)),

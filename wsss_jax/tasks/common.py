@@ -29,9 +29,23 @@ def state_sharding_of(init_state, mesh, config) -> tuple:
   return abstract_state, parallel.state_shardings(abstract_state, mesh, config.get("parallel"))
 
 
-def jit_train_step(step: Callable, state_sharding, mesh) -> Callable:
+def skip_non_finite(step: Callable) -> Callable:
+  """nan_policy=skip_step: a step whose loss or gradient norm is not finite leaves the state as
+  it was but for its step counter (the schedule and the input move on, as in optax's
+  apply_if_finite; here BatchNorm statistics and PDA's mu are kept too)."""
+  def skipping(state, batch):
+    new, metrics = step(state, batch)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", metrics["loss"]))
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    return kept.replace(step=new.step), metrics
+  return skipping
+
+
+def jit_train_step(step: Callable, state_sharding, mesh, nan_policy: str = "stop") -> Callable:
   """The train step jitted once: state sharded and donated, the batch split over the data
   axis, the metrics replicated."""
+  if nan_policy == "skip_step":
+    step = skip_non_finite(step)
   return jax.jit(parallel.with_mesh(mesh, step),
                  in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)

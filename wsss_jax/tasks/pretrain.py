@@ -204,7 +204,7 @@ def build_training(config, mesh) -> Training:
     step = make_exemplar_step(model, tx, schedule, config, dtype)
   else:
     step = make_pretext_step(model, tx, schedule, config, dtype)
-  train_step = jit_train_step(step, state_sharding, mesh)
+  train_step = jit_train_step(step, state_sharding, mesh, config.nan_policy)
   return Training(model, init_state, abstract_state, state_sharding, train_step,
                   total_steps=config.total_steps)
 

@@ -263,7 +263,8 @@ def build_training(config, mesh) -> Training:
   tx, schedule = backbone_head_optimizer(config, param_labels, steps)
   init_state = make_init_fn(model, tx, config)
   abstract_state, state_sharding = state_sharding_of(init_state, mesh, config)
-  train_step = jit_train_step(make_train_step(model, tx, schedule, config), state_sharding, mesh)
+  train_step = jit_train_step(make_train_step(model, tx, schedule, config), state_sharding, mesh,
+                              config.nan_policy)
   dtype, data = compute_dtype(config), config.data
 
   @jax.jit

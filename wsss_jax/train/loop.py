@@ -24,7 +24,7 @@ import numpy as np
 from wsss_jax.data import pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
-from wsss_jax.train import optim, run_record
+from wsss_jax.train import optim, preemption, run_record
 from wsss_jax.train.checkpoint import Checkpointer
 from wsss_jax.train.writers import MetricWriter
 
@@ -65,32 +65,71 @@ class Throughput:
     return self.batch_size * self.timed_steps / self.timed_seconds if self.timed_seconds else None
 
 
+NAN_POLICIES = ("stop", "skip_step")
+
+
+def check_trainer_fields(config) -> None:
+  """The fields every trained phase's loop reads (one line for the first that is wrong)."""
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be a positive integer")
+  if config.nan_policy not in NAN_POLICIES:
+    raise UserError(f"nan_policy={config.nan_policy!r} is not one of {NAN_POLICIES}")
+  if config.nan_max_in_a_row <= 0:
+    raise UserError(f"nan_max_in_a_row={config.nan_max_in_a_row} must be a positive integer")
+
+
 @jax.jit
-def _first_non_finite(first, loss: jax.Array, grad_norm: jax.Array, step: jax.Array):
-  """The first step whose loss or global gradient norm was not finite (0: none yet)."""
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  return jnp.where((first == 0) & ~ok, step, first)
+def _count_non_finite(counts: jax.Array, ok: jax.Array, step, limit: int) -> jax.Array:
+  """counts = (non-finite steps in a row, in all, first step at which the run reached `limit`
+  in a row; 0: not yet); one small update on device, no host sync."""
+  in_a_row = jnp.where(ok, 0, counts[0] + 1)
+  reached = jnp.where((counts[2] == 0) & (in_a_row >= limit), step, counts[2])
+  return jnp.stack([in_a_row, counts[1] + (~ok).astype(jnp.int32), reached])
 
 
-def _refuse_non_finite(step: int, last_saved: int | None, checkpoint_dir: str | None):
-  kept = (f"the last good checkpoint is {checkpoint_dir}/{last_saved}" if last_saved
-          else "no checkpoint was written")
-  raise UserError(f"the loss or the gradient norm became non-finite at step {step}: nothing "
-                  f"after it was saved ({kept}); lower optim.base_lr or check the input")
+class NonFiniteGuard:
+  """Watches every step's loss and global gradient norm; read where the loop syncs anyway (log
+  lines) and before every save, so that a non-finite state is never written over the last good
+  checkpoint. nan_policy=stop: the first non-finite step ends the run. skip_step: the step leaves
+  the state as it was (the jitted step's `skip_non_finite`), and `max_in_a_row` of them in a row
+  end it."""
+
+  def __init__(self, policy: str, max_in_a_row: int, checkpoint_dir: str | None,
+               last_saved: int | None):
+    self.limit = 1 if policy == "stop" else max_in_a_row
+    self.policy, self.checkpoint_dir, self.last_saved = policy, checkpoint_dir, last_saved
+    self.counts = jnp.zeros(3, jnp.int32)
+
+  def stepped(self, step: int, metrics) -> None:
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", metrics["loss"]))
+    self.counts = _count_non_finite(self.counts, ok, step, self.limit)
+
+  def check(self) -> dict:
+    """Raises when the policy's limit was reached; else the log row's fields."""
+    in_a_row, total, reached = (int(v) for v in parallel.to_host(self.counts))
+    if reached:
+      kept = (f"the last good checkpoint is {self.checkpoint_dir}/{self.last_saved}"
+              if self.last_saved else "no checkpoint was written")
+      what = (f"at step {reached}" if self.policy == "stop" else
+              f"at {self.limit} steps in a row up to step {reached} (nan_policy=skip_step, "
+              f"{total} skipped in all)")
+      raise UserError(f"the loss or the gradient norm became non-finite {what}: nothing after "
+                      f"it was saved ({kept}); lower optim.base_lr or check the input")
+    return {"skipped_steps": total} if self.policy == "skip_step" else {}
 
 
 def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
                total_steps: int, log_every: int, checkpoint_every: int, batch_size: int,
                writer, save: Callable, extra_metrics: Callable | None = None,
                step_callback: Callable | None = None, seen_path: str | None = None,
-               checkpoint_dir: str | None = None, check_saves: Callable | None = None):
-  """Runs the steps; returns (state, last logged metrics, Throughput).
+               checkpoint_dir: str | None = None, check_saves: Callable | None = None,
+               nan_policy: str = "stop", nan_max_in_a_row: int = 1):
+  """Runs the steps; returns (state, last logged metrics, Throughput, the step after which a
+  preemption notice stopped the run or None).
 
-  Every step's loss and gradient norm are checked on device (one small jitted reduction, no
-  host sync); the flag is read where the loop syncs anyway (log lines) and before every save,
-  so a non-finite state is never written over the last good checkpoint.
-
-  save(step, state): writes a checkpoint (and whatever else the phase keeps with it).
+  save(step, state): writes a checkpoint (and whatever else the phase keeps with it); also at the
+    step where a SIGTERM / SIGINT stops the run (`preemption.StopSignal`).
   extra_metrics(step, state) -> dict: added to the log row of `step` (e.g. validation metrics).
   step_callback(step, state): called after every step (tests use it to interrupt a run).
   seen_path: a file to which each step appends the names of the examples this process fed
@@ -98,42 +137,47 @@ def train_loop(state, *, train_step: Callable, data_iter, mesh, start_step: int,
   check_saves(): raises if a background checkpoint save has failed (called every step).
   """
   timer, metrics = Throughput(batch_size), {}
-  # a Python 0 to start: the flag then lives wherever the step's metrics do (any process count)
-  first_bad, last_saved = 0, (start_step or None)
-  for step in range(start_step + 1, total_steps + 1):
-    t_data = time.perf_counter()
-    local = next(data_iter)
-    timer.waited(time.perf_counter() - t_data)
-    if "name" in local:
-      names = local.pop("name")
-      if seen_path:
-        with open(seen_path, "a", encoding="utf-8") as f:
-          f.write(json.dumps({"step": step, "names": [str(n) for n in names]}) + "\n")
-    state, metrics = train_step(state, parallel.global_batch(local, mesh))
-    first_bad = _first_non_finite(first_bad, metrics["loss"],
-                                  metrics.get("grad_norm", metrics["loss"]), step)
-    timer.stepped(step == start_step + 1, metrics)
-    if check_saves is not None:
-      check_saves()
-    logging = step % log_every == 0 or step == total_steps
-    saving = step % checkpoint_every == 0 or step == total_steps
-    if logging or saving:  # the host syncs here anyway: read the flag before any save
-      bad = int(parallel.to_host(first_bad))
-      if bad:
-        _refuse_non_finite(bad, last_saved, checkpoint_dir)
-    if logging:
-      metrics = parallel.to_host(metrics) | timer.window()
-      if extra_metrics is not None:
-        metrics |= extra_metrics(step, state)
-      writer.write(step, metrics)
-      writer.progress(step, total_steps, metrics,
-                      (total_steps - step) * metrics.get("step_time", 0.0))
-    if saving:
-      save(step, state)
-      last_saved = step
-    if step_callback is not None:
-      step_callback(step, state)
-  return state, metrics, timer
+  guard = NonFiniteGuard(nan_policy, nan_max_in_a_row, checkpoint_dir, start_step or None)
+  with preemption.StopSignal() as stop:
+    for step in range(start_step + 1, total_steps + 1):
+      t_data = time.perf_counter()
+      local = next(data_iter)
+      timer.waited(time.perf_counter() - t_data)
+      _log_seen(seen_path, step, local)
+      state, metrics = train_step(state, parallel.global_batch(local, mesh))
+      guard.stepped(step, metrics)
+      timer.stepped(step == start_step + 1, metrics)
+      if check_saves is not None:
+        check_saves()
+      stopping = stop.reached(step)
+      logging = step % log_every == 0 or step == total_steps
+      saving = step % checkpoint_every == 0 or step == total_steps or stopping
+      if logging or saving:  # the host syncs here anyway: read the guard before any save
+        fields = guard.check()
+      if logging:
+        metrics = parallel.to_host(metrics) | timer.window() | fields
+        if extra_metrics is not None:
+          metrics |= extra_metrics(step, state)
+        writer.write(step, metrics)
+        writer.progress(step, total_steps, metrics,
+                        (total_steps - step) * metrics.get("step_time", 0.0))
+      if saving:
+        save(step, state)
+        guard.last_saved = step
+      if step_callback is not None:
+        step_callback(step, state)
+      if stopping and step < total_steps:
+        return state, metrics, timer, step
+  return state, metrics, timer, None
+
+
+def _log_seen(seen_path: str | None, step: int, local: dict) -> None:
+  """Takes the example names out of the batch; appends them to `seen_path` if given."""
+  if "name" in local:
+    names = local.pop("name")
+    if seen_path:
+      with open(seen_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "names": [str(n) for n in names]}) + "\n")
 
 
 def params_checksum(params) -> str:
@@ -198,7 +242,8 @@ def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, sav
         start_step=run.start_step, total_steps=total_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, batch_size=config.batch_size,
         writer=run.writer, save=save, extra_metrics=extra_metrics, step_callback=step_callback,
-        seen_path=seen_path, checkpoint_dir=run.ckpt.directory, check_saves=run.ckpt.check)
+        seen_path=seen_path, checkpoint_dir=run.ckpt.directory, check_saves=run.ckpt.check,
+        nan_policy=config.nan_policy, nan_max_in_a_row=config.nan_max_in_a_row)
   except BaseException:
     try:  # the error in flight is the one to report; a failing save in flight is secondary
       run.ckpt.wait()
@@ -206,9 +251,15 @@ def train(run: Run, config, *, train_step: Callable, mesh, total_steps: int, sav
     except Exception:  # noqa: BLE001
       pass
     raise
-  run.ckpt.wait()  # a failed final save: one line
+  run.ckpt.wait()  # a failed final save (or the preemption's): one line
   run.ckpt.close()
-  return result
+  *result, stopped = result
+  if stopped is not None:
+    raise preemption.Preempted(
+        f"preempted (SIGTERM or SIGINT): stopped after step {stopped} of {total_steps}, "
+        f"checkpoint {run.ckpt.directory}/{stopped} written; run the same command again to "
+        f"resume")
+  return tuple(result)
 
 
 class Fitted(NamedTuple):

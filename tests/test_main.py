@@ -169,3 +169,22 @@ def test_tpu_launch_script_runs_one_command_on_every_worker():
   bad = subprocess.run(["bash", "launch/tpu_vm.sh", "launch"], cwd=ROOT, capture_output=True,
                        text=True, env=env)
   assert bad.returncode == 2 and "unknown command launch" in bad.stderr
+
+
+def test_stderr_filter_drops_only_closed_event_loop_tracebacks():
+  """What tensorstore prints per pending write of a failed save goes; every other line and
+  traceback reaches stderr whole, whatever the chunks it is written in."""
+  import io
+
+  from wsss_jax.main import _WithoutClosedLoopTracebacks
+  dropped = ('Traceback (most recent call last):\n  File "base_events.py", line 806\n'
+             '    self._check_closed()\nRuntimeError: Event loop is closed\n')
+  kept = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+  text = "first line\n" + dropped * 3 + kept + dropped + "error: the one line\n"
+  for chunk in (1, 7, len(text)):
+    out = io.StringIO()
+    stream = _WithoutClosedLoopTracebacks(out)
+    for i in range(0, len(text), chunk):
+      stream.write(text[i:i + chunk])
+    stream.flush()
+    assert out.getvalue() == "first line\n" + kept + "error: the one line\n"

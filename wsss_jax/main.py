@@ -8,6 +8,7 @@ a run stopped by SIGTERM / SIGINT writes its checkpoint, prints one line and exi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -34,6 +35,10 @@ def main(argv) -> None:
   if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
     # orbax and jax log every save at INFO, and orbax a preemption's save as a WARNING
     absl_logging.set_verbosity(absl_logging.ERROR)
+    # orbax's background threads log a failed write at ERROR, with a traceback per thread;
+    # the run reports it as one error line naming the checkpoint and the cause
+    absl_logging.get_absl_handler().addFilter(_NotOrbax())
+    sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -47,7 +52,10 @@ def main(argv) -> None:
     summary = run_phase(_CONFIG.value, _WORKDIR.value)
     print(json.dumps(summary, default=str))
   except UserError as e:
-    _fail(str(e))
+    # after a failed checkpoint write orbax's threads wait minutes for a directory that never
+    # comes: end the process at once (stdout and stderr flushed) instead of waiting for them
+    checkpoint = sys.modules.get("wsss_jax.train.checkpoint")
+    _fail(str(e), now=bool(checkpoint and checkpoint.stranded_saves()))
   except Preempted as e:  # the checkpoint is written: a scheduler may re-run the same command
     _fail(str(e), Preempted.EXIT_STATUS, prefix="")
 
@@ -79,8 +87,55 @@ def _flags_parser(argv):
     _fail(f"cannot load the config: {str(e).splitlines()[0]}")
 
 
-def _fail(message: str, status: int = 2, prefix: str = "error: ") -> None:
+class _NotOrbax(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+class _WithoutClosedLoopTracebacks:
+  """sys.stderr without the 'Event loop is closed' tracebacks that tensorstore prints, one per
+  pending write, when the writes of a failed checkpoint save complete after orbax closed that
+  save's event loop (the failure itself is reported as one error line). Every other line, and
+  every other traceback, passes through whole."""
+  DROPPED = "RuntimeError: Event loop is closed"
+
+  def __init__(self, stream):
+    self.stream, self.pending, self.held = stream, "", []
+
+  def write(self, text: str) -> int:
+    *lines, self.pending = (self.pending + text).split("\n")
+    for line in lines:
+      self._line(line)
+    return len(text)
+
+  def _line(self, line: str) -> None:
+    if line.startswith("Traceback (most recent call last):") and not self.held:
+      self.held = [line]
+    elif self.held and line.startswith(" "):
+      self.held.append(line)
+    elif self.held:  # the exception's own line ends the traceback
+      if line != self.DROPPED:
+        self.stream.write("\n".join(self.held + [line]) + "\n")
+      self.held = []
+    else:
+      self.stream.write(line + "\n")
+
+  def flush(self) -> None:
+    if self.pending and not self.held:
+      self.stream.write(self.pending)
+      self.pending = ""
+    self.stream.flush()
+
+  def __getattr__(self, name):  # fileno, isatty, encoding, ... of the real stream
+    return getattr(self.stream, name)
+
+
+def _fail(message: str, status: int = 2, prefix: str = "error: ", now: bool = False) -> None:
   print(f"{prefix}{message}", file=sys.stderr)
+  if now:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
   sys.exit(status)
 
 

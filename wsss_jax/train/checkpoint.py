@@ -91,8 +91,20 @@ OS_CAUSES = ("No space left on device", "Read-only file system", "Permission den
              "No such file or directory", "Disk quota exceeded", "Input/output error")
 
 
+_stranded = False  # a background save failed: orbax's threads wait minutes before they give up
+
+
+def stranded_saves() -> bool:
+  """True once a checkpoint write of this process has failed: orbax's signalling threads of
+  that save then wait for a directory that never comes (5 minutes) and hold the interpreter at
+  exit, so `wsss_jax.main` ends the process at once after its error line."""
+  return _stranded
+
+
 def _io_error(e: BaseException, path: str, doing: str) -> UserError:
   """One line for a failed write: the OS's cause where the error chain names one."""
+  global _stranded
+  _stranded = _stranded or doing == "written"
   cause, text = e, ""
   while cause is not None:
     if isinstance(cause, OSError) and cause.strerror:
@@ -148,6 +160,18 @@ class Checkpointer:
     except OSError as e:
       raise _io_error(e, self.directory, "opened") from None
     self._saving = None  # the step of the save in flight (for error messages)
+
+  def ensure_writable(self) -> None:
+    """One line now, before the first step, if the directory refuses writes (read-only
+    filesystem or mount, permissions), instead of at the first save."""
+    probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+    try:
+      with open(probe, "wb") as f:
+        f.write(b"0")
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"checkpoint directory {self.directory} refuses writes: "
+                      f"{e.strerror}") from None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -209,6 +209,7 @@ def start_run(config, workdir: str, training, meta: dict, local_batch: int, *,
     pipeline.build_source(config.data, split)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                       async_save=config.async_checkpointing)
+  ckpt.ensure_writable()
   state, data_state, latest = ckpt.restore_usable(training.abstract_state,
                                                   training.state_sharding, meta)
   if latest is None:

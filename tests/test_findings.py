@@ -419,3 +419,27 @@ def test_crf_lets_the_background_of_a_finding_mask_stay_background():
   refined = np.asarray(crf.refine_labels(*args, free_background=True))
   np.testing.assert_array_equal(refined, mask)
   assert (np.asarray(crf.refine_labels(*args)) == 0).all()  # the tissue rule: no free background
+
+
+def test_upper_bound_on_a_folder_without_training_masks_is_refused_before_any_work(tmp_path):
+  """The weakly labelled case: training images without masks. upper_bound=True needs them; the
+  command says so in one line before the classifier's first step, and writes nothing."""
+  import subprocess
+  import sys
+  import time
+  write_finding_folder(tmp_path / "data")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  started = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, "-m", "wsss_jax.main", "--config=configs/pipeline.py:dataset=folder,"
+       f"root={tmp_path / 'data'},classes=nucleus,setting=finding,upper_bound=True",
+       f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True, env=env,
+      timeout=300)
+  seconds = time.perf_counter() - started
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: supervision=full "), \
+      proc.stderr
+  assert "train have none" in proc.stderr or "/train have none" in proc.stderr, proc.stderr
+  assert not os.path.exists(tmp_path / "run") or not os.listdir(tmp_path / "run")
+  print(f"refused in {seconds:.1f} s")  # the issue's bound is 5 s on a laptop

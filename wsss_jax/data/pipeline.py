@@ -52,6 +52,19 @@ def build_source(data_cfg, split: str):
   return source
 
 
+def check_ground_truth(data_cfg, split: str, needed_by: str) -> None:
+  """One line before any work when `split`'s images carry no ground-truth masks and
+  `needed_by` (full supervision, an upper bound) learns from them."""
+  data = data_cfg.copy_and_resolve_references()
+  with data.unlocked():
+    data.mask_layers = ()  # the images and what they carry, not the pseudo masks
+  base = build_source(data, split)
+  if len(base) and "mask" not in base[0]:
+    where = getattr(base, "image_dir", f"data.name={data_cfg.name!r}")
+    raise UserError(f"{needed_by} learns from ground-truth masks, and the {split} images of "
+                    f"{where} have none (a weakly labelled set: run supervision=pseudo)")
+
+
 def example_name(source, index: int) -> str:
   return source.name(index) if hasattr(source, "name") else str(source[index]["name"])
 

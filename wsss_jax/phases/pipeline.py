@@ -127,6 +127,15 @@ def validate(config, dispatch=None) -> None:
     for section in sections + ("erasing",) * config.run_erasing + (
         ("affinity",) * config.run_affinity):
       dispatch.validate(config[section])
+    if config.upper_bound and config.supervision == "pseudo":
+      dispatch.validate(full_supervision(config.segment))
+
+
+def full_supervision(segment):
+  """The segment section of upper_bound=True: the same segmenter on the ground truth."""
+  full = segment.copy_and_resolve_references()
+  full.supervision = "full"
+  return full
 
 
 def check_pretrained_matches(workdir: str, model) -> None:
@@ -187,9 +196,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
   if config.supervision == "pseudo":
     run_test_pseudo_masks(config, dirs, result, erasing, workdir, dispatch)
   if config.upper_bound and config.supervision == "pseudo":
-    full = seg.copy_and_resolve_references()
-    full.supervision = "full"
-    result["segment_full"] = dispatch.run(full, dirs.segment_full)
+    result["segment_full"] = dispatch.run(full_supervision(seg), dirs.segment_full)
   result["class_names"] = list(seg.data.class_names)
   result["setting"] = result["segment"].get("setting", "tissue")
   result["test_split"] = seg.test_split

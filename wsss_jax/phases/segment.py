@@ -46,6 +46,8 @@ def validate(config) -> None:
     raise UserError(f"supervision={config.supervision!r} is not one of {SUPERVISION}")
   if config.supervision == "pseudo" and not config.data.masks_dir:
     raise UserError("supervision='pseudo' needs data.masks_dir (a pseudo_masks workdir's masks/)")
+  if config.supervision == "full":
+    pipeline.check_ground_truth(config.data, "train", "supervision=full")
   if len(config.loss_weights) != len(config.data.mask_layers):
     raise UserError(f"loss_weights {tuple(config.loss_weights)} and data.mask_layers "
                     f"{tuple(config.data.mask_layers)} differ in length")

@@ -123,6 +123,9 @@ def data(image_size: int = 224, dataset=None) -> ml_collections.ConfigDict:
   d.records_dir = ""          # read ArrayRecord shards built from data.root here instead
   d.bad_files = "strict"      # strict: stop listing every bad file; skip: drop and list them
   d.decode_check = True       # decode every tile when a folder split is opened (cached)
+  # raw pixels -> 8-bit RGB input (data/intensity.py): auto | percentile:a,b | window:lo,hi |
+  # full_range; recorded with the run, so predict maps new images the same way
+  d.intensity = "auto"
   d.report_dir = ""           # where skipped_files_<split>.txt goes ("": the workdir)
   d.slide_tile = 224          # slides: tile side in pixels at slide_downsample
   d.slide_downsample = 1.0    # slides: 1 = full resolution, 2 = half (e.g. 0.25 -> 0.5 mpp)

@@ -24,11 +24,11 @@ import re
 import numpy as np
 from PIL import Image
 
-from wsss_jax.data import mask_files
+from wsss_jax.data import intensity, mask_files
 from wsss_jax.errors import UserError
 from wsss_jax.train.progress import Progress
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff") + intensity.DICOM_EXTENSIONS
 # `-[1 0 0 1]` (LUAD-HistoSeg) or `[1101]` (BCSS-WSSS, after `+<idx>`) at the end of the stem.
 _SPACED = re.compile(r"-\[([01](?: [01])*)\]$")
 _PACKED = re.compile(r"\+\d+\[([01]+)\]$")
@@ -137,16 +137,11 @@ def list_images(folder: str, extensions) -> list[str]:
 
 
 # --- Files -------------------------------------------------------------------------------------------
-def read_image(path: str) -> np.ndarray:
-  """(H, W, 3) uint8 RGB; a truncated or undecodable file is named in the error."""
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"))
-  except FileNotFoundError:
-    raise UserError(f"image {path} is missing") from None
-  except (OSError, SyntaxError, ValueError) as e:
-    raise UserError(f"image {path} cannot be decoded ({e}); it is truncated or not an image") \
-        from None
+def read_image(path: str, rule: intensity.IntensityRule = intensity.IntensityRule()
+               ) -> np.ndarray:
+  """(H, W, 3) uint8 RGB by the intensity rule (8-bit RGB files as they are); a truncated or
+  undecodable file is named in the error."""
+  return intensity.read_rgb8(path, rule)
 
 
 def read_ground_truth(path: str, size: tuple[int, int], num_classes: int, palette: str
@@ -196,11 +191,10 @@ BAD_FILES = ("strict", "skip")
 
 def _check_size(path: str, min_side: int) -> str | None:
   """Why a tile is too small for the model input (read from its header, not decoded), or None."""
-  try:
-    with Image.open(path) as image:
-      w, h = image.size
-  except (OSError, SyntaxError, ValueError):
+  shape = intensity.image_shape(path)
+  if shape is None:
     return None  # the decode check (or the first read) names an unreadable file
+  h, w = shape
   if min(h, w) < min_side:
     return (f"{path} is {h}x{w} pixels, smaller than data.image_size={min_side}; lower "
             f"data.image_size or drop the image")
@@ -223,7 +217,8 @@ def _check_file(source: "FolderSource", filename: str, decode: bool, min_side: i
 
 @functools.lru_cache(maxsize=32)
 def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, split: str,
-          decode: bool, threads: int, stamp: tuple, min_side: int = 0) -> tuple:
+          decode: bool, threads: int, stamp: tuple, min_side: int = 0,
+          rule: intensity.IntensityRule = intensity.IntensityRule()) -> tuple:
   """(files, labels, problems) of one split, memoised per process (`stamp`: the folders' mtimes,
   so an edited folder is scanned again). Problems: a name without a parsable label vector or with
   the wrong length, names that collide once made file-safe (`mask_files.file_stem`: the pseudo masks
@@ -256,7 +251,7 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
   if decode or min_side:
     probe = FolderSource.__new__(FolderSource)
     probe.image_dir, probe.mask_dir, probe.spec, probe.num_classes = image_dir, mask_dir, spec, k
-    probe.labels = labels
+    probe.labels, probe.intensity = labels, rule
     todo = [f for f in files if f not in problems]
     progress = Progress(f"scanning the {split} split", len(todo))
     progress.update(0)
@@ -277,10 +272,11 @@ class FolderSource:
 
   def __init__(self, root: str, split: str, spec: DatasetSpec, names: tuple,
                bad_files: str = "strict", decode_check: bool = True, threads: int = 4,
-               report_dir: str = "", min_side: int = 0):
+               report_dir: str = "", min_side: int = 0,
+               rule: intensity.IntensityRule = intensity.IntensityRule()):
     if bad_files not in BAD_FILES:
       raise UserError(f"data.bad_files={bad_files!r} is not one of {BAD_FILES}")
-    self.split, self.spec, self.class_names = split, spec, tuple(names)
+    self.split, self.spec, self.class_names, self.intensity = split, spec, tuple(names), rule
     self.num_classes = len(names)
     self.image_dir, self.mask_dir = split_folders(root, split)
     if not self.num_classes:  # an unlabelled folder (pretraining): images only
@@ -293,7 +289,7 @@ class FolderSource:
     stamp = tuple(os.stat(d).st_mtime_ns for d in (self.image_dir, self.mask_dir) if d)
     files, self.labels, problems = _scan(self.image_dir, self.mask_dir, spec.name,
                                          self.class_names, split, decode_check, threads, stamp,
-                                         min_side)
+                                         min_side, rule)
     self.skipped = list(problems)
     if problems and bad_files == "strict":
       listing = "\n  ".join(why for _, why in problems)
@@ -322,7 +318,7 @@ class FolderSource:
     return os.path.splitext(self.files[int(index)])[0]
 
   def read(self, filename: str, name: str | None) -> dict:
-    image = read_image(os.path.join(self.image_dir, filename))
+    image = read_image(os.path.join(self.image_dir, filename), self.intensity)
     example = {"image": image, "name": name or os.path.splitext(filename)[0]}
     if self.mask_dir is not None:
       example["mask"] = read_ground_truth(os.path.join(self.mask_dir, self.mask_name(filename)),
@@ -372,7 +368,10 @@ def preset(name: str, setting: str) -> Preset:
   background = "threshold" if setting == "finding" else (
       spec.background if spec.class_names else "none")
   palette = "finding" if setting == "finding" else spec.palette
-  return Preset(spec.class_names, setting, background, palette, spec.mean, spec.std)
+  # findings are mostly grey images (ultrasound, X-ray, fluorescence): not H&E's colour statistics
+  grey = setting == "finding" and spec.mean is None
+  return Preset(spec.class_names, setting, background, palette,
+                GREY_MEAN if grey else spec.mean, GREY_STD if grey else spec.std)
 
 
 SETTINGS = ("tissue", "finding")
@@ -455,4 +454,5 @@ def folder_source(data_cfg, split: str) -> FolderSource:
   return FolderSource(data_cfg.root, split, SPECS[data_cfg.name], class_names(data_cfg),
                       data_cfg.get("bad_files", "strict"), data_cfg.get("decode_check", True),
                       max(1, data_cfg.get("num_threads", 4)), data_cfg.get("report_dir", ""),
-                      data_cfg.get("image_size", 0))
+                      data_cfg.get("image_size", 0),
+                      intensity.parse_rule(data_cfg.get("intensity", "auto")))

@@ -25,6 +25,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from wsss_jax.data import intensity
 from wsss_jax.data.transforms import downsample as box_downsample
 from wsss_jax.errors import UserError
 from wsss_jax.pseudo import mask_rules
@@ -33,21 +34,15 @@ SLIDE_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi", ".png", ".jpg", ".jpeg", "
 _TIFF = (".tif", ".tiff", ".svs")
 
 
-def _rgb(array: np.ndarray) -> np.ndarray:
-  array = np.asarray(array)
-  if array.ndim == 2:
-    array = np.repeat(array[..., None], 3, axis=-1)
-  if array.dtype != np.uint8:
-    raise UserError(f"slides must be 8-bit images, not {array.dtype}")
-  return array[..., :3]
-
-
 class Slide:
   """A large image with its pyramid levels; `read_region` in level-0 coordinates."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, rule: intensity.IntensityRule = intensity.IntensityRule()):
+    """rule: how the slide's values become 8-bit RGB (an 8-bit RGB slide is read as it is); a
+    per-image rule reads its window once, from the smallest level, for every region."""
     self.path, self.name = path, os.path.splitext(os.path.basename(path))[0]
     self._lock, self._tiff, self._openslide, self._pixels = threading.Lock(), None, None, None
+    self.rule, self._window = rule, None
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
       raise UserError(f"slide {path} is missing")
@@ -56,8 +51,7 @@ class Slide:
         self._open_tiff()
       elif ext in (".png", ".jpg", ".jpeg"):
         Image.MAX_IMAGE_PIXELS = None  # large images are the point here
-        with Image.open(path) as image:
-          self._pixels = _rgb(np.asarray(image.convert("RGB")))
+        self._pixels = intensity.read_rgb8(path, rule)
         self.levels = [self._pixels.shape[:2]]
       else:
         self._open_openslide()
@@ -72,8 +66,16 @@ class Slide:
     self._tiff = tifffile.TiffFile(self.path)
     series = self._tiff.series[0]
     self._pages = [level.keyframe for level in series.levels]
-    self.levels = [page.shape[:2] for page in self._pages]
+    self.levels = [intensity.plane_shape(page.shape, self.path) for page in self._pages]
     self._cache = {}
+    if self._pages[0].dtype != np.uint8 or self.rule.kind not in ("auto", "full_range"):
+      smallest = intensity.Raw(intensity.channels_last(self._pages[-1].asarray(), self.path))
+      self._window = intensity.window_of(smallest, self.rule)
+
+  def _rgb(self, array: np.ndarray) -> np.ndarray:
+    """A decoded region or tile as (h, w, 3) uint8 by the slide's rule and window."""
+    return intensity.to_rgb8(intensity.Raw(intensity.channels_last(array, self.path)),
+                             self.rule, self._window)
 
   def _open_openslide(self) -> None:
     try:  # optional (the openslide extra): only formats tifffile does not read need it
@@ -116,7 +118,7 @@ class Slide:
     if not page.is_tiled:  # strips: the whole level, decoded once
       if level not in self._cache:
         with self._lock:
-          self._cache[level] = _rgb(page.asarray())
+          self._cache[level] = self._rgb(page.asarray())
       return self._cache[level][t0:t1, l0:l1]
     th, tw = page.tilelength, page.tilewidth
     across = math.ceil(page.imagewidth / tw)
@@ -128,7 +130,7 @@ class Slide:
           self._tiff.filehandle.seek(page.dataoffsets[index])
           data = self._tiff.filehandle.read(page.databytecounts[index])
         try:
-          tile = _rgb(page.decode(data, index, jpegtables=page.jpegtables)[0][0])
+          tile = self._rgb(page.decode(data, index, jpegtables=page.jpegtables)[0][0])
         except (ValueError, RuntimeError, OSError) as e:  # a codec missing or a broken tile
           raise UserError(f"slide {self.path}: tile {index} of level {level} cannot be decoded "
                           f"({str(e).splitlines()[0][:160]}); JPEG/JPEG 2000 slides need "
@@ -247,10 +249,11 @@ class SlideTiles:
   the same pixel size at downsample * context_scale, centred on the tile."""
 
   def __init__(self, paths, tile: int, downsample: float = 1.0, stride: int | None = None,
-               min_tissue: float = 0.5, context_scale: int = 0):
+               min_tissue: float = 0.5, context_scale: int = 0,
+               rule: intensity.IntensityRule = intensity.IntensityRule()):
     if not paths:
       raise UserError("no slides to tile")
-    self.slides = [Slide(p) for p in paths]
+    self.slides = [Slide(p, rule) for p in paths]
     self.tile, self.downsample, self.context_scale = tile, downsample, context_scale
     self.index = [(i, top, left) for i, s in enumerate(self.slides)
                   for top, left in tile_origins(s, tile, downsample, stride, min_tissue)]
@@ -299,4 +302,5 @@ def slide_paths(root: str, split: str) -> list[str]:
 def slide_source(data_cfg, split: str) -> SlideTiles:
   return SlideTiles(slide_paths(data_cfg.root, split), data_cfg.slide_tile,
                     data_cfg.slide_downsample, data_cfg.get("slide_stride") or None,
-                    data_cfg.min_tissue, data_cfg.get("slide_context_scale", 0))
+                    data_cfg.min_tissue, data_cfg.get("slide_context_scale", 0),
+                    intensity.parse_rule(data_cfg.get("intensity", "auto")))

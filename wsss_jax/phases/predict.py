@@ -46,7 +46,7 @@ import tifffile
 from PIL import Image
 
 from wsss_jax import atomic
-from wsss_jax.data import folders, mask_files, slides, transforms
+from wsss_jax.data import dicom, folders, intensity, mask_files, slides, transforms
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.models.segmentation import MRN
@@ -61,7 +61,7 @@ from wsss_jax.train.writers import MetricWriter
 
 MODES = ("auto", "tiles", "slides")
 GATES = ("off", "exclude")
-TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + intensity.DICOM_EXTENSIONS
 SLIDE_ONLY = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn")
 
 
@@ -71,7 +71,8 @@ def find_inputs(path: str, mode: str) -> tuple[str, list[str]]:
   and its TIFF/SVS/... files slides (mode=auto takes the slides when there are any)."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isfile(path):
-    return "slides" if mode != "tiles" else "tiles", [path]
+    dicom_file = path.lower().endswith(intensity.DICOM_EXTENSIONS)
+    return "tiles" if mode == "tiles" or dicom_file else "slides", [path]
   if not os.path.isdir(path):
     raise UserError(f"input={path}: no such file or folder")
   names = sorted(n for n in os.listdir(path) if not n.startswith("."))
@@ -138,10 +139,12 @@ def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarr
 
 
 # --- Tiles ---------------------------------------------------------------------------------------------
-def _read_tile(path: str):
-  """The tile's pixels, or the one-line reason it cannot be read."""
+def _read_tile(path: str, rule: intensity.IntensityRule):
+  """(the tile's 8-bit RGB pixels by the run's intensity rule, its pixel size in um or None),
+  or the one-line reason it cannot be read."""
   try:
-    return folders.read_image(path)
+    raw = intensity.read_raw(path)
+    return intensity.to_rgb8(raw, rule), raw.pixel_size_um
   except UserError as e:
     return str(e)
 
@@ -163,7 +166,8 @@ def predict_tiles(config, workdir: str, files: list, model: "Predictor") -> tupl
   chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, \
        open(os.path.join(workdir, "tiles.jsonl"), "a", encoding="utf-8") as record:
-    for chunk, images in zip(chunks, pool.map(lambda c: [_read_tile(f) for f, _ in c], chunks)):
+    read = lambda c: [_read_tile(f, model.intensity) for f, _ in c]
+    for chunk, images in zip(chunks, pool.map(read, chunks)):
       unreadable += [(path, why) for (path, _), why in zip(chunk, images) if isinstance(why, str)]
       done += len(chunk)
       readable = [(c, im) for c, im in zip(chunk, images) if not isinstance(im, str)]
@@ -192,11 +196,11 @@ def predict_chunk(config, workdir: str, chunk: list, model: "Predictor"):
     return
   size = model.input_size
   inputs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                     for _, im in chunk])
+                     for _, (im, _) in chunk])
   if not model.mrn:
     probs = run_batches(model.fn, inputs, config.batch_size, model.mesh)
   scores = model.gate_scores(inputs) if model.gate_scores else None
-  for j, ((path, stem), image) in enumerate(chunk):
+  for j, ((path, stem), (image, pixel_um)) in enumerate(chunk):
     p = (mrn_tile_probabilities(model, image, config.batch_size) if model.mrn
          else resize_probabilities(probs[j], *image.shape[:2]))
     logp = np.log(np.maximum(p, 1e-12))
@@ -211,9 +215,28 @@ def predict_chunk(config, workdir: str, chunk: list, model: "Predictor"):
     shares = np.bincount(mask.ravel(), minlength=len(model.names)) / mask.size
     row = {"tile": os.path.basename(path), "mask": f"masks/{stem}.png",
            "share": {n: round(float(v), 6) for n, v in zip(model.names, shares)}}
+    row |= tile_records(workdir, path, stem, mask, pixel_um, model)
     if scores is not None:
       row["gate_scores"] = {n: round(float(v), 6) for n, v in zip(model.names, scores[j])}
     yield row, image, mask
+
+
+def tile_records(workdir: str, path: str, stem: str, mask: np.ndarray, pixel_um, model) -> dict:
+  """Where the file records its pixel size, each class's area in mm^2; for a DICOM image, a
+  DICOM Segmentation over it (segmentations/<stem>.dcm) that a DICOM viewer overlays."""
+  out = {}
+  if pixel_um is not None:
+    counts = np.bincount(mask.ravel(), minlength=len(model.names))
+    out["area_mm2"] = {n: round(float(c) * pixel_um[0] * pixel_um[1] * 1e-6, 6)
+                       for n, c in zip(model.names, counts)}
+  if path.lower().endswith(intensity.DICOM_EXTENSIONS) and (
+      mask != model.background_index).any():  # a normal image has no segment to store
+    target = os.path.join(workdir, "segmentations", stem + ".dcm")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with atomic.replacing(target) as tmp:
+      dicom.write_segmentation(path, mask, model.names, model.background_index, tmp)
+    out["segmentation"] = f"segmentations/{stem}.dcm"
+  return out
 
 
 def report_unreadable(workdir: str, unreadable: list, total: int) -> None:
@@ -237,13 +260,8 @@ def slide_microns_per_pixel(path: str) -> float | None:
         for part in desc.split("|"):
           if part.strip().startswith("MPP"):
             return float(part.split("=")[1])
-      tags = page.tags
-      if "XResolution" in tags and "ResolutionUnit" in tags:
-        num, den = tags["XResolution"].value
-        unit = int(tags["ResolutionUnit"].value)
-        per_unit = num / den if den else 0
-        if per_unit > 0 and unit in (2, 3):
-          return (25400.0 if unit == 2 else 10000.0) / per_unit
+      size = intensity.tiff_pixel_size_um(tif)  # OME-XML, else the resolution tags
+      return size[1] if size else None
   except Exception:  # noqa: BLE001 - any non-TIFF or unreadable tag: no resolution
     return None
   return None
@@ -347,7 +365,7 @@ def predict_slide(config, workdir: str, path: str, model: "Predictor") -> tuple[
     with open(os.path.join(out, "areas.json"), encoding="utf-8") as f:
       return json.load(f), []
   started = time.perf_counter()
-  slide = slides.Slide(path)
+  slide = slides.Slide(path, model.intensity)
   plan = window_plan(slide, model, config)
   rows = OpenRows(plan, model.num_outputs, model.background_index,
                   os.path.join(out, "progress.npz"))
@@ -519,7 +537,7 @@ def check_slides(files: list[str], model: "Predictor", config) -> None:
   win = model.input_size
   side = win * model.model_downsample * config.downsample   # a window in level-0 px
   for path in files:
-    slide = slides.Slide(path)  # an unreadable slide is named in one line
+    slide = slides.Slide(path, model.intensity)  # an unreadable slide is named in one line
     height, width = slide.shape
     slide.close()
     if min(height, width) < side:
@@ -566,6 +584,8 @@ class Predictor(NamedTuple):
   min_tissue: float         # windows with less tissue are background
   view_side: int = 2048     # the GeoJSON's and overlay's view of the mask
   thumbnail_side: int = 1024
+  # the segment run's data.intensity: new images mapped to its input as its own were
+  intensity: intensity.IntensityRule = intensity.IntensityRule()
 
 
 def predictor(seg: earlier_runs.Segmenter, config, mesh, mode: str) -> Predictor:
@@ -589,7 +609,8 @@ def predictor(seg: earlier_runs.Segmenter, config, mesh, mode: str) -> Predictor
       # the tissue mask reads H&E colour: findings on grey images (ultrasound, X-ray,
       # fluorescence) compute every window unless a share is given
       min_tissue=(config.min_tissue if config.min_tissue >= 0 else
-                  0.1 if setting == "tissue" else 0.0))
+                  0.1 if setting == "tissue" else 0.0),
+      intensity=intensity.parse_rule(data.get("intensity", "auto")))
 
 
 def run(config, workdir: str) -> dict:

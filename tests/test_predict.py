@@ -20,7 +20,7 @@ from wsss_jax.outputs import polygons
 from wsss_jax.phases import predict
 from wsss_jax.runner import run_phase
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.train import earlier_runs
+from wsss_jax.train import earlier_runs, preemption
 
 
 # --- Polygons -------------------------------------------------------------------------------------------
@@ -353,7 +353,8 @@ def _slide_run(fn, path, workdir, window, overlap, small_side=None, classes=3):
   if small_side:  # the GeoJSON's view and the overlay's thumbnail (their defaults: 2048, 1024)
     model = model._replace(view_side=small_side, thumbnail_side=small_side)
   os.makedirs(workdir, exist_ok=True)
-  predict.predict_slide(config, str(workdir), path, model)
+  with preemption.StopSignal() as stop:
+    predict.predict_slide(config, str(workdir), path, model, stop)
   return tifffile.imread(os.path.join(workdir, os.path.splitext(os.path.basename(path))[0],
                                       "mask.tif"))
 
@@ -470,3 +471,41 @@ def test_bad_inputs_are_one_line_each_and_leave_nothing_written(segment_run, mrn
   with pytest.raises(UserError, match="holds predictions of the segment run .* use another"):
     run_phase(_predict_config(mrn_run, tiles, ",gate=off"), str(out))
   assert {p: (out / p).read_bytes() for p in before} == before  # the first run's record kept
+
+
+def test_sigterm_stops_predict_at_a_tile_boundary_and_the_rerun_does_the_rest(segment_run,
+                                                                              tmp_path):
+  """A real `python -m wsss_jax.main` predict of 200 tiles, SIGTERM once some are written: exit
+  75 with one line, every mask written is whole, the re-run predicts exactly the rest."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  source = tmp_path / "tiles"
+  source.mkdir()
+  for i in range(200):
+    Image.fromarray(synthetic.generate_tile(12, "test", i % 7, 48)[0]).save(source / f"t{i:03d}.png")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  cmd = [sys.executable, "-m", "wsss_jax.main",
+         f"--config=configs/predict.py:model={segment_run},input={source},batch=1,gate=off",
+         f"--workdir={tmp_path / 'out'}", "--config.num_devices=1"]
+  proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  record, deadline = tmp_path / "out" / "tiles.jsonl", time.time() + 300
+  while time.time() < deadline and (not record.exists() or record.read_text().count("\n") < 3):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-2000:]
+  assert stderr.count("\n") == 1 and stderr.startswith("preempted"), stderr
+  done = int(stderr.split("after ")[1].split(" of 200")[0])
+  masks = sorted(os.listdir(tmp_path / "out" / "masks"))
+  assert 3 <= done == len(masks) < 200
+  for name in masks:  # written whole (atomically), never half
+    assert np.asarray(Image.open(tmp_path / "out" / "masks" / name)).shape == (48, 48)
+  again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  summary = json.loads(again.stdout.strip().splitlines()[-1])
+  assert summary["predicted_now"] == 200 - done
+  assert len(os.listdir(tmp_path / "out" / "masks")) == 200

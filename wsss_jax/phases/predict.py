@@ -54,7 +54,7 @@ from wsss_jax.outputs import overlays, polygons
 from wsss_jax.outputs.mask_pyramid import RAW_FILE, MaskPyramid
 from wsss_jax.tasks.common import prepare_images
 from wsss_jax.tasks.segment import gate as apply_gate, load_gate_classifier
-from wsss_jax.train import earlier_runs
+from wsss_jax.train import earlier_runs, preemption
 from wsss_jax.train.progress import Progress
 from wsss_jax.train.run_record import write_config
 from wsss_jax.train.writers import MetricWriter
@@ -149,8 +149,10 @@ def _read_tile(path: str, rule: intensity.IntensityRule):
     return str(e)
 
 
-def predict_tiles(config, workdir: str, files: list, model: "Predictor") -> tuple[dict, list]:
-  """masks/, probabilities/, tiles.jsonl and the overlay of a folder of tiles; (summary, figures)."""
+def predict_tiles(config, workdir: str, files: list, model: "Predictor",
+                  stop: preemption.StopSignal) -> tuple[dict, list]:
+  """masks/, probabilities/, tiles.jsonl and the overlay of a folder of tiles; (summary, figures).
+  A SIGTERM / SIGINT stops it after the batch in hand (`Preempted`); the re-run does the rest."""
   mask_dir = os.path.join(workdir, "masks")
   os.makedirs(mask_dir, exist_ok=True)
   if config.save_probabilities:
@@ -177,6 +179,10 @@ def predict_tiles(config, workdir: str, files: list, model: "Predictor") -> tupl
           shown.append((image, None, {"prediction": mask}))
       record.flush()
       progress.update(done)
+      if stop.reached(done) and done < len(files):
+        raise preemption.Preempted(
+            f"preempted (SIGTERM or SIGINT): stopped after {done} of {len(files)} tiles, their "
+            f"masks written; run the same command again to predict the rest")
   report_unreadable(workdir, unreadable, len(files))
   figures = []
   if shown:
@@ -355,7 +361,8 @@ class OpenRows:
                level0_rows=r1)
 
 
-def predict_slide(config, workdir: str, path: str, model: "Predictor") -> tuple[dict, list]:
+def predict_slide(config, workdir: str, path: str, model: "Predictor",
+                  stop: preemption.StopSignal) -> tuple[dict, list]:
   """One slide (see the module docstring); (its summary, its figures)."""
   name = mask_files.file_stem(os.path.splitext(os.path.basename(path))[0])
   out = os.path.join(workdir, name)
@@ -376,7 +383,7 @@ def predict_slide(config, workdir: str, path: str, model: "Predictor") -> tuple[
           flush=True)
   pyramid = MaskPyramid(out, plan.height, plan.width, config.tiff_tile, model.palette,
                         model.view_side, resume_rows=rows.level0_rows)
-  timing, thumb = compute_rows(config, slide, plan, rows, pyramid, model, name)
+  timing, thumb = compute_rows(config, slide, plan, rows, pyramid, model, name, stop)
   t0 = time.perf_counter()
   pyramid.close(os.path.join(out, "mask.tif"))
   summary, figure = finish_slide(config, out, name, path, thumb, pyramid, rows.counts, model)
@@ -395,9 +402,10 @@ def predict_slide(config, workdir: str, path: str, model: "Predictor") -> tuple[
 
 
 def compute_rows(config, slide, plan: WindowPlan, rows: OpenRows, pyramid, model: "Predictor",
-                 name: str) -> tuple[dict, np.ndarray]:
+                 name: str, stop: preemption.StopSignal) -> tuple[dict, np.ndarray]:
   """Every row of windows from rows.first_row on: read ahead by a thread, computed, and handed
-  to a row writer while the next computes; (wall time per activity, the slide's thumbnail)."""
+  to a row writer while the next computes; (wall time per activity, the slide's thumbnail).
+  A SIGTERM / SIGINT stops it at a row boundary, the rows so far recorded for the re-run."""
   ys, xs, weights = plan.ys, plan.xs, hann_weights(plan.win)
   progress = Progress(f"predict {name}", len(ys) * len(xs), config.progress_every_s)
   progress.update(rows.first_row * len(xs))  # starts the clock
@@ -433,6 +441,11 @@ def compute_rows(config, slide, plan: WindowPlan, rows: OpenRows, pyramid, model
                                       rows.acc.copy(), rows.wsum.copy())
         timing["write"] += time.perf_counter() - t0
         progress.update((i + 1) * len(xs))
+        if stop.reached(i) and i + 1 < len(ys):
+          finishing.result()  # the row and its progress record are on disk
+          raise preemption.Preempted(
+              f"preempted (SIGTERM or SIGINT): slide {name} stopped after window row {i + 1} "
+              f"of {len(ys)}; run the same command again to resume there")
       if finishing is not None:
         finishing.result()
     except BaseException:
@@ -625,12 +638,13 @@ def run(config, workdir: str) -> dict:
   accept_workdir(config, workdir, seg)  # nothing is written before this point
   print(f"predict: {len(files)} {mode} with the segment run {seg.workdir} (step {seg.step})",
         flush=True)
-  if mode == "tiles":
-    result, figures = predict_tiles(config, workdir, files, model)
-  else:
-    done = [predict_slide(config, workdir, f, model) for f in files]
-    result = {"mode": "slides", "slides": [summary for summary, _ in done]}
-    figures = [figure for _, shown in done for figure in shown]
+  with preemption.StopSignal() as stop:
+    if mode == "tiles":
+      result, figures = predict_tiles(config, workdir, files, model, stop)
+    else:
+      done = [predict_slide(config, workdir, f, model, stop) for f in files]
+      result = {"mode": "slides", "slides": [summary for summary, _ in done]}
+      figures = [figure for _, shown in done for figure in shown]
   summary = {"phase": "predict", "model": seg.workdir, "model_step": seg.step,
              "input": os.path.abspath(config.input), "class_names": model.names, **result}
   writer = MetricWriter(workdir, parallel.is_main_process())

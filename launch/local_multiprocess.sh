@@ -18,6 +18,11 @@ for ((i = 0; i < n; i++)); do
     --process_id="$i" "$@" > >(sed "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
+# a SIGTERM / SIGINT to this script is passed to every process: they stop at one step (exit 75)
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+  if ((status > 128)); then wait "$pid" || status=$?; fi  # wait was cut short by the trap
+done
 exit $status

@@ -204,6 +204,12 @@ def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):
   section.par.enabled = True
   assert not pipeline._same_settings(str(tmp_path), section)
   assert not pipeline._same_settings(str(tmp_path / "missing"), section)
+  # a run recorded before a field existed (added with the old behaviour as its default) is kept
+  section.par.enabled = False
+  older = json.loads(recorded.to_json_best_effort())
+  del older["nan_policy"], older["data"]["intensity"]
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  assert pipeline._same_settings(str(tmp_path), section)
 
 
 def test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks(tmp_path):

@@ -55,10 +55,18 @@ def _same_settings(workdir: str, section) -> bool:
       recorded = json.load(f)
   except (OSError, ValueError):
     return False
-  current = json.loads(section.to_json_best_effort())
+  current = _recorded_fields(json.loads(section.to_json_best_effort()), recorded)
   for settings in (recorded, current):
     settings.get("data", {}).pop("report_dir", None)
   return recorded == current
+
+
+def _recorded_fields(current, recorded):
+  """`current` without the fields a run recorded before they existed (each added with the
+  default that keeps the earlier behaviour, e.g. nan_policy, data.intensity)."""
+  if not (isinstance(current, dict) and isinstance(recorded, dict)):
+    return current
+  return {k: _recorded_fields(v, recorded[k]) for k, v in current.items() if k in recorded}
 
 
 def table(result: dict) -> str:

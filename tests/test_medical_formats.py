@@ -279,3 +279,12 @@ def test_dicoms_are_predicted_into_masks_areas_and_segmentations(spot_run, tmp_p
       np.testing.assert_array_equal(frames[0], mask == 0)
     else:  # a normal image: nothing to store
       assert "segmentation" not in row
+
+
+def test_the_intensity_argument_reaches_every_section_of_the_pipeline():
+  pipe = load_config("pipeline", "dataset=folder,classes=spot,setting=finding,"
+                                 "intensity=percentile:1/99.8")
+  for section in ("classify", "pseudo_masks", "segment", "affinity"):
+    assert pipe[section].data.intensity == "percentile:1,99.8", section
+  with pytest.raises(UserError, match="intensity='gamma'"):
+    load_config("segment", "intensity=gamma")

@@ -29,7 +29,7 @@ def _convert(text: str, default):
 
 
 # The config arguments every phase file accepts to point it at a dataset (folders.choose_dataset).
-DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="dataset")
+DATASET_ARGS = dict(dataset="synthetic", root="", classes="", setting="dataset", intensity="auto")
 
 
 def parse_arg(arg: str | None, overrides: dict | None = None, **defaults) -> ml_collections.ConfigDict:
@@ -125,7 +125,7 @@ def data(image_size: int = 224, dataset=None) -> ml_collections.ConfigDict:
   d.decode_check = True       # decode every tile when a folder split is opened (cached)
   # raw pixels -> 8-bit RGB input (data/intensity.py): auto | percentile:a,b | window:lo,hi |
   # full_range; recorded with the run, so predict maps new images the same way
-  d.intensity = "auto"
+  d.intensity = dataset.intensity if dataset else "auto"
   d.report_dir = ""           # where skipped_files_<split>.txt goes ("": the workdir)
   d.slide_tile = 224          # slides: tile side in pixels at slide_downsample
   d.slide_downsample = 1.0    # slides: 1 = full resolution, 2 = half (e.g. 0.25 -> 0.5 mpp)

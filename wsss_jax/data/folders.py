@@ -416,13 +416,15 @@ class DatasetChoice:
   background: str = FROM_DATASET
   mean: tuple | None = None          # None: the config's own
   std: tuple | None = None
+  intensity: str = "auto"            # data.intensity (data/intensity.py)
 
 
 def choose_dataset(arg) -> DatasetChoice:
   """The dataset a config file's arguments name, checked; the preset fills what they leave."""
   given = set(arg.get("given_args", ()))
+  rule = str(intensity.parse_rule(arg.get("intensity", "auto"), "intensity"))
   if arg.dataset == "slides":  # tiles cut from large images (wsss_jax.data.slides): unlabelled
-    return DatasetChoice(arg.dataset, arg.root)
+    return DatasetChoice(arg.dataset, arg.root, intensity=rule)
   known = ("slides",) + tuple(EMBEDDED) + tuple(SPECS)
   if arg.dataset not in known:
     raise UserError(f"dataset={arg.dataset!r} is not one of {known}")
@@ -447,7 +449,8 @@ def choose_dataset(arg) -> DatasetChoice:
     return from_preset if chose else FROM_DATASET
 
   return DatasetChoice(arg.dataset, arg.root, names, p.setting if chose else FROM_DATASET,
-                       own("palette", p.palette), own("background", p.background), p.mean, p.std)
+                       own("palette", p.palette), own("background", p.background), p.mean, p.std,
+                       rule)
 
 
 def folder_source(data_cfg, split: str) -> FolderSource:

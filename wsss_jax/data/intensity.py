@@ -56,7 +56,8 @@ def parse_rule(text: str, field: str = "data.intensity") -> IntensityRule:
       raise UserError(f"{field}={text!r}: {kind} takes no numbers")
     return IntensityRule(kind)
   try:
-    low, high = (float(v) for v in numbers.split(","))
+    # "," on the command line (--config.data.intensity=), "/" inside a config file's argument
+    low, high = (float(v) for v in numbers.replace("/", ",").split(","))
   except ValueError:
     raise UserError(f"{field}={text!r}: give two numbers, e.g. {kind}:1,99") from None
   if not low < high or (kind == "percentile" and not 0 <= low < high <= 100):

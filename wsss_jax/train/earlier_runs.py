@@ -54,7 +54,7 @@ def load_classifier(workdir: str, mesh, field: str = "classifier_workdir") -> Cl
 
 
 DATA_FIELDS = ("name", "root", "records_dir", "seed", "tile_size", "image_size", "normalize",
-               "mean", "std",
+               "mean", "std", "intensity",
                "num_classes", "class_names", "setting")
 
 

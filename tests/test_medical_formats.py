@@ -288,3 +288,27 @@ def test_the_intensity_argument_reaches_every_section_of_the_pipeline():
     assert pipe[section].data.intensity == "percentile:1,99.8", section
   with pytest.raises(UserError, match="intensity='gamma'"):
     load_config("segment", "intensity=gamma")
+
+
+def test_a_dicom_training_folder_labelled_by_a_csv(tmp_path):
+  root = tmp_path / "xray"
+  (root / "train").mkdir(parents=True)
+  rng = np.random.default_rng(6)
+  for i in range(4):
+    write_dicom(str(root / "train" / f"case{i}.dcm"), rng.integers(0, 4096, (40, 40)),
+                "MONOCHROME1", window=(2048, 4096))
+  (root / "train" / "labels.csv").write_text(
+      "file,labels\ncase0.dcm,nodule\ncase1.dcm,\ncase2.dcm,nodule+effusion\ncase3.dcm,0 1\n")
+  config = load_config("classify", f"dataset=folder,root={root},classes=nodule+effusion,"
+                                   "setting=finding,image_size=32")
+  train = pipeline.build_source(config.data, "train")
+  labels = {train.name(i): train[i]["labels"].tolist() for i in range(len(train))}
+  assert labels == {"case0": [1, 0], "case1": [0, 0], "case2": [1, 1], "case3": [0, 1]}
+  image = train[0]["image"]
+  assert image.dtype == np.uint8 and image.shape == (40, 40, 3)
+  want = 255 - _scaled(dicom.read(str(root / "train" / "case0.dcm")).pixels,
+                       2048 - 0.5 - 2047.5, 2048 - 0.5 + 2047.5)
+  assert np.abs(image[..., 0].astype(int) - want).max() <= 1
+  (root / "train" / "labels.csv").write_text("file,labels\ncase0.dcm,mass\n")
+  with pytest.raises(UserError, match=r"labels.csv line 2: 'mass' is not one of the classes"):
+    pipeline.build_source(config.data, "train")

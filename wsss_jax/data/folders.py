@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import csv
 import dataclasses
 import functools
 import os
@@ -88,6 +89,39 @@ def parse_labels(filename: str, spec: DatasetSpec, num_classes: int) -> np.ndarr
     raise UserError(f"{filename}: the file name has {labels.size} labels but the dataset has "
                     f"{num_classes} classes")
   return labels
+
+
+LABELS_CSV = "labels.csv"
+
+
+def read_labels_csv(image_dir: str, names: tuple) -> dict:
+  """{file: label vector} from `<image_dir>/labels.csv` (columns `file,labels`; labels: class
+  names joined by '+', '' for a normal image, or a 0/1 vector like `1 0 1`); {} without one."""
+  path = os.path.join(image_dir, LABELS_CSV)
+  if not os.path.isfile(path):
+    return {}
+  out = {}
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    rows = list(csv.DictReader(f))
+  for line, row in enumerate(rows, start=2):
+    if row.get("file") is None or row.get("labels") is None:
+      raise UserError(f"{path}: the columns must be file,labels (line {line})")
+    out[os.path.basename(row["file"].strip())] = _csv_labels(row["labels"], names,
+                                                             f"{path} line {line}")
+  return out
+
+
+def _csv_labels(cell: str, names: tuple, where: str) -> np.ndarray:
+  cell = cell.strip()
+  bits = cell.replace(" ", "")
+  if bits and set(bits) <= {"0", "1"} and len(bits) == len(names):
+    return np.array([int(c) for c in bits], np.float32)
+  vector = np.zeros(len(names), np.float32)
+  for name in filter(None, (n.strip() for n in cell.replace(";", "+").split("+"))):
+    if name not in names:
+      raise UserError(f"{where}: {name!r} is not one of the classes {names}")
+    vector[names.index(name)] = 1.0
+  return vector
 
 
 # --- Layout ------------------------------------------------------------------------------------------
@@ -230,10 +264,11 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
   spec, k = SPECS[spec_name], len(names)
   files = list_images(image_dir, spec.extensions)
   problems, labels = {}, {}
+  listed = read_labels_csv(image_dir, names) if k else {}
   for f in files:
     if k and (split == "train" or mask_dir is None):
-      try:
-        labels[f] = parse_labels(os.path.join(image_dir, f), spec, k)
+      try:  # labels.csv first, else the file name
+        labels[f] = listed[f] if f in listed else parse_labels(os.path.join(image_dir, f), spec, k)
       except UserError as e:
         problems[f] = str(e)
   stems = collections.defaultdict(list)
@@ -286,7 +321,9 @@ class FolderSource:
       if not all(self.mask_name(f) in masked for f in list_images(self.image_dir,
                                                                   spec.extensions)):
         self.mask_dir = None  # training tiles without (complete) ground truth
-    stamp = tuple(os.stat(d).st_mtime_ns for d in (self.image_dir, self.mask_dir) if d)
+    csv_file = os.path.join(self.image_dir, LABELS_CSV)
+    stamp = tuple(os.stat(d).st_mtime_ns for d in (self.image_dir, self.mask_dir, csv_file)
+                  if d and os.path.exists(d))
     files, self.labels, problems = _scan(self.image_dir, self.mask_dir, spec.name,
                                          self.class_names, split, decode_check, threads, stamp,
                                          min_side, rule)

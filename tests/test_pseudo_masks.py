@@ -170,3 +170,38 @@ def test_multi_dilation_maps_fuse_the_trained_rate_with_the_others(tiny_classifi
   config.dilations = (0,)
   with pytest.raises(UserError, match=r"dilations=\(0,\) must be positive"):
     pseudo_masks.run(config, str(tmp_path / "bad"))
+
+
+def test_a_preempted_pass_resumes_to_the_masks_and_scores_of_an_uninterrupted_one(
+    tiny_classifier, tmp_path, monkeypatch):
+  """SIGTERM while the third batch's masks are written: the pass stops after a batch, keeps
+  its masks and tally; the re-run computes only the rest, and masks and scores equal a pass
+  that was never stopped."""
+  import signal
+  from wsss_jax.errors import Preempted
+  config = load_config("pseudo_masks", f"classifier={tiny_classifier},batch=4")
+  config.scales, config.progress_every_s = (1.0,), 0.0
+  straight = pseudo_masks.run(config, str(tmp_path / "straight"))
+  write, calls = pseudo_masks.write_batch, []
+
+  def write_then_notice(*args):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return write(*args)
+
+  monkeypatch.setattr(pseudo_masks, "write_batch", write_then_notice)
+  with pytest.raises(Preempted, match=r"stopped after \d+ of 32 tiles") as stopped:
+    pseudo_masks.run(config, str(tmp_path / "run"))
+  done = int(str(stopped.value).split("after ")[1].split(" of")[0])
+  assert 12 <= done < 32 and os.path.exists(tmp_path / "run" / pseudo_masks.PROGRESS_FILE)
+  monkeypatch.setattr(pseudo_masks, "write_batch", write)
+  calls.clear()
+  resumed = pseudo_masks.run(config, str(tmp_path / "run"))
+  assert resumed["num_images"] == 32
+  assert not os.path.exists(tmp_path / "run" / pseudo_masks.PROGRESS_FILE)
+  for layer, scores in straight["layers"].items():
+    assert resumed["layers"][layer] == scores, layer
+    for path in glob.glob(str(tmp_path / "straight" / "masks" / layer / "*.png")):
+      other = path.replace(str(tmp_path / "straight"), str(tmp_path / "run"))
+      np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(other)))

@@ -48,13 +48,17 @@ class BackgroundWrites:
       self.pending.pop(0).result()
     self.pending.append(self.pool.submit(fn, *args))
 
+  def wait(self) -> None:
+    """Every write submitted so far is on disk (the first failure raised)."""
+    while self.pending:
+      self.pending.pop(0).result()
+
   def __enter__(self):
     return self
 
   def __exit__(self, *exc) -> None:
     try:
       if exc[0] is None:
-        for p in self.pending:
-          p.result()
+        self.wait()
     finally:
       self.pool.shutdown(wait=True)

@@ -254,14 +254,16 @@ class ModelInput:
     return example | {self.key: self.resize({"image": example["image"]})["image"]}
 
 
-def tile_batches(data_cfg, split: str, batch: int, inputs: dict, keys, extra=(), num=None):
+def tile_batches(data_cfg, split: str, batch: int, inputs: dict, keys, extra=(), num=None,
+                 start: int = 0):
   """Padded batches of a split at tile size plus model inputs `inputs` = {key: size}, read and
   prepared by grain threads ahead of the device; the last batch repeats its final tile and
-  `valid` marks the real rows. `extra`: more grain map transforms; `num`: only the first tiles."""
+  `valid` marks the real rows. `extra`: more grain map transforms; `num`: only the first tiles;
+  `start`: from this tile on (a resumed pass)."""
   source = build_source(data_cfg, split)
   ds = grain.MapDataset.source(source)
-  if num is not None:
-    ds = ds[:num]
+  if num is not None or start:
+    ds = ds[start:num]
   ds = ds.map(CheckExample(data_cfg, split, "labels" in keys))
   for key, size in inputs.items():
     ds = ds.map(ModelInput(key, size))

@@ -9,6 +9,8 @@ a thread pool while the next batch computes -> summary.json, table.md, overlays.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -28,7 +30,7 @@ from wsss_jax.outputs import overlays
 from wsss_jax.pseudo import adversarial_erasing, crf, mask_rules, par
 from wsss_jax.relevance.options import DEFAULT_LAYERS, method_options, relu_flag
 from wsss_jax.tasks.common import prepare_images
-from wsss_jax.train import earlier_runs
+from wsss_jax.train import earlier_runs, preemption
 from wsss_jax.train.progress import Progress
 from wsss_jax.train.writers import MetricWriter
 
@@ -516,45 +518,121 @@ class Written(NamedTuple):
   ignored: dict             # {layer: share of the pixels in the ignore band}
 
 
+PROGRESS_FILE = "masks.progress.npz"  # where a preempted pass stopped, for its re-run
+
+
+class Tally:
+  """What the mask-writing pass has seen so far: scores, the overlay's tiles, the ignore band's
+  pixels. Saved when a preemption notice stops the pass (`save`), read back by its re-run
+  (`resume`) when the run's settings are the same (`key`)."""
+
+  def __init__(self, key: str):
+    self.key, self.seen, self.layers, self.timed = key, 0, [], 0.0
+    self.confusion, self.ignored, self.pixels, self.overlay = {}, {}, {}, []
+
+  def add(self, host: dict, conf: dict, b: dict, has_truth: bool, keep: int) -> None:
+    self.layers = list(host)
+    for k, m in host.items():
+      self.ignored[k] = self.ignored.get(k, 0) + int((m == mask_files.IGNORE).sum())
+      self.pixels[k] = self.pixels.get(k, 0) + m.size
+    for k, c in conf.items():
+      self.confusion[k] = self.confusion.get(k, 0) + np.asarray(c, np.int64)
+    valid = int(b["valid"].sum())
+    for j in range(min(valid, keep - len(self.overlay))):
+      self.overlay.append((b["image"][j], b["mask"][j] if has_truth else None,
+                           {layer: m[j] for layer, m in host.items()}))
+    self.seen += valid
+
+  def save(self, path: str) -> None:
+    arrays = {"key": np.asarray(self.key), "seen": np.asarray(self.seen),
+              "layers": np.asarray(self.layers), "timed": np.asarray(self.timed)}
+    for k in self.layers:
+      arrays[f"ignored/{k}"] = np.asarray([self.ignored[k], self.pixels[k]])
+      if k in self.confusion:
+        arrays[f"confusion/{k}"] = self.confusion[k]
+    for n, (image, truth, masks) in enumerate(self.overlay):
+      arrays[f"overlay/{n}/image"] = image
+      if truth is not None:
+        arrays[f"overlay/{n}/truth"] = truth
+      arrays |= {f"overlay/{n}/mask/{k}": m for k, m in masks.items()}
+    with atomic.replacing(path) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+  def resume(self, path: str) -> bool:
+    """Takes up a saved tally of the same settings; False (a fresh start) otherwise."""
+    try:
+      saved = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError):
+      return False
+    if str(saved.pop("key")) != self.key:
+      return False
+    self.seen, self.timed = int(saved.pop("seen")), float(saved.pop("timed"))
+    self.layers = [str(k) for k in saved.pop("layers")]
+    for name, value in saved.items():
+      kind, _, rest = name.partition("/")
+      if kind == "ignored":
+        self.ignored[rest], self.pixels[rest] = int(value[0]), int(value[1])
+      elif kind == "confusion":
+        self.confusion[rest] = value
+    shown = sorted({int(n.split("/")[1]) for n in saved if n.startswith("overlay/")})
+    self.overlay = [(saved[f"overlay/{n}/image"], saved.get(f"overlay/{n}/truth"),
+                     {k: saved[f"overlay/{n}/mask/{k}"] for k in self.layers
+                      if f"overlay/{n}/mask/{k}" in saved}) for n in shown]
+    return True
+
+
+def tally_key(config, source: MapSource) -> str:
+  """The settings a saved tally belongs to: this config (the runner's report_dir aside), the
+  classifier's step and the chosen alpha and refinements."""
+  settings = json.loads(config.to_json_best_effort())
+  settings.get("data", {}).pop("report_dir", None)
+  text = json.dumps([settings, int(source.classifier.step)], sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write_masks(config, source: MapSource, rule: MaskRule, chosen: Background, rule_name: str,
                 palette: list, workdir: str) -> Written:
-  """Every tile's masks, PNGs written by a thread pool while the next batch computes."""
+  """Every tile's masks, PNGs written by a thread pool while the next batch computes. A SIGTERM /
+  SIGINT stops the pass after a batch (its masks and tally kept); the re-run goes on from there."""
   tiles = pipeline.build_source(source.data, config.split)
   has_truth = "mask" in tiles[0]
   keys = (("image", "labels", "name", "background") + tuple(source.inputs)
           + (("mask",) if has_truth else ()))
   background = mask_rules.BackgroundMask(rule_name, config.background.threshold,
                                          config.background.min_size)
-  directory = os.path.join(workdir, "masks")
-  total = len(tiles)
+  directory, record = os.path.join(workdir, "masks"), os.path.join(workdir, PROGRESS_FILE)
+  tally, total = Tally(tally_key(config, source)), len(tiles)
+  if tally.resume(record):
+    print(f"pseudo masks: resuming after {tally.seen} of {total} tiles", flush=True)
+  first = tally.seen
   progress = Progress("pseudo masks", total, config.get("progress_every_s", 10.0))
-  confusion, overlay, seen, layers, timed = {}, [], 0, [], 0.0
-  ignored, pixels = {}, {}
-  with atomic.BackgroundWrites(config.writer_threads) as writer:
+  progress.update(first)
+  with preemption.StopSignal() as stop, atomic.BackgroundWrites(config.writer_threads) as writer:
     for i, b in enumerate(pipeline.tile_batches(source.data, config.split, source.batch,
-                                                source.inputs, keys, extra=[background])):
+                                                source.inputs, keys, extra=[background],
+                                                start=first)):
       t0 = time.perf_counter()
       host, conf = batch_masks(source, rule, chosen, b, has_truth)
-      timed += (time.perf_counter() - t0) if i else 0.0  # the first batch compiles
-      layers = list(host)
-      for k, m in host.items():
-        ignored[k] = ignored.get(k, 0) + int((m == mask_files.IGNORE).sum())
-        pixels[k] = pixels.get(k, 0) + m.size
-      for k, c in conf.items():
-        confusion[k] = confusion.get(k, 0) + np.asarray(c, np.int64)
-      valid = b["valid"]
+      tally.timed += (time.perf_counter() - t0) if i else 0.0  # the first batch compiles
       if parallel.is_main_process():
-        writer.submit(write_batch, directory, list(b["name"][valid]), host, palette)
-      for j in range(min(int(valid.sum()), config.overlays - len(overlay))):
-        overlay.append((b["image"][j], b["mask"][j] if has_truth else None,
-                        {layer: m[j] for layer, m in host.items()}))
-      seen += int(valid.sum())
-      progress.update(seen)
-  if not seen:
+        writer.submit(write_batch, directory, list(b["name"][b["valid"]]), host, palette)
+      tally.add(host, conf, b, has_truth, config.overlays)
+      progress.update(tally.seen)
+      if stop.reached(i) and tally.seen < total:
+        writer.wait()
+        tally.save(record)
+        raise preemption.Preempted(
+            f"preempted (SIGTERM or SIGINT): pseudo masks stopped after {tally.seen} of "
+            f"{total} tiles, written; run the same command again to resume there")
+  if not tally.seen:
     raise UserError(f"split {config.split!r} of data.name={source.data.name!r} has no images")
-  rate = (seen - source.batch) / timed if timed else None
-  return Written(confusion, overlay, seen, layers, rate,
-                 {k: v / max(pixels[k], 1) for k, v in ignored.items()})
+  if os.path.exists(record):
+    os.remove(record)
+  computed = tally.seen - first - source.batch
+  rate = computed / tally.timed if tally.timed and computed > 0 else None
+  return Written(tally.confusion, tally.overlay, tally.seen, tally.layers, rate,
+                 {k: v / max(tally.pixels[k], 1) for k, v in tally.ignored.items()})
 
 
 def batch_masks(source: MapSource, rule: MaskRule, chosen: Background, b: dict,

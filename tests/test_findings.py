@@ -443,3 +443,25 @@ def test_upper_bound_on_a_folder_without_training_masks_is_refused_before_any_wo
   assert "train have none" in proc.stderr or "/train have none" in proc.stderr, proc.stderr
   assert not os.path.exists(tmp_path / "run") or not os.listdir(tmp_path / "run")
   print(f"refused in {seconds:.1f} s")  # the issue's bound is 5 s on a laptop
+
+
+def test_the_pipeline_checks_what_the_background_rule_needs_before_the_first_step(tmp_path):
+  """A finding folder whose training images all show the finding and whose val split has no
+  masks: alpha=auto (and the negatives rule) have nothing to choose from, said at once."""
+  from wsss_jax.runner import run_phase
+  write_finding_folder(tmp_path / "data")
+  for name in ("b+1[0]", "d-[0]"):  # no normal image left
+    os.remove(tmp_path / "data" / "train" / f"{name}.png")
+  import shutil
+  shutil.copytree(tmp_path / "data" / "val", tmp_path / "data" / "test")
+  shutil.rmtree(tmp_path / "data" / "val" / "mask")
+  (tmp_path / "data" / "val" / "img" / "v0.png").rename(tmp_path / "data" / "val" / "img" / "v0-[1].png")
+  (tmp_path / "data" / "val" / "img" / "v1.png").rename(tmp_path / "data" / "val" / "img" / "v1-[1].png")
+  data = f"dataset=folder,root={tmp_path / 'data'},classes=nucleus,setting=finding"
+  with pytest.raises(UserError, match="alpha=auto chooses alpha on val masks"):
+    run_phase(load_config("pipeline", data), str(tmp_path / "run"))
+  config = load_config("pipeline", data)
+  config.pseudo_masks.background.rule = "negatives"
+  with pytest.raises(UserError, match="rule='negatives' needs negative training images"):
+    run_phase(config, str(tmp_path / "run2"))
+  assert not os.listdir(tmp_path / "run") and not os.listdir(tmp_path / "run2")

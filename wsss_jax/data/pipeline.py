@@ -65,6 +65,20 @@ def check_ground_truth(data_cfg, split: str, needed_by: str) -> None:
                     f"{where} have none (a weakly labelled set: run supervision=pseudo)")
 
 
+def has_negatives(data_cfg) -> bool | None:
+  """Whether the training split has an image without any label (a normal image); None where
+  that is not known without reading every image (the embedded generators make both)."""
+  source = build_source(data_cfg, "train")
+  labels = getattr(source, "labels", None)
+  if not isinstance(labels, dict) or not labels:
+    return None
+  return any(not np.any(v) for v in labels.values())
+
+
+def has_masks(data_cfg, split: str) -> bool:
+  return "mask" in build_source(data_cfg, split)[0]
+
+
 def example_name(source, index: int) -> str:
   return source.name(index) if hasattr(source, "name") else str(source[index]["name"])
 

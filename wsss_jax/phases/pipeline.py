@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wsss_jax import atomic, config_lib
-from wsss_jax.data import mask_files
+from wsss_jax.data import folders, mask_files, pipeline as data_pipeline
 from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
@@ -137,6 +137,33 @@ def validate(config, dispatch=None) -> None:
       dispatch.validate(config[section])
     if config.upper_bound and config.supervision == "pseudo":
       dispatch.validate(full_supervision(config.segment))
+    check_inputs(config)
+
+
+def check_inputs(config) -> None:
+  """What later phases will read, checked before the first one starts: every split's files (a
+  bad test tile found now, not after training), and what the background rule of the pseudo
+  masks needs (negative training images, or val masks for alpha=auto)."""
+  for section, splits in (("classify", ("train", "val")), ("segment", ("val", "test"))):
+    data = config[section].data.copy_and_resolve_references()
+    with data.unlocked():
+      data.mask_layers = ()
+    for split in splits:
+      data_pipeline.build_source(data, split)  # scanned (memoised for the phases)
+  if config.supervision != "pseudo":
+    return
+  pm = config.pseudo_masks
+  rule = folders.resolve(folders.settle(pm.data), "background", pm.background.rule)
+  negatives = data_pipeline.has_negatives(config.classify.data)
+  if "negatives" in rule and negatives is False:
+    raise UserError(f"pseudo_masks.background.rule={rule!r} needs negative training images "
+                    f"(all-zero labels) and the training split has none; use threshold, power "
+                    f"or otsu")
+  if pm.background.alpha == "auto" and negatives is False and not data_pipeline.has_masks(
+      config.segment.data, "val"):
+    raise UserError("pseudo_masks.background.alpha=auto chooses alpha on val masks or by the "
+                    "negative training images, and this dataset has neither; give "
+                    "--config.pseudo_masks.background.alpha a number")
 
 
 def full_supervision(segment):

@@ -15,13 +15,14 @@ from wsss_jax import config_lib
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, model="runs/seg", input="", mode="auto", probs=False,
                              gate="exclude", overlap=0.25, batch=16, downsample=1.0,
-                             min_tissue=-1.0, tolerance=2.0)
+                             min_tissue=-1.0, tolerance=2.0, frames="first")
   config = config_lib.common("predict")
   config.model_workdir = arg.model    # a segment run
   config.input = arg.input            # a folder of tiles, one slide, or a folder of slides
   config.mode = arg.mode              # auto, tiles or slides
   config.batch_size = arg.batch       # windows (tiles) per device call, over all devices
   config.save_probabilities = arg.probs  # tiles: probabilities/<tile>.npz, float16
+  config.frames = arg.frames          # multi-frame DICOM (cine): its first frame, or all as tiles
   config.gate = arg.gate              # tiles: exclude classes the run's gate classifier rejects
   config.overlap = arg.overlap        # slides: share of a window its neighbour covers again
   config.downsample = arg.downsample  # slides: x the training scale (tile_size / image_size)

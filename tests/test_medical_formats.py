@@ -312,3 +312,26 @@ def test_a_dicom_training_folder_labelled_by_a_csv(tmp_path):
   (root / "train" / "labels.csv").write_text("file,labels\ncase0.dcm,mass\n")
   with pytest.raises(UserError, match=r"labels.csv line 2: 'mass' is not one of the classes"):
     pipeline.build_source(config.data, "train")
+
+
+def test_a_cine_dicom_is_predicted_frame_by_frame_with_frames_all(spot_run, tmp_path):
+  rng = np.random.default_rng(7)
+  frames = np.stack([_spots(rng)[0] for _ in range(3)])
+  folder = tmp_path / "cine"
+  folder.mkdir()
+  write_dicom(str(folder / "loop.dcm"), frames)
+  for frames_arg, want in (("first", ["loop.png"]),
+                           ("all", [f"loop_frame{k:04d}.png" for k in range(3)])):
+    predict = load_config("predict", f"model={spot_run / 'seg'},input={folder},batch=4,"
+                                     f"gate=off,frames={frames_arg}")
+    predict.progress_every_s = 0.0
+    run_phase(predict, str(tmp_path / frames_arg))
+    assert sorted(os.listdir(tmp_path / frames_arg / "masks")) == want
+  # frame k's mask is the segmenter applied to frame k alone
+  single = tmp_path / "single"
+  single.mkdir()
+  write_dicom(str(single / "f2.dcm"), frames[2])
+  predict = load_config("predict", f"model={spot_run / 'seg'},input={single},batch=4,gate=off")
+  run_phase(predict, str(tmp_path / "one"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "all" / "masks" / "loop_frame0002.png")),
+                                np.asarray(Image.open(tmp_path / "one" / "masks" / "f2.png")))

@@ -139,11 +139,37 @@ def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarr
 
 
 # --- Tiles ---------------------------------------------------------------------------------------------
-def _read_tile(path: str, rule: intensity.IntensityRule):
+FRAMES = ("first", "all")
+FRAME_MARK = "#frame="  # a multi-frame DICOM's frame k as a tile: "<path>#frame=<k>"
+
+
+def expand_frames(files: list[str]) -> list[str]:
+  """frames=all: each frame of a multi-frame DICOM (ultrasound cine) as a tile of its own."""
+  out = []
+  for path in files:
+    frames = (dicom.num_frames(dicom.open_dataset(path, pixels=False))
+              if path.lower().endswith(intensity.DICOM_EXTENSIONS) else 1)
+    out += [path] if frames == 1 else [f"{path}{FRAME_MARK}{k}" for k in range(frames)]
+  return out
+
+
+def split_frame(entry: str) -> tuple[str, int | None]:
+  path, mark, frame = entry.partition(FRAME_MARK)
+  return path, (int(frame) if mark else None)
+
+
+def tile_stem(entry: str) -> str:
+  path, frame = split_frame(entry)
+  stem = mask_files.file_stem(os.path.splitext(os.path.basename(path))[0])
+  return stem if frame is None else f"{stem}_frame{frame:04d}"
+
+
+def _read_tile(entry: str, rule: intensity.IntensityRule):
   """(the tile's 8-bit RGB pixels by the run's intensity rule, its pixel size in um or None),
   or the one-line reason it cannot be read."""
+  path, frame = split_frame(entry)
   try:
-    raw = intensity.read_raw(path)
+    raw = intensity.read_raw(path) if frame is None else dicom.read(path, frame)
     return intensity.to_rgb8(raw, rule), raw.pixel_size_um
   except UserError as e:
     return str(e)
@@ -157,7 +183,7 @@ def predict_tiles(config, workdir: str, files: list, model: "Predictor",
   os.makedirs(mask_dir, exist_ok=True)
   if config.save_probabilities:
     os.makedirs(os.path.join(workdir, "probabilities"), exist_ok=True)
-  stems = [mask_files.file_stem(os.path.splitext(os.path.basename(f))[0]) for f in files]
+  stems = [tile_stem(f) for f in files]
   todo = [(f, s) for f, s in zip(files, stems)
           if not os.path.exists(os.path.join(mask_dir, s + ".png"))]  # resumed: done ones kept
   progress = Progress("predict tiles", len(files), config.progress_every_s)
@@ -227,10 +253,11 @@ def predict_chunk(config, workdir: str, chunk: list, model: "Predictor"):
     yield row, image, mask
 
 
-def tile_records(workdir: str, path: str, stem: str, mask: np.ndarray, pixel_um, model) -> dict:
-  """Where the file records its pixel size, each class's area in mm^2; for a DICOM image, a
-  DICOM Segmentation over it (segmentations/<stem>.dcm) that a DICOM viewer overlays."""
-  out = {}
+def tile_records(workdir: str, entry: str, stem: str, mask: np.ndarray, pixel_um, model) -> dict:
+  """Where the file records its pixel size, each class's area in mm^2; for a DICOM image (or
+  one of its frames), a DICOM Segmentation over it (segmentations/<stem>.dcm) that a DICOM
+  viewer overlays."""
+  out, (path, frame) = {}, split_frame(entry)
   if pixel_um is not None:
     counts = np.bincount(mask.ravel(), minlength=len(model.names))
     out["area_mm2"] = {n: round(float(c) * pixel_um[0] * pixel_um[1] * 1e-6, 6)
@@ -240,7 +267,8 @@ def tile_records(workdir: str, path: str, stem: str, mask: np.ndarray, pixel_um,
     target = os.path.join(workdir, "segmentations", stem + ".dcm")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with atomic.replacing(target) as tmp:
-      dicom.write_segmentation(path, mask, model.names, model.background_index, tmp)
+      dicom.write_segmentation(path, mask, model.names, model.background_index, tmp,
+                               frame or 0)
     out["segmentation"] = f"segmentations/{stem}.dcm"
   return out
 
@@ -522,6 +550,8 @@ def validate(config) -> None:
     raise UserError(f"gate={config.gate!r} is not one of {GATES}")
   if not 0 <= config.overlap < 1:
     raise UserError(f"overlap={config.overlap} must lie in [0, 1)")
+  if config.frames not in FRAMES:
+    raise UserError(f"frames={config.frames!r} is not one of {FRAMES}")
   if config.batch_size <= 0 or config.downsample <= 0:
     raise UserError("batch_size and downsample must be positive")
 
@@ -632,6 +662,8 @@ def run(config, workdir: str) -> dict:
   parallel.check_batch_size(config.batch_size, mesh)
   seg = earlier_runs.load_segmenter(config.model_workdir, mesh, field="model")
   mode, files = find_inputs(config.input, config.mode)
+  if mode == "tiles" and config.frames == "all":
+    files = expand_frames(files)
   model = predictor(seg, config, mesh, mode)
   if mode == "slides":
     check_slides(files, model, config)

@@ -6,6 +6,9 @@
 #   launch/tpu_vm.sh install                     # this checkout + jax[tpu] on every worker
 #   launch/tpu_vm.sh run --config=configs/mae.py:variant=L/16,batch=4096,paper=True \
 #       --config.parallel.fsdp=8 --config.mixed_precision=True --workdir=/mnt/wsss/runs/mae_l
+#   launch/tpu_vm.sh keep-running --config=... --workdir=/mnt/wsss/runs/x   # spot / preemptible:
+#       runs again after a preemption (the run exits 75 with a checkpoint, or the slice is gone:
+#       it is created and installed again) until the run ends with 0 or a user error (2)
 #   launch/tpu_vm.sh fetch /mnt/wsss/runs/mae_l runs/    # from worker 0
 #   launch/tpu_vm.sh delete
 #
@@ -26,7 +29,7 @@ gc() {  # gcloud, or its command line under DRY_RUN=1
 }
 on_all() { gc compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"; }
 
-cmd=${1:?usage: $0 create|install|run ARGS...|fetch REMOTE LOCAL|delete|status}
+cmd=${1:?usage: $0 create|install|run ARGS...|keep-running ARGS...|fetch REMOTE LOCAL|delete|status}
 shift
 case $cmd in
   create)
@@ -46,7 +49,20 @@ case $cmd in
     args=$(printf ' %q' "$@")
     # every worker runs the same command; WSSS_JAX_DISTRIBUTED=auto: jax.distributed.initialize()
     # reads the slice's topology from the TPU metadata server
-    on_all "cd $REMOTE_DIR && WSSS_JAX_DISTRIBUTED=auto python3 -m wsss_jax.main$args 2>&1 | sed \"s/^/[\$(hostname)] /\"" ;;
+    on_all "set -o pipefail; cd $REMOTE_DIR && WSSS_JAX_DISTRIBUTED=auto python3 -m wsss_jax.main$args 2>&1 | sed \"s/^/[\$(hostname)] /\"" ;;
+  keep-running)
+    while true; do
+      status=0
+      "$0" run "$@" || status=$?
+      if ((status == 0 || status == 2)); then exit "$status"; fi
+      echo "run ended with status $status (75: preempted); running again" >&2
+      state=$(gc compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" --format='value(state)' \
+              2>/dev/null || echo MISSING)
+      if [[ $state != READY ]]; then  # a preempted spot slice: a new one, this checkout on it
+        "$0" delete || true
+        "$0" create && "$0" install
+      fi
+    done ;;
   fetch)
     remote=${1:?usage: $0 fetch REMOTE_DIR LOCAL_DIR}; local_dir=${2:-.}
     gc compute tpus tpu-vm scp --recurse "$TPU_NAME:$remote" "$local_dir" --zone="$ZONE" --worker=0 ;;
@@ -54,5 +70,6 @@ case $cmd in
     gc compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" ;;
   delete)
     gc compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet ;;
-  *) echo "unknown command $cmd: create, install, run, fetch, status or delete" >&2; exit 2 ;;
+  *) echo "unknown command $cmd: create, install, run, keep-running, fetch, status or delete" >&2
+     exit 2 ;;
 esac

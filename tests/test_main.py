@@ -188,3 +188,32 @@ def test_stderr_filter_drops_only_closed_event_loop_tracebacks():
       stream.write(text[i:i + chunk])
     stream.flush()
     assert out.getvalue() == "first line\n" + kept + "error: the one line\n"
+
+
+def test_tpu_keep_running_recreates_a_preempted_slice_and_runs_again(tmp_path):
+  """keep-running with a stand-in gcloud on PATH (no cloud here): the first run ends 75 and the
+  slice reports PREEMPTED, so it is deleted, created, installed and the run started again; a
+  run ending 0 ends the loop."""
+  log = tmp_path / "calls.log"
+  fake = tmp_path / "bin" / "gcloud"
+  fake.parent.mkdir()
+  fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+case "$*" in
+  *"tpu-vm ssh"*wsss_jax.main*)
+    n=$(grep -c "wsss_jax.main" {log}); [[ $n == 1 ]] && exit 75; exit 0 ;;
+  *describe*) echo PREEMPTED ;;
+esac
+exit 0
+""")
+  fake.chmod(0o755)
+  env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TPU_NAME": "t1",
+         "ZONE": "z1"}
+  proc = subprocess.run(["bash", "launch/tpu_vm.sh", "keep-running", "--config=configs/mae.py",
+                         "--workdir=/mnt/wsss/runs/x"], cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  calls = [l.split()[3] if l.startswith("compute tpus tpu-vm") else l
+           for l in log.read_text().splitlines()]
+  assert calls == ["ssh", "describe", "delete", "create", "scp", "ssh", "ssh"], calls
+  assert "status 75 (75: preempted); running again" in proc.stderr

@@ -217,3 +217,23 @@ exit 0
            for l in log.read_text().splitlines()]
   assert calls == ["ssh", "describe", "delete", "create", "scp", "ssh", "ssh"], calls
   assert "status 75 (75: preempted); running again" in proc.stderr
+
+
+def test_a_signal_outside_the_loops_is_a_preemption_in_one_line():
+  """Where no loop watches (loading, a validation sweep, between phases) SIGTERM and SIGINT
+  raise Preempted (one line, exit 75 in main) instead of killing the process or printing a
+  KeyboardInterrupt traceback."""
+  import signal
+  from wsss_jax import main
+  from wsss_jax.errors import Preempted
+  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    main._stop_between_steps()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      with pytest.raises(Preempted, match=f"preempted \\({signum.name}\\) between steps"):
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler runs at the next bytecode
+          pass
+  finally:
+    for s, handler in saved.items():
+      signal.signal(s, handler)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 # XLA's C++ logs: errors only (set before jaxlib loads): JAX's preemption notifier logs each SIGTERM
 # as one, and a run's stderr is its own lines (TF_CPP_MIN_LOG_LEVEL=0 shows them all)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
@@ -44,6 +46,7 @@ def main(argv) -> None:
   try:
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
+    _stop_between_steps()
     # imported here, not at the top: the phases build device constants when imported, and
     # jax.distributed.initialize must come before anything touches the backend
     from wsss_jax.runner import run_phase
@@ -85,6 +88,20 @@ def _flags_parser(argv):
     _fail(f"{_config_override(argv, key)}: {key!r} is not a field of this config")
   except OSError as e:
     _fail(f"cannot load the config: {str(e).splitlines()[0]}")
+
+
+def _stop_between_steps() -> None:
+  """SIGTERM / SIGINT where no loop watches for them (loading, a validation sweep, between
+  phases): stop there, as a preemption, with one line and exit 75; every file the run writes is
+  written whole, so the re-run resumes from the last checkpoint or finished phase. The loops
+  (training steps, predict's tiles, the pseudo masks' batches) install their own handlers,
+  which finish the step first. Several processes: JAX's preemption service owns SIGTERM."""
+  def stop(signum, frame):
+    raise Preempted(f"preempted ({signal.Signals(signum).name}) between steps: every finished "
+                    f"step and phase is kept; run the same command again to resume")
+  signal.signal(signal.SIGINT, stop)
+  if jax.process_count() == 1:
+    signal.signal(signal.SIGTERM, stop)
 
 
 class _NotOrbax(logging.Filter):

@@ -10,6 +10,7 @@ classify -> pseudo masks -> segment -> test evaluation (optionally MAE pretraini
   python -m wsss_jax.main --config=configs/pipeline.py:pretrain=runs/mae_block --workdir=runs/wsss_b
   python -m wsss_jax.main --config=configs/pipeline.py:dataset=synthetic_lesions,rounds=auto --workdir=runs/les_st
   python -m wsss_jax.main --config=configs/pipeline.py:dataset=synthetic_lesions,affinity=True --workdir=runs/les_aff
+  python -m wsss_jax.main --config=configs/pipeline.py:dataset=synthetic_cells,image_size=128 --workdir=runs/cells
 
 Each phase works in its own sub-directory of the workdir (pretrain/, classify/, pseudo_masks/,
 segment/, segment_full/) and resumes from what is already there when re-run. The phases' own
@@ -35,6 +36,8 @@ the negatives rule), refines the maps by the image (PAR) on the layers where the
 masks say it helps, trains the segmenter's background as a class and scores it as one.
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
+`image_size=N` is the classifier's and the segmenter's input side (default 64, a ViT's 112): 128 or
+more where findings are a few per cent of the image side (cells, nodules).
 `affinity=True` puts AffinityNet and its random walk (affinity/) between the pseudo masks (given an
 ignore band) and the segmenter; `rounds=N|auto` adds self-training rounds (segment_round<r>/),
 each segmenter learning from the previous one's confident labels, the best on val kept.
@@ -57,13 +60,16 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False, rounds="0", affinity=False)
+                             erasing=0, paper=False, rounds="0", affinity=False, image_size=0)
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
   # a ViT classifier when one is pretrained (here, from scratch, or a ViT run's workdir); a
   # pretext run of a CNN trunk starts the CNN classifier of its width (encoder=resnet38,width=)
   vit = bool(pretrain) and arg.encoder == "vit"
+  # the classifier's and the segmenter's input side: small findings (cells of a few % of the
+  # image side) vanish at the laptop default of 64 px (BENCHMARKS.md, "synthetic_cells")
+  size = {"image_size": arg.image_size} if arg.image_size else {}
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
@@ -79,8 +85,8 @@ def get_config(arg=None, **overrides):
   # SEAM's equivariance loss and the dense CRF on unless paper=True (the authors' method alone)
   config.classify = config_lib.sibling_config(
       __file__, "classify", backbone="vit" if vit else "resnet38", pda="off", epochs=12,
-      seam=not (arg.paper or vit), width=arg.width, **({"image_size": 112} if vit else {}),
-      **dataset)
+      seam=not (arg.paper or vit), width=arg.width,
+      **(size or ({"image_size": 112} if vit else {})), **dataset)
   # self-training: rounds of segmenters, each on the previous one's confident labels of the
   # training tiles; "auto": up to max_rounds, stopping when the val mIoU stops improving
   config.self_training = dict(rounds=arg.rounds, max_rounds=3)
@@ -99,7 +105,7 @@ def get_config(arg=None, **overrides):
     config.pseudo_masks.ignore_band = 0.1
   # its backbone starts from the classifier's
   config.segment = config_lib.sibling_config(__file__, "segment", supervision=arg.supervision,
-                                             width=arg.width, **dataset)
+                                             width=arg.width, **size, **dataset)
   _finding_recipe(config)
   _mask_layers(config, arg.paper, vit)
   return config

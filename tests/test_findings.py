@@ -465,3 +465,10 @@ def test_the_pipeline_checks_what_the_background_rule_needs_before_the_first_ste
   with pytest.raises(UserError, match="rule='negatives' needs negative training images"):
     run_phase(config, str(tmp_path / "run2"))
   assert not os.listdir(tmp_path / "run") and not os.listdir(tmp_path / "run2")
+
+
+def test_the_pipeline_image_size_sets_the_classifier_and_the_segmenter_input():
+  pipe = load_config("pipeline", "dataset=synthetic_cells,image_size=128")
+  assert pipe.classify.data.image_size == pipe.segment.data.image_size == 128
+  default = load_config("pipeline", "dataset=synthetic_cells")
+  assert default.classify.data.image_size == default.segment.data.image_size == 64

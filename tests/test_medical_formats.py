@@ -335,3 +335,19 @@ def test_a_cine_dicom_is_predicted_frame_by_frame_with_frames_all(spot_run, tmp_
   run_phase(predict, str(tmp_path / "one"))
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "all" / "masks" / "loop_frame0002.png")),
                                 np.asarray(Image.open(tmp_path / "one" / "masks" / "f2.png")))
+
+
+def test_dataset_stats_give_the_set_wide_window_of_16_bit_images(tmp_path):
+  root = tmp_path / "spots"
+  _spot_folder(root, (("train", 6), ("val", 2)))
+  config = load_config("dataset", f"action=stats,dataset=folder,root={root},classes=spot,"
+                                  "setting=finding")
+  run_phase(config, str(tmp_path / "stats"))
+  found = json.load(open(tmp_path / "stats" / "stats.json"))["splits"]["train"]["raw_window"]
+  values = np.concatenate([np.asarray(Image.open(root / "train" / "img" / f)).ravel()
+                           for f in sorted(os.listdir(root / "train" / "img"))])
+  assert found["dtype"] == "uint16"
+  np.testing.assert_allclose(found["window"], np.percentile(values, (0.5, 99.5)), rtol=1e-6)
+  rule = intensity.parse_rule(found["intensity"])
+  assert rule.kind == "window" and rule.low == pytest.approx(found["window"][0], rel=1e-5)
+  assert "--config.data.intensity=window:" in open(tmp_path / "stats" / "stats.md").read()

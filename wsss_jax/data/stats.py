@@ -14,6 +14,7 @@ import hashlib
 
 import numpy as np
 
+from wsss_jax.data import intensity
 from wsss_jax.errors import UserError
 from wsss_jax.train.progress import Progress
 
@@ -88,6 +89,25 @@ def split_statistics(source, class_names, threads: int = 4, moments: bool = Fals
   return result
 
 
+def raw_window(paths: list, low: float = 0.5, high: float = 99.5, limit: int = 256,
+               pixels_each: int = 65536) -> dict | None:
+  """The training images' own values (before any intensity rule) at the `low` and `high`
+  percentiles, from up to `limit` files (each subsampled to about `pixels_each` values): the
+  dataset-wide `data.intensity=window:lo,hi` for images wider than 8 bits; None for 8-bit sets."""
+  step = max(1, len(paths) // limit)
+  values, dtype = [], None
+  for path in paths[::step][:limit]:
+    pixels = intensity.read_raw(path).pixels
+    dtype = dtype or str(pixels.dtype)
+    flat = pixels.reshape(-1)
+    values.append(flat[::max(1, flat.size // pixels_each)].astype(np.float64))
+  if not values or dtype == "uint8":
+    return None
+  lo, hi = np.percentile(np.concatenate(values), (low, high))
+  return {"dtype": dtype, "percentiles": [low, high], "window": [float(lo), float(hi)],
+          "intensity": f"window:{lo:g},{hi:g}"}
+
+
 def markdown(stats: dict, name: str) -> str:
   """The statistics as a readable report."""
   lines = [f"# {name}", ""]
@@ -105,6 +125,11 @@ def markdown(stats: dict, name: str) -> str:
     if "mean" in s:
       lines.append("RGB mean " + ", ".join(f"{v:.4f}" for v in s["mean"]) + "; std "
                    + ", ".join(f"{v:.4f}" for v in s["std"]))
+    if s.get("raw_window"):
+      w = s["raw_window"]
+      lines.append(f"raw {w['dtype']} values, {w['percentiles'][0]:g}th-{w['percentiles'][1]:g}th "
+                   f"percentile over the set: {w['window'][0]:g} to {w['window'][1]:g}; "
+                   f"as one window for every image: --config.data.intensity={w['intensity']}")
     lines.append("")
   problems = [p for s in stats["splits"].values() for p in s["problems"]]
   lines += [f"## Check: {len(problems)} problem(s)", ""] + [f"- {p}" for p in problems]

@@ -82,6 +82,9 @@ def run_stats(config, workdir: str, data) -> dict:
       continue
     found = stats.split_statistics(source, names, threads=data.num_threads,
                                    moments=split == "train", hashes=hashes, split=split)
+    if split == "train" and hasattr(source, "image_dir"):  # a folder: its files' own values
+      found["raw_window"] = stats.raw_window(
+          [os.path.join(source.image_dir, f) for f in source.files])
     skipped = [why for _, why in getattr(source, "skipped", [])]
     found["tiles"] += len(skipped)
     found["problems"] = skipped + found["problems"]

@@ -181,3 +181,24 @@ def test_layernorm_gelu_and_the_mae_gathers_are_fused_in_the_compiled_step(model
   if model == "mae":
     gather = fusion["mae_gather"]
     assert gather["fused_ops"] > 0 and "gather" not in gather["unfused_by_op"], gather
+
+
+def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
+  from benchmarks import ablation
+  base = ablation.variant_config("synthetic_lesions", "base", 0)
+  assert base.upper_bound and base.pseudo_masks.par.enabled  # the finding recipe's own
+  off = ablation.variant_config("synthetic_lesions", "nopar+band+image_loss", 128)
+  assert not off.upper_bound and not off.pseudo_masks.par.enabled
+  assert off.pseudo_masks.ignore_band == 0.1 and off.segment.image_loss.weight == 0.1
+  assert off.classify.data.image_size == off.segment.data.image_size == 128
+  more = ablation.variant_config("synthetic_cells", "affinity+rounds+scalesval", 0)
+  assert more.run_affinity and more.self_training.rounds == "auto"
+  assert more.pseudo_masks.scales_validate
+  with pytest.raises(UserError, match="'crf' is not one of base, par"):
+    ablation.variant_config("synthetic", "par+crf", 0)
+  row = {"mIoU": 0.7, "mDice": 0.8, "finding_IoU": 0.4, "finding_Dice": 0.57}
+  text = ablation.table({"synthetic_lesions": {
+      "variants": {"base": {"pseudo_masks": row, "segment": row, "segment_full": row}},
+      "otsu": {"all images": row}}})
+  assert "| synthetic_lesions | base | 0.400 / 0.570 (0.700) |" in text
+  assert "Otsu on the image, all images" in text

@@ -227,6 +227,7 @@ def spot_run(tmp_path_factory):
                                   "classes=spot,setting=finding,width=0.0625,image_size=32,"
                                   "batch=8,epochs=1,num_train=16")
   config.data.num_threads, config.eval_batch_size = 1, 4
+  config.data.tile_size = 48  # the folder's tiles: predict's slide windows take this scale
   config.log_every, config.checkpoint_every, config.async_checkpointing = 2, 100, False
   config.gate.classifier_workdir = ""
   run_phase(config, str(root / "seg"))
@@ -351,3 +352,31 @@ def test_dataset_stats_give_the_set_wide_window_of_16_bit_images(tmp_path):
   rule = intensity.parse_rule(found["intensity"])
   assert rule.kind == "window" and rule.low == pytest.approx(found["window"][0], rel=1e-5)
   assert "--config.data.intensity=window:" in open(tmp_path / "stats" / "stats.md").read()
+
+
+def test_a_16_bit_grey_tiff_slide_is_predicted_with_one_window(spot_run, tmp_path):
+  """The microscope's output (a tiled 16-bit single-channel TIFF with its pixel size) given to
+  predict as a slide: it is read, one window from its smallest level maps every region, and
+  the areas use its pixel size."""
+  rng = np.random.default_rng(8)
+  rows = [np.concatenate([_spots(rng)[0] for _ in range(3)], 1) for _ in range(3)]
+  image = np.concatenate(rows, 0)  # 144 x 144 uint16
+  path = tmp_path / "fluo.tif"
+  tifffile.imwrite(path, image, tile=(64, 64), resolution=(1e4 / 0.5, 1e4 / 0.5),
+                   resolutionunit="CENTIMETER")
+  slide = intensity.read_raw(str(path))
+  assert slide.pixels.dtype == np.uint16 and slide.pixel_size_um == pytest.approx((0.5, 0.5))
+  from wsss_jax.data import slides
+  opened = slides.Slide(str(path))
+  region = opened.read_level(0, 0, 0, 144, 144)
+  lo, hi = np.percentile(image, (0.5, 99.5))  # the only level is the smallest
+  assert np.abs(region[..., 0].astype(int) - _scaled(image, lo, hi)).max() <= 1
+  opened.close()
+  predict = load_config("predict", f"model={spot_run / 'seg'},input={path},batch=4,min_tissue=0")
+  predict.progress_every_s = 0.0
+  summary = run_phase(predict, str(tmp_path / "out"))
+  (only,) = summary["slides"]
+  assert sum(a["pixels"] for a in only["areas"]) == 144 * 144
+  assert tifffile.imread(tmp_path / "out" / "fluo" / "mask.tif").shape == (144, 144)
+  spot = next(a for a in only["areas"] if a["class"] == "spot")
+  assert spot["mm2"] == pytest.approx(spot["pixels"] * 0.25e-6, rel=1e-6)  # 0.5 um pixels

@@ -380,3 +380,11 @@ def test_a_16_bit_grey_tiff_slide_is_predicted_with_one_window(spot_run, tmp_pat
   assert tifffile.imread(tmp_path / "out" / "fluo" / "mask.tif").shape == (144, 144)
   spot = next(a for a in only["areas"] if a["class"] == "spot")
   assert spot["mm2"] == pytest.approx(spot["pixels"] * 0.25e-6, rel=1e-6)  # 0.5 um pixels
+
+
+def test_of_several_windows_the_first_is_taken(tmp_path):
+  path = str(tmp_path / "two.dcm")
+  ds = write_dicom(path, np.zeros((8, 8), np.uint16))
+  ds.WindowCenter, ds.WindowWidth = [40, 300], [400, 1500]  # e.g. soft tissue, then bone
+  ds.save_as(path, enforce_file_format=True)
+  assert dicom.read(path).window == pytest.approx((40 - 0.5 - 199.5, 40 - 0.5 + 199.5))

@@ -69,15 +69,19 @@ def _grey(ds, pixels: np.ndarray, path: str) -> Raw:
   values = np.asarray(apply_modality_lut(pixels, ds), np.float32)
   window = None
   if "WindowCenter" in ds and "WindowWidth" in ds:
-    first = lambda v: float(v[0] if isinstance(v, (list, tuple)) or hasattr(v, "__len__")
-                            and not isinstance(v, str) else v)
-    center, width = first(ds.WindowCenter), max(first(ds.WindowWidth), 1.0)
+    center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
     window = (center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)  # PS3.3 C.11.2.1.2
   elif "VOILUTSequence" in ds:  # a lookup table instead of a window: its output, full range
     values = np.asarray(apply_voi_lut(pixels, ds), np.float32)
     window = (float(values.min()), float(max(values.max(), values.min() + 1)))
   invert = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
   return Raw(values, window=window, invert=invert, pixel_size_um=pixel_size_um(ds))
+
+
+def _first(value) -> float:
+  """A possibly multi-valued attribute's first value (several windows: the first is the default)."""
+  return float(value[0] if hasattr(value, "__getitem__") and not isinstance(value, str)
+               else value)
 
 
 def pixel_size_um(ds) -> tuple | None:

@@ -228,12 +228,16 @@ def test_a_signal_outside_the_loops_is_a_preemption_in_one_line():
   from wsss_jax.errors import Preempted
   saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     main._stop_between_steps()
     for signum in (signal.SIGTERM, signal.SIGINT):
       with pytest.raises(Preempted, match=f"preempted \\({signum.name}\\) between steps"):
         os.kill(os.getpid(), signum)
         for _ in range(1000):  # the handler runs at the next bytecode
           pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: left ignored
+    main._stop_between_steps()
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
   finally:
     for s, handler in saved.items():
       signal.signal(s, handler)

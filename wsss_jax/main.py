@@ -99,9 +99,9 @@ def _stop_between_steps() -> None:
   def stop(signum, frame):
     raise Preempted(f"preempted ({signal.Signals(signum).name}) between steps: every finished "
                     f"step and phase is kept; run the same command again to resume")
-  signal.signal(signal.SIGINT, stop)
-  if jax.process_count() == 1:
-    signal.signal(signal.SIGTERM, stop)
+  for signum in (signal.SIGINT,) + ((signal.SIGTERM,) if jax.process_count() == 1 else ()):
+    if signal.getsignal(signum) != signal.SIG_IGN:  # ignored by our parent: left so
+      signal.signal(signum, stop)
 
 
 class _NotOrbax(logging.Filter):

@@ -40,6 +40,8 @@ class StopSignal:
       for sig in SIGNALS:
         if self._shared and sig == signal.SIGTERM:
           continue  # JAX's own notifier handles it
+        if signal.getsignal(sig) == signal.SIG_IGN:
+          continue  # ignored by whoever started us (a background job's SIGINT): left so
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 

@@ -224,6 +224,8 @@ def test_a_signal_outside_the_loops_is_a_preemption_in_one_line():
   raise Preempted (one line, exit 75 in main) instead of killing the process or printing a
   KeyboardInterrupt traceback."""
   import signal
+  import time
+
   from wsss_jax import main
   from wsss_jax.errors import Preempted
   saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -233,8 +235,8 @@ def test_a_signal_outside_the_loops_is_a_preemption_in_one_line():
     for signum in (signal.SIGTERM, signal.SIGINT):
       with pytest.raises(Preempted, match=f"preempted \\({signum.name}\\) between steps"):
         os.kill(os.getpid(), signum)
-        for _ in range(1000):  # the handler runs at the next bytecode
-          pass
+        for _ in range(5000):  # the handler runs in this thread once it notices the signal
+          time.sleep(0.001)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: left ignored
     main._stop_between_steps()
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN

@@ -48,7 +48,7 @@ def test_a_signal_at_a_random_step_then_resume_is_bit_identical(tiny_pretrain_co
   config.total_steps, config.checkpoint_every, config.log_every = 8, 100, 1
   config.async_checkpointing = True
   pretrain.run(config, str(tmp_path / "straight"), dispatch=runner.DISPATCH)
-  at = int(np.random.default_rng().integers(1, 7))
+  at = int(np.random.default_rng().integers(1, 6))
 
   def notice(step, state):
     if step == at:
@@ -66,8 +66,9 @@ def test_a_signal_at_a_random_step_then_resume_is_bit_identical(tiny_pretrain_co
   finally:
     signal.signal(signum, before)
   line = str(stopped.value)
-  stop = at + 1  # the signal arrives during step `at`'s callback: the next step is the last
-  assert "\n" not in line and f"after step {stop} of 8" in line, line
+  stop = int(line.split("after step ")[1].split(" ")[0])
+  # sent in step `at`'s callback, noticed before the next step ends (or, late, the one after)
+  assert "\n" not in line and at < stop <= at + 2 and " of 8," in line, line
   assert f"checkpoints/{stop} written" in line
   assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).all_steps() == [stop]
   summary = pretrain.run(config, str(tmp_path / "resumed"), dispatch=runner.DISPATCH)

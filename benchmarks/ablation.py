@@ -3,15 +3,16 @@ pipeline with each refinement on and off, its pseudo-mask and segmenter scores, 
 
   python -m benchmarks.ablation --workdir=runs/ablation
   python -m benchmarks.ablation --workdir=runs/ablation --sets=synthetic_cells --image_size=128 \
-      --variants=base,par,band,par+band,image_loss,affinity,rounds,scalesval
+      --variants=base,par,band,par+band,image_loss,affinity,norounds,scalesval
 
 Per set, the `base` variant is the pipeline's own recipe (`configs/pipeline.py:dataset=<set>,
 upper_bound=True`); every other variant is the same pipeline with its parts changed, sharing the
 base run's classifier (copied, so the pipeline resumes past it): `par` (PAR on, kept per layer by
 the val masks) or `nopar` (off), `band` (ignore band 0.1), `image_loss` (the segmenter's LSE
 image-level loss, weight 0.1, findings only), `affinity` (AffinityNet and its random walk),
-`rounds` (self-training, rounds=auto), `scalesval` (map scales chosen on val), joined by `+`.
-`--set classify.num_epochs=1` (repeatable) changes a field of every run. Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
+`norounds` (no self-training; the recipe's is rounds=auto), `scalesval` (map scales chosen on
+val), joined by `+`. `--set classify.num_epochs=1` (repeatable) changes a field of every run.
+Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
 (every image, and the images with a finding: a label oracle) is the intensity baseline. Writes
 <workdir>/ablation.md and .json; a re-run resumes every finished run.
 """
@@ -33,9 +34,9 @@ from wsss_jax.runner import run_phase
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
 SETS = ("synthetic", "synthetic_lesions", "synthetic_cells")
-VARIANTS = ("base", "par", "nopar", "band", "par+band", "image_loss", "affinity", "rounds",
+VARIANTS = ("base", "par", "nopar", "band", "par+band", "image_loss", "affinity", "norounds",
             "scalesval")
-PARTS = ("par", "nopar", "band", "image_loss", "affinity", "rounds", "scalesval")
+PARTS = ("par", "nopar", "band", "image_loss", "affinity", "norounds", "scalesval")
 
 
 def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
@@ -45,7 +46,7 @@ def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
   if unknown:
     raise UserError(f"variant {variant!r}: {unknown[0]!r} is not one of base, {', '.join(PARTS)}")
   args = dict(dataset=dataset, upper_bound=variant == "base", image_size=image_size,
-              affinity="affinity" in parts, rounds="auto" if "rounds" in parts else "0")
+              affinity="affinity" in parts, rounds="0" if "norounds" in parts else "auto")
   config = config_lib.sibling_config(CONFIG, "pipeline", **args)
   pm = config.pseudo_masks
   if "par" in parts or "nopar" in parts:

@@ -39,8 +39,10 @@ rounds train on erased tiles, and the pseudo masks are the union of the rounds' 
 `image_size=N` is the classifier's and the segmenter's input side (default 64, a ViT's 112): 128 or
 more where findings are a few per cent of the image side (cells, nodules).
 `affinity=True` puts AffinityNet and its random walk (affinity/) between the pseudo masks (given an
-ignore band) and the segmenter; `rounds=N|auto` adds self-training rounds (segment_round<r>/),
-each segmenter learning from the previous one's confident labels, the best on val kept.
+ignore band) and the segmenter; `rounds=auto` (the default; `rounds=N`, `rounds=0` for none) adds
+self-training rounds (segment_round<r>/), each segmenter learning from the previous one's
+confident labels, while the val mIoU improves; the best round on val is kept (none run without
+val masks).
 """
 import ml_collections
 
@@ -60,7 +62,7 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False, rounds="0", affinity=False, image_size=0)
+                             erasing=0, paper=False, rounds="auto", affinity=False, image_size=0)
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
@@ -88,8 +90,11 @@ def get_config(arg=None, **overrides):
       seam=not (arg.paper or vit), width=arg.width,
       **(size or ({"image_size": 112} if vit else {})), **dataset)
   # self-training: rounds of segmenters, each on the previous one's confident labels of the
-  # training tiles; "auto": up to max_rounds, stopping when the val mIoU stops improving
-  config.self_training = dict(rounds=arg.rounds, max_rounds=3)
+  # training tiles; "auto": up to max_rounds, stopping when the val mIoU stops improving (none
+  # without val masks; tissue tiles 0.843 -> 0.856, lesions: round 0 kept; BENCHMARKS.md).
+  # paper=True is the authors' method alone: none unless asked
+  rounds = "0" if arg.paper and "rounds" not in arg.given_args else arg.rounds
+  config.self_training = dict(rounds=rounds, max_rounds=3)
   config.run_erasing = arg.erasing > 0   # adversarial erasing, round 0 being the classifier
   # its rounds train the classify section's classifier, so it has no classify section
   config.erasing = config_lib.sibling_config(__file__, "erasing", rounds=arg.erasing or 3,

@@ -61,6 +61,8 @@ def _use_phase_devices(config):
 def tiny_pipeline_config(arg=""):
   """configs/pipeline.py:<arg> at CPU-test size: 1-epoch 1/16-width ResNet38s at 32 px."""
   config = load_config("pipeline", arg)
+  if "rounds=" not in arg:  # self-training rounds only where a test asks for them
+    config.self_training.rounds = "0"
   cls = config.classify
   cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 1
   cls.data.num_train, cls.data.tile_size, cls.data.num_val = 32, 48, 8

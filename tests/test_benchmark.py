@@ -191,8 +191,9 @@ def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
   assert not off.upper_bound and not off.pseudo_masks.par.enabled
   assert off.pseudo_masks.ignore_band == 0.1 and off.segment.image_loss.weight == 0.1
   assert off.classify.data.image_size == off.segment.data.image_size == 128
-  more = ablation.variant_config("synthetic_cells", "affinity+rounds+scalesval", 0)
-  assert more.run_affinity and more.self_training.rounds == "auto"
+  assert base.self_training.rounds == "auto"
+  more = ablation.variant_config("synthetic_cells", "affinity+norounds+scalesval", 0)
+  assert more.run_affinity and more.self_training.rounds == "0"
   assert more.pseudo_masks.scales_validate
   with pytest.raises(UserError, match="'crf' is not one of base, par"):
     ablation.variant_config("synthetic", "par+crf", 0)

@@ -119,9 +119,9 @@ def validate(config, dispatch=None) -> None:
                     f"configs/mae.py there first")
   if found:
     check_pretrained_matches(found, config.classify.model)
-  rounds = self_training_rounds(config)[0]  # refuses a misspelt number of rounds
-  if rounds and config.supervision != "pseudo":
+  if config.supervision != "pseudo" and str(config.self_training.rounds) not in ("0", "auto"):
     raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
+  self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")
@@ -249,11 +249,18 @@ def self_training_rounds(config) -> tuple[int, bool]:
   """(rounds at most, stop early): self_training.rounds is a number or "auto" (up to
   max_rounds, stopping at the first round whose val mIoU does not improve)."""
   text = str(config.self_training.rounds).strip().lower()
-  if text == "auto":
-    return int(config.self_training.max_rounds), True
-  if not text.isdigit():
+  if text != "auto" and not text.isdigit():
     raise UserError(f"self_training.rounds={config.self_training.rounds!r} is not a number of "
                     f"rounds or 'auto'")
+  if config.supervision != "pseudo" or text == "0":
+    return 0, False
+  # the round kept is the best on the val masks: without them "auto" runs none
+  has_val = data_pipeline.has_masks(config.segment.data, "val")
+  if text == "auto":
+    return (int(config.self_training.max_rounds) if has_val else 0), True
+  if not has_val:
+    raise UserError(f"self_training.rounds={text} keeps the round that scores best on the val "
+                    f"masks, and the val split has none; use rounds=auto (none run) or 0")
   return int(text), False
 
 

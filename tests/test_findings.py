@@ -464,7 +464,15 @@ def test_the_pipeline_checks_what_the_background_rule_needs_before_the_first_ste
   config.pseudo_masks.background.rule = "negatives"
   with pytest.raises(UserError, match="rule='negatives' needs negative training images"):
     run_phase(config, str(tmp_path / "run2"))
-  assert not os.listdir(tmp_path / "run") and not os.listdir(tmp_path / "run2")
+  config = load_config("pipeline", data + ",rounds=2")
+  config.pseudo_masks.background.alpha = "0.5"
+  with pytest.raises(UserError, match="rounds=2 keeps the round that scores best on the val"):
+    run_phase(config, str(tmp_path / "run3"))
+  from wsss_jax.phases import pipeline as pipeline_phase
+  auto = load_config("pipeline", data)
+  assert auto.self_training.rounds == "auto" and pipeline_phase.self_training_rounds(auto) == (
+      0, True)  # "auto" runs none without val masks
+  assert not any(os.listdir(tmp_path / r) for r in ("run", "run2", "run3"))
 
 
 def test_the_pipeline_image_size_sets_the_classifier_and_the_segmenter_input():

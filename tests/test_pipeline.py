@@ -190,7 +190,10 @@ def test_self_training_rounds_relabel_and_keep_the_best_round(tmp_path):
   with pytest.raises(UserError, match="self_training.rounds='two' is not a number"):
     pipeline.validate(tiny_pipeline_config("rounds=two"))
   with pytest.raises(UserError, match="relabels pseudo masks; supervision=full has none"):
-    pipeline.validate(tiny_pipeline_config("rounds=auto,supervision=full"))
+    pipeline.validate(tiny_pipeline_config("rounds=2,supervision=full"))
+  full = tiny_pipeline_config("rounds=auto,supervision=full")  # the default: none run
+  pipeline.validate(full)
+  assert pipeline.self_training_rounds(full) == (0, False)
 
 
 def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):

@@ -1,4 +1,5 @@
 """Benchmarks beside the benchmark phase (side by side with PyTorch: the torch extra)."""
+import json
 import multiprocessing
 import os
 import statistics
@@ -37,3 +38,12 @@ def isolated(fn, *args, timeout: float | None = None):
     except multiprocessing.TimeoutError:
       pool.terminate()
       return None
+
+
+def report(workdir: str, name: str, results: dict, text: str) -> None:
+  """Prints a benchmark's table and writes it (<name>.md) and its results (<name>.json)."""
+  print(text)
+  with open(os.path.join(workdir, f"{name}.json"), "w") as f:
+    json.dump(results, f, indent=2, default=float)
+  with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+    f.write(text)

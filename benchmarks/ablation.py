@@ -26,7 +26,7 @@ import shutil
 
 import ml_collections
 
-from benchmarks import refinements
+from benchmarks import refinements, report
 from wsss_jax import config_lib
 from wsss_jax.data import folders
 from wsss_jax.errors import UserError
@@ -136,12 +136,7 @@ def main() -> None:
     data = folders.settle(ml_collections.ConfigDict(segment["data"]))
     if data.setting == "finding":
       runs["otsu"] = refinements.otsu_scores(data, "test")
-  text = table(results)
-  print(text)
-  with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
-    json.dump(results, f, indent=2, default=float)
-  with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
-    f.write(text)
+  report(args.workdir, "ablation", results, table(results))
 
 
 if __name__ == "__main__":

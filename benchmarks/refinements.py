@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from benchmarks import report
 from wsss_jax import config_lib, metrics
 from wsss_jax.data import pipeline
 from wsss_jax.errors import UserError
@@ -107,12 +108,7 @@ def main() -> None:
   if finding:
     data.num_test = args.num_test
     results["otsu"] = otsu_scores(data, args.split)
-  text = table(results)
-  print(text)
-  with open(os.path.join(args.workdir, "refinements.json"), "w") as f:
-    json.dump(results, f, indent=2, default=float)
-  with open(os.path.join(args.workdir, "refinements.md"), "w") as f:
-    f.write(text)
+  report(args.workdir, "refinements", results, table(results))
 
 
 if __name__ == "__main__":

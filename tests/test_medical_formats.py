@@ -188,45 +188,39 @@ def _spot_folder(root, counts=(("train", 16), ("val", 4), ("test", 4))):
       Image.fromarray(mask, mode="L").save(root / split / "mask" / f"{name}.png")
 
 
-def test_16_bit_tiles_train_and_predict_with_the_recorded_rule(tmp_path):
-  root = tmp_path / "spots"
-  _spot_folder(root)
+def test_16_bit_tiles_train_and_predict_with_the_recorded_rule(spot_run, tmp_path):
+  """The segmenter of `spot_run` learnt from 16-bit grey PNGs by percentile:1,99.5; predict
+  reads the rule from its config.json and maps the same files as it did."""
+  root, run = spot_run, spot_run / "seg"
   data = f"dataset=folder,root={root},classes=spot,setting=finding"
   source = pipeline.build_source(load_config("classify", data + ",image_size=32").data, "train")
   assert source[0]["image"].dtype == np.uint8 and source[0]["image"].shape == (48, 48, 3)
-  config = load_config("segment", f"supervision=full,init=False,{data},width=0.0625,"
-                                  "image_size=32,batch=8,epochs=2,num_train=16")
-  config.data.intensity = "percentile:1,99.5"
-  config.data.num_threads, config.eval_batch_size, config.overlays = 1, 4, 4
-  config.log_every, config.checkpoint_every, config.async_checkpointing = 2, 100, False
-  config.gate.classifier_workdir = ""
-  run = tmp_path / "seg"
-  run_phase(config, str(run))
   assert json.load(open(run / "config.json"))["data"]["intensity"] == "percentile:1,99.5"
   shown = np.load(run / "overlays" / "test.npz")
   predict = load_config("predict", f"model={run},input={root / 'test' / 'img'},batch=4,gate=off")
   predict.progress_every_s = 0.0
   run_phase(predict, str(tmp_path / "out"))
   names = sorted(os.listdir(root / "test" / "img"))
+  rule = intensity.parse_rule("percentile:1,99.5")
   for i, want in enumerate(shown["prediction"]):
     got = np.asarray(Image.open(tmp_path / "out" / "masks" / names[i]))
     # same rule on the same 16-bit file: the segment phase's resize (grain) and predict's (PIL)
     # differ on a few border pixels only
     assert (got == want).mean() > 0.98, (i, (got == want).mean())
-    shown_image = folders.read_image(str(root / "test" / "img" / names[i]),
-                                     intensity.parse_rule("percentile:1,99.5"))
-    np.testing.assert_array_equal(shown["image"][i], shown_image)
+    np.testing.assert_array_equal(shown["image"][i],
+                                  folders.read_image(str(root / "test" / "img" / names[i]), rule))
 
 
 @pytest.fixture(scope="module")
 def spot_run(tmp_path_factory):
-  """A tiny segmenter of the 16-bit spots, its DICOM window the recorded rule's."""
-  root = tmp_path_factory.mktemp("dicom_spots")
-  _spot_folder(root, (("train", 16), ("val", 4), ("test", 2)))
+  """A tiny segmenter trained on 16-bit grey spot tiles, with data.intensity=percentile:1,99.5."""
+  root = tmp_path_factory.mktemp("spots")
+  _spot_folder(root)
   config = load_config("segment", f"supervision=full,init=False,dataset=folder,root={root},"
                                   "classes=spot,setting=finding,width=0.0625,image_size=32,"
                                   "batch=8,epochs=1,num_train=16")
-  config.data.num_threads, config.eval_batch_size = 1, 4
+  config.data.intensity = "percentile:1,99.5"
+  config.data.num_threads, config.eval_batch_size, config.overlays = 1, 4, 4
   config.data.tile_size = 48  # the folder's tiles: predict's slide windows take this scale
   config.log_every, config.checkpoint_every, config.async_checkpointing = 2, 100, False
   config.gate.classifier_workdir = ""

@@ -475,7 +475,7 @@ def test_bad_inputs_are_one_line_each_and_leave_nothing_written(segment_run, mrn
 
 def test_sigterm_stops_predict_at_a_tile_boundary_and_the_rerun_does_the_rest(segment_run,
                                                                               tmp_path):
-  """A real `python -m wsss_jax.main` predict of 200 tiles, SIGTERM once some are written: exit
+  """A real `python -m wsss_jax.main` predict of 80 tiles, SIGTERM once some are written: exit
   75 with one line, every mask written is whole, the re-run predicts exactly the rest."""
   import signal
   import subprocess
@@ -483,7 +483,7 @@ def test_sigterm_stops_predict_at_a_tile_boundary_and_the_rerun_does_the_rest(se
   import time
   source = tmp_path / "tiles"
   source.mkdir()
-  for i in range(200):
+  for i in range(80):
     Image.fromarray(synthetic.generate_tile(12, "test", i % 7, 48)[0]).save(source / f"t{i:03d}.png")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -499,13 +499,13 @@ def test_sigterm_stops_predict_at_a_tile_boundary_and_the_rerun_does_the_rest(se
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 75, stderr[-2000:]
   assert stderr.count("\n") == 1 and stderr.startswith("preempted"), stderr
-  done = int(stderr.split("after ")[1].split(" of 200")[0])
+  done = int(stderr.split("after ")[1].split(" of 80")[0])
   masks = sorted(os.listdir(tmp_path / "out" / "masks"))
-  assert 3 <= done == len(masks) < 200
+  assert 3 <= done == len(masks) < 80
   for name in masks:  # written whole (atomically), never half
     assert np.asarray(Image.open(tmp_path / "out" / "masks" / name)).shape == (48, 48)
   again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
   summary = json.loads(again.stdout.strip().splitlines()[-1])
-  assert summary["predicted_now"] == 200 - done
-  assert len(os.listdir(tmp_path / "out" / "masks")) == 200
+  assert summary["predicted_now"] == 80 - done
+  assert len(os.listdir(tmp_path / "out" / "masks")) == 80

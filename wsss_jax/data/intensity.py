@@ -49,8 +49,8 @@ def parse_rule(text: str, field: str = "data.intensity") -> IntensityRule:
   not)."""
   kind, _, numbers = str(text).partition(":")
   if kind not in KINDS:
-    raise UserError(f"{field}={text!r}: the rule is one of {KINDS} (e.g. percentile:1,99, "
-                    f"window:0,4095)")
+    raise UserError(f"{field}={text!r}: the rule is one of {KINDS} (e.g. percentile:1,99 or "
+                    f"window:0,4095; in a config file's argument percentile:1/99)")
   if kind in ("auto", "full_range"):
     if numbers:
       raise UserError(f"{field}={text!r}: {kind} takes no numbers")

@@ -230,3 +230,17 @@ def test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks(tm
   assert len(os.listdir(tmp_path / "affinity" / "masks" / "rw")) == config.classify.data.num_train
   with pytest.raises(UserError, match="AffinityNet's trunk is the ResNet38"):
     pipeline.validate(tiny_pipeline_config("pretrain=scratch,affinity=True"))
+
+
+def test_the_upper_bound_of_a_self_training_pipeline_is_a_valid_full_supervision_run():
+  """With self-training (the default rounds=auto) the weak segmenter writes self labels; its
+  ground-truth copy for upper_bound=True must not (the segment phase refuses that)."""
+  config = tiny_pipeline_config("upper_bound=True,rounds=auto")
+  config.segment.self_labels.write = True  # as the pipeline sets it before the weak segmenter
+  full = pipeline.full_supervision(config.segment)
+  assert full.supervision == "full" and not full.self_labels.write
+  runner.DISPATCH.validate(full)
+  with pytest.raises(UserError, match="self_labels.write relabels"):
+    broken = full.copy_and_resolve_references()
+    broken.self_labels.write = True
+    runner.DISPATCH.validate(broken)

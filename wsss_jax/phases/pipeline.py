@@ -170,6 +170,7 @@ def full_supervision(segment):
   """The segment section of upper_bound=True: the same segmenter on the ground truth."""
   full = segment.copy_and_resolve_references()
   full.supervision = "full"
+  full.self_labels.write = False  # self-training relabels pseudo masks, not the ground truth
   return full
 
 

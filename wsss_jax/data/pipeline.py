@@ -52,15 +52,27 @@ def build_source(data_cfg, split: str):
   return source
 
 
+def images_only(data_cfg):
+  """A copy of a data section whose sources carry the images and their ground truth, not the
+  pseudo masks of `mask_layers` (which a check before the pseudo-mask phase cannot need)."""
+  data = data_cfg.copy_and_resolve_references()
+  with data.unlocked():
+    data.mask_layers = ()
+  return data
+
+
+def has_masks(data_cfg, split: str) -> bool:
+  """Whether `split`'s images carry ground-truth masks."""
+  source = build_source(images_only(data_cfg), split)
+  return len(source) > 0 and "mask" in source[0]
+
+
 def check_ground_truth(data_cfg, split: str, needed_by: str) -> None:
   """One line before any work when `split`'s images carry no ground-truth masks and
   `needed_by` (full supervision, an upper bound) learns from them."""
-  data = data_cfg.copy_and_resolve_references()
-  with data.unlocked():
-    data.mask_layers = ()  # the images and what they carry, not the pseudo masks
-  base = build_source(data, split)
-  if len(base) and "mask" not in base[0]:
-    where = getattr(base, "image_dir", f"data.name={data_cfg.name!r}")
+  if not has_masks(data_cfg, split):
+    where = getattr(build_source(images_only(data_cfg), split), "image_dir",
+                    f"data.name={data_cfg.name!r}")
     raise UserError(f"{needed_by} learns from ground-truth masks, and the {split} images of "
                     f"{where} have none (a weakly labelled set: run supervision=pseudo)")
 
@@ -68,15 +80,10 @@ def check_ground_truth(data_cfg, split: str, needed_by: str) -> None:
 def has_negatives(data_cfg) -> bool | None:
   """Whether the training split has an image without any label (a normal image); None where
   that is not known without reading every image (the embedded generators make both)."""
-  source = build_source(data_cfg, "train")
-  labels = getattr(source, "labels", None)
+  labels = getattr(build_source(images_only(data_cfg), "train"), "labels", None)
   if not isinstance(labels, dict) or not labels:
     return None
   return any(not np.any(v) for v in labels.values())
-
-
-def has_masks(data_cfg, split: str) -> bool:
-  return "mask" in build_source(data_cfg, split)[0]
 
 
 def example_name(source, index: int) -> str:

@@ -145,9 +145,7 @@ def check_inputs(config) -> None:
   bad test tile found now, not after training), and what the background rule of the pseudo
   masks needs (negative training images, or val masks for alpha=auto)."""
   for section, splits in (("classify", ("train", "val")), ("segment", ("val", "test"))):
-    data = config[section].data.copy_and_resolve_references()
-    with data.unlocked():
-      data.mask_layers = ()
+    data = data_pipeline.images_only(config[section].data)
     for split in splits:
       data_pipeline.build_source(data, split)  # scanned (memoised for the phases)
   if config.supervision != "pseudo":

@@ -500,7 +500,7 @@ def mask_rule(config, map_rule: str | None, num_classes: int, setting: str) -> M
 
 
 def has_val_truth(source: MapSource) -> bool:
-  return "mask" in pipeline.build_source(source.data, "val")[0]
+  return pipeline.has_masks(source.data, "val")
 
 
 def write_sweep(workdir: str, sweep: dict, rule_name: str) -> None:

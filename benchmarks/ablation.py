@@ -8,8 +8,9 @@ pipeline with each refinement on and off, its pseudo-mask and segmenter scores, 
 Per set, the `base` variant is the pipeline's own recipe (`configs/pipeline.py:dataset=<set>,
 upper_bound=True`); every other variant is the same pipeline with its parts changed, sharing the
 base run's classifier (copied, so the pipeline resumes past it): `par` (PAR on, kept per layer by
-the val masks) or `nopar` (off), `band` (ignore band 0.1), `image_loss` (the segmenter's LSE
-image-level loss, weight 0.1, findings only), `affinity` (AffinityNet and its random walk),
+the val masks) or `nopar` (off), `band` (ignore band 0.1) or `noband` (none; the recipe's is
+band=auto, chosen on val), `image_loss` (the segmenter's LSE image-level loss, weight 0.1,
+findings only), `affinity` (AffinityNet and its random walk),
 `norounds` (no self-training; the recipe's is rounds=auto), `scalesval` (map scales chosen on
 val), joined by `+`. `--set classify.num_epochs=1` (repeatable) changes a field of every run.
 Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
@@ -34,9 +35,9 @@ from wsss_jax.runner import run_phase
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
 SETS = ("synthetic", "synthetic_lesions", "synthetic_cells")
-VARIANTS = ("base", "par", "nopar", "band", "par+band", "image_loss", "affinity", "norounds",
-            "scalesval")
-PARTS = ("par", "nopar", "band", "image_loss", "affinity", "norounds", "scalesval")
+VARIANTS = ("base", "par", "nopar", "band", "noband", "par+band", "image_loss", "affinity",
+            "norounds", "scalesval")
+PARTS = ("par", "nopar", "band", "noband", "image_loss", "affinity", "norounds", "scalesval")
 
 
 def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
@@ -51,8 +52,8 @@ def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
   pm = config.pseudo_masks
   if "par" in parts or "nopar" in parts:
     pm.par.enabled = pm.par.validate = "par" in parts
-  if "band" in parts:
-    pm.ignore_band = 0.1
+  if "band" in parts or "noband" in parts:
+    config.ignore_band.width = "0.1" if "band" in parts else "0"
   if "scalesval" in parts:
     pm.scales_validate = True
   if "image_loss" in parts:

@@ -42,7 +42,9 @@ more where findings are a few per cent of the image side (cells, nodules).
 ignore band) and the segmenter; `rounds=auto` (the default; `rounds=N`, `rounds=0` for none) adds
 self-training rounds (segment_round<r>/), each segmenter learning from the previous one's
 confident labels, while the val mIoU improves; the best round on val is kept (none run without
-val masks).
+val masks). `band=auto` (the default; `band=0.1` one width, `band=0` none) gives the pseudo masks
+an ignore band whose width is chosen the same way: a segmenter learns from the masks of widths 0,
+0.1, 0.2 in turn (pseudo_masks_band<w>/, segment_band<w>/) while its val mIoU improves.
 """
 import ml_collections
 
@@ -62,7 +64,8 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False, rounds="auto", affinity=False, image_size=0)
+                             erasing=0, paper=False, rounds="auto", affinity=False, image_size=0,
+                             band="auto")
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
   pretrain = _pretrain_mode(arg.pretrain)
@@ -106,8 +109,13 @@ def get_config(arg=None, **overrides):
   # confident pixels, so the pseudo masks get an ignore band
   config.run_affinity = arg.affinity
   config.affinity = config_lib.sibling_config(__file__, "affinity", width=arg.width, **dataset)
-  if arg.affinity:
-    config.pseudo_masks.ignore_band = 0.1
+  # the pseudo masks' ignore band (pseudo_masks.ignore_band): a width, or "auto": a segmenter
+  # learns from the masks of each width in `widths` in turn, and the first that is no better on
+  # the val masks stops the search (tissue tiles keep 0, lesions 0.1: BENCHMARKS.md); without
+  # val masks, or paper=True unless asked, the section's own (0, no band)
+  band = arg.band if "band" in arg.given_args else (
+      "0.1" if arg.affinity else "0" if arg.paper else "auto")
+  config.ignore_band = dict(width=band, widths=(0.0, 0.1, 0.2))
   # its backbone starts from the classifier's
   config.segment = config_lib.sibling_config(__file__, "segment", supervision=arg.supervision,
                                              width=arg.width, **size, **dataset)

@@ -189,7 +189,9 @@ def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
   assert base.upper_bound and base.pseudo_masks.par.enabled  # the finding recipe's own
   off = ablation.variant_config("synthetic_lesions", "nopar+band+image_loss", 128)
   assert not off.upper_bound and not off.pseudo_masks.par.enabled
-  assert off.pseudo_masks.ignore_band == 0.1 and off.segment.image_loss.weight == 0.1
+  assert off.ignore_band.width == "0.1" and off.segment.image_loss.weight == 0.1
+  assert base.ignore_band.width == "auto"
+  assert ablation.variant_config("synthetic", "noband", 0).ignore_band.width == "0"
   assert off.classify.data.image_size == off.segment.data.image_size == 128
   assert base.self_training.rounds == "auto"
   more = ablation.variant_config("synthetic_cells", "affinity+norounds+scalesval", 0)

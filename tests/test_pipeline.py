@@ -169,31 +169,60 @@ def test_config_sections_take_keyword_overrides_checked_like_text(tmp_path):
   assert load("pipeline").erasing.get("classify") is None  # the pipeline's classify trains it
 
 
-def test_self_training_rounds_relabel_and_keep_the_best_round(tmp_path):
-  """rounds=2: the first segmenter writes its confident labels of the training tiles, round 1
-  learns from them (and writes its own), round 2 from round 1's; the pipeline's segmenter is the
-  round of the best val mIoU and table.md names every round."""
-  config = tiny_pipeline_config("paper=True,rounds=2")
+def test_band_widths_then_self_training_rounds_keep_the_best_on_val(tmp_path):
+  """band=auto over widths 0 and 0.1: a segmenter learns from each width's pseudo masks, the
+  width of the best val mIoU is kept (its masks, its test pseudo masks); then rounds=2: that
+  segmenter writes its confident labels of the training tiles, round 1 learns from them (and
+  writes its own), round 2 from round 1's; the pipeline's segmenter is the round of the best val
+  mIoU and table.md names every width and round."""
+  config = tiny_pipeline_config("paper=True,rounds=2,band=auto")
+  config.ignore_band.widths = (0.0, 0.1)
   result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  band = result["ignore_band"]
+  assert [h["width"] for h in band["widths"]] == [0.0, 0.1]
+  assert band["kept"] == max(band["widths"], key=lambda h: h["val_mIoU"])["width"]
+  banded = json.load(open(tmp_path / "segment_band0.1" / "config.json"))["data"]
+  assert banded["masks_dir"] == str(tmp_path / "pseudo_masks_band0.1" / "masks")
+  pm_band = json.load(open(tmp_path / "pseudo_masks_band0.1" / "summary.json"))
+  assert pm_band["ignore_band"] == 0.1 and 0 < pm_band["ignored_share"]["b4_5"] < 1
+  kept = "segment" if band["kept"] == 0 else "segment_band0.1"
+  assert result["pseudo_masks_test"]["ignore_band"] == band["kept"]
   rounds = result["self_training"]["rounds"]
   assert [h["round"] for h in rounds] == [0, 1, 2]
+  assert rounds[0]["val_mIoU"] == max(h["val_mIoU"] for h in band["widths"])
   best = max(rounds, key=lambda h: h["val_mIoU"])
   assert result["self_training"]["kept"] == best["round"]
   assert result["segment"]["test"] == best["test"]
   r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
-  assert r1["data"]["masks_dir"] == str(tmp_path / "segment" / "self_labels" / "masks")
+  assert r1["data"]["masks_dir"] == str(tmp_path / kept / "self_labels" / "masks")
   assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]
   assert not json.load(open(tmp_path / "segment_round2" / "config.json"))["self_labels"]["write"]
-  labels = os.listdir(tmp_path / "segment" / "self_labels" / "masks" / "self")
+  labels = os.listdir(tmp_path / kept / "self_labels" / "masks" / "self")
   assert len(labels) == config.classify.data.num_train
-  assert "Self-training (val mIoU per round" in open(tmp_path / "table.md").read()
+  text = open(tmp_path / "table.md").read()
+  assert "Self-training (val mIoU per round" in text and "Ignore band (the segmenter's" in text
+
+
+def test_rounds_and_band_choices_are_checked_before_work():
   with pytest.raises(UserError, match="self_training.rounds='two' is not a number"):
     pipeline.validate(tiny_pipeline_config("rounds=two"))
   with pytest.raises(UserError, match="relabels pseudo masks; supervision=full has none"):
     pipeline.validate(tiny_pipeline_config("rounds=2,supervision=full"))
-  full = tiny_pipeline_config("rounds=auto,supervision=full")  # the default: none run
+  full = tiny_pipeline_config("rounds=auto,supervision=full,band=auto")  # the default: none run
   pipeline.validate(full)
   assert pipeline.self_training_rounds(full) == (0, False)
+  assert pipeline.band_widths(full) == ((0.0,), False)
+  assert pipeline.band_widths(tiny_pipeline_config("band=auto")) == ((0.0, 0.1, 0.2), True)
+  assert pipeline.band_widths(tiny_pipeline_config("band=0.15")) == ((0.15,), False)
+  for band in ("wide", "1.5", "-0.1"):
+    with pytest.raises(UserError, match=f"ignore_band.width='{band}' is not a width in"):
+      pipeline.validate(tiny_pipeline_config(f"band={band}"))
+  both = tiny_pipeline_config("band=auto")
+  both.pseudo_masks.ignore_band = 0.1
+  with pytest.raises(UserError, match="pseudo_masks.ignore_band=0.1 is set too; give configs/"):
+    pipeline.validate(both)
+  with pytest.raises(UserError, match="affinity learns from the confident pixels of one banded"):
+    pipeline.validate(tiny_pipeline_config("affinity=True,band=auto"))
 
 
 def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):
@@ -220,8 +249,9 @@ def test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks(tm
   aff = config.affinity
   aff.model.width, aff.data.image_size, aff.batch_size, aff.num_epochs = 0.0625, 32, 8, 1
   aff.data.tile_size, aff.data.num_threads, aff.async_checkpointing = 48, 1, False
-  assert config.pseudo_masks.ignore_band == 0.1  # AffinityNet learns from confident pixels
+  assert config.ignore_band.width == "0.1"  # AffinityNet learns from confident pixels
   result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  assert json.load(open(tmp_path / "pseudo_masks" / "config.json"))["ignore_band"] == 0.1
   seg = json.load(open(tmp_path / "segment" / "config.json"))["data"]
   assert seg["masks_dir"] == str(tmp_path / "affinity" / "masks") and seg["mask_layers"] == ["rw"]
   aff_config = json.load(open(tmp_path / "affinity" / "config.json"))

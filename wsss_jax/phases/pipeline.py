@@ -71,20 +71,14 @@ def _recorded_fields(current, recorded):
 
 def table(result: dict) -> str:
   """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
-  with and without the gate (and of the ground-truth-trained upper bound)."""
+  with and without the gate (and of the ground-truth-trained upper bound), after a line per
+  choice the pipeline made on val (erasing rounds, ignore band, self-training round)."""
   names = result["class_names"] + (["background"] if result.get("setting") == "finding" else [])
-  erasing = result.get("erasing")
-  lines = ([f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; {erasing['stopped']}.",
-            ""] if erasing else [])
   finding = result.get("setting") == "finding"
   scored = ("finding scoring: background a class" if finding else "{} scoring")
   keys = ["mIoU"] + ["finding_IoU", "finding_Dice"] * finding + ["FwIoU", "accuracy"]
   heads = [key.replace("_", " ") for key in keys]
-  rounds = result.get("self_training")
-  if rounds:
-    lines += ["Self-training (val mIoU per round; the best round is the segmenter below): "
-              + ", ".join(f"round {h['round']} {h['val_mIoU']:.3f}" for h in rounds["rounds"])
-              + f"; kept round {rounds['kept']}.", ""]
+  lines = [line for choice in _choices(result) for line in (choice, "")]
   lines += [f"Pseudo masks ({scored.format('stage-1')}):", "",
             "| split | layer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
   for key in ("pseudo_masks", "pseudo_masks_test"):
@@ -102,6 +96,24 @@ def table(result: dict) -> str:
       per = " | ".join(f"{s[f'IoU/{c}']:.3f}" for c in names)
       lines.append(f"| {result[key]['supervision']} | {gate} | {_cells(s, keys)} | {per} |")
   return "\n".join(lines) + "\n"
+
+
+def _choices(result: dict) -> list[str]:
+  """One sentence per choice the run made: erasing rounds, band width, self-training round."""
+  out = []
+  erasing, band, rounds = (result.get(k) for k in ("erasing", "ignore_band", "self_training"))
+  if erasing:
+    out.append(f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; "
+               f"{erasing['stopped']}.")
+  if band:
+    out.append("Ignore band (the segmenter's val mIoU per width of the pseudo masks' band): "
+               + ", ".join(f"{h['width']:g} {h['val_mIoU']:.3f}" for h in band["widths"])
+               + f"; kept {band['kept']:g}.")
+  if rounds:
+    out.append("Self-training (val mIoU per round; the best round is the segmenter below): "
+               + ", ".join(f"round {h['round']} {h['val_mIoU']:.3f}" for h in rounds["rounds"])
+               + f"; kept round {rounds['kept']}.")
+  return out
 
 
 def _cells(scores: dict, keys: list) -> str:
@@ -122,6 +134,11 @@ def validate(config, dispatch=None) -> None:
   if config.supervision != "pseudo" and str(config.self_training.rounds) not in ("0", "auto"):
     raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
   self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
+  widths, _ = band_widths(config)  # refuses a width out of range
+  if config.run_affinity and (len(widths) > 1 or not widths[0]):
+    raise UserError(f"affinity learns from the confident pixels of one banded set of pseudo "
+                    f"masks; ignore_band.width={config.ignore_band.width!r}: give "
+                    f"configs/pipeline.py:affinity=True,band=<width above 0> (0.1 by default)")
   if found and config.run_pretrain:
     raise UserError(f"run_pretrain and pretrain_workdir={found} both set: pretrain here or "
                     f"start from that run, not both")
@@ -221,10 +238,14 @@ def run(config, workdir: str, *, dispatch) -> dict:
       seg.model.init_from = dirs.classify
     seg.data.num_train = config.classify.data.num_train  # the tiles that have pseudo masks
   erasing = None
+  widths, auto = band_widths(config)
   if config.supervision == "pseudo":
+    config.pseudo_masks.ignore_band = widths[0]
     erasing = run_pseudo_masks(config, dirs, result, dispatch)
   seg.self_labels.write = config.supervision == "pseudo" and self_training_rounds(config)[0] > 0
   result["segment"] = dispatch.run(seg, dirs.segment)
+  if len(widths) > 1:
+    run_band_widths(config, workdir, result, dispatch, erasing, widths, auto)
   if seg.self_labels.write:
     run_self_training(config, workdir, result, dispatch)
   if config.supervision == "pseudo":
@@ -261,6 +282,66 @@ def self_training_rounds(config) -> tuple[int, bool]:
     raise UserError(f"self_training.rounds={text} keeps the round that scores best on the val "
                     f"masks, and the val split has none; use rounds=auto (none run) or 0")
   return int(text), False
+
+
+def band_widths(config) -> tuple[tuple[float, ...], bool]:
+  """(the ignore-band widths to try, stop early): ignore_band.width is one width or "auto"
+  (each of ignore_band.widths in turn, stopping at the first whose segmenter's val mIoU does not
+  improve; without val masks only the pseudo-mask section's own width)."""
+  text = str(config.ignore_band.width).strip().lower()
+  own = float(config.pseudo_masks.ignore_band)
+  if text != "auto":
+    try:
+      width = float(text)
+    except ValueError:
+      width = -1.0
+    if not 0 <= width < 1:
+      raise UserError(f"ignore_band.width={config.ignore_band.width!r} is not a width in [0, 1) "
+                      f"of the map scores or 'auto'")
+    return (width,), False
+  if config.supervision != "pseudo" or not data_pipeline.has_masks(config.segment.data, "val"):
+    return (own,), False
+  widths = tuple(float(w) for w in config.ignore_band.widths)
+  if own or not widths or any(not 0 <= w < 1 for w in widths) or list(widths) != sorted(widths):
+    raise UserError(f"ignore_band.width=auto tries ignore_band.widths={list(widths)} (rising "
+                    f"widths in [0, 1)) and pseudo_masks.ignore_band={own:g} is set too; give "
+                    f"configs/pipeline.py:band=<width> for one width")
+  return widths, True
+
+
+def run_band_widths(config, workdir: str, result: dict, dispatch, erasing,
+                    widths: tuple, auto: bool) -> None:
+  """A segmenter per ignore-band width after the first (pseudo_masks_band<w>/,
+  segment_band<w>/); the width of the best val mIoU is the pipeline's from here on (its masks,
+  its segmenter, the test tiles' pseudo masks)."""
+  pm, seg = config.pseudo_masks, config.segment
+  best = {"width": widths[0], "segment": result["segment"], "pseudo_masks": result["pseudo_masks"],
+          "data": section_data(seg)}
+  history = [{"width": widths[0], "val_mIoU": best["segment"]["val"]["mIoU"]}]
+  for width in widths[1:]:
+    pm.ignore_band = width
+    pm_dir = os.path.join(workdir, f"pseudo_masks_band{width:g}")
+    summary = (pseudo_masks_done(pm_dir, pm.classifier_workdir, config.classify.data.num_train,
+                                 erasing, pm) or dispatch.run(pm, pm_dir))
+    learn_from(seg, os.path.join(pm_dir, "masks"), config.segment_layer, summary)
+    out = dispatch.run(seg, os.path.join(workdir, f"segment_band{width:g}"))
+    history.append({"width": width, "val_mIoU": out["val"]["mIoU"]})
+    improved = out["val"]["mIoU"] > best["segment"]["val"]["mIoU"]
+    print(f"ignore band {width:g}: val mIoU {out['val']['mIoU']:.3f} "
+          f"({'best so far' if improved else 'no better'})", flush=True)
+    if improved:
+      best = {"width": width, "segment": out, "pseudo_masks": summary, "data": section_data(seg)}
+    elif auto:
+      break
+  pm.ignore_band = best["width"]
+  seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best["data"]
+  result["segment"], result["pseudo_masks"] = best["segment"], best["pseudo_masks"]
+  result["ignore_band"] = {"widths": history, "kept": best["width"]}
+
+
+def section_data(seg) -> tuple:
+  """What the segmenter learns from: (masks_dir, mask_layers, loss_weights)."""
+  return seg.data.masks_dir, tuple(seg.data.mask_layers), tuple(seg.loss_weights)
 
 
 def run_self_training(config, workdir: str, result: dict, dispatch) -> None:
@@ -315,14 +396,19 @@ def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
   if done is not None:
     print(f"pseudo masks in {dirs.pseudo_masks} are current; not recomputed", flush=True)
   result["pseudo_masks"] = done or dispatch.run(config.pseudo_masks, dirs.pseudo_masks)
-  seg = config.segment
-  seg.data.masks_dir = os.path.join(dirs.pseudo_masks, "masks")
-  layer = segment_layer(config.segment_layer, result["pseudo_masks"])
-  if layer:
-    seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
+  learn_from(config.segment, os.path.join(dirs.pseudo_masks, "masks"), config.segment_layer,
+             result["pseudo_masks"])
   if config.run_affinity:
     run_affinity(config, dirs, result, dispatch)
   return erasing
+
+
+def learn_from(seg, masks_dir: str, choice: str, pm_summary: dict) -> None:
+  """Points the segment section at a pseudo-mask run's masks and the layer `choice` picks."""
+  seg.data.masks_dir = masks_dir
+  layer = segment_layer(choice, pm_summary)
+  if layer:
+    seg.data.mask_layers, seg.loss_weights = (layer,), (1.0,)
 
 
 def run_affinity(config, dirs: Dirs, result: dict, dispatch) -> None:

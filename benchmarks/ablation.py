@@ -40,13 +40,13 @@ VARIANTS = ("base", "par", "nopar", "band", "noband", "par+band", "image_loss", 
 PARTS = ("par", "nopar", "band", "noband", "image_loss", "affinity", "norounds", "scalesval")
 
 
-def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
+def variant_config(dataset: str, variant: str, image_size, overrides=()):
   """The pipeline of `dataset` with the variant's parts changed, then `overrides` ("a.b=v")."""
   parts = [] if variant == "base" else variant.split("+")
   unknown = [p for p in parts if p not in PARTS]
   if unknown:
     raise UserError(f"variant {variant!r}: {unknown[0]!r} is not one of base, {', '.join(PARTS)}")
-  args = dict(dataset=dataset, upper_bound=variant == "base", image_size=image_size,
+  args = dict(dataset=dataset, upper_bound=variant == "base", image_size=str(image_size or ""),
               affinity="affinity" in parts, rounds="0" if "norounds" in parts else "auto")
   config = config_lib.sibling_config(CONFIG, "pipeline", **args)
   pm = config.pseudo_masks
@@ -71,16 +71,20 @@ def variant_config(dataset: str, variant: str, image_size: int, overrides=()):
   return config
 
 
-def run_variant(workdir: str, dataset: str, variant: str, image_size: int,
+def run_variant(workdir: str, dataset: str, variant: str, image_size,
                 overrides=()) -> tuple[dict, str]:
   """One pipeline run (resumed where it stopped), sharing the base run's classifier; (its
   summary, its workdir)."""
   config = variant_config(dataset, variant, image_size, overrides)
   out = os.path.join(workdir, dataset, variant)
-  base_classifier = os.path.join(workdir, dataset, "base", "classify")
-  if variant != "base" and not os.path.exists(os.path.join(out, "classify")):
-    os.makedirs(out, exist_ok=True)
-    shutil.copytree(base_classifier, os.path.join(out, "classify"))
+  base = os.path.join(workdir, dataset, "base")
+  # the classifier at each input side the base run tried (image_size=auto: size<N>/classify)
+  sides = [d for d in sorted(os.listdir(base)) if d.startswith("size")] if os.path.isdir(
+      base) else []
+  for classifier in ["classify"] + [os.path.join(d, "classify") for d in sides]:
+    if variant != "base" and not os.path.exists(os.path.join(out, classifier)):
+      os.makedirs(os.path.dirname(os.path.join(out, classifier)), exist_ok=True)
+      shutil.copytree(os.path.join(base, classifier), os.path.join(out, classifier))
   return run_phase(config, out), out
 
 
@@ -119,7 +123,8 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--sets", default=",".join(SETS))
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--image_size", type=int, default=0, help="0: the pipeline's default")
+  parser.add_argument("--image_size", default="",
+                      help="N or auto; empty: the pipeline's default (auto for findings)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a pipeline config field for every run, e.g. classify.num_epochs=2")
   args = parser.parse_args()

@@ -36,8 +36,11 @@ the negatives rule), refines the maps by the image (PAR) on the layers where the
 masks say it helps, trains the segmenter's background as a class and scores it as one.
 `erasing=N` adds adversarial erasing (erasing/): the classifier is its round 0, up to N-1 more
 rounds train on erased tiles, and the pseudo masks are the union of the rounds' maps.
-`image_size=N` is the classifier's and the segmenter's input side (default 64, a ViT's 112): 128 or
-more where findings are a few per cent of the image side (cells, nodules).
+`image_size=N` is the classifier's and the segmenter's input side (default 64, a ViT's 112);
+`image_size=auto` (the finding recipe's default with a CNN) trains a classifier at 64 and at 128
+(classify/, size128/classify/), keeps the side whose pseudo masks score best on the val masks,
+and trains the segmenter at it: small findings (cells, nuclei) need 128, large ones do better at
+64.
 `affinity=True` puts AffinityNet and its random walk (affinity/) between the pseudo masks (given an
 ignore band) and the segmenter; `rounds=auto` (the default; `rounds=N`, `rounds=0` for none) adds
 self-training rounds (segment_round<r>/), each segmenter learning from the previous one's
@@ -49,6 +52,7 @@ an ignore band whose width is chosen the same way: a segmenter learns from the m
 import ml_collections
 
 from wsss_jax import config_lib
+from wsss_jax.errors import UserError
 
 
 def _pretrain_mode(text: str) -> str:
@@ -64,7 +68,7 @@ def _pretrain_mode(text: str) -> str:
 def get_config(arg=None, **overrides):
   arg = config_lib.parse_arg(arg, overrides, **config_lib.DATASET_ARGS, supervision="pseudo",
                              upper_bound=False, pretrain="", encoder="vit", width=0.125,
-                             erasing=0, paper=False, rounds="auto", affinity=False, image_size=0,
+                             erasing=0, paper=False, rounds="auto", affinity=False, image_size="",
                              band="auto")
   # the dataset arguments the user gave reach every section, which applies its dataset preset
   dataset = {k: arg[k] for k in config_lib.DATASET_ARGS if k in arg.given_args}
@@ -74,7 +78,8 @@ def get_config(arg=None, **overrides):
   vit = bool(pretrain) and arg.encoder == "vit"
   # the classifier's and the segmenter's input side: small findings (cells of a few % of the
   # image side) vanish at the laptop default of 64 px (BENCHMARKS.md, "synthetic_cells")
-  size = {"image_size": arg.image_size} if arg.image_size else {}
+  fixed = _fixed_size(arg.image_size)
+  size = {"image_size": fixed} if fixed else {}
   config = ml_collections.ConfigDict()
   config.phase = "pipeline"
   config.seed = 0
@@ -109,19 +114,51 @@ def get_config(arg=None, **overrides):
   # confident pixels, so the pseudo masks get an ignore band
   config.run_affinity = arg.affinity
   config.affinity = config_lib.sibling_config(__file__, "affinity", width=arg.width, **dataset)
-  # the pseudo masks' ignore band (pseudo_masks.ignore_band): a width, or "auto": a segmenter
-  # learns from the masks of each width in `widths` in turn, and the first that is no better on
-  # the val masks stops the search (tissue tiles keep 0, lesions 0.1: BENCHMARKS.md); without
-  # val masks, or paper=True unless asked, the section's own (0, no band)
-  band = arg.band if "band" in arg.given_args else (
-      "0.1" if arg.affinity else "0" if arg.paper else "auto")
-  config.ignore_band = dict(width=band, widths=(0.0, 0.1, 0.2))
+  config.ignore_band = dict(width=_band_width(arg), widths=(0.0, 0.1, 0.2))
   # its backbone starts from the classifier's
   config.segment = config_lib.sibling_config(__file__, "segment", supervision=arg.supervision,
                                              width=arg.width, **size, **dataset)
   _finding_recipe(config)
   _mask_layers(config, arg.paper, vit)
+  config.image_sizes = _size_choice(config, arg, vit)
   return config
+
+
+def _band_width(arg) -> str:
+  """The pseudo masks' ignore band (pseudo_masks.ignore_band): a width, or "auto": a segmenter
+  learns from the masks of each of ignore_band.widths in turn, and the first that is no better
+  on the val masks stops the search (tissue tiles keep 0, lesions 0.1: BENCHMARKS.md); without
+  val masks the section's own (0, no band). AffinityNet needs one band; paper=True none."""
+  if "band" in arg.given_args:
+    return arg.band
+  return "0.1" if arg.affinity else "0" if arg.paper else "auto"
+
+
+def _fixed_size(text: str) -> int:
+  """image_size=N: N; "" or "auto": 0 (the recipe's own or a choice on val)."""
+  word = text.strip().lower()
+  if word in ("", "auto"):
+    return 0
+  if not word.isdigit() or int(word) < 16:
+    raise UserError(f"config argument image_size={text!r} is not a side in pixels "
+                               f"(16 or more) or 'auto'")
+  return int(word)
+
+
+def _size_choice(config, arg, vit: bool) -> tuple:
+  """The input sides the pipeline chooses between on the val masks (pseudo-mask val mIoU; one
+  classifier and pseudo-mask run each), or () for the configured one. The finding recipe's
+  default: findings range from a few pixels (cells, nuclei) to a third of the image (lesions),
+  and which side serves the maps best differs by dataset (BENCHMARKS.md, "synthetic_cells")."""
+  word = arg.image_size.strip().lower()
+  finding = config.classify.data.setting == "finding"
+  if word == "auto" and vit:
+    raise UserError("image_size=auto: a ViT classifier takes its pretraining's input "
+                               "side; give image_size=N")
+  if word == "auto" or (not word and finding and not vit and not arg.paper):
+    side = config.classify.data.image_size
+    return (side, 2 * side)
+  return ()
 
 
 def _finding_recipe(config) -> None:

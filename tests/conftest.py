@@ -65,6 +65,8 @@ def tiny_pipeline_config(arg=""):
     config.self_training.rounds = "0"
   if config.ignore_band.width == "auto" and "band=" not in arg:  # likewise the band's widths
     config.ignore_band.width = "0"
+  if "image_size=" not in arg:  # and the input sides (the tests' own is set below)
+    config.image_sizes = ()
   cls = config.classify
   cls.model.width, cls.data.image_size, cls.batch_size, cls.num_epochs = 0.0625, 32, 8, 1
   cls.data.num_train, cls.data.tile_size, cls.data.num_val = 32, 48, 8

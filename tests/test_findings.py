@@ -2,6 +2,7 @@
 finding of a trained classifier, the embedded lesion dataset, finding folders, and dataset
 presets that never overwrite what the user gave."""
 import io
+import json
 import os
 
 import jax
@@ -478,5 +479,51 @@ def test_the_pipeline_checks_what_the_background_rule_needs_before_the_first_ste
 def test_the_pipeline_image_size_sets_the_classifier_and_the_segmenter_input():
   pipe = load_config("pipeline", "dataset=synthetic_cells,image_size=128")
   assert pipe.classify.data.image_size == pipe.segment.data.image_size == 128
-  default = load_config("pipeline", "dataset=synthetic_cells")
+  assert pipe.image_sizes == ()
+  default = load_config("pipeline", "dataset=synthetic_cells")  # the finding recipe: a choice
   assert default.classify.data.image_size == default.segment.data.image_size == 64
+  assert default.image_sizes == (64, 128)
+  assert load_config("pipeline").image_sizes == ()  # tissue maps: the preset's side
+  assert load_config("pipeline", "dataset=synthetic_lesions,paper=True").image_sizes == ()
+  assert load_config("pipeline", "image_size=auto").image_sizes == (64, 128)
+  with pytest.raises(UserError, match="image_size='12x' is not a side in pixels"):
+    load_config("pipeline", "image_size=12x")
+  with pytest.raises(UserError, match="image_size=auto: a ViT classifier takes"):
+    load_config("pipeline", "pretrain=scratch,image_size=auto")
+  from wsss_jax.phases import pipeline as pipeline_phase
+  with pytest.raises(UserError, match="which background.alpha=auto measures"):
+    pipeline_phase.validate(load_config("pipeline", "image_size=auto"))  # tissue: no val sweep
+  mismatch = load_config("pipeline", "dataset=synthetic_cells")
+  mismatch.classify.data.image_size = 96
+  with pytest.raises(UserError, match="classify.data.image_size=96 and image_size=auto"):
+    pipeline_phase.validate(mismatch)
+
+
+def test_image_size_auto_keeps_the_side_whose_pseudo_masks_score_best_on_val(tmp_path):
+  """Two classifiers (32 and 48 px inputs), the pseudo masks of each scored on the val masks;
+  the segmenter trains at the side of the better score, from that classifier and its masks."""
+  from conftest import tiny_pipeline_config
+  from wsss_jax import runner
+  from wsss_jax.phases import pipeline as pipeline_phase
+  config = tiny_pipeline_config("dataset=synthetic_lesions,image_size=auto")
+  config.image_sizes = (32, 48)
+  pm = config.pseudo_masks  # the choice, not the refinements, is under test
+  pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
+  result = pipeline_phase.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  sides = result["image_size"]["sides"]
+  scores = {}
+  for side, sub in ((32, tmp_path), (48, tmp_path / "size48")):
+    pm = json.load(open(sub / "pseudo_masks" / "summary.json"))
+    scores[side] = max(pipeline_phase.val_score(s) for s in pm["alpha_sweep"].values())
+    assert json.load(open(sub / "classify" / "config.json"))["data"]["image_size"] == side
+  assert [(t["side"], t["val_mIoU"]) for t in sides] == list(scores.items())
+  kept = max(scores, key=scores.get)
+  assert result["image_size"]["kept"] == kept
+  seg = json.load(open(tmp_path / "segment" / "config.json"))
+  classify = str(tmp_path / ("classify" if kept == 32 else "size48/classify"))
+  assert seg["data"]["image_size"] == kept and seg["gate"]["classifier_workdir"] == classify
+  assert seg["data"]["masks_dir"] == str(tmp_path / (
+      "pseudo_masks" if kept == 32 else "size48/pseudo_masks") / "masks")
+  assert json.load(open(tmp_path / "pseudo_masks_test" / "config.json"))[
+      "classifier_workdir"] == classify
+  assert f"kept {kept} px" in open(tmp_path / "table.md").read()

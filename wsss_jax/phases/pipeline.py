@@ -101,7 +101,11 @@ def table(result: dict) -> str:
 def _choices(result: dict) -> list[str]:
   """One sentence per choice the run made: erasing rounds, band width, self-training round."""
   out = []
-  erasing, band, rounds = (result.get(k) for k in ("erasing", "ignore_band", "self_training"))
+  erasing, band, rounds, size = (result.get(k) for k in ("erasing", "ignore_band",
+                                                          "self_training", "image_size"))
+  if size:
+    out.append("Input side (the pseudo masks' best val mIoU per side): " + ", ".join(
+        f"{t['side']} px {t['val_mIoU']:.3f}" for t in size["sides"]) + f"; kept {size['kept']} px.")
   if erasing:
     out.append(f"Adversarial erasing: {len(erasing['rounds'])} round(s) fused; "
                f"{erasing['stopped']}.")
@@ -135,6 +139,7 @@ def validate(config, dispatch=None) -> None:
     raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
   self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
   widths, _ = band_widths(config)  # refuses a width out of range
+  input_sides(config)  # refuses image_size=auto where the pseudo masks are not scored on val
   if config.run_affinity and (len(widths) > 1 or not widths[0]):
     raise UserError(f"affinity learns from the confident pixels of one banded set of pseudo "
                     f"masks; ignore_band.width={config.ignore_band.width!r}: give "
@@ -230,18 +235,17 @@ def run(config, workdir: str, *, dispatch) -> dict:
   for section in ("pretrain", "classify", "erasing", "pseudo_masks", "affinity", "segment"):
     with config[section].unlocked():
       config[section].seed, config[section].num_devices = config.seed, config.num_devices
-  run_classifier(config, dirs, result, dispatch)
   seg = config.segment
+  widths, auto = band_widths(config)
+  config.pseudo_masks.ignore_band = widths[0]
+  dirs, erasing = run_input_sides(config, workdir, dirs, result, dispatch)
   with seg.unlocked():
     seg.gate.classifier_workdir = dirs.classify
     if seg.model.init_from:
       seg.model.init_from = dirs.classify
     seg.data.num_train = config.classify.data.num_train  # the tiles that have pseudo masks
-  erasing = None
-  widths, auto = band_widths(config)
-  if config.supervision == "pseudo":
-    config.pseudo_masks.ignore_band = widths[0]
-    erasing = run_pseudo_masks(config, dirs, result, dispatch)
+  if config.run_affinity and config.supervision == "pseudo":
+    run_affinity(config, dirs, result, dispatch)
   seg.self_labels.write = config.supervision == "pseudo" and self_training_rounds(config)[0] > 0
   result["segment"] = dispatch.run(seg, dirs.segment)
   if len(widths) > 1:
@@ -282,6 +286,80 @@ def self_training_rounds(config) -> tuple[int, bool]:
     raise UserError(f"self_training.rounds={text} keeps the round that scores best on the val "
                     f"masks, and the val split has none; use rounds=auto (none run) or 0")
   return int(text), False
+
+
+def input_sides(config) -> tuple[int, ...]:
+  """The classifier's input sides to try: image_sizes (configs/pipeline.py:image_size=auto)
+  where the pseudo masks are scored on val masks (alpha=auto's sweep), else its own."""
+  sides, own = tuple(int(s) for s in config.get("image_sizes", ())), config.classify.data.image_size
+  if len(sides) < 2 or config.supervision != "pseudo" or not data_pipeline.has_masks(
+      config.segment.data, "val"):
+    return (sides or (own,))[:1]
+  if config.pseudo_masks.background.alpha != "auto":
+    raise UserError(f"image_size=auto compares the pseudo masks' val mIoU at sides {list(sides)}"
+                    f", which background.alpha=auto measures (the finding recipe's); here "
+                    f"alpha={config.pseudo_masks.background.alpha!r}: give image_size=N")
+  if own != sides[0]:
+    raise UserError(f"classify.data.image_size={own} and image_size=auto (sides "
+                    f"{list(sides)}): give configs/pipeline.py:image_size=N for one side")
+  return sides
+
+
+class Side(NamedTuple):
+  """A classifier and its pseudo masks at one input side."""
+  side: int
+  dirs: Dirs
+  erasing: dict | None
+  result: dict       # its classify (and pseudo_masks) summaries
+  data: tuple        # the segment section's masks_dir, mask_layers, loss_weights
+  score: float       # the best val pseudo-mask mIoU over its layers
+
+
+def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
+                    dispatch) -> tuple[Dirs, dict | None]:
+  """[pretrain ->] classify [-> erasing -> pseudo masks] at each input side (the first in the
+  workdir, others in size<N>/); the side whose pseudo masks score best on the val masks is the
+  pipeline's (its classifier, its masks, the segmenter's input side). (Its dirs, its erasing.)"""
+  sides, tried = input_sides(config), []
+  for side in sides:
+    at = dirs if side == sides[0] else dirs._replace(**{
+        f: os.path.join(workdir, f"size{side}", f)
+        for f in ("classify", "erasing", "pseudo_masks", "affinity")})
+    config.classify.data.image_size = side
+    run_classifier(config, at, result, dispatch)
+    erasing = (run_pseudo_masks(config, at, result, dispatch)
+               if config.supervision == "pseudo" else None)
+    score = best_val_score(result.get("pseudo_masks", {}))
+    tried.append(Side(side, at, erasing, {k: result.get(k) for k in ("classify", "pseudo_masks")},
+                      section_data(config.segment), score))
+  if len(tried) == 1:
+    return dirs, tried[0].erasing
+  best = max(tried, key=lambda t: t.score)  # the first side on a tie
+  print("image_size=auto: val pseudo-mask mIoU " + ", ".join(
+      f"{t.side} px {t.score:.3f}" for t in tried) + f"; the pipeline goes on at {best.side} px",
+      flush=True)
+  config.classify.data.image_size = config.segment.data.image_size = best.side
+  seg = config.segment
+  seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best.data
+  config.pseudo_masks.classifier_workdir = best.dirs.classify
+  if best.erasing:
+    config.pseudo_masks.erasing_workdir = best.dirs.erasing
+  result.update(best.result)
+  result["image_size"] = {"sides": [{"side": t.side, "val_mIoU": t.score} for t in tried],
+                          "kept": best.side}
+  return best.dirs, best.erasing
+
+
+def best_val_score(pm_summary: dict) -> float:
+  """The pseudo masks' best val mIoU over their layers."""
+  sweep = pm_summary.get("alpha_sweep") or {}
+  return max((val_score(s) for s in sweep.values()), default=-1.0)
+
+
+def val_score(layer_sweep: dict) -> float:
+  """A layer's val mIoU at its alpha, with the refinements the val masks kept (par / crf
+  .validate)."""
+  return layer_sweep.get("refined_mIoU", max(layer_sweep["mIoU"]))
 
 
 def band_widths(config) -> tuple[tuple[float, ...], bool]:
@@ -398,8 +476,6 @@ def run_pseudo_masks(config, dirs: Dirs, result: dict, dispatch) -> dict | None:
   result["pseudo_masks"] = done or dispatch.run(config.pseudo_masks, dirs.pseudo_masks)
   learn_from(config.segment, os.path.join(dirs.pseudo_masks, "masks"), config.segment_layer,
              result["pseudo_masks"])
-  if config.run_affinity:
-    run_affinity(config, dirs, result, dispatch)
   return erasing
 
 
@@ -454,8 +530,6 @@ def segment_layer(choice: str, pm_summary: dict) -> str | None:
   sweep = pm_summary.get("alpha_sweep") or {}
   if choice != "auto" or not sweep:
     return None
-  def val_score(s):  # with the refinements the val masks kept (par / crf .validate)
-    return s.get("refined_mIoU", max(s["mIoU"]))
   best = max(sweep, key=lambda layer: val_score(sweep[layer]))
   print(f"segment_layer=auto: the segmenter learns from {best} (val pseudo-mask mIoU "
         f"{val_score(sweep[best]):.3f})", flush=True)

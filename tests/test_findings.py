@@ -505,11 +505,13 @@ def test_image_size_auto_keeps_the_side_whose_pseudo_masks_score_best_on_val(tmp
   from conftest import tiny_pipeline_config
   from wsss_jax import runner
   from wsss_jax.phases import pipeline as pipeline_phase
-  config = tiny_pipeline_config("dataset=synthetic_lesions,image_size=auto")
-  config.image_sizes = (32, 48)
-  pm = config.pseudo_masks  # the choice, not the refinements, is under test
-  pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
-  result = pipeline_phase.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+  def config():
+    out = tiny_pipeline_config("dataset=synthetic_lesions,image_size=auto")
+    out.image_sizes = (32, 48)
+    pm = out.pseudo_masks  # the choice, not the refinements, is under test
+    pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
+    return out
+  result = pipeline_phase.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
   sides = result["image_size"]["sides"]
   scores = {}
   for side, sub in ((32, tmp_path), (48, tmp_path / "size48")):
@@ -527,3 +529,9 @@ def test_image_size_auto_keeps_the_side_whose_pseudo_masks_score_best_on_val(tmp
   assert json.load(open(tmp_path / "pseudo_masks_test" / "config.json"))[
       "classifier_workdir"] == classify
   assert f"kept {kept} px" in open(tmp_path / "table.md").read()
+  # a re-run resumes at both sides: no classifier step, no pseudo mask recomputed
+  written = {p: os.path.getmtime(p) for p in tmp_path.glob("**/pseudo_masks/summary.json")}
+  again = pipeline_phase.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
+  assert {p: os.path.getmtime(p) for p in written} == written and len(written) == 2
+  assert again["image_size"] == result["image_size"]
+  assert again["segment"]["test"] == result["segment"]["test"]

@@ -211,15 +211,18 @@ def test_rounds_and_band_choices_are_checked_before_work():
   full = tiny_pipeline_config("rounds=auto,supervision=full,band=auto")  # the default: none run
   pipeline.validate(full)
   assert pipeline.self_training_rounds(full) == (0, False)
-  assert pipeline.band_widths(full) == ((0.0,), False)
-  assert pipeline.band_widths(tiny_pipeline_config("band=auto")) == ((0.0, 0.1, 0.2), True)
-  assert pipeline.band_widths(tiny_pipeline_config("band=0.15")) == ((0.15,), False)
+  assert pipeline.band_widths(full) == (0.0,)
+  assert pipeline.band_widths(tiny_pipeline_config("band=auto")) == (0.0, 0.1, 0.2)
+  assert pipeline.band_widths(tiny_pipeline_config("band=0.15")) == (0.15,)
   for band in ("wide", "1.5", "-0.1"):
     with pytest.raises(UserError, match=f"ignore_band.width='{band}' is not a width in"):
       pipeline.validate(tiny_pipeline_config(f"band={band}"))
   both = tiny_pipeline_config("band=auto")
   both.pseudo_masks.ignore_band = 0.1
-  with pytest.raises(UserError, match="pseudo_masks.ignore_band=0.1 is set too; give configs/"):
+  with pytest.raises(UserError, match="ignore_band=0.1 and band=auto .*:band=0.1 for one width"):
+    pipeline.validate(both)
+  both.pseudo_masks.ignore_band, both.ignore_band.widths = 0.0, (0.2, 0.1)
+  with pytest.raises(UserError, match=r"widths=\[0.2, 0.1\]: band=auto tries rising widths"):
     pipeline.validate(both)
   with pytest.raises(UserError, match="affinity learns from the confident pixels of one banded"):
     pipeline.validate(tiny_pipeline_config("affinity=True,band=auto"))

@@ -72,7 +72,7 @@ def _recorded_fields(current, recorded):
 def table(result: dict) -> str:
   """One markdown table: pseudo-mask mIoU per layer, then the segmenter's test scores per class
   with and without the gate (and of the ground-truth-trained upper bound), after a line per
-  choice the pipeline made on val (erasing rounds, ignore band, self-training round)."""
+  choice the pipeline made (input side, erasing rounds, band width, self-training round)."""
   names = result["class_names"] + (["background"] if result.get("setting") == "finding" else [])
   finding = result.get("setting") == "finding"
   scored = ("finding scoring: background a class" if finding else "{} scoring")
@@ -99,7 +99,7 @@ def table(result: dict) -> str:
 
 
 def _choices(result: dict) -> list[str]:
-  """One sentence per choice the run made: erasing rounds, band width, self-training round."""
+  """One sentence per choice the run made: input side, erasing rounds, band width, round."""
   out = []
   erasing, band, rounds, size = (result.get(k) for k in ("erasing", "ignore_band",
                                                           "self_training", "image_size"))
@@ -138,7 +138,7 @@ def validate(config, dispatch=None) -> None:
   if config.supervision != "pseudo" and str(config.self_training.rounds) not in ("0", "auto"):
     raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
   self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
-  widths, _ = band_widths(config)  # refuses a width out of range
+  widths = band_widths(config)  # refuses a width out of range
   input_sides(config)  # refuses image_size=auto where the pseudo masks are not scored on val
   if config.run_affinity and (len(widths) > 1 or not widths[0]):
     raise UserError(f"affinity learns from the confident pixels of one banded set of pseudo "
@@ -236,7 +236,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
     with config[section].unlocked():
       config[section].seed, config[section].num_devices = config.seed, config.num_devices
   seg = config.segment
-  widths, auto = band_widths(config)
+  widths = band_widths(config)
   config.pseudo_masks.ignore_band = widths[0]
   dirs, erasing = run_input_sides(config, workdir, dirs, result, dispatch)
   with seg.unlocked():
@@ -249,7 +249,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
   seg.self_labels.write = config.supervision == "pseudo" and self_training_rounds(config)[0] > 0
   result["segment"] = dispatch.run(seg, dirs.segment)
   if len(widths) > 1:
-    run_band_widths(config, workdir, result, dispatch, erasing, widths, auto)
+    run_band_widths(config, workdir, result, dispatch, erasing, widths)
   if seg.self_labels.write:
     run_self_training(config, workdir, result, dispatch)
   if config.supervision == "pseudo":
@@ -362,10 +362,10 @@ def val_score(layer_sweep: dict) -> float:
   return layer_sweep.get("refined_mIoU", max(layer_sweep["mIoU"]))
 
 
-def band_widths(config) -> tuple[tuple[float, ...], bool]:
-  """(the ignore-band widths to try, stop early): ignore_band.width is one width or "auto"
-  (each of ignore_band.widths in turn, stopping at the first whose segmenter's val mIoU does not
-  improve; without val masks only the pseudo-mask section's own width)."""
+def band_widths(config) -> tuple[float, ...]:
+  """The ignore-band widths to try: ignore_band.width is one width or "auto" (each of
+  ignore_band.widths in turn while the segmenter's val mIoU improves; without val masks only the
+  pseudo-mask section's own width)."""
   text = str(config.ignore_band.width).strip().lower()
   own = float(config.pseudo_masks.ignore_band)
   if text != "auto":
@@ -376,26 +376,33 @@ def band_widths(config) -> tuple[tuple[float, ...], bool]:
     if not 0 <= width < 1:
       raise UserError(f"ignore_band.width={config.ignore_band.width!r} is not a width in [0, 1) "
                       f"of the map scores or 'auto'")
-    return (width,), False
+    return (width,)
   if config.supervision != "pseudo" or not data_pipeline.has_masks(config.segment.data, "val"):
-    return (own,), False
+    return (own,)
   widths = tuple(float(w) for w in config.ignore_band.widths)
-  if own or not widths or any(not 0 <= w < 1 for w in widths) or list(widths) != sorted(widths):
-    raise UserError(f"ignore_band.width=auto tries ignore_band.widths={list(widths)} (rising "
-                    f"widths in [0, 1)) and pseudo_masks.ignore_band={own:g} is set too; give "
-                    f"configs/pipeline.py:band=<width> for one width")
-  return widths, True
+  if not widths or any(not 0 <= w < 1 for w in widths) or list(widths) != sorted(widths):
+    raise UserError(f"ignore_band.widths={list(widths)}: band=auto tries rising widths in [0, 1)")
+  if own:
+    raise UserError(f"pseudo_masks.ignore_band={own:g} and band=auto (widths {list(widths)}): "
+                    f"give configs/pipeline.py:band={own:g} for one width")
+  return widths
 
 
-def run_band_widths(config, workdir: str, result: dict, dispatch, erasing,
-                    widths: tuple, auto: bool) -> None:
+class BandRun(NamedTuple):
+  """A segmenter trained on the pseudo masks of one ignore-band width."""
+  width: float
+  segment: dict        # its summary
+  pseudo_masks: dict   # the masks' summary
+  data: tuple          # the segment section's masks_dir, mask_layers, loss_weights
+
+
+def run_band_widths(config, workdir: str, result: dict, dispatch, erasing, widths: tuple) -> None:
   """A segmenter per ignore-band width after the first (pseudo_masks_band<w>/,
-  segment_band<w>/); the width of the best val mIoU is the pipeline's from here on (its masks,
-  its segmenter, the test tiles' pseudo masks)."""
+  segment_band<w>/) until one is no better on val; the width of the best val mIoU is the
+  pipeline's from here on (its masks, its segmenter, the test tiles' pseudo masks)."""
   pm, seg = config.pseudo_masks, config.segment
-  best = {"width": widths[0], "segment": result["segment"], "pseudo_masks": result["pseudo_masks"],
-          "data": section_data(seg)}
-  history = [{"width": widths[0], "val_mIoU": best["segment"]["val"]["mIoU"]}]
+  best = BandRun(widths[0], result["segment"], result["pseudo_masks"], section_data(seg))
+  history = [{"width": widths[0], "val_mIoU": best.segment["val"]["mIoU"]}]
   for width in widths[1:]:
     pm.ignore_band = width
     pm_dir = os.path.join(workdir, f"pseudo_masks_band{width:g}")
@@ -404,17 +411,16 @@ def run_band_widths(config, workdir: str, result: dict, dispatch, erasing,
     learn_from(seg, os.path.join(pm_dir, "masks"), config.segment_layer, summary)
     out = dispatch.run(seg, os.path.join(workdir, f"segment_band{width:g}"))
     history.append({"width": width, "val_mIoU": out["val"]["mIoU"]})
-    improved = out["val"]["mIoU"] > best["segment"]["val"]["mIoU"]
+    improved = out["val"]["mIoU"] > best.segment["val"]["mIoU"]
     print(f"ignore band {width:g}: val mIoU {out['val']['mIoU']:.3f} "
           f"({'best so far' if improved else 'no better'})", flush=True)
-    if improved:
-      best = {"width": width, "segment": out, "pseudo_masks": summary, "data": section_data(seg)}
-    elif auto:
+    if not improved:
       break
-  pm.ignore_band = best["width"]
-  seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best["data"]
-  result["segment"], result["pseudo_masks"] = best["segment"], best["pseudo_masks"]
-  result["ignore_band"] = {"widths": history, "kept": best["width"]}
+    best = BandRun(width, out, summary, section_data(seg))
+  pm.ignore_band = best.width
+  seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best.data
+  result["segment"], result["pseudo_masks"] = best.segment, best.pseudo_masks
+  result["ignore_band"] = {"widths": history, "kept": best.width}
 
 
 def section_data(seg) -> tuple:

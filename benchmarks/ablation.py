@@ -77,15 +77,19 @@ def run_variant(workdir: str, dataset: str, variant: str, image_size,
   summary, its workdir)."""
   config = variant_config(dataset, variant, image_size, overrides)
   out = os.path.join(workdir, dataset, variant)
-  base = os.path.join(workdir, dataset, "base")
-  # the classifier at each input side the base run tried (image_size=auto: size<N>/classify)
-  sides = [d for d in sorted(os.listdir(base)) if d.startswith("size")] if os.path.isdir(
-      base) else []
+  if variant != "base":
+    share_classifiers(os.path.join(workdir, dataset, "base"), out)
+  return run_phase(config, out), out
+
+
+def share_classifiers(base: str, out: str) -> None:
+  """Copies the base run's classifier at each input side it tried (classify/, and with
+  image_size=auto size<N>/classify/) into `out`, where the pipeline resumes past them."""
+  sides = [d for d in sorted(os.listdir(base)) if d.startswith("size")]
   for classifier in ["classify"] + [os.path.join(d, "classify") for d in sides]:
-    if variant != "base" and not os.path.exists(os.path.join(out, classifier)):
+    if not os.path.exists(os.path.join(out, classifier)):
       os.makedirs(os.path.dirname(os.path.join(out, classifier)), exist_ok=True)
       shutil.copytree(os.path.join(base, classifier), os.path.join(out, classifier))
-  return run_phase(config, out), out
 
 
 def scores(summary: dict, workdir: str) -> dict:

@@ -183,6 +183,20 @@ def test_layernorm_gelu_and_the_mae_gathers_are_fused_in_the_compiled_step(model
     assert gather["fused_ops"] > 0 and "gather" not in gather["unfused_by_op"], gather
 
 
+def test_the_ablation_variants_share_the_base_runs_classifier_at_every_side(tmp_path):
+  from benchmarks import ablation
+  base, out = tmp_path / "base", tmp_path / "band"
+  for classifier in ("classify", "size128/classify"):
+    (base / classifier / "checkpoints").mkdir(parents=True)
+    (base / classifier / "config.json").write_text(classifier)
+  (base / "segment").mkdir()
+  (out / "classify").mkdir(parents=True)  # already there: kept as it is
+  ablation.share_classifiers(str(base), str(out))
+  assert sorted(p.name for p in out.iterdir()) == ["classify", "size128"]
+  assert not (out / "classify" / "config.json").exists()
+  assert (out / "size128" / "classify" / "config.json").read_text() == "size128/classify"
+
+
 def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
   from benchmarks import ablation
   base = ablation.variant_config("synthetic_lesions", "base", 0)

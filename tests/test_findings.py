@@ -497,6 +497,9 @@ def test_the_pipeline_image_size_sets_the_classifier_and_the_segmenter_input():
   mismatch.classify.data.image_size = 96
   with pytest.raises(UserError, match="classify.data.image_size=96 and image_size=auto"):
     pipeline_phase.validate(mismatch)
+  mismatch.image_sizes = (96, 64)
+  with pytest.raises(UserError, match=r"image_sizes=\[96, 64\]: image_size=auto tries rising"):
+    pipeline_phase.validate(mismatch)
 
 
 def test_image_size_auto_keeps_the_side_whose_pseudo_masks_score_best_on_val(tmp_path):

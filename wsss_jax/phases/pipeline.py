@@ -299,6 +299,8 @@ def input_sides(config) -> tuple[int, ...]:
     raise UserError(f"image_size=auto compares the pseudo masks' val mIoU at sides {list(sides)}"
                     f", which background.alpha=auto measures (the finding recipe's); here "
                     f"alpha={config.pseudo_masks.background.alpha!r}: give image_size=N")
+  if list(sides) != sorted(set(sides)):
+    raise UserError(f"image_sizes={list(sides)}: image_size=auto tries rising sides")
   if own != sides[0]:
     raise UserError(f"classify.data.image_size={own} and image_size=auto (sides "
                     f"{list(sides)}): give configs/pipeline.py:image_size=N for one side")
@@ -318,8 +320,9 @@ class Side(NamedTuple):
 def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
                     dispatch) -> tuple[Dirs, dict | None]:
   """[pretrain ->] classify [-> erasing -> pseudo masks] at each input side (the first in the
-  workdir, others in size<N>/); the side whose pseudo masks score best on the val masks is the
-  pipeline's (its classifier, its masks, the segmenter's input side). (Its dirs, its erasing.)"""
+  workdir, others in size<N>/) until one scores no better on the val masks; the side whose
+  pseudo masks score best there is the pipeline's (its classifier, its masks, the segmenter's
+  input side). (Its dirs, its erasing.)"""
   sides, tried = input_sides(config), []
   for side in sides:
     at = dirs if side == sides[0] else dirs._replace(**{
@@ -332,6 +335,8 @@ def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
     score = best_val_score(result.get("pseudo_masks", {}))
     tried.append(Side(side, at, erasing, {k: result.get(k) for k in ("classify", "pseudo_masks")},
                       section_data(config.segment), score))
+    if len(tried) > 1 and score <= max(t.score for t in tried[:-1]):
+      break  # sides rise: the first that is no better ends the search, as for the band
   if len(tried) == 1:
     return dirs, tried[0].erasing
   best = max(tried, key=lambda t: t.score)  # the first side on a tie

@@ -202,6 +202,12 @@ def test_segment_refuses_bad_masks_and_mismatched_classifiers(pseudo_dir, tiny_c
   with pytest.raises(UserError, match=r"1 of 32 pseudo masks of layer 'b5_2' are missing, "
                                       r"e.g. .*synthetic_train_7.png"):
     segment.run(_segment_config(str(broken), tiny_classifier), str(tmp_path / "a"))
+  # a self-training round pointed at a segmenter that did not finish (no self labels written)
+  round1 = _segment_config(str(tmp_path / "seg0" / "self_labels"), tiny_classifier)
+  round1.data.mask_layers, round1.loss_weights = ("self",), (1.0,)
+  with pytest.raises(UserError, match=r"32 of 32 pseudo masks of layer 'self' are missing, .*; "
+                                      r"finish a segment run with self_labels.write=True"):
+    segment.run(round1, str(tmp_path / "round1"))
   Image.new("P", (10, 10)).save(broken / "masks" / "b5_2" / "synthetic_train_7.png")
   with pytest.raises(UserError, match=r"synthetic_train_7.png is 10x10 but its image is 48x48"):
     segment.run(_segment_config(str(broken), tiny_classifier), str(tmp_path / "b"))

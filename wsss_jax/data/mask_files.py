@@ -29,6 +29,7 @@ def file_stem(name: str) -> str:
 
 # A pseudo-mask pixel in the uncertain band: every loss and score skips it (the VOC convention)
 IGNORE = 255
+SELF_LAYER = "self"  # the mask layer of a segmenter's self labels, which the next round learns from
 IGNORE_COLOUR = (160, 160, 160)
 
 

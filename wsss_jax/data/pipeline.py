@@ -111,9 +111,11 @@ class MaskedSource:
       missing = [self._path(layer, i) for i in range(len(self.base))
                  if os.path.basename(self._path(layer, i)) not in present]
       if missing:
+        action = ("finish a segment run with self_labels.write=True (it writes "
+                  "self_labels/masks/)" if layer == mask_files.SELF_LAYER
+                  else "run the pseudo_masks phase")
         raise UserError(f"{len(missing)} of {len(self.base)} pseudo masks of layer {layer!r} are "
-                        f"missing, e.g. {missing[0]}; run the pseudo_masks phase on the same "
-                        f"training set first")
+                        f"missing, e.g. {missing[0]}; {action} on the same training set first")
 
   def __len__(self) -> int:
     return len(self.base)

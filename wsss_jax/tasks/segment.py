@@ -347,7 +347,7 @@ def evaluate(seg, state, config, mesh, split: str, classifier=None, overlays: in
 
 
 # --- Self-training: the segmenter relabels its training tiles --------------------------------------
-SELF_LAYER = "self"  # the mask layer of the self labels the next round learns from
+SELF_LAYER = mask_files.SELF_LAYER
 
 
 @functools.partial(jax.jit, static_argnames=("par_settings", "finding"))

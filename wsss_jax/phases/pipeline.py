@@ -247,7 +247,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
   if config.run_affinity and config.supervision == "pseudo":
     run_affinity(config, dirs, result, dispatch)
   seg.self_labels.write = config.supervision == "pseudo" and self_training_rounds(config)[0] > 0
-  result["segment"] = dispatch.run(seg, dirs.segment)
+  result["segment"] = run_segment(dispatch, seg, dirs.segment)
   if len(widths) > 1:
     run_band_widths(config, workdir, result, dispatch, erasing, widths)
   if seg.self_labels.write:
@@ -255,7 +255,7 @@ def run(config, workdir: str, *, dispatch) -> dict:
   if config.supervision == "pseudo":
     run_test_pseudo_masks(config, dirs, result, erasing, workdir, dispatch)
   if config.upper_bound and config.supervision == "pseudo":
-    result["segment_full"] = dispatch.run(full_supervision(seg), dirs.segment_full)
+    result["segment_full"] = run_segment(dispatch, full_supervision(seg), dirs.segment_full)
   result["class_names"] = list(seg.data.class_names)
   result["setting"] = result["segment"].get("setting", "tissue")
   result["test_split"] = seg.test_split
@@ -335,11 +335,11 @@ def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
     score = best_val_score(result.get("pseudo_masks", {}))
     tried.append(Side(side, at, erasing, {k: result.get(k) for k in ("classify", "pseudo_masks")},
                       section_data(config.segment), score))
-    if len(tried) > 1 and score <= max(t.score for t in tried[:-1]):
+    if len(tried) > 1 and not beats(score, tried[-2].score, config):
       break  # sides rise: the first that is no better ends the search, as for the band
   if len(tried) == 1:
     return dirs, tried[0].erasing
-  best = max(tried, key=lambda t: t.score)  # the first side on a tie
+  best = tried[-1] if beats(tried[-1].score, tried[-2].score, config) else tried[-2]
   print("image_size=auto: val pseudo-mask mIoU " + ", ".join(
       f"{t.side} px {t.score:.3f}" for t in tried) + f"; the pipeline goes on at {best.side} px",
       flush=True)
@@ -365,6 +365,13 @@ def val_score(layer_sweep: dict) -> float:
   """A layer's val mIoU at its alpha, with the refinements the val masks kept (par / crf
   .validate)."""
   return layer_sweep.get("refined_mIoU", max(layer_sweep["mIoU"]))
+
+
+def beats(candidate: float, incumbent: float, config) -> bool:
+  """Whether a candidate's val mIoU (a wider band, a larger side, one more round) beats the
+  incumbent's by more than val_min_gain: smaller differences are within the noise of one val
+  split and one training run, and the cheaper choice stays."""
+  return candidate > incumbent + float(config.get("val_min_gain", 0.0))
 
 
 def band_widths(config) -> tuple[float, ...]:
@@ -414,9 +421,9 @@ def run_band_widths(config, workdir: str, result: dict, dispatch, erasing, width
     summary = (pseudo_masks_done(pm_dir, pm.classifier_workdir, config.classify.data.num_train,
                                  erasing, pm) or dispatch.run(pm, pm_dir))
     learn_from(seg, os.path.join(pm_dir, "masks"), config.segment_layer, summary)
-    out = dispatch.run(seg, os.path.join(workdir, f"segment_band{width:g}"))
+    out = run_segment(dispatch, seg, os.path.join(workdir, f"segment_band{width:g}"))
     history.append({"width": width, "val_mIoU": out["val"]["mIoU"]})
-    improved = out["val"]["mIoU"] > best.segment["val"]["mIoU"]
+    improved = beats(out["val"]["mIoU"], best.segment["val"]["mIoU"], config)
     print(f"ignore band {width:g}: val mIoU {out['val']['mIoU']:.3f} "
           f"({'best so far' if improved else 'no better'})", flush=True)
     if not improved:
@@ -426,6 +433,28 @@ def run_band_widths(config, workdir: str, result: dict, dispatch, erasing, width
   seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best.data
   result["segment"], result["pseudo_masks"] = best.segment, best.pseudo_masks
   result["ignore_band"] = {"widths": history, "kept": best.width}
+
+
+def run_segment(dispatch, seg, workdir: str) -> dict:
+  """The segment phase in `workdir`, refused where a run there learnt from other masks (being
+  finished, it would only be re-tested, and its scores would be another recipe's)."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    recorded = None
+  if recorded:
+    for name, old, new in (
+        ("supervision", recorded.get("supervision"), seg.supervision),
+        ("data.masks_dir", recorded["data"].get("masks_dir"),  # full supervision records none
+         seg.data.masks_dir if seg.supervision != "full" else ""),
+        ("data.mask_layers", recorded["data"].get("mask_layers"), list(seg.data.mask_layers)),
+        ("data.image_size", recorded["data"].get("image_size"), seg.data.image_size)):
+      if old != new:
+        raise UserError(f"{workdir} holds a segmenter trained with {name}={old}; the pipeline "
+                        f"now trains it with {name}={new}: delete {workdir} (or give another "
+                        f"--workdir) to train it again")
+  return dispatch.run(seg, workdir)
 
 
 def section_data(seg) -> tuple:
@@ -444,9 +473,9 @@ def run_self_training(config, workdir: str, result: dict, dispatch) -> None:
     section.data.masks_dir = previous["self_labels"]["masks_dir"]
     section.data.mask_layers, section.loss_weights = (SELF_LAYER,), (1.0,)
     section.self_labels.write = r < rounds
-    out = dispatch.run(section, os.path.join(workdir, f"segment_round{r}"))
+    out = run_segment(dispatch, section, os.path.join(workdir, f"segment_round{r}"))
     history.append({"round": r, "val_mIoU": out["val"]["mIoU"], "test": out["test"]})
-    improved = out["val"]["mIoU"] > best["val"]["mIoU"]
+    improved = beats(out["val"]["mIoU"], best["val"]["mIoU"], config)
     best = out if improved else best
     print(f"self-training round {r}: val mIoU {out['val']['mIoU']:.3f} "
           f"({'best so far' if improved else 'no better'})", flush=True)

@@ -47,7 +47,8 @@ self-training rounds (segment_round<r>/), each segmenter learning from the previ
 confident labels, while the val mIoU improves; the best round on val is kept (none run without
 val masks). `band=auto` (the default; `band=0.1` one width, `band=0` none) gives the pseudo masks
 an ignore band whose width is chosen the same way: a segmenter learns from the masks of widths 0,
-0.1, 0.2 in turn (pseudo_masks_band<w>/, segment_band<w>/) while its val mIoU improves.
+0.1, 0.2 in turn (pseudo_masks_band<w>/, segment_band<w>/) while its val mIoU improves. Each
+choice on val changes only for a gain above val_min_gain (0.005 mIoU).
 """
 import ml_collections
 
@@ -136,8 +137,9 @@ def _val_choices(config, arg) -> None:
 def _band_width(arg) -> str:
   """The pseudo masks' ignore band (pseudo_masks.ignore_band): a width, or "auto": a segmenter
   learns from the masks of each of ignore_band.widths in turn, and the first that is no better
-  on the val masks stops the search (tissue tiles keep 0, lesions 0.1: BENCHMARKS.md); without
-  val masks the section's own (0, no band). AffinityNet needs one band; paper=True none."""
+  on the val masks (by val_min_gain) stops the search (tissue tiles keep 0, lesions 0.1:
+  BENCHMARKS.md); without val masks the section's own (0, no band). AffinityNet needs one
+  band; paper=True none."""
   if "band" in arg.given_args:
     return arg.band
   return "0.1" if arg.affinity else "0" if arg.paper else "auto"

@@ -124,7 +124,8 @@ def _val_choices(config, arg) -> None:
   config.ignore_band = dict(width=_band_width(arg), widths=(0.0, 0.1, 0.2))
   # self-training: rounds of segmenters, each on the previous one's confident labels of the
   # training tiles; "auto": up to max_rounds, stopping when the val mIoU stops improving (none
-  # without val masks; tissue tiles 0.843 -> 0.856, lesions: round 0 kept; BENCHMARKS.md).
+  # without val masks; tissue tiles 0.843 -> 0.853, lesions and cells: round 0 kept;
+  # BENCHMARKS.md).
   # paper=True is the authors' method alone: none unless asked
   rounds = "0" if arg.paper and "rounds" not in arg.given_args else arg.rounds
   config.self_training = dict(rounds=rounds, max_rounds=3)

@@ -413,8 +413,10 @@ def test_host_memory_stays_flat_as_the_slide_grows(tmp_path, monkeypatch):
       gc.set_threshold(*thresholds)
     monkeypatch.setattr(predict, "finish_slide", finish)
   # four times the pixels, the same peak over the windows and the TIFF: rows stream through,
-  # and the peak grows by less than a tenth of the pixels the slide gained
-  assert peaks[8192] - peaks[2048] < 0.1 * (8192 - 2048) * 256 * 3, peaks
+  # and the peak grows by less than a quarter of the RGB bytes the slide gained (holding the
+  # image would add all of them, holding the mask a third); the peak varies by a few hundred
+  # KB with the threads' timing (batches in flight), which a tenth (472 KB) did not absorb
+  assert peaks[8192] - peaks[2048] < 0.25 * (8192 - 2048) * 256 * 3, peaks
 
 
 @pytest.mark.parametrize("height,width", [(300, 517), (64, 64), (129, 40)])

@@ -2,7 +2,6 @@
 finding of a trained classifier, the embedded lesion dataset, finding folders, and dataset
 presets that never overwrite what the user gave."""
 import io
-import json
 import os
 
 import jax
@@ -500,41 +499,3 @@ def test_the_pipeline_image_size_sets_the_classifier_and_the_segmenter_input():
   mismatch.image_sizes = (96, 64)
   with pytest.raises(UserError, match=r"image_sizes=\[96, 64\]: image_size=auto tries rising"):
     pipeline_phase.validate(mismatch)
-
-
-def test_image_size_auto_keeps_the_side_whose_pseudo_masks_score_best_on_val(tmp_path):
-  """Two classifiers (32 and 48 px inputs), the pseudo masks of each scored on the val masks;
-  the segmenter trains at the side of the better score, from that classifier and its masks."""
-  from conftest import tiny_pipeline_config
-  from wsss_jax import runner
-  from wsss_jax.phases import pipeline as pipeline_phase
-  def config():
-    out = tiny_pipeline_config("dataset=synthetic_lesions,image_size=auto")
-    out.image_sizes = (32, 48)
-    pm = out.pseudo_masks  # the choice, not the refinements, is under test
-    pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
-    return out
-  result = pipeline_phase.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
-  sides = result["image_size"]["sides"]
-  scores = {}
-  for side, sub in ((32, tmp_path), (48, tmp_path / "size48")):
-    pm = json.load(open(sub / "pseudo_masks" / "summary.json"))
-    scores[side] = max(pipeline_phase.val_score(s) for s in pm["alpha_sweep"].values())
-    assert json.load(open(sub / "classify" / "config.json"))["data"]["image_size"] == side
-  assert [(t["side"], t["val_mIoU"]) for t in sides] == list(scores.items())
-  kept = 48 if scores[48] > scores[32] + config().val_min_gain else 32  # the smaller on a tie
-  assert result["image_size"]["kept"] == kept
-  seg = json.load(open(tmp_path / "segment" / "config.json"))
-  classify = str(tmp_path / ("classify" if kept == 32 else "size48/classify"))
-  assert seg["data"]["image_size"] == kept and seg["gate"]["classifier_workdir"] == classify
-  assert seg["data"]["masks_dir"] == str(tmp_path / (
-      "pseudo_masks" if kept == 32 else "size48/pseudo_masks") / "masks")
-  assert json.load(open(tmp_path / "pseudo_masks_test" / "config.json"))[
-      "classifier_workdir"] == classify
-  assert f"kept {kept} px" in open(tmp_path / "table.md").read()
-  # a re-run resumes at both sides: no classifier step, no pseudo mask recomputed
-  written = {p: os.path.getmtime(p) for p in tmp_path.glob("**/pseudo_masks/summary.json")}
-  again = pipeline_phase.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
-  assert {p: os.path.getmtime(p) for p in written} == written and len(written) == 2
-  assert again["image_size"] == result["image_size"]
-  assert again["segment"]["test"] == result["segment"]["test"]

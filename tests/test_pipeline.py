@@ -169,30 +169,54 @@ def test_config_sections_take_keyword_overrides_checked_like_text(tmp_path):
   assert load("pipeline").erasing.get("classify") is None  # the pipeline's classify trains it
 
 
-def test_band_widths_then_self_training_rounds_keep_the_best_on_val(tmp_path):
-  """band=auto over widths 0 and 0.1: a segmenter learns from each width's pseudo masks, the
-  width of the best val mIoU is kept (its masks, its test pseudo masks); then rounds=2: that
-  segmenter writes its confident labels of the training tiles, round 1 learns from them (and
-  writes its own), round 2 from round 1's; the pipeline's segmenter is the round of the best val
-  mIoU and table.md names every width and round."""
-  config = tiny_pipeline_config("paper=True,rounds=2,band=auto")
-  config.ignore_band.widths = (0.0, 0.1)
-  result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
+def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
+  """The finding recipe's three choices on val in one run. image_size=auto over sides 32 and 48:
+  a classifier and its pseudo masks at each (the second in size48/), the side of the better val
+  pseudo masks kept (by the rule re-implemented below) with its classifier and masks for the
+  segmenter. band=auto over widths 0 and 0.1: a segmenter on each width's masks, the kept width's
+  masks and segmenter go on. rounds=2: the kept segmenter's confident labels teach round 1,
+  round 1's teach round 2; the round of the best val mIoU is the pipeline's. table.md names
+  every choice, and every pseudo-mask run is current for a re-run."""
+  def config():
+    out = tiny_pipeline_config("dataset=synthetic_lesions,image_size=auto,band=auto,rounds=2")
+    out.image_sizes, out.ignore_band.widths = (32, 48), (0.0, 0.1)
+    pm = out.pseudo_masks  # the choices, not the refinements, are under test
+    pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
+    return out
+  result = pipeline.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
+  gain = config().val_min_gain
+  scores = {}
+  for side, sub in ((32, tmp_path), (48, tmp_path / "size48")):
+    pm = json.load(open(sub / "pseudo_masks" / "summary.json"))
+    scores[side] = max(pipeline.val_score(s) for s in pm["alpha_sweep"].values())
+    assert json.load(open(sub / "classify" / "config.json"))["data"]["image_size"] == side
+  assert [(t["side"], t["val_mIoU"]) for t in result["image_size"]["sides"]] == list(
+      scores.items())
+  side = (32, 48)[_kept(list(scores.values()), gain)]
+  assert result["image_size"]["kept"] == side
+  classify = str(tmp_path / ("classify" if side == 32 else "size48/classify"))
+  seg = json.load(open(tmp_path / "segment" / "config.json"))
+  assert seg["data"]["image_size"] == side and seg["gate"]["classifier_workdir"] == classify
+  assert seg["data"]["masks_dir"] == str(tmp_path / (
+      "pseudo_masks" if side == 32 else "size48/pseudo_masks") / "masks")
+
   band = result["ignore_band"]
   assert [h["width"] for h in band["widths"]] == [0.0, 0.1]
-  assert band["kept"] == band["widths"][_kept([h["val_mIoU"] for h in band["widths"]], 0.005)][
-      "width"]
+  assert band["kept"] == (0.0, 0.1)[_kept([h["val_mIoU"] for h in band["widths"]], gain)]
   banded = json.load(open(tmp_path / "segment_band0.1" / "config.json"))["data"]
   assert banded["masks_dir"] == str(tmp_path / "pseudo_masks_band0.1" / "masks")
   pm_band = json.load(open(tmp_path / "pseudo_masks_band0.1" / "summary.json"))
-  assert pm_band["ignore_band"] == 0.1 and 0 < pm_band["ignored_share"]["b4_5"] < 1
+  assert pm_band["ignore_band"] == 0.1 and pm_band["classifier"] == classify
+  assert 0 < max(pm_band["ignored_share"].values()) < 1
+  test_pm = json.load(open(tmp_path / "pseudo_masks_test" / "config.json"))
+  assert test_pm["classifier_workdir"] == classify and test_pm["ignore_band"] == band["kept"]
+
   kept = "segment" if band["kept"] == 0 else "segment_band0.1"
-  assert result["pseudo_masks_test"]["ignore_band"] == band["kept"]
   rounds = result["self_training"]["rounds"]
   assert [h["round"] for h in rounds] == [0, 1, 2]
   assert rounds[0]["val_mIoU"] == next(h["val_mIoU"] for h in band["widths"]
                                        if h["width"] == band["kept"])
-  best = rounds[_kept([h["val_mIoU"] for h in rounds], 0.005, stop=False)]
+  best = rounds[_kept([h["val_mIoU"] for h in rounds], gain, stop=False)]
   assert result["self_training"]["kept"] == best["round"]
   assert result["segment"]["test"] == best["test"]
   r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
@@ -200,9 +224,17 @@ def test_band_widths_then_self_training_rounds_keep_the_best_on_val(tmp_path):
   assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]
   assert not json.load(open(tmp_path / "segment_round2" / "config.json"))["self_labels"]["write"]
   labels = os.listdir(tmp_path / kept / "self_labels" / "masks" / "self")
-  assert len(labels) == config.classify.data.num_train
+  assert len(labels) == config().classify.data.num_train
   text = open(tmp_path / "table.md").read()
-  assert "Self-training (val mIoU per round" in text and "Ignore band (the segmenter's" in text
+  assert f"kept {side} px" in text and "Ignore band (the segmenter's" in text
+  assert "Self-training (val mIoU per round" in text
+
+  # what a re-run resumes by: every pseudo-mask run here is current for its section
+  for sub, width in ((tmp_path / "pseudo_masks", 0.0), (tmp_path / "pseudo_masks_band0.1", 0.1)):
+    section = ml_collections.ConfigDict(json.load(open(sub / "config.json")))
+    assert section.ignore_band == width
+    assert pipeline.pseudo_masks_done(str(sub), section.classifier_workdir,
+                                      config().classify.data.num_train, None, section)
 
 
 def _kept(scores, gain, stop=True):

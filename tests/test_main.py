@@ -188,6 +188,15 @@ def test_stderr_filter_drops_only_closed_event_loop_tracebacks():
       stream.write(text[i:i + chunk])
     stream.flush()
     assert out.getvalue() == "first line\n" + kept + "error: the one line\n"
+  # a background thread's traceback cut short by the immediate exit of a failed save: silenced
+  out = io.StringIO()
+  stream = _WithoutClosedLoopTracebacks(out)
+  stream.write(dropped[:60])
+  stream.silence()
+  out.write("error: checkpoint 9 could not be written\n")  # _fail's line, to the real stream
+  stream.write(dropped[60:] + kept)
+  stream.flush()
+  assert out.getvalue() == "error: checkpoint 9 could not be written\n"
 
 
 def test_tpu_keep_running_recreates_a_preempted_slice_and_runs_again(tmp_path):

@@ -117,9 +117,16 @@ class _WithoutClosedLoopTracebacks:
   DROPPED = "RuntimeError: Event loop is closed"
 
   def __init__(self, stream):
-    self.stream, self.pending, self.held = stream, "", []
+    self.stream, self.pending, self.held, self.silenced = stream, "", [], False
+
+  def silence(self) -> None:
+    """Drops what other threads print from now on, and a traceback they were printing: the
+    process is about to end at once (os._exit), cutting them short."""
+    self.silenced, self.held, self.pending = True, [], ""
 
   def write(self, text: str) -> int:
+    if self.silenced:
+      return len(text)
     *lines, self.pending = (self.pending + text).split("\n")
     for line in lines:
       self._line(line)
@@ -148,7 +155,11 @@ class _WithoutClosedLoopTracebacks:
 
 
 def _fail(message: str, status: int = 2, prefix: str = "error: ", now: bool = False) -> None:
-  print(f"{prefix}{message}", file=sys.stderr)
+  stream = sys.stderr
+  if now and isinstance(stream, _WithoutClosedLoopTracebacks):
+    stream.silence()  # background threads' half-printed tracebacks are not the error
+    stream = stream.stream
+  print(f"{prefix}{message}", file=stream)
   if now:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -153,7 +153,7 @@ def _fixed_size(text: str) -> int:
     return 0
   if not word.isdigit() or int(word) < 16:
     raise UserError(f"config argument image_size={text!r} is not a side in pixels "
-                               f"(16 or more) or 'auto'")
+                    f"(16 or more) or 'auto'")
   return int(word)
 
 
@@ -166,7 +166,7 @@ def _size_choice(config, arg, vit: bool) -> tuple:
   finding = config.classify.data.setting == "finding"
   if word == "auto" and vit:
     raise UserError("image_size=auto: a ViT classifier takes its pretraining's input "
-                               "side; give image_size=N")
+                    "side; give image_size=N")
   if word == "auto" or (not word and finding and not vit and not arg.paper):
     side = config.classify.data.image_size
     return (side, 2 * side)

@@ -50,15 +50,22 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
 def _same_settings(workdir: str, section) -> bool:
   """Whether `workdir`'s config.json records `section` (the data's report_dir, which the runner
   fills in with the workdir, aside)."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      recorded = json.load(f)
-  except (OSError, ValueError):
+  recorded = _recorded_config(workdir)
+  if recorded is None:
     return False
   current = _recorded_fields(json.loads(section.to_json_best_effort()), recorded)
   for settings in (recorded, current):
     settings.get("data", {}).pop("report_dir", None)
   return recorded == current
+
+
+def _recorded_config(workdir: str) -> dict | None:
+  """The config.json a run in `workdir` recorded, or None (none there, or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def _recorded_fields(current, recorded):
@@ -438,11 +445,7 @@ def run_band_widths(config, workdir: str, result: dict, dispatch, erasing, width
 def run_segment(dispatch, seg, workdir: str) -> dict:
   """The segment phase in `workdir`, refused where a run there learnt from other masks (being
   finished, it would only be re-tested, and its scores would be another recipe's)."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      recorded = json.load(f)
-  except (OSError, ValueError):
-    recorded = None
+  recorded = _recorded_config(workdir)
   if recorded:
     for name, old, new in (
         ("supervision", recorded.get("supervision"), seg.supervision),

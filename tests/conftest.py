@@ -118,10 +118,9 @@ def tiny_classifier(tmp_path_factory):
 # The longest tests (by --durations on a 2-core CPU) start first: under pytest-xdist
 # none of them is then left running alone at the end of the suite. The rest keep their order.
 SLOWEST_FIRST = (
-    "test_pipeline.py::test_pipeline_end_to_end_with_erasing_upper_bound_and_resume",
+    "test_pipeline.py::test_pipeline_end_to_end_with_erasing_affinity_upper_bound_and_resume",
     "test_pipeline.py::test_input_side_band_width_and_rounds_are_chosen_on_val",
     "test_preemption.py::test_sigterm_from_outside_stops_every_process_at_one_step",
-    "test_pipeline.py::test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks",
     "test_pretext.py::test_resnet_pretext_run_initialises_a_resnet_classifier",
     "test_classify.py::test_classifier_learns_the_embedded_dataset",
     "test_classify.py::test_mu_is_checkpointed_and_resumes_exactly",

@@ -17,18 +17,23 @@ from wsss_jax.runner import run_phase
 
 
 def _tiny_erasing_pipeline():
-  config = tiny_pipeline_config("erasing=2,upper_bound=True,paper=True")
+  config = tiny_pipeline_config("erasing=2,upper_bound=True,paper=True,affinity=True")
   config.erasing.erasing.max_erased, config.erasing.erasing.stop_ratio = 0.99, 0.01
+  aff = config.affinity
+  aff.model.width, aff.data.image_size, aff.batch_size, aff.num_epochs = 0.0625, 32, 8, 1
+  aff.data.tile_size, aff.data.num_threads, aff.async_checkpointing = 48, 1, False
   return config
 
 
-def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
-  """The whole pipeline once, with adversarial erasing (2 rounds) and the ground-truth upper
-  bound: its classifier is erasing's round 0, round 1 trains on tiles erased where round 0's maps
-  were high, the pseudo masks fuse both rounds, and a re-run resumes every phase and recomputes
-  nothing. paper=True: the default adds SEAM and the CRF, each tested in its phase, and costs
-  this test 75 s more (under load)."""
+def test_pipeline_end_to_end_with_erasing_affinity_upper_bound_and_resume(tmp_path):
+  """The whole pipeline once, with adversarial erasing (2 rounds), AffinityNet and the
+  ground-truth upper bound: its classifier is erasing's round 0, round 1 trains on tiles erased
+  where round 0's maps were high, the pseudo masks fuse both rounds, AffinityNet learns from
+  their banded layer and the segmenter from its random walk's masks, and a re-run resumes every
+  phase and recomputes nothing. paper=True: the default adds SEAM and the CRF, each tested in
+  its phase, and costs this test 75 s more (under load)."""
   result = pipeline.run(_tiny_erasing_pipeline(), str(tmp_path), dispatch=runner.DISPATCH)
+  config_of = lambda phase: json.load(open(tmp_path / phase / "config.json"))  # noqa: E731
   text = open(tmp_path / "table.md").read()
   for row in ("| train | b4_5 |", "| train | bn7 |", "| test | bn7 |", "| pseudo | off |",
               "| pseudo | exclude |", "| full | off |", "Adversarial erasing: 2 round(s) fused"):
@@ -40,6 +45,15 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   assert 6 * overlays.MIN_SIDE < height < 6 * overlays.MIN_SIDE + 200  # 6 tiles
   assert result["segment"]["supervision"] == "pseudo"
   assert result["segment_full"]["supervision"] == "full"
+  # AffinityNet learnt from the banded pseudo masks, the segmenter from its random walk
+  assert config_of("pseudo_masks")["ignore_band"] == 0.1  # it learns from confident pixels
+  seg = config_of("segment")["data"]
+  assert seg["masks_dir"] == str(tmp_path / "affinity" / "masks") and seg["mask_layers"] == ["rw"]
+  aff = config_of("affinity")
+  assert aff["pseudo_workdir"] == str(tmp_path / "pseudo_masks")
+  assert aff["data"]["mask_layers"] == [result["affinity"]["layer"]]
+  assert len(os.listdir(tmp_path / "affinity" / "masks" / "rw")) == 32  # every training tile
+  assert "| train | rw (random walk of" in text
   # erasing: round 0 is the pipeline's classifier, not trained again; the masks fuse both rounds
   work, classify = tmp_path / "erasing", str(tmp_path / "classify")
   summary = result["erasing"]
@@ -69,6 +83,7 @@ def test_pipeline_end_to_end_with_erasing_upper_bound_and_resume(tmp_path):
   assert os.path.getmtime(mask) == written
   assert again["erasing"]["rounds"] == summary["rounds"]
   assert again["classify"]["resumed_from"] == again["classify"]["steps"]
+  assert again["affinity"]["resumed_from"] == again["affinity"]["steps"]
   assert again["segment"]["resumed_from"] == again["segment"]["steps"]
   assert again["segment"]["test"] == result["segment"]["test"]
 
@@ -293,22 +308,10 @@ def test_pseudo_masks_are_recomputed_when_their_settings_change(tmp_path):
   assert pipeline._same_settings(str(tmp_path), section)
 
 
-def test_pipeline_with_affinity_trains_the_segmenter_on_the_random_walk_masks(tmp_path):
-  config = tiny_pipeline_config("paper=True,affinity=True")
-  aff = config.affinity
-  aff.model.width, aff.data.image_size, aff.batch_size, aff.num_epochs = 0.0625, 32, 8, 1
-  aff.data.tile_size, aff.data.num_threads, aff.async_checkpointing = 48, 1, False
-  assert config.ignore_band.width == "0.1"  # AffinityNet learns from confident pixels
-  result = pipeline.run(config, str(tmp_path), dispatch=runner.DISPATCH)
-  assert json.load(open(tmp_path / "pseudo_masks" / "config.json"))["ignore_band"] == 0.1
-  seg = json.load(open(tmp_path / "segment" / "config.json"))["data"]
-  assert seg["masks_dir"] == str(tmp_path / "affinity" / "masks") and seg["mask_layers"] == ["rw"]
-  aff_config = json.load(open(tmp_path / "affinity" / "config.json"))
-  assert aff_config["pseudo_workdir"] == str(tmp_path / "pseudo_masks")
-  assert aff_config["data"]["mask_layers"] == [result["affinity"]["layer"]]
-  assert len(os.listdir(tmp_path / "affinity" / "masks" / "rw")) == config.classify.data.num_train
+def test_affinity_needs_the_resnet38_trunk():
   with pytest.raises(UserError, match="AffinityNet's trunk is the ResNet38"):
     pipeline.validate(tiny_pipeline_config("pretrain=scratch,affinity=True"))
+  assert tiny_pipeline_config("affinity=True").ignore_band.width == "0.1"
 
 
 def test_the_upper_bound_of_a_self_training_pipeline_is_a_valid_full_supervision_run():

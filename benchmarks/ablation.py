@@ -96,8 +96,10 @@ def scores(summary: dict, workdir: str) -> dict:
   """Test scores of one pipeline summary: pseudo masks of the layer the segmenter learnt from
   (AffinityNet's and self-training's are scored through their segmenter), the weak segmenter,
   and (base) the same segmenter on the ground truth."""
-  with open(os.path.join(workdir, "segment", "config.json"), encoding="utf-8") as f:
-    learnt = json.load(f)["data"]["mask_layers"][-1]
+  learnt = summary.get("mask_layer")
+  if not learnt:  # a run from before the pipeline recorded it
+    with open(os.path.join(workdir, "segment", "config.json"), encoding="utf-8") as f:
+      learnt = json.load(f)["data"]["mask_layers"][-1]
   test = summary["pseudo_masks_test"]["layers"]
   layer = learnt if learnt in test else next(iter(test))
   out = {"pseudo_masks": test[layer],

@@ -2,7 +2,7 @@
 kept, the tile | the classifier's relevance map of the first present class (blended heat map) |
 the pseudo mask | the segmenter's prediction | the ground truth. The README's figure comes from it.
 
-  python -m benchmarks.pipeline_figure --workdir=runs/les3 --out=docs/figure.png --rows=3
+  python -m benchmarks.pipeline_figure --workdir=runs/les --out=docs/figure.png --rows=3
 """
 from __future__ import annotations
 
@@ -33,15 +33,16 @@ def main() -> None:
   from wsss_jax.train import earlier_runs
 
   summary = json.load(open(os.path.join(args.workdir, "summary.json")))
-  seg_config = json.load(open(os.path.join(args.workdir, "segment", "config.json")))
-  layer = seg_config["data"]["mask_layers"][-1]
+  # the segmenter and classifier the run kept (band width, round and input side chosen on val)
+  segment_dir = summary["segment"].get("workdir") or os.path.join(args.workdir, "segment")
+  seg_config = json.load(open(os.path.join(segment_dir, "config.json")))
+  layer = summary.get("mask_layer") or seg_config["data"]["mask_layers"][-1]
   pm = summary["pseudo_masks_test"]
   names = list(summary["class_names"])
   k = len(names)
-  shown = np.load(os.path.join(args.workdir, "segment", "overlays", "test.npz"))
+  shown = np.load(os.path.join(segment_dir, "overlays", "test.npz"))
   mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = earlier_runs.load_classifier(
-      os.path.join(args.workdir, "classify"), mesh)
+  model, variables, meta, _, data = earlier_runs.load_classifier(pm["classifier"], mesh)
   size = meta["image_size"]
   palette = mask_files.palette_bytes(pm["palette"], k + 1)
 

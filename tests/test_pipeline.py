@@ -165,8 +165,9 @@ def test_pipeline_from_a_cnn_pretext_run_needs_its_encoder_and_width(tmp_path):
 
 
 def test_config_sections_take_keyword_overrides_checked_like_text(tmp_path):
-  from conftest import load_config as load
   import importlib.util
+
+  from conftest import load_config as load
   spec = importlib.util.spec_from_file_location(
       "classify_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "classify.py"))
   module = importlib.util.module_from_spec(spec)
@@ -234,6 +235,11 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
   best = rounds[_kept([h["val_mIoU"] for h in rounds], gain, stop=False)]
   assert result["self_training"]["kept"] == best["round"]
   assert result["segment"]["test"] == best["test"]
+  # overlays.png and benchmarks/pipeline_figure.py draw the kept segmenter, not segment/'s
+  kept_dir = f"segment_round{best['round']}" if best["round"] else kept
+  assert result["segment"]["workdir"] == str(tmp_path / kept_dir)
+  assert result["mask_layer"] == json.load(open(tmp_path / kept / "config.json"))["data"][
+      "mask_layers"][-1]
   r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
   assert r1["data"]["masks_dir"] == str(tmp_path / kept / "self_labels" / "masks")
   assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]
@@ -262,6 +268,29 @@ def _kept(scores, gain, stop=True):
     elif stop:
       break
   return best
+
+
+def test_the_search_on_val_keeps_a_candidate_only_for_more_than_the_minimum_gain():
+  """search_on_val (sides, widths, rounds) against the rule by hand on random val scores: which
+  candidates run, which is kept, each run seeing those tried before it."""
+  config = ml_collections.ConfigDict({"val_min_gain": 0.005})
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    scores = list(np.round(0.5 + rng.normal(0, 0.01, rng.integers(1, 6)), 3))
+    for stop in (True, False):
+      seen = []
+
+      def run(i, tried):
+        assert [t.candidate for t in tried] == list(range(i))
+        seen.append(i)
+        return f"run {i}", scores[i]
+      tried, kept = pipeline.search_on_val(range(len(scores)), run, config, str, stop=stop)
+      assert kept == _kept(scores, 0.005, stop) and tried[kept].outcome == f"run {kept}"
+      ran = len(scores)
+      if stop:  # up to and including the first candidate no better than the best before it
+        ran = next((i + 1 for i in range(1, len(scores))
+                    if _kept(scores[:i + 1], 0.005) != i), len(scores))
+      assert seen == list(range(ran))
 
 
 def test_rounds_and_band_choices_are_checked_before_work():

@@ -321,7 +321,6 @@ class Side(NamedTuple):
   erasing: dict | None
   result: dict       # its classify (and pseudo_masks) summaries
   data: tuple        # the segment section's masks_dir, mask_layers, loss_weights
-  score: float       # the best val pseudo-mask mIoU over its layers
 
 
 def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
@@ -330,9 +329,10 @@ def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
   workdir, others in size<N>/) until one scores no better on the val masks; the side whose
   pseudo masks score best there is the pipeline's (its classifier, its masks, the segmenter's
   input side). (Its dirs, its erasing.)"""
-  sides, tried = input_sides(config), []
-  for side in sides:
-    at = dirs if side == sides[0] else dirs._replace(**{
+  sides = input_sides(config)
+
+  def run_side(side, tried):
+    at = dirs if not tried else dirs._replace(**{
         f: os.path.join(workdir, f"size{side}", f)
         for f in ("classify", "erasing", "pseudo_masks", "affinity")})
     config.classify.data.image_size = side
@@ -340,16 +340,16 @@ def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
     erasing = (run_pseudo_masks(config, at, result, dispatch)
                if config.supervision == "pseudo" else None)
     score = best_val_score(result.get("pseudo_masks", {}))
-    tried.append(Side(side, at, erasing, {k: result.get(k) for k in ("classify", "pseudo_masks")},
-                      section_data(config.segment), score))
-    if len(tried) > 1 and not beats(score, tried[-2].score, config):
-      break  # sides rise: the first that is no better ends the search, as for the band
+    return Side(side, at, erasing, {k: result.get(k) for k in ("classify", "pseudo_masks")},
+                section_data(config.segment)), score
+
+  tried, kept = search_on_val(sides, run_side, config, lambda side: f"input side {side} px")
   if len(tried) == 1:
-    return dirs, tried[0].erasing
-  best = tried[-1] if beats(tried[-1].score, tried[-2].score, config) else tried[-2]
+    return dirs, tried[0].outcome.erasing
+  best = tried[kept].outcome
   print("image_size=auto: val pseudo-mask mIoU " + ", ".join(
-      f"{t.side} px {t.score:.3f}" for t in tried) + f"; the pipeline goes on at {best.side} px",
-      flush=True)
+      f"{t.candidate} px {t.score:.3f}" for t in tried) + f"; the pipeline goes on at "
+      f"{best.side} px", flush=True)
   config.classify.data.image_size = config.segment.data.image_size = best.side
   seg = config.segment
   seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best.data
@@ -357,7 +357,7 @@ def run_input_sides(config, workdir: str, dirs: Dirs, result: dict,
   if best.erasing:
     config.pseudo_masks.erasing_workdir = best.dirs.erasing
   result.update(best.result)
-  result["image_size"] = {"sides": [{"side": t.side, "val_mIoU": t.score} for t in tried],
+  result["image_size"] = {"sides": [{"side": t.candidate, "val_mIoU": t.score} for t in tried],
                           "kept": best.side}
   return best.dirs, best.erasing
 
@@ -379,6 +379,33 @@ def beats(candidate: float, incumbent: float, config) -> bool:
   incumbent's by more than val_min_gain: smaller differences are within the noise of one val
   split and one training run, and the cheaper choice stays."""
   return candidate > incumbent + float(config.get("val_min_gain", 0.0))
+
+
+class Tried(NamedTuple):
+  """One candidate of a search on the val masks: what running it gave and its val mIoU."""
+  candidate: object
+  outcome: object
+  score: float
+
+
+def search_on_val(candidates, run_candidate, config, name, stop: bool = True) -> tuple[list, int]:
+  """Runs `run_candidate` (candidate, those tried -> (outcome, val mIoU)) on each candidate in
+  turn: one replaces the best so far only when it `beats` it; with `stop`, the first that does
+  not ends the search (candidates cost more as they go: a larger side, a wider band, one more
+  round). `name(candidate)` names it in the log. (Every candidate tried, the best's index.)"""
+  tried, best = [], 0
+  for candidate in candidates:
+    tried.append(Tried(candidate, *run_candidate(candidate, tried)))
+    if len(tried) == 1:
+      continue
+    improved = beats(tried[-1].score, tried[best].score, config)
+    print(f"{name(candidate)}: val mIoU {tried[-1].score:.3f} "
+          f"({'best so far' if improved else 'no better'})", flush=True)
+    if improved:
+      best = len(tried) - 1
+    elif stop:
+      break
+  return tried, best
 
 
 def band_widths(config) -> tuple[float, ...]:
@@ -420,30 +447,31 @@ def run_band_widths(config, workdir: str, result: dict, dispatch, erasing, width
   segment_band<w>/) until one is no better on val; the width of the best val mIoU is the
   pipeline's from here on (its masks, its segmenter, the test tiles' pseudo masks)."""
   pm, seg = config.pseudo_masks, config.segment
-  best = BandRun(widths[0], result["segment"], result["pseudo_masks"], section_data(seg))
-  history = [{"width": widths[0], "val_mIoU": best.segment["val"]["mIoU"]}]
-  for width in widths[1:]:
+
+  def run_width(width, tried):
+    if not tried:  # the pipeline's own segmenter learnt from the first width's masks
+      return BandRun(width, result["segment"], result["pseudo_masks"],
+                     section_data(seg)), result["segment"]["val"]["mIoU"]
     pm.ignore_band = width
     pm_dir = os.path.join(workdir, f"pseudo_masks_band{width:g}")
     summary = (pseudo_masks_done(pm_dir, pm.classifier_workdir, config.classify.data.num_train,
                                  erasing, pm) or dispatch.run(pm, pm_dir))
     learn_from(seg, os.path.join(pm_dir, "masks"), config.segment_layer, summary)
     out = run_segment(dispatch, seg, os.path.join(workdir, f"segment_band{width:g}"))
-    history.append({"width": width, "val_mIoU": out["val"]["mIoU"]})
-    improved = beats(out["val"]["mIoU"], best.segment["val"]["mIoU"], config)
-    print(f"ignore band {width:g}: val mIoU {out['val']['mIoU']:.3f} "
-          f"({'best so far' if improved else 'no better'})", flush=True)
-    if not improved:
-      break
-    best = BandRun(width, out, summary, section_data(seg))
+    return BandRun(width, out, summary, section_data(seg)), out["val"]["mIoU"]
+
+  tried, kept = search_on_val(widths, run_width, config, lambda w: f"ignore band {w:g}")
+  best = tried[kept].outcome
   pm.ignore_band = best.width
   seg.data.masks_dir, seg.data.mask_layers, seg.loss_weights = best.data
   result["segment"], result["pseudo_masks"] = best.segment, best.pseudo_masks
-  result["ignore_band"] = {"widths": history, "kept": best.width}
+  result["ignore_band"] = {"widths": [{"width": t.candidate, "val_mIoU": t.score}
+                                      for t in tried], "kept": best.width}
 
 
 def run_segment(dispatch, seg, workdir: str) -> dict:
-  """The segment phase in `workdir`, refused where a run there learnt from other masks (being
+  """The segment phase in `workdir` (its summary, with that workdir: the band and round
+  searches keep one of several), refused where a run there learnt from other masks (being
   finished, it would only be re-tested, and its scores would be another recipe's)."""
   recorded = _recorded_config(workdir)
   if recorded:
@@ -457,7 +485,7 @@ def run_segment(dispatch, seg, workdir: str) -> dict:
         raise UserError(f"{workdir} holds a segmenter trained with {name}={old}; the pipeline "
                         f"now trains it with {name}={new}: delete {workdir} (or give another "
                         f"--workdir) to train it again")
-  return dispatch.run(seg, workdir)
+  return dict(dispatch.run(seg, workdir), workdir=workdir)
 
 
 def section_data(seg) -> tuple:
@@ -469,25 +497,23 @@ def run_self_training(config, workdir: str, result: dict, dispatch) -> None:
   """Rounds of self-training (segment_round<r>/): each segmenter learns from the previous one's
   confident labels of the training tiles; the round of the best val mIoU is the result."""
   rounds, auto = self_training_rounds(config)
-  previous = best = result["segment"]
-  history = [{"round": 0, "val_mIoU": best["val"]["mIoU"], "test": best["test"]}]
-  for r in range(1, rounds + 1):
+
+  def run_round(r, tried):
+    if not tried:  # round 0: the segmenter on the pseudo masks
+      return result["segment"], result["segment"]["val"]["mIoU"]
     section = config.segment.copy_and_resolve_references()
-    section.data.masks_dir = previous["self_labels"]["masks_dir"]
+    section.data.masks_dir = tried[-1].outcome["self_labels"]["masks_dir"]
     section.data.mask_layers, section.loss_weights = (SELF_LAYER,), (1.0,)
     section.self_labels.write = r < rounds
     out = run_segment(dispatch, section, os.path.join(workdir, f"segment_round{r}"))
-    history.append({"round": r, "val_mIoU": out["val"]["mIoU"], "test": out["test"]})
-    improved = beats(out["val"]["mIoU"], best["val"]["mIoU"], config)
-    best = out if improved else best
-    print(f"self-training round {r}: val mIoU {out['val']['mIoU']:.3f} "
-          f"({'best so far' if improved else 'no better'})", flush=True)
-    if auto and not improved:
-      break
-    previous = out
-  result["segment"] = best
-  result["self_training"] = {"rounds": history, "kept": next(
-      h["round"] for h in history if h["val_mIoU"] == best["val"]["mIoU"])}
+    return out, out["val"]["mIoU"]
+
+  tried, kept = search_on_val(range(rounds + 1), run_round, config,
+                              lambda r: f"self-training round {r}", stop=auto)
+  result["segment"] = tried[kept].outcome
+  result["self_training"] = {"rounds": [{"round": t.candidate, "val_mIoU": t.score,
+                                         "test": t.outcome["test"]} for t in tried],
+                             "kept": kept}
 
 
 def run_classifier(config, dirs: Dirs, result: dict, dispatch) -> None:
@@ -553,9 +579,11 @@ def run_test_pseudo_masks(config, dirs: Dirs, result: dict, erasing, workdir: st
       pseudo_masks_done(dirs.pseudo_masks_test, dirs.classify, seg.data.num_test, erasing,
                         test_pm)
       or dispatch.run(test_pm, dirs.pseudo_masks_test))
+  # the pseudo-mask layer the segmenter learnt from (through AffinityNet, or its self labels)
+  layer = result.get("affinity", {}).get("layer") or seg.data.mask_layers[-1]
+  result["mask_layer"] = layer
   if parallel.is_main_process():
-    layer = result.get("affinity", {}).get("layer") or seg.data.mask_layers[-1]
-    save_overlays(workdir, dirs, layer,
+    save_overlays(workdir, result["segment"]["workdir"], dirs, layer,
                   result["pseudo_masks_test"].get("palette") or "luad", seg.data.num_classes,
                   result["pseudo_masks_test"])
 
@@ -590,11 +618,12 @@ def erasing_config(config, classify_dir: str):
   return er
 
 
-def save_overlays(workdir: str, dirs: Dirs, layer: str, palette_name: str,
+def save_overlays(workdir: str, segment_dir: str, dirs: Dirs, layer: str, palette_name: str,
                   num_classes: int, pm_summary: dict) -> None:
-  """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction for the test tiles
-  the segment phase kept, blended over the image, with a legend."""
-  path = os.path.join(dirs.segment, "overlays", "test.npz")
+  """overlays.png: image | ground truth | pseudo mask (`layer`) | prediction of the pipeline's
+  segmenter (in `segment_dir`) for the test tiles the segment phase kept, blended over the
+  image, with a legend."""
+  path = os.path.join(segment_dir, "overlays", "test.npz")
   if not os.path.exists(path):
     return
   shown = np.load(path)

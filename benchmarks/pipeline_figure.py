@@ -1,6 +1,8 @@
 """A figure of a finished pipeline run (configs/pipeline.py): for the test tiles the segment phase
 kept, the tile | the classifier's relevance map of the first present class (blended heat map) |
-the pseudo mask | the segmenter's prediction | the ground truth. The README's figure comes from it.
+the pseudo mask | the segmenter's prediction | the ground truth. The classifier and segmenter are
+those the run kept (input side, band width and self-training round chosen on val). The README's
+figure comes from it.
 
   python -m benchmarks.pipeline_figure --workdir=runs/les --out=docs/figure.png --rows=3
 """
@@ -9,19 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import NamedTuple
 
 import numpy as np
 
 from wsss_jax.data import mask_files
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="a finished pipeline run")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--rows", type=int, default=3)
-  parser.add_argument("--method", default="gradcam")
-  args = parser.parse_args()
+class Figure(NamedTuple):
+  rows: list          # per tile: tile, heat map, pseudo mask, segmenter, ground truth (RGB)
+  layer: str          # the pseudo-mask layer the segmenter learnt from
+  names: list         # class names
+  palette: list       # mask colours, flat RGB
+
+
+def figure_rows(workdir: str, num_rows: int, method: str) -> Figure:
+  """The figure's rows for the first `num_rows` test tiles the kept segmenter's run showed."""
   import jax.numpy as jnp
   import ml_collections
   from PIL import Image
@@ -32,28 +37,26 @@ def main() -> None:
   from wsss_jax.tasks.common import prepare_images
   from wsss_jax.train import earlier_runs
 
-  summary = json.load(open(os.path.join(args.workdir, "summary.json")))
-  # the segmenter and classifier the run kept (band width, round and input side chosen on val)
-  segment_dir = summary["segment"].get("workdir") or os.path.join(args.workdir, "segment")
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  segment_dir = summary["segment"].get("workdir") or os.path.join(workdir, "segment")
   seg_config = json.load(open(os.path.join(segment_dir, "config.json")))
   layer = summary.get("mask_layer") or seg_config["data"]["mask_layers"][-1]
   pm = summary["pseudo_masks_test"]
   names = list(summary["class_names"])
   k = len(names)
   shown = np.load(os.path.join(segment_dir, "overlays", "test.npz"))
-  mesh = parallel.make_mesh(1)
-  model, variables, meta, _, data = earlier_runs.load_classifier(pm["classifier"], mesh)
+  model, variables, meta, _, data = earlier_runs.load_classifier(pm["classifier"],
+                                                                 parallel.make_mesh(1))
   size = meta["image_size"]
   palette = mask_files.palette_bytes(pm["palette"], k + 1)
-
   rows = []
-  for i in range(min(args.rows, len(shown["image"]))):
+  for i in range(min(num_rows, len(shown["image"]))):
     image, truth, pred, labels = (shown[key][i] for key in ("image", "truth", "prediction",
                                                             "labels"))
     small = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
     x = prepare_images(jnp.asarray(small[None]), ml_collections.ConfigDict(data), jnp.float32)
     present = int(np.argmax(labels)) if labels.any() else 0
-    maps = relevance.relevance(args.method, model.apply, variables, x, layers=[layer],
+    maps = relevance.relevance(method, model.apply, variables, x, layers=[layer],
                                labels=jnp.asarray(labels[None]), upsample=True, relu=True,
                                normalize="class")
     heat = np.asarray(next(iter(maps.values()))[0, present])  # keyed by the full layer path
@@ -61,16 +64,29 @@ def main() -> None:
         image.shape[1::-1], Image.BILINEAR)) / 255.0
     blended = (0.5 * image / 255.0 + 0.5 * overlays.heat(heat)) * 255
     stem = mask_files.file_stem(str(shown["name"][i]))
-    pseudo = mask_files.read_mask(os.path.join(args.workdir, "pseudo_masks_test", "masks", layer,
-                                          stem + ".png"), truth.shape, k)
+    pseudo = mask_files.read_mask(os.path.join(workdir, "pseudo_masks_test", "masks", layer,
+                                               stem + ".png"), truth.shape, k)
     rows.append([image, blended.round().astype(np.uint8),
                  overlays.blend(image, pseudo, palette, k),
                  overlays.blend(image, pred, palette, k), overlays.blend(image, truth, palette, k)])
-  colours = np.asarray(palette, np.uint8).reshape(-1, 3)
-  legend = [(n, colours[i]) for i, n in enumerate(names)]
+  return Figure(rows, layer, names, palette)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a finished pipeline run")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--rows", type=int, default=3)
+  parser.add_argument("--method", default="gradcam")
+  args = parser.parse_args()
+  from wsss_jax.outputs import overlays
+
+  fig = figure_rows(args.workdir, args.rows, args.method)
+  colours = np.asarray(fig.palette, np.uint8).reshape(-1, 3)
+  legend = [(n, colours[i]) for i, n in enumerate(fig.names)]
   figure = overlays.grid_figure(
-      rows, ["tile", f"{args.method} map ({layer})", f"pseudo mask ({layer})", "segmenter",
-             "ground truth"],
+      fig.rows, ["tile", f"{args.method} map ({fig.layer})", f"pseudo mask ({fig.layer})",
+                 "segmenter", "ground truth"],
       f"{os.path.basename(os.path.abspath(args.workdir))}: test tiles through the pipeline",
       legend)
   overlays.save(os.path.abspath(args.out), figure)

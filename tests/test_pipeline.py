@@ -198,6 +198,7 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
     out.image_sizes, out.ignore_band.widths = (32, 48), (0.0, 0.1)
     pm = out.pseudo_masks  # the choices, not the refinements, are under test
     pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
+    out.val_min_gain = -0.01  # a later candidate is kept unless clearly worse: both paths run
     return out
   result = pipeline.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
   gain = config().val_min_gain
@@ -240,6 +241,12 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
   assert result["segment"]["workdir"] == str(tmp_path / kept_dir)
   assert result["mask_layer"] == json.load(open(tmp_path / kept / "config.json"))["data"][
       "mask_layers"][-1]
+  from benchmarks import pipeline_figure
+  from wsss_jax.outputs import overlays
+  figure = pipeline_figure.figure_rows(str(tmp_path), 2, "gradcam")
+  shown = np.load(tmp_path / kept_dir / "overlays" / "test.npz")
+  for row, image, prediction in zip(figure.rows, shown["image"], shown["prediction"]):
+    np.testing.assert_array_equal(row[3], overlays.blend(image, prediction, figure.palette, 1))
   r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
   assert r1["data"]["masks_dir"] == str(tmp_path / kept / "self_labels" / "masks")
   assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]
@@ -294,6 +301,11 @@ def test_the_search_on_val_keeps_a_candidate_only_for_more_than_the_minimum_gain
 
 
 def test_rounds_and_band_choices_are_checked_before_work():
+  for gain in (1.5, -1.0):
+    config = tiny_pipeline_config()
+    config.val_min_gain = gain
+    with pytest.raises(UserError, match=f"val_min_gain={gain!r} is not a difference of val"):
+      pipeline.validate(config)
   with pytest.raises(UserError, match="self_training.rounds='two' is not a number"):
     pipeline.validate(tiny_pipeline_config("rounds=two"))
   with pytest.raises(UserError, match="relabels pseudo masks; supervision=full has none"):

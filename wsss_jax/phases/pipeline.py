@@ -144,6 +144,9 @@ def validate(config, dispatch=None) -> None:
     check_pretrained_matches(found, config.classify.model)
   if config.supervision != "pseudo" and str(config.self_training.rounds) not in ("0", "auto"):
     raise UserError("self_training.rounds relabels pseudo masks; supervision=full has none")
+  gain = config.get("val_min_gain", 0.0)
+  if not -1 < gain < 1:
+    raise UserError(f"val_min_gain={gain!r} is not a difference of val mIoU in (-1, 1)")
   self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
   widths = band_widths(config)  # refuses a width out of range
   input_sides(config)  # refuses image_size=auto where the pseudo masks are not scored on val

@@ -23,6 +23,7 @@ class Figure(NamedTuple):
   layer: str          # the pseudo-mask layer the segmenter learnt from
   names: list         # class names
   palette: list       # mask colours, flat RGB
+  dataset: str        # the data's name (synthetic_lesions, a folder's name)
 
 
 def figure_rows(workdir: str, num_rows: int, method: str) -> Figure:
@@ -69,7 +70,7 @@ def figure_rows(workdir: str, num_rows: int, method: str) -> Figure:
     rows.append([image, blended.round().astype(np.uint8),
                  overlays.blend(image, pseudo, palette, k),
                  overlays.blend(image, pred, palette, k), overlays.blend(image, truth, palette, k)])
-  return Figure(rows, layer, names, palette)
+  return Figure(rows, layer, names, palette, seg_config["data"].get("name") or workdir)
 
 
 def main() -> None:
@@ -87,7 +88,8 @@ def main() -> None:
   figure = overlays.grid_figure(
       fig.rows, ["tile", f"{args.method} map ({fig.layer})", f"pseudo mask ({fig.layer})",
                  "segmenter", "ground truth"],
-      f"{os.path.basename(os.path.abspath(args.workdir))}: test tiles through the pipeline",
+      f"{fig.dataset}: test tiles through the pipeline ({args.method} maps; the segmenter "
+      f"learnt from the {fig.layer} pseudo masks)",
       legend)
   overlays.save(os.path.abspath(args.out), figure)
   print(f"wrote {args.out} ({figure.shape[1]}x{figure.shape[0]})")

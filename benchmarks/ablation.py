@@ -12,7 +12,7 @@ the val masks) or `nopar` (off), `band` (ignore band 0.1) or `noband` (none; the
 band=auto, chosen on val), `image_loss` (the segmenter's LSE image-level loss, weight 0.1,
 findings only), `affinity` (AffinityNet and its random walk),
 `norounds` (no self-training; the recipe's is rounds=auto), `scalesval` (map scales chosen on
-val), joined by `+`. `--set classify.num_epochs=1` (repeatable) changes a field of every run.
+val), `median3` (PAR on the image's 3x3 median), joined by `+`. `--set classify.num_epochs=1` (repeatable) changes a field of every run.
 Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
 (every image, and the images with a finding: a label oracle) is the intensity baseline. Writes
 <workdir>/ablation.md and .json; a re-run resumes every finished run.
@@ -37,7 +37,8 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
 SETS = ("synthetic", "synthetic_lesions", "synthetic_cells")
 VARIANTS = ("base", "par", "nopar", "band", "noband", "par+band", "image_loss", "affinity",
             "norounds", "scalesval")
-PARTS = ("par", "nopar", "band", "noband", "image_loss", "affinity", "norounds", "scalesval")
+PARTS = ("par", "nopar", "median3", "band", "noband", "image_loss", "affinity", "norounds",
+         "scalesval")
 
 
 def variant_config(dataset: str, variant: str, image_size, overrides=()):
@@ -56,6 +57,8 @@ def variant_config(dataset: str, variant: str, image_size, overrides=()):
     config.ignore_band.width = "0.1" if "band" in parts else "0"
   if "scalesval" in parts:
     pm.scales_validate = True
+  if "median3" in parts:  # PAR's colour affinities on the 3x3-median image (speckle)
+    pm.par.smooth = "median3"
   if "image_loss" in parts:
     config.segment.image_loss.weight = 0.1
   for item in overrides:  # e.g. classify.num_epochs=1 for a quick look

@@ -7,7 +7,7 @@
 Each variant runs the pseudo-mask phase as the pipeline configures it (Grad-CAM at scales
 1/1.5/2; findings: alpha chosen on the val masks, the CRF kept where the val masks say) on
 `--split` and adds: `par` (PAR on every layer), `par_validate` (PAR where the val masks say),
-`band<x>` (the ignore band of half-width x; its pixels are left out of the scores, their share
+`median3` (PAR on the image's 3x3 median), `band<x>` (the ignore band of half-width x; its pixels are left out of the scores, their share
 is the `ignored` column), `scales1/2/3.5` (the map scales), `scalesval` (per layer the subset of
 the scales that scores best on val), joined by `+`. Otsu thresholds the grey image (bright polarity) on every test image
 and, as a label oracle, on the images with a finding only. Writes <workdir>/refinements.md/.json.
@@ -43,6 +43,8 @@ def variant_config(classifier: str, split: str, num_test: int, variant: str, fin
   for part in variant.split("+"):
     if part.startswith("par"):
       config.par.enabled, config.par.validate = True, part == "par_validate"
+    elif part == "median3":  # PAR's colour affinities on the 3x3-median image (speckle)
+      config.par.smooth = "median3"
     elif part.startswith("band"):
       config.ignore_band = float(part[len("band"):])
     elif part.startswith("scales"):  # scales1/2/3.5: these map scales; scalesval: chosen on val
@@ -51,8 +53,8 @@ def variant_config(classifier: str, split: str, num_test: int, variant: str, fin
       else:
         config.scales = tuple(float(x) for x in part[len("scales"):].split("/"))
     elif part != "base":
-      raise UserError(f"variant {variant!r}: parts are base, par, par_validate, band<x>, "
-                      f"scales<a>/<b>/..., scalesval")
+      raise UserError(f"variant {variant!r}: parts are base, par, par_validate, median3, "
+                      f"band<x>, scales<a>/<b>/..., scalesval")
   return config
 
 

@@ -211,8 +211,17 @@ def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
   more = ablation.variant_config("synthetic_cells", "affinity+norounds+scalesval", 0)
   assert more.run_affinity and more.self_training.rounds == "0"
   assert more.pseudo_masks.scales_validate
+  assert ablation.variant_config("synthetic_lesions", "median3", 0).pseudo_masks.par.smooth == (
+      "median3") and base.pseudo_masks.par.smooth == "none"
   with pytest.raises(UserError, match="'crf' is not one of base, par"):
     ablation.variant_config("synthetic", "par+crf", 0)
+  from benchmarks import refinements
+  pm = refinements.variant_config("c", "test", 8, "par_validate+median3+band0.2+scalesval", True)
+  assert pm.par.enabled and pm.par.validate and pm.par.smooth == "median3"
+  assert pm.ignore_band == 0.2 and pm.scales_validate and pm.background.alpha == "auto"
+  assert refinements.variant_config("c", "test", 8, "scales1/2", False).scales == (1.0, 2.0)
+  with pytest.raises(UserError, match="parts are base, par, par_validate, median3"):
+    refinements.variant_config("c", "test", 8, "par+crf", False)
   row = {"mIoU": 0.7, "mDice": 0.8, "finding_IoU": 0.4, "finding_Dice": 0.57}
   text = ablation.table({"synthetic_lesions": {
       "variants": {"base": {"pseudo_masks": row, "segment": row, "segment_full": row}},

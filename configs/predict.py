@@ -4,8 +4,9 @@
   python -m wsss_jax.main --config=configs/predict.py:model=runs/wsss/segment,input=/data/slide.svs --workdir=runs/pred_slide
   python -m wsss_jax.main --config=configs/predict.py:model=runs/seg,input=/data/slides,overlap=0.5,probs=True ...
 
-`model` is a segment run's workdir (DeepLabV3+): its best checkpoint and its config.json give the
-classes, palette, input size and normalisation. A folder's PNG/JPEG/BMP files are tiles, its
+`model` is a segment run's workdir (DeepLabV3+), or a finished pipeline run's (its kept
+segmenter): the best checkpoint and config.json give the classes, palette, input size and
+normalisation. A folder's PNG/JPEG/BMP files are tiles, its
 TIFF/SVS/... files slides (`mode=tiles|slides` to choose). Outputs and their formats:
 wsss_jax/phases/predict.py and docs/predict.md. A re-run continues a killed one.
 """
@@ -17,7 +18,7 @@ def get_config(arg=None, **overrides):
                              gate="exclude", overlap=0.25, batch=16, downsample=1.0,
                              min_tissue=-1.0, tolerance=2.0, frames="first")
   config = config_lib.common("predict")
-  config.model_workdir = arg.model    # a segment run
+  config.model_workdir = arg.model    # a segment run, or a pipeline run (its kept segmenter)
   config.input = arg.input            # a folder of tiles, one slide, or a folder of slides
   config.mode = arg.mode              # auto, tiles or slides
   config.batch_size = arg.batch       # windows (tiles) per device call, over all devices

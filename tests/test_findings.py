@@ -336,6 +336,7 @@ def test_alpha_auto_picks_the_best_swept_alpha_and_par_and_crf_only_where_they_h
   config.par.validate, config.par.iterations, config.par.dilations = True, 2, (1, 2)
   config.crf.iterations = 2
   config.data.num_val = 8
+  config.scales, config.scales_validate = (1.0, 2.0), True
   summary = pseudo_masks.run(config, str(tmp_path))
   sweep = summary["alpha_sweep"]
   assert set(sweep) == set(summary["layers"]) and os.path.exists(tmp_path / "alpha_sweep.png")
@@ -351,9 +352,13 @@ def test_alpha_auto_picks_the_best_swept_alpha_and_par_and_crf_only_where_they_h
     assert summary["refinements"][layer] == ["par"] * s["par"] + ["crf"] * s["crf"]
     assert (layer in summary["crf_layers"]) == s["crf"]
     assert f"{layer}: {s['crf_mIoU']:.3f}" in text and f"{layer}: {s['par_mIoU']:.3f}" in text
-    # the phase's own scoring of the val masks (written with the chosen alpha and refinements)
-    # agrees with what the validation measured for that choice
-    assert s["refined_mIoU"] == max(after_par, s["crf_mIoU"])
+    # then the scales: both (what alpha, PAR and the CRF were chosen at) or the first alone
+    assert s["scales_mIoU"]["1/2"] == pytest.approx(max(after_par, s["crf_mIoU"]), abs=1e-6)
+    assert summary["scales_kept"][layer] == ([1.0, 2.0] if s["scales_mIoU"]["1/2"] > s[
+        "scales_mIoU"]["1"] else [1.0])
+    # the phase's own scoring of the val masks (written with the chosen alpha, refinements and
+    # scales) agrees with what the validation measured for that choice
+    assert s["refined_mIoU"] == max(s["scales_mIoU"].values())
     assert summary["layers"][layer]["mIoU"] == pytest.approx(s["refined_mIoU"], abs=1e-6)
 
 

@@ -200,7 +200,7 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
     pm.scales, pm.crf.enabled, pm.par.enabled = (1.0,), False, False
     out.val_min_gain = -0.01  # a later candidate is kept unless clearly worse: both paths run
     return out
-  result = pipeline.run(config(), str(tmp_path), dispatch=runner.DISPATCH)
+  result = run_phase(config(), str(tmp_path))  # as main runs it: config.json written
   gain = config().val_min_gain
   scores = {}
   for side, sub in ((32, tmp_path), (48, tmp_path / "size48")):
@@ -241,6 +241,20 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
   assert result["segment"]["workdir"] == str(tmp_path / kept_dir)
   assert result["mask_layer"] == json.load(open(tmp_path / kept / "config.json"))["data"][
       "mask_layers"][-1]
+  # predict's model=<the pipeline's workdir> is that segmenter too, wherever the run moves
+  from wsss_jax.device import parallel as device_parallel
+  from wsss_jax.train import earlier_runs
+  moved = tmp_path.parent / "moved"
+  os.rename(tmp_path, moved)
+  try:
+    loaded = earlier_runs.load_segmenter(str(moved), device_parallel.make_mesh(1))
+    assert loaded.workdir == str(moved / kept_dir) and loaded.config["phase"] == "segment"
+    os.rename(moved / "summary.json", moved / "kept.json")  # an unfinished pipeline run
+    with pytest.raises(UserError, match="is a pipeline run without a finished summary.json"):
+      earlier_runs.load_segmenter(str(moved), device_parallel.make_mesh(1))
+    os.rename(moved / "kept.json", moved / "summary.json")
+  finally:
+    os.rename(moved, tmp_path)
   from benchmarks import pipeline_figure
   from wsss_jax.outputs import overlays
   figure = pipeline_figure.figure_rows(str(tmp_path), 2, "gradcam")

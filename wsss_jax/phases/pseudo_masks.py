@@ -451,12 +451,15 @@ def choose_scales(config, source: MapSource, rule: MaskRule, image_rule: str,
                                   lambda layer: chosen.refinements(rule, layer), s)
             for s in subsets}
   best = {}
+  named = lambda s: "/".join(f"{config.scales[i]:g}" for i in s)  # noqa: E731
   for layer in scores[subsets[0]]:
     best[layer] = max(subsets, key=lambda s: scores[s][layer])  # noqa: B023
     print(f"scales_validate {layer}: " + ", ".join(
-        f"{'/'.join(f'{config.scales[i]:g}' for i in s)} {scores[s][layer]:.3f}"
-        for s in subsets) + f": {'/'.join(f'{config.scales[i]:g}' for i in best[layer])} kept",
+        f"{named(s)} {scores[s][layer]:.3f}" for s in subsets) + f": {named(best[layer])} kept",
         flush=True)
+    if chosen.sweep:  # the layer's val score is now its kept scales' (segment_layer, sides)
+      chosen.sweep[layer]["scales_mIoU"] = {named(s): scores[s][layer] for s in subsets}
+      chosen.sweep[layer]["refined_mIoU"] = scores[best[layer]][layer]
   return chosen._replace(scales=best)
 
 

@@ -154,17 +154,37 @@ class Segmenter(NamedTuple):
   workdir: str
 
 
-def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:
-  """The segment run in `workdir`: the best-mIoU step of `best/` when there is one, else the
-  latest of `checkpoints/`; errors name the user's `field`."""
-
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+def _run_config(workdir: str, field: str) -> dict:
   try:
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      config = json.load(f)
+      return json.load(f)
   except (OSError, ValueError):
     raise UserError(f"{field}={workdir}: no readable config.json; give a segment run's "
                     f"workdir") from None
+
+
+def pipeline_segmenter(workdir: str, field: str) -> str:
+  """The segment workdir a finished pipeline run in `workdir` kept (its summary.json's
+  segment.workdir: the band width and self-training round chosen on val), found under
+  `workdir` wherever the run has been moved since."""
+  try:
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+      kept = json.load(f)["segment"].get("workdir") or "segment"
+  except (OSError, ValueError, KeyError, TypeError):
+    raise UserError(f"{field}={workdir} is a pipeline run without a finished summary.json; "
+                    f"finish it, or give one of its segment workdirs") from None
+  return os.path.join(workdir, os.path.basename(os.path.normpath(kept)))
+
+
+def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:
+  """The segment run in `workdir` (or the one a pipeline run there kept): the best-mIoU step of
+  `best/` when there is one, else the latest of `checkpoints/`; errors name the user's `field`."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = _run_config(workdir, field)
+  if config.get("phase") == "pipeline":
+    workdir = pipeline_segmenter(workdir, field)
+    print(f"{field}: the pipeline's segmenter, {workdir}", flush=True)
+    config = _run_config(workdir, field)
   if config.get("phase") != "segment":
     raise UserError(f"{field}={workdir} holds a {config.get('phase')} run, not a segment run")
   best_dir = os.path.join(workdir, "best")

@@ -105,6 +105,10 @@ def get_config(arg=None, **overrides):
   config.pseudo_masks = config_lib.sibling_config(__file__, "pseudo_masks", crf=not arg.paper,
                                                   **dataset)
   config.pseudo_masks.scales = (1.0, 1.5, 2.0)  # multi-scale maps (BENCHMARKS.md)
+  # with val masks each layer fuses the subset of those scales (with 1) that scores best there
+  # (lesions: b5_2 at 1 alone; tissue tiles and cells: all three; BENCHMARKS.md); erasing fuses
+  # its rounds' maps instead, and the authors' method has none
+  config.pseudo_masks.scales_validate = not (arg.paper or arg.erasing)
   # AffinityNet + random walk between the pseudo masks and the segmenter; it learns from the
   # confident pixels, so the pseudo masks get an ignore band
   config.run_affinity = arg.affinity

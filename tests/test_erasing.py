@@ -82,3 +82,9 @@ def test_stop_rule_and_bad_settings():
   config.pseudo_masks.dilations = (8, 12)
   with pytest.raises(UserError, match="erasing and pseudo_masks.dilations do not combine"):
     pipeline_phase.validate(config)
+  config = tiny_pipeline_config("erasing=2")
+  assert not config.pseudo_masks.scales_validate  # the pipeline's default gives way to erasing
+  config.pseudo_masks.scales_validate = True
+  with pytest.raises(UserError, match="set --config.pseudo_masks.scales_validate=False"):
+    pipeline_phase.validate(config)
+  assert tiny_pipeline_config("").pseudo_masks.scales_validate

@@ -162,6 +162,9 @@ def validate(config, dispatch=None) -> None:
                     f"{config.classify.model.backbone!r}")
   if config.run_erasing and config.pseudo_masks.dilations:
     raise UserError("erasing and pseudo_masks.dilations do not combine; use one or the other")
+  if config.run_erasing and config.pseudo_masks.scales_validate:
+    raise UserError("erasing fuses its rounds' maps, which pseudo_masks.scales_validate does not "
+                    "choose among: set --config.pseudo_masks.scales_validate=False")
   if dispatch is not None:
     sections = ("pretrain",) * config.run_pretrain + ("classify", "pseudo_masks", "segment")
     for section in sections + ("erasing",) * config.run_erasing + (

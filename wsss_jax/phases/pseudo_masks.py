@@ -178,8 +178,9 @@ def validate(config) -> None:
   if config.par.enabled:
     par.check_settings(dict(config.par))
   if config.scales_validate and (config.dilations or config.get("erasing_workdir")):
-    raise UserError("scales_validate chooses among plain multi-scale maps; it does not combine "
-                    "with dilations or erasing")
+    raise UserError("scales_validate chooses among plain multi-scale maps and does not combine "
+                    "with dilations or erasing: set scales_validate=False (in the pipeline: "
+                    "--config.pseudo_masks.scales_validate=False)")
   if not 0 <= config.ignore_band < 1:
     raise UserError(f"ignore_band={config.ignore_band} must lie in [0, 1) (map scores are in "
                     f"[0, 1])")

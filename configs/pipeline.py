@@ -48,7 +48,10 @@ confident labels, while the val mIoU improves; the best round on val is kept (no
 val masks). `band=auto` (the default; `band=0.1` one width, `band=0` none) gives the pseudo masks
 an ignore band whose width is chosen the same way: a segmenter learns from the masks of widths 0,
 0.1, 0.2 in turn (pseudo_masks_band<w>/, segment_band<w>/) while its val mIoU improves. Each
-choice on val changes only for a gain above val_min_gain (0.005 mIoU).
+choice on val changes only for a gain above val_min_gain (0.005 mIoU). With val masks each
+pseudo-mask layer also fuses the subset of its map scales (1, 1.5, 2) that scores best there
+(pseudo_masks.scales_validate; not with erasing). The run's segmenter is the one these choices
+kept (summary.json: segment.workdir); predict takes the pipeline's workdir as its model.
 """
 import ml_collections
 

@@ -12,7 +12,8 @@ the val masks) or `nopar` (off), `band` (ignore band 0.1) or `noband` (none; the
 band=auto, chosen on val), `image_loss` (the segmenter's LSE image-level loss, weight 0.1,
 findings only), `affinity` (AffinityNet and its random walk),
 `norounds` (no self-training; the recipe's is rounds=auto), `scalesval` (map scales chosen on
-val), `median3` (PAR on the image's 3x3 median), joined by `+`. `--set classify.num_epochs=1` (repeatable) changes a field of every run.
+val), `median3` (PAR on the image's 3x3 median), joined by `+`. `--set classify.num_epochs=1`
+(repeatable) changes a field of every run.
 Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
 (every image, and the images with a finding: a label oracle) is the intensity baseline. Writes
 <workdir>/ablation.md and .json; a re-run resumes every finished run.

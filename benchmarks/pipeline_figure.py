@@ -39,7 +39,7 @@ def figure_rows(workdir: str, num_rows: int, method: str) -> Figure:
   from wsss_jax.train import earlier_runs
 
   summary = json.load(open(os.path.join(workdir, "summary.json")))
-  segment_dir = summary["segment"].get("workdir") or os.path.join(workdir, "segment")
+  segment_dir = earlier_runs.pipeline_segmenter(workdir, "--workdir")  # found wherever it moved
   seg_config = json.load(open(os.path.join(segment_dir, "config.json")))
   layer = summary.get("mask_layer") or seg_config["data"]["mask_layers"][-1]
   pm = summary["pseudo_masks_test"]

@@ -7,8 +7,8 @@
 Each variant runs the pseudo-mask phase as the pipeline configures it (Grad-CAM at scales
 1/1.5/2; findings: alpha chosen on the val masks, the CRF kept where the val masks say) on
 `--split` and adds: `par` (PAR on every layer), `par_validate` (PAR where the val masks say),
-`median3` (PAR on the image's 3x3 median), `band<x>` (the ignore band of half-width x; its pixels are left out of the scores, their share
-is the `ignored` column), `scales1/2/3.5` (the map scales), `scalesval` (per layer the subset of
+`median3` (PAR on the image's 3x3 median), `band<x>` (the ignore band of half-width x; its
+pixels are left out of the scores, their share is the `ignored` column), `scales1/2/3.5` (the map scales), `scalesval` (per layer the subset of
 the scales that scores best on val), joined by `+`. Otsu thresholds the grey image (bright polarity) on every test image
 and, as a label oracle, on the images with a finding only. Writes <workdir>/refinements.md/.json.
 """

@@ -20,6 +20,7 @@ from wsss_jax.device import parallel
 from wsss_jax.errors import UserError
 from wsss_jax.outputs import overlays
 from wsss_jax.tasks.segment import SELF_LAYER
+from wsss_jax.train import run_record
 from wsss_jax.train.checkpoint import Checkpointer
 from wsss_jax.train.writers import MetricWriter
 
@@ -50,22 +51,13 @@ def pseudo_masks_done(pm_dir: str, classify_dir: str, num_images: int,
 def _same_settings(workdir: str, section) -> bool:
   """Whether `workdir`'s config.json records `section` (the data's report_dir, which the runner
   fills in with the workdir, aside)."""
-  recorded = _recorded_config(workdir)
+  recorded = run_record.recorded_config(workdir)
   if recorded is None:
     return False
   current = _recorded_fields(json.loads(section.to_json_best_effort()), recorded)
   for settings in (recorded, current):
     settings.get("data", {}).pop("report_dir", None)
   return recorded == current
-
-
-def _recorded_config(workdir: str) -> dict | None:
-  """The config.json a run in `workdir` recorded, or None (none there, or unreadable)."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _recorded_fields(current, recorded):
@@ -479,7 +471,7 @@ def run_segment(dispatch, seg, workdir: str) -> dict:
   """The segment phase in `workdir` (its summary, with that workdir: the band and round
   searches keep one of several), refused where a run there learnt from other masks (being
   finished, it would only be re-tested, and its scores would be another recipe's)."""
-  recorded = _recorded_config(workdir)
+  recorded = run_record.recorded_config(workdir)
   if recorded:
     for name, old, new in (
         ("supervision", recorded.get("supervision"), seg.supervision),

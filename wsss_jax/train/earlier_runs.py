@@ -19,6 +19,7 @@ from wsss_jax.errors import UserError
 from wsss_jax.models.classifier import ViTClassifier, build_classifier
 from wsss_jax.models.segmentation import build_segmenter
 from wsss_jax.models.vit import unstack_blocks
+from wsss_jax.train import run_record
 from wsss_jax.train.checkpoint import Checkpointer, restore_latest
 from wsss_jax.train.train_state import ClassifierState
 
@@ -155,12 +156,10 @@ class Segmenter(NamedTuple):
 
 
 def _run_config(workdir: str, field: str) -> dict:
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    raise UserError(f"{field}={workdir}: no readable config.json; give a segment run's "
-                    f"workdir") from None
+  recorded = run_record.recorded_config(workdir)
+  if recorded is None:
+    raise UserError(f"{field}={workdir}: no readable config.json; give a segment run's workdir")
+  return recorded
 
 
 def pipeline_segmenter(workdir: str, field: str) -> str:

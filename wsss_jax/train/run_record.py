@@ -17,13 +17,19 @@ from wsss_jax.errors import UserError
 CONFIG_FILE = "config.json"
 
 
-def recorded_phase(workdir: str) -> str | None:
-  """The phase named in the workdir's config.json, or None when there is none (or unreadable)."""
+def recorded_config(workdir: str) -> dict | None:
+  """The config.json a run in `workdir` recorded, or None (none there, or unreadable)."""
   try:
     with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-      return json.load(f).get("phase")
-  except (OSError, ValueError, AttributeError):
+      recorded = json.load(f)
+  except (OSError, ValueError):
     return None
+  return recorded if isinstance(recorded, dict) else None
+
+
+def recorded_phase(workdir: str) -> str | None:
+  """The phase named in the workdir's config.json, or None when there is none (or unreadable)."""
+  return (recorded_config(workdir) or {}).get("phase")
 
 
 def check_phase(config, workdir: str) -> None:

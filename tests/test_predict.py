@@ -469,6 +469,8 @@ def test_bad_inputs_are_one_line_each_and_leave_nothing_written(segment_run, mrn
   assert summary["unreadable"] == ["t1.png"] and summary["predicted_now"] == 2
   assert sorted(os.listdir(out / "masks")) == ["t0.png", "t2.png"]
   assert "t1.png" in (out / "unreadable_tiles.txt").read_text()
+  title = Image.open(out / "overlays" / "predict.png").text["Title"]
+  assert title.endswith(", 2 of 2 tiles"), title  # the unreadable tile is not counted as shown
   before = {p: (out / p).read_bytes() for p in ("config.json", "model.json")}
   with pytest.raises(UserError, match="holds predictions of the segment run .* use another"):
     run_phase(_predict_config(mrn_run, tiles, ",gate=off"), str(out))

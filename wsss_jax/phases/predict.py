@@ -212,9 +212,10 @@ def predict_tiles(config, workdir: str, files: list, model: "Predictor",
   report_unreadable(workdir, unreadable, len(files))
   figures = []
   if shown:
-    figure = overlays.mask_figure(shown, model.palette, model.names,
-                                  f"predict: segmenter {model.model_name} on {len(files)} tiles")
-    overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure)
+    title = (f"predict: segmenter {model.model_name}, {len(shown)} of "
+             f"{len(files) - len(unreadable)} tiles")  # the unreadable ones have no mask
+    figure = overlays.mask_figure(shown, model.palette, model.names, title)
+    overlays.save(os.path.join(workdir, "overlays", "predict.png"), figure, title)
     figures.append(("predict/tiles", figure))
   return {"mode": "tiles", "num_tiles": len(files), "predicted_now": len(todo) - len(unreadable),
           "unreadable": [os.path.basename(p) for p, _ in unreadable],
@@ -504,10 +505,11 @@ def finish_slide(config, out, name, path, thumb, pyramid, counts,
     th, tw = thumb.shape[:2]
     shown = np.asarray(Image.fromarray(small).resize((tw, th), Image.NEAREST))
     legend = [(n, colours[i]) for i, n in enumerate(names) if i != background]
+    title = f"{name}: segmenter {model.model_name}"
     figure = overlays.grid_figure(
         [[thumb, overlays.blend(thumb, shown, model.palette, background)]],
-        ["slide", "prediction"], f"{name}: segmenter {model.model_name}", legend)
-    overlays.save(os.path.join(out, "overlay.png"), figure)
+        ["slide", "prediction"], title, legend)
+    overlays.save(os.path.join(out, "overlay.png"), figure, title)
     regions.result()
   return {"slide": path, "name": name, "shape": [pyramid.height, pyramid.width],
           "microns_per_pixel": mpp,

@@ -16,7 +16,8 @@ val), `median3` (PAR on the image's 3x3 median), joined by `+`. `--set classify.
 (repeatable) changes a field of every run.
 Scores: the test split; findings: the finding's IoU and Dice beside mIoU. Otsu on the grey image
 (every image, and the images with a finding: a label oracle) is the intensity baseline. Writes
-<workdir>/ablation.md and .json; a re-run resumes every finished run.
+<workdir>/ablation.md and .json, keeping the rows of earlier invocations on the same workdir (each
+row is one run's directory, <set>/<variant>); a re-run resumes every finished run.
 """
 from __future__ import annotations
 
@@ -113,6 +114,28 @@ def scores(summary: dict, workdir: str) -> dict:
   return out
 
 
+def merged(earlier: dict, now: dict) -> dict:
+  """The rows of an earlier invocation on the same workdir with this one's: a (set, variant)
+  run now replaces its earlier row; sets and variants run only before keep theirs."""
+  out = {dataset: {"variants": dict(runs.get("variants", {})),
+                   **({"otsu": runs["otsu"]} if "otsu" in runs else {})}
+         for dataset, runs in earlier.items()}
+  for dataset, runs in now.items():
+    row = out.setdefault(dataset, {"variants": {}})
+    row["variants"].update(runs["variants"])
+    if "otsu" in runs:
+      row["otsu"] = runs["otsu"]
+  return out
+
+
+def earlier_results(workdir: str) -> dict:
+  path = os.path.join(workdir, "ablation.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def table(results: dict) -> str:
   lines = ["| set | variant | pseudo masks (test) | weak segmenter (test) | full supervision |",
            "|---|---|---|---|---|"]
@@ -152,6 +175,7 @@ def main() -> None:
     data = folders.settle(ml_collections.ConfigDict(segment["data"]))
     if data.setting == "finding":
       runs["otsu"] = refinements.otsu_scores(data, "test")
+  results = merged(earlier_results(args.workdir), results)
   report(args.workdir, "ablation", results, table(results))
 
 

@@ -228,3 +228,22 @@ def test_the_ablation_variants_are_the_pipeline_with_their_parts_changed():
       "otsu": {"all images": row}}})
   assert "| synthetic_lesions | base | 0.400 / 0.570 (0.700) |" in text
   assert "Otsu on the image, all images" in text
+
+
+def test_the_ablation_table_keeps_the_rows_of_earlier_invocations_on_its_workdir(tmp_path):
+  from benchmarks import ablation
+  score = lambda v: {"pseudo_masks": {"mIoU": v, "mDice": v}, "segment": {"mIoU": v, "mDice": v}}
+  first = {"synthetic": {"variants": {"base": score(0.8), "affinity": score(0.7)}},
+           "synthetic_cells": {"variants": {"base": score(0.6)}, "otsu": {"all": {"mIoU": 0.2, "mDice": 0.3}}}}
+  (tmp_path / "ablation.json").write_text(json.dumps(first))
+  now = {"synthetic_cells": {"variants": {"base": score(0.65), "image_loss": score(0.5)},
+                             "otsu": {"all": {"mIoU": 0.25, "mDice": 0.4}}}}
+  kept = ablation.merged(ablation.earlier_results(str(tmp_path)), now)
+  assert kept["synthetic"] == first["synthetic"]  # a set not run now keeps its rows
+  assert kept["synthetic_cells"]["variants"] == {"base": score(0.65), "image_loss": score(0.5)}
+  assert kept["synthetic_cells"]["otsu"] == now["synthetic_cells"]["otsu"]
+  rows = [l for l in ablation.table(kept).splitlines() if l.startswith("| synthetic")]
+  assert [r.split(" | ")[:2] for r in rows] == [
+      ["| synthetic", "base"], ["| synthetic", "affinity"], ["| synthetic_cells", "base"],
+      ["| synthetic_cells", "image_loss"], ["| synthetic_cells", "Otsu on the image, all"]]
+  assert ablation.earlier_results(str(tmp_path / "none")) == {}

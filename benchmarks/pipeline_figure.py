@@ -1,8 +1,8 @@
 """A figure of a finished pipeline run (configs/pipeline.py): for the test tiles the segment phase
 kept, the tile | the classifier's relevance map of the first present class (blended heat map) |
 the pseudo mask | the segmenter's prediction | the ground truth. The classifier and segmenter are
-those the run kept (input side, band width and self-training round chosen on val). The README's
-figure comes from it.
+those the run kept (input side, band width and self-training round chosen on val), found under
+the run wherever it was moved. The README's figure comes from it.
 
   python -m benchmarks.pipeline_figure --workdir=runs/les --out=docs/figure.png --rows=3
 """
@@ -46,8 +46,8 @@ def figure_rows(workdir: str, num_rows: int, method: str) -> Figure:
   names = list(summary["class_names"])
   k = len(names)
   shown = np.load(os.path.join(segment_dir, "overlays", "test.npz"))
-  model, variables, meta, _, data = earlier_runs.load_classifier(pm["classifier"],
-                                                                 parallel.make_mesh(1))
+  model, variables, meta, _, data = earlier_runs.load_classifier(
+      earlier_runs.pipeline_classifier(workdir, "--workdir"), parallel.make_mesh(1))
   size = meta["image_size"]
   palette = mask_files.palette_bytes(pm["palette"], k + 1)
   rows = []

@@ -253,14 +253,14 @@ def test_input_side_band_width_and_rounds_are_chosen_on_val(tmp_path):
     with pytest.raises(UserError, match="is a pipeline run without a finished summary.json"):
       earlier_runs.load_segmenter(str(moved), device_parallel.make_mesh(1))
     os.rename(moved / "kept.json", moved / "summary.json")
+    from benchmarks import pipeline_figure
+    from wsss_jax.outputs import overlays
+    figure = pipeline_figure.figure_rows(str(moved), 2, "gradcam")  # its classifier moved too
+    shown = np.load(moved / kept_dir / "overlays" / "test.npz")
+    for row, image, prediction in zip(figure.rows, shown["image"], shown["prediction"]):
+      np.testing.assert_array_equal(row[3], overlays.blend(image, prediction, figure.palette, 1))
   finally:
     os.rename(moved, tmp_path)
-  from benchmarks import pipeline_figure
-  from wsss_jax.outputs import overlays
-  figure = pipeline_figure.figure_rows(str(tmp_path), 2, "gradcam")
-  shown = np.load(tmp_path / kept_dir / "overlays" / "test.npz")
-  for row, image, prediction in zip(figure.rows, shown["image"], shown["prediction"]):
-    np.testing.assert_array_equal(row[3], overlays.blend(image, prediction, figure.palette, 1))
   r1 = json.load(open(tmp_path / "segment_round1" / "config.json"))
   assert r1["data"]["masks_dir"] == str(tmp_path / kept / "self_labels" / "masks")
   assert r1["data"]["mask_layers"] == ["self"] and r1["self_labels"]["write"]

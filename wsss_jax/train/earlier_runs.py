@@ -162,17 +162,35 @@ def _run_config(workdir: str, field: str) -> dict:
   return recorded
 
 
+def _pipeline_summary(workdir: str, field: str) -> dict:
+  """The summary.json a pipeline run writes when it finishes (its segment phase included)."""
+  try:
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+      summary = json.load(f)
+    if isinstance(summary["segment"], dict) and isinstance(summary["pseudo_masks_test"], dict):
+      return summary
+    raise TypeError
+  except (OSError, ValueError, KeyError, TypeError):
+    raise UserError(f"{field}={workdir} is a pipeline run without a finished summary.json; "
+                    f"finish it, or give one of its segment workdirs") from None
+
+
 def pipeline_segmenter(workdir: str, field: str) -> str:
   """The segment workdir a finished pipeline run in `workdir` kept (its summary.json's
   segment.workdir: the band width and self-training round chosen on val), found under
   `workdir` wherever the run has been moved since."""
-  try:
-    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-      kept = json.load(f)["segment"].get("workdir") or "segment"
-  except (OSError, ValueError, KeyError, TypeError):
-    raise UserError(f"{field}={workdir} is a pipeline run without a finished summary.json; "
-                    f"finish it, or give one of its segment workdirs") from None
+  kept = _pipeline_summary(workdir, field)["segment"].get("workdir") or "segment"
   return os.path.join(workdir, os.path.basename(os.path.normpath(kept)))
+
+
+def pipeline_classifier(workdir: str, field: str) -> str:
+  """The classifier whose maps gave a finished pipeline run's test pseudo masks (the input
+  side chosen on val), found under `workdir` wherever the run has been moved since; one it
+  was given from outside the run stays where it was recorded."""
+  summary = _pipeline_summary(workdir, field)
+  recorded = summary["pseudo_masks_test"]["classifier"]
+  inside = os.path.relpath(recorded, summary.get("workdir") or workdir)
+  return recorded if inside.startswith(os.pardir) else os.path.join(workdir, inside)
 
 
 def load_segmenter(workdir: str, mesh, field: str = "model") -> Segmenter:

@@ -293,3 +293,17 @@ def test_strict_and_skip_modes_list_every_bad_file(tmp_path):
   assert len(pipeline.build_source(skip, "val")) == 2
   with pytest.raises(UserError, match="data.bad_files='lenient' is not one of"):
     pipeline.build_source(_cfg(str(root), bad_files="lenient"), "train")
+
+
+def test_the_pipeline_names_every_splits_bad_files_in_one_message(tmp_path):
+  from conftest import load_config
+  from wsss_jax import runner
+  write_release(str(tmp_path), n_train=3, n_val=2, size=64)
+  os.remove(tmp_path / "val" / "mask" / "tile001.png")
+  (tmp_path / "training" / "stray.png").write_bytes(b"")
+  config = load_config("pipeline", f"dataset=luad_histoseg,root={tmp_path}")
+  with pytest.raises(UserError) as refused:
+    runner.validate_phase(config)
+  message = str(refused.value)
+  assert "stray.png: the file name carries no label vector" in message  # train
+  assert message.count("tile001.png has no mask") == 1  # val, read by two phases: named once

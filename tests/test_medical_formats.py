@@ -307,6 +307,14 @@ def test_a_dicom_training_folder_labelled_by_a_csv(tmp_path):
   (root / "train" / "labels.csv").write_text("file,labels\ncase0.dcm,mass\n")
   with pytest.raises(UserError, match=r"labels.csv line 2: 'mass' is not one of the classes"):
     pipeline.build_source(config.data, "train")
+  # a scan the csv forgot is named as missing from it, not only as a name without labels
+  (root / "train" / "labels.csv").write_text("file,labels\ncase0.dcm,nodule\ncase1.dcm,\n"
+                                             "case3.dcm,0 1\n")
+  with pytest.raises(UserError) as missing:
+    pipeline.build_source(config.data, "train")
+  assert f"{root / 'train' / 'case2.dcm'}: not listed in the folder's labels.csv, and the file " \
+         "name carries no label vector" in str(missing.value)
+  assert "case0.dcm" not in str(missing.value)
 
 
 def test_a_cine_dicom_is_predicted_frame_by_frame_with_frames_all(spot_run, tmp_path):

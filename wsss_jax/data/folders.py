@@ -267,10 +267,12 @@ def _scan(image_dir: str, mask_dir: str | None, spec_name: str, names: tuple, sp
   listed = read_labels_csv(image_dir, names) if k else {}
   for f in files:
     if k and (split == "train" or mask_dir is None):
+      path = os.path.join(image_dir, f)
       try:  # labels.csv first, else the file name
-        labels[f] = listed[f] if f in listed else parse_labels(os.path.join(image_dir, f), spec, k)
+        labels[f] = listed[f] if f in listed else parse_labels(path, spec, k)
       except UserError as e:
-        problems[f] = str(e)
+        problems[f] = (f"{path}: not listed in the folder's {LABELS_CSV}, and "
+                       f"{str(e).removeprefix(path + ': ')}" if listed else str(e))
   stems = collections.defaultdict(list)
   for f in files:
     stems[mask_files.file_stem(os.path.splitext(f)[0])].append(f)

@@ -139,6 +139,7 @@ def validate(config, dispatch=None) -> None:
   gain = config.get("val_min_gain", 0.0)
   if not -1 < gain < 1:
     raise UserError(f"val_min_gain={gain!r} is not a difference of val mIoU in (-1, 1)")
+  scan_splits(config)  # every split's bad files in one message, before any choice reads them
   self_training_rounds(config)  # refuses a misspelt number of rounds, or rounds without val masks
   widths = band_widths(config)  # refuses a width out of range
   input_sides(config)  # refuses image_size=auto where the pseudo masks are not scored on val
@@ -167,14 +168,27 @@ def validate(config, dispatch=None) -> None:
     check_inputs(config)
 
 
-def check_inputs(config) -> None:
-  """What later phases will read, checked before the first one starts: every split's files (a
-  bad test tile found now, not after training), and what the background rule of the pseudo
-  masks needs (negative training images, or val masks for alpha=auto)."""
+def scan_splits(config) -> None:
+  """Every split the phases will read, scanned (memoised for them): the bad files of all
+  splits in one message, so that one run shows everything to mend (a bad test tile found now,
+  not after training)."""
+  problems = []
   for section, splits in (("classify", ("train", "val")), ("segment", ("val", "test"))):
     data = data_pipeline.images_only(config[section].data)
     for split in splits:
-      data_pipeline.build_source(data, split)  # scanned (memoised for the phases)
+      try:
+        data_pipeline.build_source(data, split)
+      except UserError as e:
+        problems.append(str(e))
+  if problems:
+    raise UserError("\n".join(dict.fromkeys(problems)))  # a split both sections read: once
+
+
+def check_inputs(config) -> None:
+  """What later phases will read, checked before the first one starts: every split's files,
+  and what the background rule of the pseudo masks needs (negative training images, or val
+  masks for alpha=auto)."""
+  scan_splits(config)
   if config.supervision != "pseudo":
     return
   pm = config.pseudo_masks

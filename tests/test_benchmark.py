@@ -2,6 +2,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import load_config
 
@@ -247,3 +248,23 @@ def test_the_ablation_table_keeps_the_rows_of_earlier_invocations_on_its_workdir
       ["| synthetic", "base"], ["| synthetic", "affinity"], ["| synthetic_cells", "base"],
       ["| synthetic_cells", "image_loss"], ["| synthetic_cells", "Otsu on the image, all"]]
   assert ablation.earlier_results(str(tmp_path / "none")) == {}
+
+
+def test_the_nuclei_folder_is_a_folder_the_finding_recipe_reads(tmp_path):
+  import tifffile
+
+  from benchmarks import nuclei_folder
+  from wsss_jax.data import pipeline as data_pipeline
+  for split, count in (("train", 4), ("val", 2), ("test", 2)):
+    nuclei_folder.write_split(str(tmp_path), split, count)
+  raw = tifffile.imread(tmp_path / "train" / "img" / "train_0000.tif")
+  assert raw.dtype == np.uint16 and raw.shape == (160, 160) and raw.max() > 255  # 12-bit counts
+  config = load_config("pipeline", f"dataset=folder,root={tmp_path},classes=nucleus,"
+                                   "setting=finding,intensity=window:10/2220")
+  train = data_pipeline.build_source(config.classify.data, "train")
+  for i in range(len(train)):
+    item = train[i]
+    assert item["labels"].tolist() == [float((item["mask"] == 0).any())]  # csv agrees with mask
+  assert [train[i]["labels"][0] for i in range(4)] == [1, 0, 1, 0]
+  val = data_pipeline.build_source(config.segment.data, "val")
+  assert len(val) == 2 and set(np.unique(val[0]["mask"])) <= {0, 1}

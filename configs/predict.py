@@ -6,8 +6,8 @@
 
 `model` is a segment run's workdir (DeepLabV3+), or a finished pipeline run's (its kept
 segmenter): the best checkpoint and config.json give the classes, palette, input size and
-normalisation. A folder's PNG/JPEG/BMP files are tiles, its
-TIFF/SVS/... files slides (`mode=tiles|slides` to choose). Outputs and their formats:
+normalisation. A folder's PNG/JPEG/BMP/DICOM files and its untiled TIFFs are tiles, its
+SVS/NDPI/... files and tiled or pyramidal TIFFs slides (`mode=tiles|slides` to choose). Outputs and their formats:
 wsss_jax/phases/predict.py and docs/predict.md. A re-run continues a killed one.
 """
 from wsss_jax import config_lib

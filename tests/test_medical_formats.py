@@ -209,6 +209,18 @@ def test_16_bit_tiles_train_and_predict_with_the_recorded_rule(spot_run, tmp_pat
     assert (got == want).mean() > 0.98, (i, (got == want).mean())
     np.testing.assert_array_equal(shown["image"][i],
                                   folders.read_image(str(root / "test" / "img" / names[i]), rule))
+  # the same 16-bit pixels as a microscope's TIFF fields: a folder of them is tiles in mode=auto
+  fields = tmp_path / "fields"
+  fields.mkdir()
+  for name in names:
+    tifffile.imwrite(fields / name.replace(".png", ".tif"),
+                     np.asarray(Image.open(root / "test" / "img" / name)))
+  predict = load_config("predict", f"model={run},input={fields},batch=4,gate=off")
+  predict.progress_every_s = 0.0
+  assert run_phase(predict, str(tmp_path / "tiff_out"))["mode"] == "tiles"
+  for name in names:
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "tiff_out" / "masks" / name)),
+                                  np.asarray(Image.open(tmp_path / "out" / "masks" / name)))
 
 
 @pytest.fixture(scope="module")

@@ -146,9 +146,23 @@ def test_inputs_are_found_by_extension_and_a_folder_without_images_is_one_line(t
   (tmp_path / "a.png").write_bytes(b"")
   (tmp_path / "notes.txt").write_text("x")
   assert predict.find_inputs(str(tmp_path), "auto") == ("tiles", [str(tmp_path / "a.png")])
-  (tmp_path / "s.tif").write_bytes(b"")
+  # a microscope's field of view (an untiled TIFF) is a tile; an unreadable one is listed with
+  # the tiles (predict names it in unreadable_tiles.txt)
+  tifffile.imwrite(tmp_path / "field.tif", np.zeros((160, 160), np.uint16))
+  (tmp_path / "broken.tif").write_bytes(b"not a TIFF")
+  fields = [str(tmp_path / n) for n in ("a.png", "broken.tif", "field.tif")]
+  assert predict.find_inputs(str(tmp_path), "auto") == ("tiles", fields)
+  # a scanner's slide (tiled, or untiled and very long) makes the folder's TIFFs slides
+  tifffile.imwrite(tmp_path / "s.tif", np.zeros((256, 256, 3), np.uint8), tile=(64, 64))
+  assert predict.find_inputs(str(tmp_path), "auto") == (
+      "slides", [str(tmp_path / n) for n in ("broken.tif", "field.tif", "s.tif")])
+  os.remove(tmp_path / "s.tif")
+  tifffile.imwrite(tmp_path / "s.tif", np.zeros((8, predict.UNTILED_SLIDE_SIDE), np.uint8))
   assert predict.find_inputs(str(tmp_path), "auto")[0] == "slides"
-  assert predict.find_inputs(str(tmp_path), "tiles")[1] == [str(tmp_path / "a.png")]
+  assert predict.find_inputs(str(tmp_path), "tiles")[1] == fields + [str(tmp_path / "s.tif")]
+  (tmp_path / "s.svs").write_bytes(b"")
+  os.remove(tmp_path / "s.tif")
+  assert predict.find_inputs(str(tmp_path), "auto")[0] == "slides"  # SVS: always a slide
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(UserError, match="holds no images"):

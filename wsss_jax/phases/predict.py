@@ -62,13 +62,28 @@ from wsss_jax.train.writers import MetricWriter
 MODES = ("auto", "tiles", "slides")
 GATES = ("off", "exclude")
 TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + intensity.DICOM_EXTENSIONS
-SLIDE_ONLY = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+SLIDE_ONLY = TIFF_EXTENSIONS + (".svs", ".ndpi", ".mrxs", ".scn")
+UNTILED_SLIDE_SIDE = 8192  # an untiled TIFF this long on a side is a slide (a scanner's export)
 
 
 # --- Inputs --------------------------------------------------------------------------------------------
+def tiff_is_slide(path: str) -> bool | None:
+  """Whether a TIFF is a whole-slide image: tiled or pyramidal, as scanners write them, or
+  untiled but very large; a microscope's field of view or a tile cut from a slide is not.
+  None where the header cannot be read."""
+  try:
+    with tifffile.TiffFile(path) as tif:
+      page, levels = tif.pages[0], len(tif.series[0].levels)
+      return bool(page.is_tiled or levels > 1 or max(page.shape[:2]) >= UNTILED_SLIDE_SIDE)
+  except Exception:  # any malformed file: the caller names it where it is predicted
+    return None
+
+
 def find_inputs(path: str, mode: str) -> tuple[str, list[str]]:
-  """(tiles or slides, the files): a file is one slide; a folder's PNG/JPEG/BMP images are tiles
-  and its TIFF/SVS/... files slides (mode=auto takes the slides when there are any)."""
+  """(tiles or slides, the files): a file is one slide; in a folder, PNG/JPEG/BMP/DICOM images
+  and TIFFs that are not whole-slide images (`tiff_is_slide`) are tiles, SVS/NDPI/... files
+  and whole-slide TIFFs slides (mode=auto takes the slides when there are any)."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isfile(path):
     dicom_file = path.lower().endswith(intensity.DICOM_EXTENSIONS)
@@ -76,15 +91,20 @@ def find_inputs(path: str, mode: str) -> tuple[str, list[str]]:
   if not os.path.isdir(path):
     raise UserError(f"input={path}: no such file or folder")
   names = sorted(n for n in os.listdir(path) if not n.startswith("."))
-  tiles = [os.path.join(path, n) for n in names if n.lower().endswith(TILE_EXTENSIONS)]
+  tiles = [os.path.join(path, n) for n in names
+           if n.lower().endswith(TILE_EXTENSIONS + TIFF_EXTENSIONS)]
   slide_files = [os.path.join(path, n) for n in names if n.lower().endswith(SLIDE_ONLY)]
+  if mode == "auto" and not any(tiff_is_slide(f) if f.lower().endswith(TIFF_EXTENSIONS)
+                                 else True for f in slide_files):
+    slide_files = []  # its TIFFs are fields of view (or unreadable, then listed as such): tiles
   chosen = mode if mode != "auto" else ("slides" if slide_files else "tiles")
   files = slide_files if chosen == "slides" else tiles
   if chosen == "slides" and not files:  # PNG/JPEG files taken as (small) slides when asked
     files = tiles
   if not files:
+    kinds = SLIDE_ONLY if chosen == "slides" else TILE_EXTENSIONS + TIFF_EXTENSIONS
     raise UserError(f"input={path} holds no {'slides' if chosen == 'slides' else 'images'} "
-                    f"({', '.join(SLIDE_ONLY if chosen == 'slides' else TILE_EXTENSIONS)})")
+                    f"({', '.join(kinds)})")
   return chosen, files
 
 

@@ -432,7 +432,9 @@ def test_upper_bound_on_a_folder_without_training_masks_is_refused_before_any_wo
   import subprocess
   import sys
   import time
+  import shutil
   write_finding_folder(tmp_path / "data")
+  shutil.copytree(tmp_path / "data" / "val", tmp_path / "data" / "test")  # only upper_bound amiss
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   started = time.perf_counter()

@@ -426,6 +426,17 @@ def test_crf_lets_the_background_of_a_finding_mask_stay_background():
   assert (np.asarray(crf.refine_labels(*args)) == 0).all()  # the tissue rule: no free background
 
 
+def test_a_folder_without_a_test_split_is_named_and_val_can_stand_in(tmp_path):
+  from wsss_jax import runner
+  write_finding_folder(tmp_path)
+  config = load_config("pipeline", f"dataset=folder,root={tmp_path},classes=nucleus,"
+                                   "setting=finding")
+  with pytest.raises(UserError, match=r"has no test split .*--config.segment.test_split=val"):
+    runner.validate_phase(config)
+  config.segment.test_split = "val"
+  runner.validate_phase(config)  # everything else about the folder is in order
+
+
 def test_upper_bound_on_a_folder_without_training_masks_is_refused_before_any_work(tmp_path):
   """The weakly labelled case: training images without masks. upper_bound=True needs them; the
   command says so in one line before the classifier's first step, and writes nothing."""

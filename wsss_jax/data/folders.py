@@ -157,7 +157,9 @@ def split_folders(root: str, split: str) -> tuple[str, str | None]:
   folder = _subdir(base, _TRAIN_DIRS if split == "train" else _SPLIT_DIRS[split])
   if folder is None:
     names = _TRAIN_DIRS if split == "train" else _SPLIT_DIRS[split]
-    raise UserError(f"{base} has no {split} split (looked for {'/, '.join(names)}/)")
+    hint = ("; without one, the segmenter scores on val with --config.segment.test_split=val "
+            "(configs/segment.py: --config.test_split=val)") * (split == "test")
+    raise UserError(f"{base} has no {split} split (looked for {'/, '.join(names)}/){hint}")
   images = _subdir(folder, ("img", "images", "image"))
   return (images or folder), _subdir(folder, ("mask", "masks", "label", "labels", "gt"))
 

@@ -173,7 +173,8 @@ def scan_splits(config) -> None:
   splits in one message, so that one run shows everything to mend (a bad test tile found now,
   not after training)."""
   problems = []
-  for section, splits in (("classify", ("train", "val")), ("segment", ("val", "test"))):
+  test = config.segment.test_split
+  for section, splits in (("classify", ("train", "val")), ("segment", ("val", test))):
     data = data_pipeline.images_only(config[section].data)
     for split in splits:
       try:

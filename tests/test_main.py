@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import compile_flags
@@ -188,6 +189,33 @@ def test_stderr_filter_drops_only_closed_event_loop_tracebacks():
       stream.write(text[i:i + chunk])
     stream.flush()
     assert out.getvalue() == "first line\n" + kept + "error: the one line\n"
+  # several threads printing theirs at once, line by line: the lines interleave
+  blocks = [dropped.splitlines()] * 4
+  interleaved = [line for group in zip(*blocks) for line in group]
+  out = io.StringIO()
+  stream = _WithoutClosedLoopTracebacks(out)
+  stream.write("\n".join(interleaved + ["error: the one line"]) + "\n")
+  assert out.getvalue() == "error: the one line\n"
+  out = io.StringIO()
+  stream = _WithoutClosedLoopTracebacks(out)
+  barrier = threading.Barrier(8)
+
+  def print_one():
+    barrier.wait()
+    for line in dropped.splitlines(keepends=True):
+      stream.write(line)
+  threads = [threading.Thread(target=print_one) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  stream.write("error: the one line\n")
+  assert out.getvalue() == "error: the one line\n"
+  # a real exception amid them is shown, with what was held
+  mixed = interleaved[:5] + kept.splitlines() + interleaved[5:]
+  out = io.StringIO()
+  _WithoutClosedLoopTracebacks(out).write("\n".join(mixed) + "\n")
+  assert "ValueError: bad" in out.getvalue()
   # a background thread's traceback cut short by the immediate exit of a failed save: silenced
   out = io.StringIO()
   stream = _WithoutClosedLoopTracebacks(out)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 # XLA's C++ logs: errors only (set before jaxlib loads): JAX's preemption notifier logs each SIGTERM
 # as one, and a run's stderr is its own lines (TF_CPP_MIN_LOG_LEVEL=0 shows them all)
@@ -112,42 +113,54 @@ class _NotOrbax(logging.Filter):
 class _WithoutClosedLoopTracebacks:
   """sys.stderr without the 'Event loop is closed' tracebacks that tensorstore prints, one per
   pending write, when the writes of a failed checkpoint save complete after orbax closed that
-  save's event loop (the failure itself is reported as one error line). Every other line, and
-  every other traceback, passes through whole."""
+  save's event loop (the failure itself is reported as one error line). Several threads print
+  them at once, their lines interleaved: a block of tracebacks is dropped when every one of them
+  ends in that line. Every other line, and every other traceback, passes through whole."""
   DROPPED = "RuntimeError: Event loop is closed"
+  HEADER = "Traceback (most recent call last):"
 
   def __init__(self, stream):
     self.stream, self.pending, self.held, self.silenced = stream, "", [], False
+    self.open = 0  # tracebacks begun in the held block and not yet ended
+    self.lock = threading.Lock()  # library threads write at once
 
   def silence(self) -> None:
     """Drops what other threads print from now on, and a traceback they were printing: the
     process is about to end at once (os._exit), cutting them short."""
-    self.silenced, self.held, self.pending = True, [], ""
+    with self.lock:
+      self.silenced, self.held, self.pending, self.open = True, [], "", 0
 
   def write(self, text: str) -> int:
-    if self.silenced:
-      return len(text)
-    *lines, self.pending = (self.pending + text).split("\n")
-    for line in lines:
-      self._line(line)
+    with self.lock:
+      if self.silenced:
+        return len(text)
+      *lines, self.pending = (self.pending + text).split("\n")
+      for line in lines:
+        self._line(line)
     return len(text)
 
   def _line(self, line: str) -> None:
-    if line.startswith("Traceback (most recent call last):") and not self.held:
-      self.held = [line]
+    if line.startswith(self.HEADER):
+      self.held.append(line)
+      self.open += 1
     elif self.held and line.startswith(" "):
       self.held.append(line)
-    elif self.held:  # the exception's own line ends the traceback
-      if line != self.DROPPED:
-        self.stream.write("\n".join(self.held + [line]) + "\n")
-      self.held = []
+    elif self.held and line == self.DROPPED:
+      self.held.append(line)
+      self.open -= 1
+      if self.open == 0:  # every traceback of the block was a closed loop's
+        self.held = []
+    elif self.held:  # another exception's own line (or output) amid them: all of it shown
+      self.stream.write("\n".join(self.held + [line]) + "\n")
+      self.held, self.open = [], 0
     else:
       self.stream.write(line + "\n")
 
   def flush(self) -> None:
-    if self.pending and not self.held:
-      self.stream.write(self.pending)
-      self.pending = ""
+    with self.lock:
+      if self.pending and not self.held:
+        self.stream.write(self.pending)
+        self.pending = ""
     self.stream.flush()
 
   def __getattr__(self, name):  # fileno, isatty, encoding, ... of the real stream

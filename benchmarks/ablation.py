@@ -117,14 +117,12 @@ def scores(summary: dict, workdir: str) -> dict:
 def merged(earlier: dict, now: dict) -> dict:
   """The rows of an earlier invocation on the same workdir with this one's: a (set, variant)
   run now replaces its earlier row; sets and variants run only before keep theirs."""
-  out = {dataset: {"variants": dict(runs.get("variants", {})),
-                   **({"otsu": runs["otsu"]} if "otsu" in runs else {})}
+  out = {dataset: {**runs, "variants": dict(runs.get("variants", {}))}
          for dataset, runs in earlier.items()}
   for dataset, runs in now.items():
     row = out.setdefault(dataset, {"variants": {}})
     row["variants"].update(runs["variants"])
-    if "otsu" in runs:
-      row["otsu"] = runs["otsu"]
+    row.update({key: value for key, value in runs.items() if key != "variants"})  # Otsu
   return out
 
 

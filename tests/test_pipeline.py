@@ -403,3 +403,18 @@ def test_a_segmenter_that_learnt_from_other_masks_is_not_resumed_as_this_recipes
   (tmp_path / "segment" / "config.json").write_text(recorded.to_json_best_effort())
   with pytest.raises(UserError, match="trained with data.image_size=48; .* data.image_size=32"):
     pipeline.run_segment(runner.DISPATCH, full, str(tmp_path / "segment"))
+
+
+def test_a_full_supervision_pipeline_runs_segmenter_is_found_without_pseudo_masks(tmp_path):
+  """supervision=full writes no pseudo_masks_test: its kept segmenter is still the model
+  predict finds, and the figure's classifier is refused in one line."""
+  from wsss_jax.train import earlier_runs
+  (tmp_path / "summary.json").write_text(json.dumps(
+      {"phase": "pipeline", "workdir": "/elsewhere/run",
+       "segment": {"workdir": "/elsewhere/run/segment"}}))
+  assert earlier_runs.pipeline_segmenter(str(tmp_path), "model") == str(tmp_path / "segment")
+  with pytest.raises(UserError, match="without pseudo masks \\(supervision=full\\)"):
+    earlier_runs.pipeline_classifier(str(tmp_path), "--workdir")
+  (tmp_path / "summary.json").write_text(json.dumps({"phase": "pipeline"}))  # unfinished
+  with pytest.raises(UserError, match="without a finished summary.json"):
+    earlier_runs.pipeline_segmenter(str(tmp_path), "model")

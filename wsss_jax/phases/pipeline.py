@@ -186,10 +186,9 @@ def scan_splits(config) -> None:
 
 
 def check_inputs(config) -> None:
-  """What later phases will read, checked before the first one starts: every split's files,
-  and what the background rule of the pseudo masks needs (negative training images, or val
-  masks for alpha=auto)."""
-  scan_splits(config)
+  """What the background rule of the pseudo masks will need, checked before the first phase
+  starts (negative training images, or val masks for alpha=auto); `validate` has scanned every
+  split's files by then."""
   if config.supervision != "pseudo":
     return
   pm = config.pseudo_masks

@@ -167,7 +167,7 @@ def _pipeline_summary(workdir: str, field: str) -> dict:
   try:
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
       summary = json.load(f)
-    if isinstance(summary["segment"], dict) and isinstance(summary["pseudo_masks_test"], dict):
+    if isinstance(summary["segment"], dict):  # written last: the run finished
       return summary
     raise TypeError
   except (OSError, ValueError, KeyError, TypeError):
@@ -188,6 +188,9 @@ def pipeline_classifier(workdir: str, field: str) -> str:
   side chosen on val), found under `workdir` wherever the run has been moved since; one it
   was given from outside the run stays where it was recorded."""
   summary = _pipeline_summary(workdir, field)
+  if not isinstance(summary.get("pseudo_masks_test"), dict):
+    raise UserError(f"{field}={workdir} is a pipeline run without pseudo masks "
+                    f"(supervision=full): it has no classifier maps to show")
   recorded = summary["pseudo_masks_test"]["classifier"]
   inside = os.path.relpath(recorded, summary.get("workdir") or workdir)
   return recorded if inside.startswith(os.pardir) else os.path.join(workdir, inside)
